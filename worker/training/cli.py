@@ -1,0 +1,137 @@
+"""Run a training job from a YAML or JSON file, without the service.
+
+    python -m worker.training.cli job.yaml [--base-model DIR] [--output DIR] [--resume CHECKPOINT_DIR]
+
+The file names the data and the options (every key of docs/training.md under `hyperparameters`):
+
+    base_model: .qlora/models/SmolLM2-135M-Instruct
+    train_file: examples/facts.jsonl
+    validation_file: examples/facts.jsonl     # optional
+    output_dir: runs/facts
+    hyperparameters: {lora_r: 16, n_epochs: 3}
+
+Relative paths are relative to the file. Progress shows as a bar; events and metrics also go to
+OUTPUT/metrics.jsonl. Exit status: 0 succeeded, 2 invalid options or data (the faults are printed), 130 stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+JOB_KEYS = {"base_model", "train_file", "validation_file", "output_dir", "hyperparameters"}
+
+
+class ProgressSink:
+    """A tqdm bar over optimizer steps; events are printed above it."""
+
+    def __init__(self, total: int | None = None):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
+        if data and "total_steps" in data:
+            self.bar.total = data["total_steps"]
+            self.bar.refresh()
+        self.bar.write(f"[{level}] {message}")
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self.bar.update(step - self.bar.n)
+        shown = {"loss": f"{values['train_loss']:.4f}", "lr": f"{values['learning_rate']:.2e}", "tok/s": f"{values['tokens_per_second']:.0f}"}
+        if "valid_loss" in values:
+            shown["valid"] = f"{values['valid_loss']:.4f}"
+        self.bar.set_postfix(shown)
+
+    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        self.bar.write(f"[info] checkpoint at step {step}: {path}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def read_job_file(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    unknown = set(data) - JOB_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (expected {sorted(JOB_KEYS)})")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qlora-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job_file", type=Path, help="YAML or JSON job file")
+    parser.add_argument("--base-model", type=Path, help="override base_model")
+    parser.add_argument("--output", type=Path, help="override output_dir")
+    parser.add_argument("--resume", type=Path, help="resume from this checkpoint directory")
+    args = parser.parse_args(argv)
+
+    from worker.training.config import ConfigError, TrainingConfig
+    from worker.training.data import DataValidationError
+    from worker.training.sinks import JsonlSink, MultiSink
+    from worker.training.trainer import TrainingJob, train
+
+    try:
+        spec = read_job_file(args.job_file)
+        here = args.job_file.resolve().parent
+
+        def path_of(key: str, override: Path | None = None) -> Path | None:
+            if override is not None:
+                return override
+            value = spec.get(key)
+            return None if value is None else (here / value if not Path(value).is_absolute() else Path(value))
+
+        base_model, train_file, output_dir = path_of("base_model", args.base_model), path_of("train_file"), path_of("output_dir", args.output)
+        for key, value in (("base_model", base_model), ("train_file", train_file), ("output_dir", output_dir)):
+            if value is None:
+                raise ValueError(f"{args.job_file}: {key} is required")
+        config = TrainingConfig.from_dict(spec.get("hyperparameters") or {})
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    job = TrainingJob(base_model, train_file, output_dir, config, path_of("validation_file"))
+    stop_requested = False
+
+    def request_stop(signum, frame):  # first Ctrl-C stops cleanly after the current micro-batch
+        nonlocal stop_requested
+        if stop_requested:
+            raise KeyboardInterrupt
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    progress = ProgressSink()
+    try:
+        result = train(job, MultiSink(progress, JsonlSink(output_dir / "metrics.jsonl")), should_stop=lambda: stop_requested,
+                       resume_from=args.resume)
+    except DataValidationError as exc:
+        progress.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        progress.close()
+        print(f"error: {exc.param}: {exc.message}" if exc.param else f"error: {exc.message}", file=sys.stderr)
+        return 2
+    progress.close()
+    if result.status == "stopped":
+        print(f"stopped at step {result.steps}; resume with --resume {result.checkpoints[-1]}" if result.checkpoints else f"stopped at step {result.steps}")
+        return 130
+    print(json.dumps({"status": result.status, "steps": result.steps, "final_train_loss": result.final_train_loss,
+                      "final_valid_loss": result.final_valid_loss, "adapter_dir": str(result.adapter_dir)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

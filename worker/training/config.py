@@ -1,0 +1,156 @@
+"""The engine's training configuration: every option, its default, and the checks that run before any work.
+
+One pydantic model, `TrainingConfig`, holds every knob. Unknown keys and out-of-range values are rejected
+when it is built; option combinations that cannot work together are rejected by `validate_combinations`
+(also run on construction), and device-dependent checks by `check_runtime`. Each failure is a
+`ConfigError` whose `param` names the offending option, so the service can put it in the error envelope.
+
+docs/training.md lists every option; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid option or combination of options. `param` names the option."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_hyperparameter"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+QuantizationMode = Literal["4bit", "8bit", "none"]
+QuantType = Literal["nf4", "fp4"]
+ComputeDtype = Literal["bf16", "fp16", "fp32"]
+OptimizerName = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
+SchedulerName = Literal["cosine", "linear", "constant"]
+GradientCheckpointing = Literal["auto", "on", "off"]
+AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2"]
+
+ALL_LINEAR = "all-linear"
+
+
+class TrainingConfig(BaseModel):
+    """Every option of a training job. Field docs are the reference; defaults follow the QLoRA paper
+    (NF4 + double quantization, bf16 compute, LoRA on all linear layers, paged 8-bit AdamW)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # --- data -------------------------------------------------------------------------------------
+    max_seq_length: int = Field(2048, ge=16, le=131072, description="Tokens per example; longer examples are truncated (and counted).")
+    train_on_inputs: bool = Field(False, description="Also train on prompt/system/user tokens, not only assistant tokens.")
+    packing: bool = Field(True, description="Padding-free packing: the examples of a micro-batch share one row, with per-example position ids and no attention across them. False: padded batches.")
+    shuffle: bool = Field(True, description="Shuffle the training examples each epoch (seeded).")
+
+    # --- model: quantization ----------------------------------------------------------------------
+    quantization: QuantizationMode = Field("4bit", description="How the frozen base is stored: 4-bit (QLoRA), 8-bit LLM.int8, or none (plain LoRA).")
+    quant_type: QuantType = Field("nf4", description="4-bit data type: NormalFloat4 or FP4. Only with quantization=4bit.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit absmax constants again (~0.37 bits/weight saved). Only with quantization=4bit.")
+    compute_dtype: ComputeDtype = Field("bf16", description="Dtype of the matmuls through the dequantized base (and of unquantized base weights).")
+    attn_implementation: AttnImplementation = Field("sdpa", description="Attention kernel passed to transformers.")
+
+    # --- model: LoRA ------------------------------------------------------------------------------
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, le=100000, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(ALL_LINEAR, description="Module names to adapt, or 'all-linear' (every linear layer but the output head).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    gradient_checkpointing: GradientCheckpointing = Field("auto", description="Recompute activations in the backward pass. auto: on when the memory estimate without it does not fit the GPU; off on the CPU.")
+
+    # --- optimizer and schedule -------------------------------------------------------------------
+    optimizer: OptimizerName = Field("paged_adamw_8bit", description="Optimizer for the LoRA parameters (paged ones fall back to unpaged on the CPU).")
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    lr_scheduler: SchedulerName = Field("cosine", description="Decay after warm-up: cosine to 0, linear to 0, or constant.")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Share of the total steps spent warming up linearly from 0.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio (set only one).")
+    max_grad_norm: float = Field(0.3, ge=0.0, description="Clip the global gradient norm to this; 0 disables clipping.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples per optimizer step.")
+    micro_batch_size: int = Field(4, ge=1, le=4096, description="Examples per forward/backward pass; batch_size must be a multiple of it (gradient accumulation = batch_size / micro_batch_size).")
+    n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs).")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seeds data order, LoRA init and dropout.")
+
+    # --- evaluation, checkpoints, logging ---------------------------------------------------------
+    eval_every: int | None = Field(None, ge=1, description="Evaluate on the validation file every N steps (always at the end). None: only at the end.")
+    eval_batch_size: int = Field(8, ge=1, le=4096, description="Examples per evaluation forward pass.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Save an adapter checkpoint every N steps (always at the end). None: at the end of each epoch.")
+    keep_checkpoints: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints on disk (the final one always stays). None: keep all.")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainingConfig":
+        validate_combinations(self)
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+        """Build a config, turning pydantic's errors into one `ConfigError` naming the first bad option."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            if first["type"] == "extra_forbidden":
+                raise ConfigError(f"Unknown option: {param!r}", param=param, code="unknown_hyperparameter") from None
+            cause = first.get("ctx", {}).get("error")
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            message = first["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"Invalid value for {param!r}: {message}", param=param) from None
+
+    def resolved(self) -> dict[str, Any]:
+        """All options with their resolved values (what a job echoes back)."""
+        return self.model_dump()
+
+
+def validate_combinations(cfg: TrainingConfig) -> None:
+    """Reject option combinations that cannot work, before any model is loaded."""
+    explicitly_set = cfg.model_fields_set
+    if cfg.quantization != "4bit":
+        for name in ("quant_type", "double_quant"):
+            if name in explicitly_set:
+                raise ConfigError(f"{name!r} applies only to quantization='4bit' (got quantization={cfg.quantization!r})", param=name)
+    if cfg.batch_size % cfg.micro_batch_size != 0:
+        raise ConfigError(
+            f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({cfg.micro_batch_size})",
+            param="micro_batch_size",
+        )
+    if cfg.warmup_steps is not None and "warmup_ratio" in explicitly_set:
+        raise ConfigError("set either warmup_steps or warmup_ratio, not both", param="warmup_steps")
+    if cfg.warmup_steps is not None and cfg.max_steps is not None and cfg.warmup_steps > cfg.max_steps:
+        raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) exceeds max_steps ({cfg.max_steps})", param="warmup_steps")
+    if isinstance(cfg.target_modules, list):
+        if not cfg.target_modules:
+            raise ConfigError("target_modules must name at least one module, or be 'all-linear'", param="target_modules")
+        for name in cfg.target_modules:
+            if not name or not name.replace("_", "").replace(".", "").isalnum():
+                raise ConfigError(f"target_modules: {name!r} is not a module name", param="target_modules")
+    if cfg.use_dora and cfg.quantization == "8bit":
+        # peft's DoRA needs the dequantized weight norm; with LLM.int8 this path is unsupported in peft.
+        raise ConfigError("use_dora is not supported with quantization='8bit'", param="use_dora")
+
+
+def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
+    """Device-dependent checks, run before the model is loaded."""
+    if cfg.attn_implementation == "flash_attention_2" and device_type != "cuda":
+        raise ConfigError("attn_implementation='flash_attention_2' needs a CUDA GPU", param="attn_implementation")
+    if cfg.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("attn_implementation='flash_attention_2' needs the flash-attn package", param="attn_implementation")
+    if cfg.quantization == "8bit" and device_type != "cuda":
+        raise ConfigError("quantization='8bit' (LLM.int8) needs a CUDA GPU; use '4bit' or 'none' on the CPU", param="quantization")
+    if cfg.compute_dtype == "fp16" and device_type == "cpu":
+        raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'bf16' or 'fp32'", param="compute_dtype")

@@ -1,0 +1,546 @@
+"""Training data: validate a JSONL training file, tokenize its examples with loss masks, and batch them.
+
+A training file holds one example a line, in one of three shapes (mixed shapes are allowed):
+
+- chat: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight"?: 0|1}, ...]}``
+- prompt/completion: ``{"prompt": str, "completion": str}``
+- plain text: ``{"text": str}``
+
+`validate_file` reads the file once and reports every fault it finds (OpenAI's codes ``invalid_file_format``
+and ``invalid_n_examples``), with bounded memory even for a hostile file; `load_examples` does the same and
+raises `DataValidationError` if anything is wrong. `tokenize_example` turns an example into input ids and
+labels that train only on what the model should learn to write (assistant turns, completions) unless
+``train_on_inputs`` is set, always keeping the EOS token in the labels so the model learns to stop.
+`collate_packed` and `collate_padded` build the micro-batches.
+
+This module imports only torch and takes a transformers tokenizer as an argument, so it runs and tests alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+MIN_EXAMPLES = 10
+MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer line is a fault, read without ever holding more than this
+MAX_REPORTED_FAULTS = 100
+
+IGNORE_INDEX = -100  # labels value that the Hugging Face loss skips
+
+INVALID_FILE_FORMAT = "invalid_file_format"
+INVALID_N_EXAMPLES = "invalid_n_examples"
+
+ExampleFormat = Literal["chat", "prompt_completion", "text"]
+
+ROLES = ("system", "user", "assistant", "tool")
+# Keys OpenAI's chat format allows on a message that do not change what we train on; accepted and dropped.
+IGNORED_MESSAGE_KEYS = frozenset({"name", "tool_calls", "tool_call_id"})
+MESSAGE_KEYS = frozenset({"role", "content", "weight"}) | IGNORED_MESSAGE_KEYS
+# Top-level bookkeeping keys a dataset may carry on any line; accepted and dropped.
+IGNORED_TOP_LEVEL_KEYS = frozenset({"id", "metadata"})
+SHAPE_KEYS: dict[str, frozenset[str]] = {
+    "chat": frozenset({"messages"}),
+    "prompt_completion": frozenset({"prompt", "completion"}),
+    "text": frozenset({"text"}),
+}
+EXPECTED_SHAPES = "'messages' (chat), 'prompt' and 'completion', or 'text'"
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_SKIP_CHUNK_BYTES = 1024 * 1024  # the rest of an over-long line is read and dropped in pieces this size
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataFault:
+    """One problem in a training file. `line` is 1-based, None for a fault of the whole file."""
+
+    line: int | None
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DataValidationError(ValueError):
+    """A training file with faults. `faults` holds every fault found (up to MAX_REPORTED_FAULTS), `code` is
+    the first one's code, and `message` a summary that names the first few and the total count."""
+
+    def __init__(self, faults: list[DataFault], n_faults: int | None = None):
+        if not faults:
+            raise ValueError("DataValidationError needs at least one fault")
+        self.faults = list(faults)
+        self.n_faults = n_faults if n_faults is not None else len(faults)
+        self.code = faults[0].code
+        shown = "; ".join(f.message for f in faults[:3])
+        more = self.n_faults - min(3, len(faults))
+        noun = "problem" if self.n_faults == 1 else "problems"
+        self.message = f"Training file has {self.n_faults} {noun}: {shown}" + (f" (and {more} more)" if more else "")
+        super().__init__(self.message)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One valid line of a training file, normalised: chat message contents are strings and each message
+    holds only role, content and (when given) weight."""
+
+    line: int
+    format: ExampleFormat
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class ValidationReport:
+    """What `validate_file` found. `faults` keeps at most MAX_REPORTED_FAULTS; `n_faults` counts them all."""
+
+    n_examples: int
+    faults: list[DataFault]
+    n_faults: int
+    formats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.n_faults == 0
+
+
+class _LineFault(Exception):
+    """Raised inside the per-line checks; carries the message without the 'line N: ' prefix."""
+
+
+def validate_file(path: str | os.PathLike[str], *, min_examples: int = MIN_EXAMPLES) -> ValidationReport:
+    """Check a JSONL training file and report every fault. Never raises on bad content (a missing or
+    unreadable file still raises OSError)."""
+    _, report = _scan(path, min_examples=min_examples, keep_examples=False)
+    return report
+
+
+def load_examples(path: str | os.PathLike[str], *, min_examples: int = MIN_EXAMPLES) -> list[Example]:
+    """Read a JSONL training file into examples; raise `DataValidationError` with every fault if any."""
+    examples, report = _scan(path, min_examples=min_examples, keep_examples=True)
+    if not report.ok:
+        raise DataValidationError(report.faults, report.n_faults)
+    return examples
+
+
+def _scan(path: str | os.PathLike[str], *, min_examples: int, keep_examples: bool) -> tuple[list[Example], ValidationReport]:
+    examples: list[Example] = []
+    line_faults: list[DataFault] = []
+    n_line_faults = 0
+    formats: Counter[str] = Counter()
+    n_nonblank = 0
+
+    def add_fault(line_no: int, message: str) -> None:
+        nonlocal n_line_faults
+        n_line_faults += 1
+        if len(line_faults) < MAX_REPORTED_FAULTS:
+            line_faults.append(DataFault(line=line_no, code=INVALID_FILE_FORMAT, message=message))
+
+    with open(path, "rb") as fh:
+        line_no = 0
+        while True:
+            # The limit makes a giant line arrive in bounded pieces instead of being held whole.
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            line_no += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                del raw  # drop the first 8 MiB before reading on
+                n_nonblank += 1
+                add_fault(line_no, f"line {line_no} is longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB")
+                _skip_rest_of_line(fh)
+                continue
+            if line_no == 1 and raw.startswith(_UTF8_BOM):
+                raw = raw[len(_UTF8_BOM) :]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                n_nonblank += 1
+                add_fault(line_no, f"line {line_no} is not valid UTF-8 (invalid byte at offset {exc.start})")
+                continue
+            if not text.strip():
+                continue  # blank lines separate nothing and are not examples
+            n_nonblank += 1
+            try:
+                example = _parse_line(line_no, text)
+            except _LineFault as fault:
+                add_fault(line_no, f"line {line_no}: {fault}")
+                continue
+            formats[example.format] += 1
+            if keep_examples:
+                examples.append(example)
+
+    n_examples = sum(formats.values())
+    file_faults: list[DataFault] = []
+    if n_nonblank == 0:
+        file_faults.append(DataFault(line=None, code=INVALID_FILE_FORMAT, message="Training file is empty"))
+    elif n_examples < min_examples:
+        file_faults.append(
+            DataFault(
+                line=None,
+                code=INVALID_N_EXAMPLES,
+                message=f"Training file has {n_examples} example(s), but must have at least {min_examples} examples",
+            )
+        )
+    # Whole-file faults are always kept: under a flood of line faults they are still the headline.
+    kept_line_faults = line_faults[: MAX_REPORTED_FAULTS - len(file_faults)]
+    report = ValidationReport(
+        n_examples=n_examples,
+        faults=kept_line_faults + file_faults,
+        n_faults=n_line_faults + len(file_faults),
+        formats=dict(formats),
+    )
+    return examples, report
+
+
+def _skip_rest_of_line(fh: Any) -> None:
+    while True:
+        chunk = fh.readline(_SKIP_CHUNK_BYTES)
+        if not chunk or chunk.endswith(b"\n"):
+            return
+
+
+def _parse_line(line_no: int, text: str) -> Example:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _LineFault(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise _LineFault("not valid JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise _LineFault(f"expected a JSON object, got {_json_type(obj)}")
+
+    shapes = [name for name, keys in SHAPE_KEYS.items() if keys & obj.keys()]
+    if not shapes:
+        keys = ", ".join(repr(k) for k in obj) or "none"
+        raise _LineFault(f"expected an object with {EXPECTED_SHAPES} (got keys: {keys})")
+    if len(shapes) > 1:
+        found = ", ".join(repr(k) for name in shapes for k in sorted(SHAPE_KEYS[name] & obj.keys()))
+        raise _LineFault(f"mixes the keys of several example shapes ({found}); use one of {EXPECTED_SHAPES}")
+    shape = shapes[0]
+    unknown = obj.keys() - SHAPE_KEYS[shape] - IGNORED_TOP_LEVEL_KEYS
+    if unknown:
+        allowed = sorted(SHAPE_KEYS[shape] | IGNORED_TOP_LEVEL_KEYS)
+        raise _LineFault(f"unknown key(s) {_key_list(unknown)} (allowed: {', '.join(allowed)})")
+
+    if shape == "chat":
+        return Example(line=line_no, format="chat", messages=_check_messages(obj["messages"]))
+    if shape == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if key not in obj:
+                raise _LineFault(f"has 'prompt' or 'completion' but not both (missing {key!r})")
+            if not isinstance(obj[key], str):
+                raise _LineFault(f"{key!r} must be a string, got {_json_type(obj[key])}")
+        if not obj["completion"].strip():
+            raise _LineFault("'completion' is empty (nothing to train on)")
+        return Example(line=line_no, format="prompt_completion", prompt=obj["prompt"], completion=obj["completion"])
+    value = obj["text"]
+    if not isinstance(value, str):
+        raise _LineFault(f"'text' must be a string, got {_json_type(value)}")
+    if not value.strip():
+        raise _LineFault("'text' is empty")
+    return Example(line=line_no, format="text", text=value)
+
+
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list):
+        raise _LineFault(f"'messages' must be a list, got {_json_type(messages)}")
+    if not messages:
+        raise _LineFault("'messages' is empty")
+    normalised: list[dict[str, Any]] = []
+    n_assistant = n_trained = 0
+    for i, message in enumerate(messages, start=1):
+        where = f"message {i}"
+        if not isinstance(message, dict):
+            raise _LineFault(f"{where} must be an object, got {_json_type(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise _LineFault(f"{where} has no {key!r}")
+        unknown = message.keys() - MESSAGE_KEYS
+        if unknown:
+            raise _LineFault(f"{where} has unknown key(s) {_key_list(unknown)} (allowed: {', '.join(sorted(MESSAGE_KEYS))})")
+        role = message["role"]
+        if role not in ROLES:
+            raise _LineFault(f"{where} has unknown role {role!r} (expected system, user, assistant or tool)")
+        content = _message_content(where, message["content"])
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if "weight" in message:
+            weight = message["weight"]
+            # type() rather than isinstance: JSON true/false are bools, and bool is a subclass of int.
+            if type(weight) is not int or weight not in (0, 1):
+                raise _LineFault(f"{where} has weight {json.dumps(weight)} (expected 0 or 1)")
+            if role != "assistant":
+                raise _LineFault(f"{where} has a weight but is a {role} message (only assistant messages take one)")
+            entry["weight"] = weight
+        if role == "assistant":
+            n_assistant += 1
+            n_trained += entry.get("weight", 1)
+        normalised.append(entry)
+    if n_assistant == 0:
+        raise _LineFault("has no assistant message (nothing to train on)")
+    if n_trained == 0:
+        raise _LineFault("every assistant message has weight 0 (nothing to train on)")
+    return normalised
+
+
+def _message_content(where: str, content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    # OpenAI's content-parts form; only text parts can be trained on here, joined as OpenAI joins them.
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content, start=1):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _LineFault(f'{where} content part {j} is not a text part {{"type": "text", "text": str}}')
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _LineFault(f"{where} content must be a string or a list of text parts, got {_json_type(content)}")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _key_list(keys: Any) -> str:
+    return ", ".join(repr(k) for k in sorted(keys))
+
+
+# --- tokenization -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids and labels of one example. Labels are aligned with input_ids (not shifted: the loss shifts)
+    and hold IGNORE_INDEX where nothing is trained."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+    @property
+    def n_target_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Token counts over a set of tokenized examples (lengths after truncation)."""
+
+    n_examples: int
+    n_tokens: int
+    n_target_tokens: int
+    mean_tokens: float
+    p95_tokens: int
+    max_tokens: int
+    n_truncated: int
+    n_without_targets: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tokenize_example(tokenizer: Any, example: Example, *, max_seq_length: int, train_on_inputs: bool = False) -> TokenizedExample:
+    """Tokenize one example. Targets are the assistant turns (with their end-of-turn tokens) of a chat, the
+    completion plus EOS of a prompt/completion pair, or all of a plain text plus EOS; with `train_on_inputs`
+    every token is a target except assistant turns with weight 0. The first token is never a target."""
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+    if example.format == "chat":
+        input_ids, is_target = _tokenize_chat(tokenizer, example, train_on_inputs)
+    elif example.format == "prompt_completion":
+        prompt_ids = _bos(tokenizer) + _encode(tokenizer, example.prompt or "")
+        completion_ids = _with_eos(tokenizer, _encode(tokenizer, example.completion or ""))
+        input_ids = prompt_ids + completion_ids
+        is_target = [train_on_inputs] * len(prompt_ids) + [True] * len(completion_ids)
+    elif example.format == "text":
+        input_ids = _with_eos(tokenizer, _bos(tokenizer) + _encode(tokenizer, example.text or ""))
+        is_target = [True] * len(input_ids)
+    else:
+        raise ValueError(f"unknown example format {example.format!r}")
+
+    labels = [tok if target else IGNORE_INDEX for tok, target in zip(input_ids, is_target, strict=True)]
+    if labels:
+        # Nothing precedes the first token to predict it from. Masking it also makes a packed row train
+        # exactly like separate rows: there, an example's first token would be "predicted" from the last
+        # token of the example before it.
+        labels[0] = IGNORE_INDEX
+    truncated = len(input_ids) > max_seq_length
+    return TokenizedExample(input_ids=input_ids[:max_seq_length], labels=labels[:max_seq_length], truncated=truncated)
+
+
+def tokenize_examples(
+    tokenizer: Any, examples: list[Example], *, max_seq_length: int, train_on_inputs: bool = False
+) -> tuple[list[TokenizedExample], TokenStats]:
+    """Tokenize every example and summarise the result."""
+    tokenized = [tokenize_example(tokenizer, ex, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs) for ex in examples]
+    return tokenized, token_stats(tokenized)
+
+
+def token_stats(tokenized: list[TokenizedExample]) -> TokenStats:
+    """Counts over tokenized examples; p95 is the nearest-rank 95th percentile of example lengths."""
+    lengths = sorted(len(t.input_ids) for t in tokenized)
+    n = len(lengths)
+    return TokenStats(
+        n_examples=n,
+        n_tokens=sum(lengths),
+        n_target_tokens=sum(t.n_target_tokens for t in tokenized),
+        mean_tokens=sum(lengths) / n if n else 0.0,
+        p95_tokens=lengths[math.ceil(0.95 * n) - 1] if n else 0,
+        max_tokens=lengths[-1] if n else 0,
+        n_truncated=sum(1 for t in tokenized if t.truncated),
+        n_without_targets=sum(1 for t in tokenized if t.n_target_tokens == 0),
+    )
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    """[bos] if the tokenizer's own encoding starts with it (Llama does, SmolLM2 does not), else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; it is needed to teach the model where to stop")
+    # A text that already ends in the EOS token (written out literally) must not get a second one.
+    return ids if ids and ids[-1] == eos else ids + [eos]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not isinstance(text, str):
+        raise ValueError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
+    return text
+
+
+def _assistant_start(tokenizer: Any, messages: list[dict[str, Any]], i: int) -> str:
+    """The rendering up to where assistant message i's content begins."""
+    if i > 0:
+        return _render(tokenizer, messages[:i], add_generation_prompt=True)
+    # Templates refuse an empty conversation, so for a leading assistant message find where its content
+    # lands by rendering it with a marker in place of the content.
+    marker = "\x00qlora-content-marker\x00"
+    rendered = _render(tokenizer, [{**messages[0], "content": marker}])
+    return rendered[: rendered.find(marker)] if marker in rendered else ""
+
+
+def _tokenize_chat(tokenizer: Any, example: Example, train_on_inputs: bool) -> tuple[list[int], list[bool]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template, which chat examples need; use prompt/completion or text")
+    assert example.messages is not None
+    # The template sees role and content only; weight is ours.
+    messages = [{"role": m["role"], "content": m["content"]} for m in example.messages]
+    full = _render(tokenizer, messages)
+
+    # Character spans [start, end) of each assistant turn: from where its content starts (the rendering of
+    # the messages before it plus the generation prompt) to where the rendering of the conversation up to
+    # and including it ends, so the end-of-turn tokens (EOS and what follows up to the next turn) are in it.
+    trained: list[tuple[int, int]] = []
+    skipped: list[tuple[int, int]] = []
+    for i, message in enumerate(example.messages):
+        if message["role"] != "assistant":
+            continue
+        head = _assistant_start(tokenizer, messages, i)
+        upto = _render(tokenizer, messages[: i + 1])
+        if not upto.startswith(head) or not full.startswith(upto):
+            raise ValueError(
+                f"line {example.line}: the tokenizer's chat template does not render conversation prefixes "
+                f"consistently (message {i + 1}), so the assistant tokens cannot be located"
+            )
+        (trained if message.get("weight", 1) else skipped).append((len(head), len(upto)))
+
+    try:
+        encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as exc:
+        raise ValueError("chat examples need a fast tokenizer (one that returns offset mappings)") from exc
+    input_ids = list(encoding["input_ids"])
+    offsets = encoding["offset_mapping"]
+
+    def overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+        # A token that carries any character of a span counts as inside it, so that no assistant character
+        # is left out of the loss when a token straddles the boundary.
+        if end == start:
+            return any(a <= start < b for a, b in spans)
+        return any(start < b and end > a for a, b in spans)
+
+    if train_on_inputs:
+        is_target = [not overlaps(s, e, skipped) for s, e in offsets]
+    else:
+        is_target = [overlaps(s, e, trained) for s, e in offsets]
+    return input_ids, is_target
+
+
+# --- batching -----------------------------------------------------------------------------------------------
+
+
+def collate_packed(batch: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+    """Padding-free packing: the micro-batch's examples concatenated into one row of shape [1, total_len].
+
+    position_ids restart at 0 for each example. There is no attention_mask: transformers derives a
+    block-diagonal causal mask from restarting position_ids (sdpa, eager, flex) and flash-attention uses them
+    for variable-length attention, so no example attends to another.
+
+    Call the model with ``use_cache=False`` (or set ``model.config.use_cache = False``): transformers 5 looks
+    for packed sequences only when no KV cache is passed, and with ``use_cache=True`` the model makes one
+    itself, even in training mode, so the examples of the row would silently attend to each other.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for ex in batch:
+        input_ids.extend(ex.input_ids)
+        labels.extend(ex.labels)
+        position_ids.extend(range(len(ex.input_ids)))
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+    }
+
+
+def collate_padded(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad the micro-batch to its longest example. Pads are masked out of attention and labels."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(ex.input_ids) for ex in batch)
+    shape = (len(batch), length)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        position_ids[row, :n] = torch.arange(n, dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}

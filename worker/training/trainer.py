@@ -1,0 +1,381 @@
+"""The training loop: setup, train, evaluate, checkpoint. Read `train` top to bottom.
+
+One call of `train(job, sink)` runs a whole job: it validates the data and the options before loading
+anything, builds the quantized model with LoRA, then runs optimizer steps. Each optimizer step takes
+`batch_size` examples in micro-batches of `micro_batch_size` (gradient accumulation). The loss of a step
+is the mean over all target tokens of the whole step, not the mean of per-micro-batch means (which would
+weigh a token of a short micro-batch more than one of a long one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.training.checkpoint import (
+    TrainerPosition,
+    checkpoint_name,
+    load_adapter_weights,
+    load_trainer_state,
+    read_checkpoint_config,
+    restore_rng,
+    save_checkpoint,
+)
+from worker.training.config import ConfigError, TrainingConfig, check_runtime
+from worker.training.data import (
+    TokenizedExample,
+    TokenStats,
+    collate_packed,
+    collate_padded,
+    load_examples,
+    tokenize_examples,
+)
+from worker.training.model import BuiltModel, build_model, pick_device, read_model_config
+from worker.training.optim import build_optimizer, build_scheduler
+from worker.training.sinks import NullSink, Sink
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainingJob:
+    """What to train: a local base model directory, JSONL files, options and where to write."""
+
+    base_model_dir: Path
+    train_file: Path
+    output_dir: Path
+    config: TrainingConfig = field(default_factory=TrainingConfig)
+    validation_file: Path | None = None
+
+
+@dataclass
+class TrainResult:
+    status: str  # "succeeded" | "stopped"
+    steps: int
+    total_steps: int
+    trained_tokens: int
+    final_train_loss: float | None
+    final_valid_loss: float | None
+    adapter_dir: Path | None
+    checkpoints: list[Path]
+    train_stats: dict[str, Any]
+    validation_stats: dict[str, Any] | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["adapter_dir"] = str(self.adapter_dir) if self.adapter_dir else None
+        out["checkpoints"] = [str(p) for p in self.checkpoints]
+        return out
+
+
+# --- batches -------------------------------------------------------------------------------------------
+
+def epoch_order(n_examples: int, epoch: int, cfg: TrainingConfig) -> list[int]:
+    """The example order of an epoch: a function of (seed, epoch) only, so a resumed job sees the same order."""
+    if not cfg.shuffle:
+        return list(range(n_examples))
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    return torch.randperm(n_examples, generator=generator).tolist()
+
+
+def steps_per_epoch(n_examples: int, cfg: TrainingConfig) -> int:
+    return math.ceil(n_examples / cfg.batch_size)
+
+
+def total_steps(n_examples: int, cfg: TrainingConfig) -> int:
+    return cfg.max_steps if cfg.max_steps is not None else cfg.n_epochs * steps_per_epoch(n_examples, cfg)
+
+
+def collate(batch: list[TokenizedExample], cfg: TrainingConfig, pad_token_id: int) -> dict[str, torch.Tensor]:
+    return collate_packed(batch) if cfg.packing else collate_padded(batch, pad_token_id)
+
+
+def micro_batches(examples: list[TokenizedExample], cfg: TrainingConfig, size: int, pad_token_id: int):
+    for start in range(0, len(examples), size):
+        yield collate(examples[start : start + size], cfg, pad_token_id)
+
+
+# --- loss ----------------------------------------------------------------------------------------------
+
+def forward_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token cross-entropy over the target tokens of a micro-batch.
+
+    Returns (loss_sum, n_targets, n_correct). The caller divides by the target count of the whole step."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    flat_labels = shift_labels.reshape(-1)
+    flat_logits = shift_logits.reshape(-1, shift_logits.size(-1))
+    loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    mask = flat_labels != IGNORE_INDEX
+    with torch.no_grad():
+        correct = int((flat_logits.argmax(-1)[mask] == flat_labels[mask]).sum())
+    return loss_sum, int(mask.sum()), correct
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Useful (non-pad) tokens in a micro-batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+@torch.no_grad()
+def evaluate(model: Any, examples: list[TokenizedExample], cfg: TrainingConfig, device: torch.device, pad_token_id: int) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    loss_total, targets, correct = 0.0, 0, 0
+    for batch in micro_batches(examples, cfg, cfg.eval_batch_size, pad_token_id):
+        loss_sum, n, c = forward_loss(model, batch, device)
+        loss_total += float(loss_sum)
+        targets += n
+        correct += c
+    if was_training:
+        model.train()
+    return {"valid_loss": loss_total / max(targets, 1), "valid_mean_token_accuracy": correct / max(targets, 1)}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory, the nearest CPU equivalent.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+    }
+
+
+# --- the job -------------------------------------------------------------------------------------------
+
+def prepare_data(job: TrainingJob, tokenizer: Any) -> tuple[list[TokenizedExample], TokenStats, list[TokenizedExample], TokenStats | None]:
+    """Validate and tokenize both files. Raises DataValidationError (every fault, with line numbers)."""
+    cfg = job.config
+    train_examples = load_examples(job.train_file)
+    valid_examples = load_examples(job.validation_file, min_examples=1) if job.validation_file else []
+    train_tok, train_stats = tokenize_examples(tokenizer, train_examples, max_seq_length=cfg.max_seq_length, train_on_inputs=cfg.train_on_inputs)
+    valid_tok, valid_stats = [], None
+    if valid_examples:
+        valid_tok, valid_stats = tokenize_examples(tokenizer, valid_examples, max_seq_length=cfg.max_seq_length, train_on_inputs=cfg.train_on_inputs)
+    return train_tok, train_stats, valid_tok, valid_stats
+
+
+def load_tokenizer(base_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Padding is masked out of the labels; if pad were the EOS token a careless mask would hide EOS too.
+        # Our collators mask by position, not by token id, so any distinct id will do.
+        tokenizer.pad_token_id = 0 if tokenizer.eos_token_id != 0 else 1
+    return tokenizer
+
+
+def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], bool] | None = None,
+          resume_from: Path | None = None) -> TrainResult:
+    """Run one training job to the end, or until `should_stop()` returns True (checked between micro-batches)."""
+    started = time.time()
+    sink = sink or NullSink()
+    should_stop = should_stop or (lambda: False)
+    cfg = job.config
+    output_dir = Path(job.output_dir)
+
+    # 1. Everything that can be checked without the model: options, device, data.
+    device = pick_device()
+    check_runtime(cfg, device.type)
+    model_config = read_model_config(job.base_model_dir)
+    tokenizer = load_tokenizer(job.base_model_dir)
+    train_tok, train_stats, valid_tok, valid_stats = prepare_data(job, tokenizer)
+    sink.event("info", f"Training file: {train_stats.n_examples} examples, {train_stats.n_tokens} tokens "
+               f"(mean {train_stats.mean_tokens:.0f}, p95 {train_stats.p95_tokens}, {train_stats.n_truncated} truncated)",
+               {"train_stats": train_stats.to_dict(), "validation_stats": valid_stats.to_dict() if valid_stats else None})
+    if train_stats.n_truncated:
+        sink.event("warn", f"{train_stats.n_truncated} training examples were longer than max_seq_length={cfg.max_seq_length} and were truncated")
+    n_total_steps = total_steps(len(train_tok), cfg)
+    if resume_from is not None:
+        saved = read_checkpoint_config(Path(resume_from))["config"]
+        if saved != cfg.resolved():
+            changed = sorted(k for k in saved if saved.get(k) != cfg.resolved().get(k))
+            raise ConfigError(f"cannot resume with different options: {changed}", param=changed[0] if changed else None)
+
+    # 2. Model, optimizer, schedule. The seed is set before LoRA init so that adapters start the same.
+    seed_everything(cfg.seed)
+    longest = max(len(e.input_ids) for e in train_tok)
+    tokens_per_micro = min(cfg.micro_batch_size * longest, cfg.micro_batch_size * cfg.max_seq_length)
+    built: BuiltModel = build_model(job.base_model_dir, cfg, device=device, tokens_per_micro_batch=tokens_per_micro)
+    model = built.model
+    optimizer = build_optimizer(model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, n_total_steps)
+    position = TrainerPosition(step=0, epoch=0, batch_in_epoch=0, trained_tokens=0)
+    if resume_from is not None:
+        load_adapter_weights(model, Path(resume_from))
+        state = load_trainer_state(Path(resume_from))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        position = TrainerPosition(**state["position"])
+        restore_rng(state["rng"])
+        sink.event("info", f"Resumed from {resume_from} at step {position.step}")
+    sink.event("info", f"Model loaded: {built.trainable_parameters:,} trainable of {built.total_parameters:,} parameters, "
+               f"quantization={cfg.quantization}, gradient_checkpointing={built.gradient_checkpointing}, device={device.type}",
+               {"trainable_parameters": built.trainable_parameters, "gradient_checkpointing": built.gradient_checkpointing,
+                "total_steps": n_total_steps})
+    if device.type == "cuda":
+        # Report the peak of training itself, not of loading (comparable with the memory estimate).
+        torch.cuda.reset_peak_memory_stats(device)
+
+    checkpoints: list[Path] = []
+    extra = {"base_model": str(job.base_model_dir), "versions": versions()}
+
+    def write_checkpoint(metrics: dict[str, float]) -> Path:
+        path = save_checkpoint(model, optimizer, scheduler, position, output_dir / "checkpoints" / checkpoint_name(position.step),
+                               config=cfg.resolved(), extra={**extra, "metrics": metrics})
+        if path not in checkpoints:
+            checkpoints.append(path)
+        sink.checkpoint(position.step, path, metrics)
+        if cfg.keep_checkpoints is not None:
+            for old in checkpoints[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            del checkpoints[: -cfg.keep_checkpoints]
+        return path
+
+    # 3. The loop.
+    model.train()
+    pad_id = tokenizer.pad_token_id
+    last_metrics: dict[str, float] = {}
+    last_valid: dict[str, float] = {}
+    n_steps_per_epoch = steps_per_epoch(len(train_tok), cfg)
+    stopped = False
+    while position.step < n_total_steps and not stopped:
+        order = epoch_order(len(train_tok), position.epoch, cfg)
+        while position.batch_in_epoch < n_steps_per_epoch and position.step < n_total_steps:
+            start = position.batch_in_epoch * cfg.batch_size
+            step_examples = [train_tok[i] for i in order[start : start + cfg.batch_size]]
+            batches = list(micro_batches(step_examples, cfg, cfg.micro_batch_size, pad_id))
+            step_targets = sum(count_targets(b) for b in batches)
+            step_tokens = sum(count_tokens(b) for b in batches)
+            t0 = time.perf_counter()
+            loss_total, correct = 0.0, 0
+            for batch in batches:
+                if should_stop():
+                    stopped = True
+                    break
+                loss_sum, _n, c = forward_loss(model, batch, device)
+                # Divide by the step's target count so accumulated gradients equal those of one big batch.
+                (loss_sum / max(step_targets, 1)).backward()
+                loss_total += float(loss_sum.detach())
+                correct += c
+            if stopped:
+                optimizer.zero_grad(set_to_none=True)
+                break
+            grad_norm = clip_and_norm(model, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+
+            position.step += 1
+            position.batch_in_epoch += 1
+            position.trained_tokens += step_tokens
+            last_metrics = {
+                "step": position.step,
+                "epoch": position.epoch + position.batch_in_epoch / n_steps_per_epoch,
+                "train_loss": loss_total / max(step_targets, 1),
+                "train_mean_token_accuracy": correct / max(step_targets, 1),
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "tokens": step_tokens,
+                "target_tokens": step_targets,
+                "tokens_per_second": step_tokens / seconds,
+                "step_seconds": seconds,
+                "peak_memory_bytes": peak_memory_bytes(device),
+            }
+            end_of_epoch = position.batch_in_epoch == n_steps_per_epoch
+            last_step = position.step == n_total_steps
+            if valid_tok and ((cfg.eval_every and position.step % cfg.eval_every == 0) or last_step):
+                last_valid = evaluate(model, valid_tok, cfg, device, pad_id)
+                last_metrics.update(last_valid)
+                sink.event("info", f"Step {position.step}: valid_loss={last_valid['valid_loss']:.4f}", last_valid)
+            sink.metrics(position.step, last_metrics)
+            if cfg.checkpoint_every is not None:
+                wants_checkpoint = position.step % cfg.checkpoint_every == 0
+            else:
+                wants_checkpoint = end_of_epoch
+            if wants_checkpoint and not last_step:  # the last step's checkpoint is written below
+                write_checkpoint(checkpoint_metrics(last_metrics))
+            if should_stop():
+                stopped = True
+                break
+        if not stopped and position.batch_in_epoch == n_steps_per_epoch:
+            position.epoch += 1
+            position.batch_in_epoch = 0
+
+    # 4. Finish: the final checkpoint is the job's adapter.
+    if stopped:
+        sink.event("info", f"Stopped at step {position.step}")
+        return TrainResult("stopped", position.step, n_total_steps, position.trained_tokens, last_metrics.get("train_loss"),
+                           last_valid.get("valid_loss"), None, checkpoints, train_stats.to_dict(),
+                           valid_stats.to_dict() if valid_stats else None, time.time() - started)
+    final = write_checkpoint(checkpoint_metrics(last_metrics))
+    adapter_dir = output_dir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    shutil.copytree(final, adapter_dir, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    result = TrainResult("succeeded", position.step, n_total_steps, position.trained_tokens, last_metrics.get("train_loss"),
+                         last_valid.get("valid_loss"), adapter_dir, checkpoints, train_stats.to_dict(),
+                         valid_stats.to_dict() if valid_stats else None, time.time() - started)
+    (output_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    sink.event("info", f"Training finished: {position.step} steps, {position.trained_tokens} tokens, "
+               f"final train_loss={result.final_train_loss:.4f}", {"adapter_dir": str(adapter_dir)})
+    return result
+
+
+def checkpoint_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metric names of an OpenAI checkpoint object, from a step's metrics."""
+    keys = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+    return {k: float(metrics[k]) for k in keys if k in metrics}
+
+
+def clip_and_norm(model: Any, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
