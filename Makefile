@@ -32,6 +32,7 @@ run: venv demo-model
 	$(PY) -m worker.training.cli examples/smollm2-facts.yaml --base-model $(DEMO_MODEL) --output $(QLORA_HOME)/runs/example
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 
 test-fast: venv

@@ -105,6 +105,7 @@ def make_dataset(tokenizer_dir: Path, path: Path, n_examples: int, seq: int, see
 
 def run_engine(model_dir: Path, data: Path, workdir: Path, seq: int, bs: int, steps: int, warm: int, gc_on: bool) -> dict:
     import torch
+
     from worker.training.config import TrainingConfig
     from worker.training.memory import estimate_memory
     from worker.training.model import read_model_config

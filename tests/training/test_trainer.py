@@ -118,6 +118,17 @@ def test_quantization_options(tiny_model_dir, options, check):
         assert layers and check(layers[0].weight.quant_state)
 
 
+def test_8bit_trains(tiny_model_dir, train_file, tmp_path):
+    import bitsandbytes as bnb
+
+    built = build_model(tiny_model_dir, TrainingConfig(quantization="8bit"))
+    assert len([m for m in built.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]) == 2 * 7
+    sink = RecordingSink()
+    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "out", TrainingConfig(quantization="8bit", max_steps=2, batch_size=4,
+                                                                                             micro_batch_size=4)), sink)
+    assert result.status == "succeeded" and all(math.isfinite(s["train_loss"]) for s in sink.steps)
+
+
 def test_lora_options(tiny_model_dir):
     built = build_model(tiny_model_dir, TrainingConfig(target_modules=["q_proj", "v_proj"], lora_r=4, use_rslora=True, use_dora=True))
     names = [n for n, p in built.model.named_parameters() if p.requires_grad]

@@ -80,12 +80,12 @@ class TrainingConfig(BaseModel):
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------------
     eval_every: int | None = Field(None, ge=1, description="Evaluate on the validation file every N steps (always at the end). None: only at the end.")
-    eval_batch_size: int = Field(8, ge=1, le=4096, description="Examples per evaluation forward pass.")
+    eval_batch_size: int | None = Field(None, ge=1, le=4096, description="Examples per evaluation forward pass. None: micro_batch_size (so evaluation never needs more memory than training).")
     checkpoint_every: int | None = Field(None, ge=1, description="Save an adapter checkpoint every N steps (always at the end). None: at the end of each epoch.")
     keep_checkpoints: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints on disk (the final one always stays). None: keep all.")
 
     @model_validator(mode="after")
-    def _combinations(self) -> "TrainingConfig":
+    def _combinations(self) -> TrainingConfig:
         validate_combinations(self)
         return self
 
@@ -94,7 +94,7 @@ class TrainingConfig(BaseModel):
         return self.batch_size // self.micro_batch_size
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
         """Build a config, turning pydantic's errors into one `ConfigError` naming the first bad option."""
         try:
             return cls(**values)
@@ -150,7 +150,5 @@ def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
 
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("attn_implementation='flash_attention_2' needs the flash-attn package", param="attn_implementation")
-    if cfg.quantization == "8bit" and device_type != "cuda":
-        raise ConfigError("quantization='8bit' (LLM.int8) needs a CUDA GPU; use '4bit' or 'none' on the CPU", param="quantization")
     if cfg.compute_dtype == "fp16" and device_type == "cpu":
         raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'bf16' or 'fp32'", param="compute_dtype")

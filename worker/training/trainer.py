@@ -16,9 +16,10 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from worker.training.data import (
     load_examples,
     tokenize_examples,
 )
-from worker.training.model import BuiltModel, build_model, pick_device, read_model_config
+from worker.training.model import BuiltModel, build_model, compute_dtype, pick_device, read_model_config
 from worker.training.optim import build_optimizer, build_scheduler
 from worker.training.sinks import NullSink, Sink
 
@@ -110,13 +111,23 @@ def micro_batches(examples: list[TokenizedExample], cfg: TrainingConfig, size: i
 
 # --- loss ----------------------------------------------------------------------------------------------
 
-def forward_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int, int]:
+def autocast_dtype(cfg: TrainingConfig) -> torch.dtype | None:
+    """bf16/fp16 compute runs under autocast, so that the fp32 adapters' matmuls run in the compute dtype
+    too (peft keeps adapter weights in fp32; without autocast their inputs are upcast and saved in fp32)."""
+    return None if cfg.compute_dtype == "fp32" else compute_dtype(cfg)
+
+
+def forward_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device,
+                 amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy over the target tokens of a micro-batch.
 
-    Returns (loss_sum, n_targets, n_correct). The caller divides by the target count of the whole step."""
+    Returns (loss_sum, n_targets, n_correct). The caller divides by the target count of the whole step.
+    `use_cache=False` matters beyond memory: with a KV cache, transformers does not derive the per-example
+    attention mask of a packed row from its position ids, and packed examples would attend to each other."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     labels = batch.pop("labels")
-    logits = model(**batch, use_cache=False).logits
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(**batch, use_cache=False).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     flat_labels = shift_labels.reshape(-1)
@@ -144,8 +155,8 @@ def evaluate(model: Any, examples: list[TokenizedExample], cfg: TrainingConfig, 
     was_training = model.training
     model.eval()
     loss_total, targets, correct = 0.0, 0, 0
-    for batch in micro_batches(examples, cfg, cfg.eval_batch_size, pad_token_id):
-        loss_sum, n, c = forward_loss(model, batch, device)
+    for batch in micro_batches(examples, cfg, cfg.eval_batch_size or cfg.micro_batch_size, pad_token_id):
+        loss_sum, n, c = forward_loss(model, batch, device, autocast_dtype(cfg))
         loss_total += float(loss_sum)
         targets += n
         correct += c
@@ -218,7 +229,7 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     # 1. Everything that can be checked without the model: options, device, data.
     device = pick_device()
     check_runtime(cfg, device.type)
-    model_config = read_model_config(job.base_model_dir)
+    read_model_config(job.base_model_dir)  # fails early, with param="model", if the directory is not a model
     tokenizer = load_tokenizer(job.base_model_dir)
     train_tok, train_stats, valid_tok, valid_stats = prepare_data(job, tokenizer)
     sink.event("info", f"Training file: {train_stats.n_examples} examples, {train_stats.n_tokens} tokens "
@@ -273,7 +284,9 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
             del checkpoints[: -cfg.keep_checkpoints]
         return path
 
-    # 3. The loop.
+    # 3. The loop. fp16 needs loss scaling against gradient underflow; for bf16/fp32 the scaler is a no-op.
+    amp_dtype = autocast_dtype(cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.compute_dtype == "fp16")
     model.train()
     pad_id = tokenizer.pad_token_id
     last_metrics: dict[str, float] = {}
@@ -294,17 +307,19 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
                 if should_stop():
                     stopped = True
                     break
-                loss_sum, _n, c = forward_loss(model, batch, device)
+                loss_sum, _n, c = forward_loss(model, batch, device, amp_dtype)
                 # Divide by the step's target count so accumulated gradients equal those of one big batch.
-                (loss_sum / max(step_targets, 1)).backward()
+                scaler.scale(loss_sum / max(step_targets, 1)).backward()
                 loss_total += float(loss_sum.detach())
                 correct += c
             if stopped:
                 optimizer.zero_grad(set_to_none=True)
                 break
+            scaler.unscale_(optimizer)
             grad_norm = clip_and_norm(model, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            scaler.step(optimizer)  # skips the step (and lowers the scale) if fp16 gradients overflowed
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":

@@ -1,0 +1,353 @@
+"""Tests for the memory estimate: hand-computed terms on a small config, the orderings and ratios the
+estimate must keep, the Llama-3-8B shape against the published QLoRA numbers, and a torch-free import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from worker.training.config import TrainingConfig
+from worker.training.memory import (
+    FIXED_OVERHEAD_BYTES,
+    GIB,
+    LINEAR_NAMES,
+    MemoryEstimate,
+    bits_per_weight,
+    estimate_memory,
+    fits,
+    linear_shapes,
+    optimizer_state_bytes,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+# hidden 64, intermediate 128, 2 layers, vocab 100, 4 heads of 16, 2 kv heads, untied head.
+SMALL = {
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+LLAMA3_8B = {
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+}
+
+
+def small_cfg(**overrides) -> TrainingConfig:
+    # 2 x 32 = 64 tokens per micro-batch; flash_attention_2 keeps the attention terms free of masks and s^2.
+    values = dict(
+        lora_r=8, micro_batch_size=2, batch_size=2, max_seq_length=32, attn_implementation="flash_attention_2"
+    )
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def anchor_cfg(**overrides) -> TrainingConfig:
+    """The performance-baseline run: r=16 on all 7 linears, 2 x 2048 tokens, paged AdamW 8-bit, NF4 + DQ."""
+    values = dict(lora_r=16, micro_batch_size=2, batch_size=2, max_seq_length=2048, optimizer="paged_adamw_8bit")
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+# --- the small config, every term by hand -------------------------------------------------------------
+
+
+def test_linear_shapes_of_one_layer():
+    # q: 4 heads * 16 = 64 wide; k, v: 2 kv heads * 16 = 32 wide.
+    assert linear_shapes(SMALL) == {
+        "q_proj": (64, 64),
+        "k_proj": (64, 32),
+        "v_proj": (64, 32),
+        "o_proj": (64, 64),
+        "gate_proj": (64, 128),
+        "up_proj": (64, 128),
+        "down_proj": (128, 64),
+    }
+    assert tuple(linear_shapes(SMALL)) == LINEAR_NAMES
+
+
+def test_small_config_every_term_by_hand():
+    est = estimate_memory(SMALL, small_cfg(), gradient_checkpointing=False)
+
+    # Base: linear weights per layer 64*64 + 2*64*32 + 64*64 + 3*64*128 = 36864; at 4.126953125 bits (NF4 + DQ)
+    # that is 36864 * 4.126953125 / 8 = 19017 bytes; 2 layers = 38034. Unquantized in bf16: embeddings
+    # 100*64 + untied head 100*64 + 5 RMSNorms (2 per layer + final) * 64 = 13120 params * 2 bytes = 26240.
+    assert est.base_weights == 38034 + 26240
+
+    # LoRA r=8, params r*(in+out): q 8*128=1024, k 8*96=768, v 768, o 1024, gate/up/down 8*192=1536 each
+    # -> 8192 per layer, 16384 in all; fp32 weights and fp32 grads: 4 bytes each.
+    assert est.lora_params == 16384 * 4
+    assert est.gradients == 16384 * 4
+
+    # paged AdamW 8-bit: every tensor is below 4096 elements (largest 8*128 = 1024), so both states are fp32:
+    # 2 * 4 * 16384. Nothing reaches the 100k elements bitsandbytes pages, so nothing is in unified memory.
+    assert est.optimizer_state == 2 * 4 * 16384
+    assert est.optimizer_paged is True
+    assert est.optimizer_paged_bytes == 0
+
+    # Activations, per token and layer (c = 2 bytes, h = 64, q = 64, kv = 32, i = 128, r = 8, 4 heads):
+    norms = 2 * (4 * 64 + 4)  # 520: fp32 upcast + rsqrt, two RMSNorms
+    attention = 2 * 64 + 2 * 2 * 32 + 2 * 64 + 4 * 4  # 400: q, k, v, output, fp32 logsumexp per head
+    swiglu = 3 * 2 * 128  # 768: silu input, silu output, up output
+    lora_h = (2 + 1) * 64 + 2 * 8  # 208: dropout output + bool mask + lora_A output, input width 64
+    lora = 5 * lora_h + ((2 + 1) * 64 + 2 * 8) + ((2 + 1) * 128 + 2 * 8)  # q,k,v,gate,up + o (64) + down (128)
+    assert lora == 1648
+    per_token = norms + attention + swiglu + lora
+    assert per_token == 3336
+    weight_casts = 8192 * 2  # the bf16 copies of one layer's fp32 LoRA weights that autocast saves
+    one_layer = 64 * per_token + weight_casts  # 229888
+    final_norm = 64 * (4 * 64 + 4)  # 16640
+    rope = 64 * 2 * 16 * 2  # cos and sin, head_dim 16, bf16: 4096
+    assert est.activations == 2 * one_layer + final_norm + rope  # 480512
+
+    # Logits: 64 tokens * 100 vocab * (2 bf16 head output + 4 log_softmax output + 4 + 4 two fp32 gradients).
+    assert est.logits == 64 * 100 * 14
+
+    # Overhead: the fixed allowance + the largest base linear dequantized to bf16 (gate/up/down, 8192 * 2).
+    assert est.overhead == FIXED_OVERHEAD_BYTES + 8192 * 2
+    assert est.tokens_per_micro_batch == 64
+    assert est.gradient_checkpointing is False
+
+    expected_total = (
+        est.base_weights
+        + est.lora_params
+        + est.gradients
+        + est.optimizer_state
+        + est.activations
+        + est.logits
+        + est.overhead
+    )
+    assert est.total == expected_total
+    assert est.torch_allocated_peak == expected_total  # nothing paged
+
+
+def test_small_config_with_checkpointing_by_hand():
+    est = estimate_memory(SMALL, small_cfg(), gradient_checkpointing=True)
+    stored_inputs = 2 * 64 * 64 * 2  # layers * tokens * hidden * bf16
+    one_layer = 64 * 3336 + 8192 * 2  # recomputed in backward, one layer at a time
+    assert est.activations == stored_inputs + one_layer + 64 * (4 * 64 + 4) + 64 * 2 * 16 * 2
+    assert est.gradient_checkpointing is True
+
+
+def test_dropout_zero_shares_the_saved_inputs():
+    with_dropout = estimate_memory(SMALL, small_cfg(lora_dropout=0.05), gradient_checkpointing=False)
+    without = estimate_memory(SMALL, small_cfg(lora_dropout=0.0), gradient_checkpointing=False)
+    # Per token and layer, LoRA with dropout: 1648 (above). Without: 7 * c*r = 112 for the lora_A outputs,
+    # plus each distinct input once: attention-norm output 2*64, MLP-norm output 2*64, SwiGLU product 2*128
+    # (o_proj's input is the attention output, already saved by the kernel) = 512. Difference 1648 - 624 = 1024.
+    assert with_dropout.activations - without.activations == 2 * 64 * 1024
+
+
+def test_target_modules_subset_reduces_lora_params():
+    full = estimate_memory(SMALL, small_cfg())
+    subset = estimate_memory(SMALL, small_cfg(target_modules=["q_proj", "self_attn.v_proj"]))
+    # q 8*(64+64) = 1024, v 8*(64+32) = 768 params per layer, 2 layers, fp32.
+    assert subset.lora_params == (1024 + 768) * 2 * 4
+    assert subset.lora_params < full.lora_params
+    assert subset.gradients < full.gradients
+    assert subset.activations < full.activations
+
+
+def test_unknown_target_module_is_rejected():
+    with pytest.raises(ValueError, match="lm_head"):
+        estimate_memory(SMALL, small_cfg(target_modules=["q_proj", "lm_head"]))
+
+
+def test_sdpa_with_packing_repeats_kv_and_keeps_the_mask():
+    flash = estimate_memory(SMALL, small_cfg(), gradient_checkpointing=False)
+    sdpa = estimate_memory(SMALL, small_cfg(attn_implementation="sdpa"), gradient_checkpointing=False)
+    # Packed row of 64 tokens with per-example boundaries: transformers builds a 4-D mask, so k and v are repeated
+    # to all 4 heads (2*(64-32)*2 bytes more per token and layer) and SDPA keeps a bf16 bias of 64*64 per layer;
+    # the bool mask itself (64*64 bytes) is shared.
+    per_layer = 64 * (2 * 2 * (64 - 32)) + 2 * 64 * 64
+    assert sdpa.activations - flash.activations == 2 * per_layer + 64 * 64
+
+
+def test_eager_attention_grows_with_the_square_of_the_row():
+    short = estimate_memory(
+        SMALL, small_cfg(attn_implementation="eager", max_seq_length=64), gradient_checkpointing=False
+    )
+    long = estimate_memory(
+        SMALL, small_cfg(attn_implementation="eager", max_seq_length=128), gradient_checkpointing=False
+    )
+    flash_short = estimate_memory(SMALL, small_cfg(max_seq_length=64), gradient_checkpointing=False)
+    flash_long = estimate_memory(SMALL, small_cfg(max_seq_length=128), gradient_checkpointing=False)
+    # One packed row of 128 then 256 tokens: the s^2 part quadruples while the rest only doubles.
+    assert long.activations - short.activations > 3 * (flash_long.activations - flash_short.activations)
+
+
+def test_eight_bit_base_adds_row_scales():
+    est = estimate_memory(SMALL, small_cfg(quantization="8bit"))
+    # 1 byte per weight + one fp32 scale per output row (64+32+32+64+128+128+64 = 512 rows) per layer.
+    assert est.base_weights == (36864 + 4 * 512) * 2 + 26240
+
+
+# --- bits per weight and orderings ---------------------------------------------------------------------
+
+
+def test_bits_per_weight():
+    assert round(bits_per_weight("4bit", "nf4", True), 3) == 4.127
+    assert bits_per_weight("4bit", "nf4", True) == 4 + 8 / 64 + 32 / (64 * 256)
+    assert bits_per_weight("4bit", "nf4", False) == 4.5
+    assert bits_per_weight("4bit", "fp4", True) == bits_per_weight("4bit", "nf4", True)
+    assert bits_per_weight("8bit", "nf4", False) == 8.0
+    assert bits_per_weight("none", compute_dtype="bf16") == 16
+    assert bits_per_weight("none", compute_dtype="fp32") == 32
+    with pytest.raises(ValueError):
+        bits_per_weight("3bit")
+
+
+def test_base_weights_ordering():
+    def base(**overrides) -> int:
+        return estimate_memory(LLAMA3_8B, anchor_cfg(**overrides)).base_weights
+
+    double_quant = base()
+    no_double_quant = base(double_quant=False)
+    eight_bit = base(quantization="8bit")
+    unquantized = base(quantization="none")
+    assert double_quant < no_double_quant < eight_bit < unquantized
+
+
+def test_llama3_8b_base_weights_in_range():
+    est = estimate_memory(LLAMA3_8B, anchor_cfg())
+    # 6.98e9 decoder linear weights * 4.127 / 8 = 3.60e9 bytes + bf16 embeddings and head 2 * 128256 * 4096 * 2
+    # = 2.10e9 bytes: 5.70e9 bytes = 5.31 GiB. (The baseline's "GB" are GiB: its script divides by 2**30.)
+    assert 4.0 * GIB <= est.base_weights <= 5.5 * GIB
+    linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert est.base_weights == pytest.approx(linear * 4.126953125 / 8 + (2 * 128256 * 4096 + 65 * 4096) * 2, abs=1)
+
+
+def test_checkpointing_reduces_activations():
+    for shape, cfg in ((SMALL, small_cfg()), (LLAMA3_8B, anchor_cfg())):
+        on = estimate_memory(shape, cfg, gradient_checkpointing=True)
+        off = estimate_memory(shape, cfg, gradient_checkpointing=False)
+        assert on.activations < off.activations
+        assert on.logits == off.logits and on.base_weights == off.base_weights
+    # On the 8B shape the saving is large: 1 layer of 32 kept in full plus the 32 layer inputs.
+    on = estimate_memory(LLAMA3_8B, anchor_cfg(), gradient_checkpointing=True)
+    off = estimate_memory(LLAMA3_8B, anchor_cfg(), gradient_checkpointing=False)
+    assert on.activations < off.activations / 8
+
+
+def test_gradient_checkpointing_setting_is_resolved_from_the_config():
+    assert estimate_memory(SMALL, small_cfg(gradient_checkpointing="on")).gradient_checkpointing is True
+    assert estimate_memory(SMALL, small_cfg(gradient_checkpointing="off")).gradient_checkpointing is False
+    assert estimate_memory(SMALL, small_cfg(gradient_checkpointing="auto")).gradient_checkpointing is True
+    forced = estimate_memory(SMALL, small_cfg(gradient_checkpointing="on"), gradient_checkpointing=False)
+    assert forced.gradient_checkpointing is False
+
+
+def test_tokens_per_micro_batch_defaults_to_the_worst_case_and_can_be_given():
+    assert estimate_memory(SMALL, small_cfg()).tokens_per_micro_batch == 2 * 32
+    fewer = estimate_memory(SMALL, small_cfg(), tokens_per_micro_batch=40)
+    assert fewer.tokens_per_micro_batch == 40
+    assert fewer.logits == 40 * 100 * 14
+    assert fewer.activations < estimate_memory(SMALL, small_cfg()).activations
+
+
+# --- optimizer -------------------------------------------------------------------------------------------
+
+
+def test_eight_bit_optimizer_state_is_a_quarter_of_adamw_for_large_tensors():
+    big = [1_048_576, 65536, 229376]  # multiples of the 256-value block
+    eight, _ = optimizer_state_bytes("adamw_8bit", big)
+    full, _ = optimizer_state_bytes("adamw_torch", big)
+    # 2 states * (1 byte + 4/256 bytes of absmax) against 2 states * 4 bytes: 0.25 + 1/256.
+    assert eight / full == pytest.approx(0.25 + 1 / 256)
+    # Below bitsandbytes' min_8bit_size (4096 elements) the 8-bit optimizer keeps fp32 state.
+    assert optimizer_state_bytes("adamw_8bit", [4095]) == optimizer_state_bytes("adamw_torch", [4095])
+    assert optimizer_state_bytes("adamw_8bit", [4096])[0] == 2 * 4096 + 2 * 4 * 16
+
+    on_8b_8bit = estimate_memory(LLAMA3_8B, anchor_cfg(optimizer="adamw_8bit")).optimizer_state
+    on_8b_torch = estimate_memory(LLAMA3_8B, anchor_cfg(optimizer="adamw_torch")).optimizer_state
+    assert on_8b_8bit / on_8b_torch == pytest.approx(0.25, abs=0.01)
+
+
+def test_paged_optimizer_state_is_excluded_from_torch_allocated_peak():
+    paged = estimate_memory(LLAMA3_8B, anchor_cfg(optimizer="paged_adamw_8bit"))
+    unpaged = estimate_memory(LLAMA3_8B, anchor_cfg(optimizer="adamw_8bit"))
+    assert paged.optimizer_paged and not unpaged.optimizer_paged
+    assert paged.total == unpaged.total  # the card holds it either way
+    assert unpaged.torch_allocated_peak == unpaged.total
+    assert paged.torch_allocated_peak == paged.total - paged.optimizer_paged_bytes
+    # Only state buffers of tensors with >= 100k elements are paged: gate/up lora_B (14336*16) and down lora_A
+    # (16*14336), 3 per layer, 2 states of 1 byte each. The rest (and every absmax) is ordinary torch memory.
+    assert paged.optimizer_paged_bytes == 32 * 3 * 2 * 14336 * 16
+    assert 0 < paged.optimizer_paged_bytes < paged.optimizer_state
+
+    paged32 = estimate_memory(LLAMA3_8B, anchor_cfg(optimizer="paged_adamw_32bit"))
+    assert paged32.optimizer_paged_bytes == 32 * 3 * 2 * 4 * 14336 * 16
+
+
+# --- totals, reporting, fits ----------------------------------------------------------------------------
+
+
+def test_to_dict_has_fields_totals_and_gib():
+    est = estimate_memory(LLAMA3_8B, anchor_cfg())
+    values = est.to_dict()
+    for name in ("base_weights", "lora_params", "gradients", "optimizer_state", "activations", "logits", "overhead"):
+        assert values[name] == getattr(est, name)
+        assert values[f"{name}_gib"] == round(getattr(est, name) / GIB, 3)
+    assert values["total"] == est.total and values["total_gib"] == round(est.total / GIB, 3)
+    assert values["torch_allocated_peak"] == est.torch_allocated_peak
+    assert values["optimizer_paged"] is True and values["gradient_checkpointing"] is True
+    assert values["tokens_per_micro_batch"] == 4096 and "tokens_per_micro_batch_gib" not in values
+
+
+def test_fits():
+    est = MemoryEstimate(
+        base_weights=50,
+        lora_params=10,
+        gradients=10,
+        optimizer_state=10,
+        optimizer_paged=False,
+        activations=10,
+        logits=0,
+        overhead=0,
+        gradient_checkpointing=True,
+        tokens_per_micro_batch=1,
+    )
+    assert est.total == 90
+    assert fits(est, 100)  # 90 <= 0.9 * 100
+    assert not fits(est, 99)
+    assert fits(est, 90, headroom=1.0)
+    with pytest.raises(ValueError):
+        fits(est, 100, headroom=0)
+
+
+def test_model_config_object_and_dict_agree():
+    as_object = SimpleNamespace(**SMALL, head_dim=None)  # a PretrainedConfig reads as attributes
+    assert estimate_memory(as_object, small_cfg()) == estimate_memory(SMALL, small_cfg())
+
+
+def test_missing_config_fields_are_reported():
+    with pytest.raises(ValueError, match="intermediate_size"):
+        estimate_memory({k: v for k, v in SMALL.items() if k != "intermediate_size"}, small_cfg())
+
+
+def test_import_does_not_pull_in_torch():
+    code = "import sys, worker.training.memory; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_dora_adds_magnitude_vectors_and_activations():
+    lora = estimate_memory(SMALL, small_cfg())
+    dora = estimate_memory(SMALL, small_cfg(use_dora=True))
+    # One trainable magnitude per output row: 64+32+32+64+128+128+64 = 512 per layer, 2 layers, fp32.
+    assert dora.lora_params == lora.lora_params + 512 * 2 * 4
+    assert dora.activations > lora.activations
+    assert dora.overhead > lora.overhead  # the weight-norm computation's full-size transients

@@ -1,0 +1,473 @@
+"""Estimate the peak GPU memory of a training job before any model is loaded (mistake 8 in qlora-facts.md).
+
+Pure arithmetic on the model's config (a transformers ``PretrainedConfig`` or the dict of a Llama-family
+``config.json``) and the job's ``TrainingConfig``: no torch import, so the API and the scheduler can call it.
+
+What is modelled, and what the numbers were checked against
+-----------------------------------------------------------
+The training step the engine runs: a Llama decoder (``LlamaDecoderLayer``: RMSNorm, q/k/v/o, SDPA, RMSNorm,
+SwiGLU MLP) with a frozen, optionally quantized base, peft LoRA adapters kept in fp32 (peft's default
+``autocast_adapter_dtype=True``), the forward pass under ``torch.autocast`` in the compute dtype when that is
+bf16/fp16 (as HF Trainer and the standard recipe do; fp32 compute runs without autocast), the loss from
+transformers' ``ForCausalLMLoss`` (``logits.float()`` then ``cross_entropy``) and an AdamW optimizer.
+
+The per-layer activation count is the set of tensors autograd saves, read off the code of transformers 5.17,
+peft 0.21 and bitsandbytes 0.50 and checked by counting the saved tensors of one decoder layer with
+``torch.autograd.graph.saved_tensors_hooks`` on a tiny NF4 model on the CPU: the formula below matched the
+count to the byte (with the CPU's dropout mask, which is stored in the input dtype where CUDA stores bool).
+The logits term was checked the same way (peak of live memory through forward and backward).
+
+Facts from those libraries that the formula rests on:
+- bitsandbytes' ``MatMul4Bit`` saves only the packed weight (already resident), not its input: the input
+  gradient needs only the dequantized weight, which is rebuilt transiently for each matmul. So the 4-bit base
+  layers save nothing per token; the per-token saves of a LoRA layer come from the adapter path.
+- ``MatMul8bitLt`` (LLM.int8) does save its input ``A``.
+- A frozen ``nn.Linear`` (quantization='none') saves no input either: autograd saves ``input`` of a matmul
+  only when the weight needs a gradient.
+- peft's LoRA forward is ``lora_B(lora_A(dropout(x)))``: ``lora_A`` saves the dropout output, dropout saves
+  its bool mask (CUDA's fused dropout), ``lora_B`` saves the rank-r output of ``lora_A``. With dropout 0 the
+  dropout is ``nn.Identity`` and ``lora_A`` saves ``x`` itself, shared by the modules that read the same input
+  (q/k/v, gate/up) -- except with quantization='none', where peft casts ``x`` to fp32 and autocast casts it
+  back to a fresh bf16 copy per module.
+- Under autocast the fp32 LoRA weights are cast to the compute dtype and those copies are saved for backward:
+  a per-layer constant, ``r * (in + out) * compute bytes`` per adapted module.
+
+Approximations (named here so nobody mistakes them for measurements):
+- Attention kernels: 'sdpa' is modelled as SDPA's flash or memory-efficient kernel (no s^2 score matrix saved;
+  q, k, v, output and a fp32 logsumexp saved). When an attention mask is present (packing, or padded batches)
+  transformers repeats k/v to all heads before SDPA and the kernel keeps the mask converted to the compute dtype
+  (one s^2 bias per layer); 'flash_attention_2' and 'flex_attention' take no dense mask and read k/v at
+  their kv-head width. 'eager' saves the s^2 probabilities (fp32 softmax output and its compute-dtype copy).
+- DoRA is modelled roughly: two extra per-token tensors per adapted module (the base and the LoRA results,
+  saved by the magnitude multiplications), fp32 SwiGLU tensors and residual stream (peft's DoRA output is fp32
+  under autocast), and the transient full-size weights of the weight-norm computation. Checked on the CPU for
+  the first layer only (within the CPU's dropout-mask difference); later layers see an fp32 stream, for which
+  the base result is counted at 4 bytes throughout.
+- Gradient-flow temporaries inside one layer's backward (a few ``tokens * intermediate`` tensors) are not
+  counted; nor is the optimizer step's transient working memory (it runs after the activations are freed).
+- ``total`` adds every term. Under gradient checkpointing the logits peak (start of backward) and the recompute
+  of one layer (later) do not happen at the same time, so ``total`` overstates that case by about the smaller
+  of the two; without checkpointing all activations are alive at the logits peak and the sum is the peak.
+- LLM.int8's outlier columns (data dependent, small) are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the module must import without pydantic's cost, and never torch
+    from worker.training.config import TrainingConfig
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+GIB = 1024**3
+
+# A fixed allowance, counted by torch's allocator but not modelled term by term: the cuBLAS workspace that
+# torch allocates through its caching allocator (32 MiB on Hopper with the default CUBLAS_WORKSPACE_CONFIG
+# ":4096:8") and the cuBLASLt workspace, input ids / labels / position ids, loss scalars, RoPE tables and the
+# allocator's rounding of every block to 512 bytes. 128 MiB covers those with room to spare; it is not
+# calibrated to any measured peak. The CUDA context (about 0.5 GiB) is not included: torch does not count it
+# in max_memory_allocated, and ``fits`` leaves headroom for it.
+FIXED_OVERHEAD_BYTES = 128 * 1024**2
+
+# bitsandbytes' 8-bit optimizers keep fp32 state for tensors below this many elements (``min_8bit_size``)
+# and quantize the rest blockwise with one fp32 absmax per block of 256 values.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_OPTIM_BLOCKSIZE = 256
+# bitsandbytes' paged optimizers page only state buffers of tensors with at least this many elements; smaller
+# buffers (and every absmax) are ordinary torch allocations (``Optimizer8bit.get_state_buffer``).
+BNB_PAGED_MIN_NUMEL = 100_000
+
+# The tensor each linear of a decoder layer reads; modules that read the same tensor share one saved copy.
+_INPUT_OF = {
+    "q_proj": "attn_norm",
+    "k_proj": "attn_norm",
+    "v_proj": "attn_norm",
+    "o_proj": "attn_out",
+    "gate_proj": "mlp_norm",
+    "up_proj": "mlp_norm",
+    "down_proj": "mlp_act",
+}
+
+_COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak GPU memory of one training job, in bytes, by where it goes."""
+
+    base_weights: int  # frozen base: quantized decoder linears + embeddings, head (if untied), norms in compute dtype
+    lora_params: int  # trainable adapter weights, fp32 (peft keeps adapters in fp32 by default)
+    gradients: int  # grads of the trainable params, fp32
+    optimizer_state: int  # AdamW's two states (8-bit or fp32, see optimizer_state_bytes)
+    optimizer_paged: bool  # the optimizer is a paged one (its large state buffers live in CUDA unified memory)
+    activations: int  # tensors saved for backward (plus the per-layer weight casts autocast saves)
+    logits: int  # peak of the output head / loss path
+    overhead: int  # fixed allowance + transient full-size weights (dequantization, DoRA); no CUDA context
+    gradient_checkpointing: bool
+    tokens_per_micro_batch: int
+    # Part of optimizer_state in unified memory (not counted by torch.cuda.max_memory_allocated). Only buffers
+    # of tensors with >= 100k elements are paged, so this is often less than optimizer_state.
+    optimizer_paged_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        """Everything the card must hold at the peak (without the CUDA context)."""
+        return (
+            self.base_weights
+            + self.lora_params
+            + self.gradients
+            + self.optimizer_state
+            + self.activations
+            + self.logits
+            + self.overhead
+        )
+
+    @property
+    def torch_allocated_peak(self) -> int:
+        """``total`` minus the paged optimizer state: comparable to ``torch.cuda.max_memory_allocated``."""
+        return self.total - self.optimizer_paged_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields and both totals, in bytes and (as ``<name>_gib``) in GiB rounded to 3 places."""
+        values: dict[str, Any] = asdict(self)
+        values["total"] = self.total
+        values["torch_allocated_peak"] = self.torch_allocated_peak
+        for name, value in list(values.items()):
+            if isinstance(value, int) and not isinstance(value, bool) and name != "tokens_per_micro_batch":
+                values[f"{name}_gib"] = round(value / GIB, 3)
+        return values
+
+
+@dataclass(frozen=True)
+class _Shape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+
+def _read_shape(model_config: Any) -> _Shape:
+    """Read the Llama-family fields from a PretrainedConfig or a config.json dict."""
+
+    def get(name: str, default: Any = None) -> Any:
+        if isinstance(model_config, Mapping):
+            value = model_config.get(name, default)
+        else:
+            value = getattr(model_config, name, default)
+        return default if value is None else value
+
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [name for name in required if get(name) is None]
+    if missing:
+        raise ValueError(f"model config lacks {', '.join(missing)}: not a Llama-family decoder config")
+    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    return _Shape(
+        vocab=int(get("vocab_size")),
+        hidden=hidden,
+        intermediate=int(get("intermediate_size")),
+        layers=int(get("num_hidden_layers")),
+        heads=heads,
+        kv_heads=int(get("num_key_value_heads", heads)),
+        head_dim=int(get("head_dim", hidden // heads)),
+        tied=bool(get("tie_word_embeddings", False)),  # LlamaConfig's default
+        attention_bias=bool(get("attention_bias", False)),
+        mlp_bias=bool(get("mlp_bias", False)),
+    )
+
+
+def linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
+    """``name -> (in_features, out_features)`` of the linear layers of one decoder layer."""
+    s = _read_shape(model_config)
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    return {
+        "q_proj": (s.hidden, q),
+        "k_proj": (s.hidden, kv),
+        "v_proj": (s.hidden, kv),
+        "o_proj": (q, s.hidden),
+        "gate_proj": (s.hidden, s.intermediate),
+        "up_proj": (s.hidden, s.intermediate),
+        "down_proj": (s.intermediate, s.hidden),
+    }
+
+
+def bits_per_weight(
+    quantization: str, quant_type: str = "nf4", double_quant: bool = True, *, compute_dtype: str = "bf16"
+) -> float:
+    """Storage bits per weight of a frozen base linear layer.
+
+    4bit: 4 bits + one absmax per block of 64. Without double quantization the absmax is fp32 (32/64 = 0.5);
+    with it, an 8-bit code per block plus one fp32 absmax per 256 blocks: 8/64 + 32/(64*256) = 0.127.
+    8bit: 8.0; LLM.int8's fp32 scale per output row (32/in_features bits) is added by ``estimate_memory``.
+    none: the compute dtype's width. NF4 and FP4 take the same space.
+    """
+    if quantization == "4bit":
+        if quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"unknown quant_type {quant_type!r}")
+        absmax_bits = 8 / 64 + 32 / (64 * 256) if double_quant else 32 / 64
+        return 4 + absmax_bits
+    if quantization == "8bit":
+        return 8.0
+    if quantization == "none":
+        return 8.0 * _compute_bytes(compute_dtype)
+    raise ValueError(f"unknown quantization {quantization!r}")
+
+
+def _compute_bytes(compute_dtype: str) -> int:
+    try:
+        return _COMPUTE_BYTES[compute_dtype]
+    except KeyError:
+        raise ValueError(f"unknown compute_dtype {compute_dtype!r}") from None
+
+
+def _target_names(target_modules: str | list[str]) -> tuple[str, ...]:
+    """The adapted linears of a decoder layer. peft matches a listed name against the end of a module's
+    path, so 'self_attn.q_proj' means q_proj; 'all-linear' means every linear but the output head."""
+    if target_modules == "all-linear":
+        return LINEAR_NAMES
+    names = set()
+    for entry in target_modules:
+        name = entry.rsplit(".", 1)[-1]
+        if name not in LINEAR_NAMES:
+            raise ValueError(f"cannot estimate memory for target module {entry!r}: known modules are {LINEAR_NAMES}")
+        names.add(name)
+    return tuple(name for name in LINEAR_NAMES if name in names)
+
+
+def optimizer_state_bytes(optimizer: str, tensor_numels: list[int]) -> tuple[int, int]:
+    """(all state bytes, bytes in unified memory) of AdamW's two states for these trainable tensors.
+
+    8-bit (bitsandbytes): 1 byte per element per state for tensors with >= 4096 elements, plus one fp32
+    absmax per block of 256 per state; fp32 (4 bytes) per state below that size. 32-bit: 4 bytes per state.
+    Paged optimizers page only the state buffers of tensors with >= 100k elements; absmax stays in torch memory.
+    """
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    eight_bit = optimizer.endswith("8bit")
+    paged = optimizer.startswith("paged_")
+    total = in_unified = 0
+    for n in tensor_numels:
+        if eight_bit and n >= BNB_MIN_8BIT_SIZE:
+            buffers, absmax = 2 * n, 2 * 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)
+        else:
+            buffers, absmax = 2 * 4 * n, 0
+        total += buffers + absmax
+        if paged and n >= BNB_PAGED_MIN_NUMEL:
+            in_unified += buffers
+    return total, in_unified
+
+
+def _attention_saves(s: _Shape, cfg: TrainingConfig, c: int, row_len: int) -> tuple[int, int, int, bool]:
+    """Per-token bytes the attention kernel saves, its per-layer s^2 bytes per row, the s^2 mask bytes per row
+    shared by all layers, and whether the kernel saves its output (which o_proj's LoRA may then share)."""
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    s2 = row_len * row_len
+    if cfg.attn_implementation == "eager":
+        # matmul(q, k^T) saves q and the head-repeated k; softmax (dtype=fp32) saves its fp32 output; the
+        # compute-dtype copy of it and the repeated v are saved by matmul(p, v). Output not saved.
+        # Shared: the additive causal mask in compute dtype.
+        return c * q * 3, s.heads * s2 * (4 + c), c * s2, False
+    if cfg.attn_implementation == "sdpa":
+        # Packing (per-example boundaries) and padded batches both give transformers a 4-D mask, so it repeats
+        # k/v to all heads (repeat_kv) and SDPA runs its memory-efficient kernel, which saves the bool mask
+        # converted to a compute-dtype bias (one per layer). Shared: the bool mask itself.
+        per_token = c * q + 2 * c * q + c * q + 4 * s.heads  # q, k and v at full head width, output, lse fp32
+        return per_token, c * s2, s2, True
+    # flash_attention_2 (varlen, no dense mask) and flex_attention (block mask): GQA at kv width.
+    per_token = c * q + 2 * c * kv + c * q + 4 * s.heads  # q, k, v, output, logsumexp (fp32 per head)
+    return per_token, 0, 0, True
+
+
+def _layer_saved_bytes_per_token(
+    s: _Shape,
+    cfg: TrainingConfig,
+    shapes: dict[str, tuple[int, int]],
+    targets: tuple[str, ...],
+    attn_per_token: int,
+    attn_saves_output: bool,
+) -> int:
+    """Bytes saved for backward per token by one decoder layer (the s^2 and per-layer constant terms apart).
+
+    The formula, c = compute dtype bytes (2 for bf16), h = hidden, i = intermediate, r = LoRA rank:
+      2 * (4h + 4)          input_layernorm and post_attention_layernorm: each saves the fp32 upcast of its input
+                            (for pow and the multiply) and rsqrt(variance), [tokens, 1] fp32. The final
+                            ``weight * x`` saves only the weight (frozen), so the bf16 norm output is not saved.
+      attention             q, k, v (after RoPE), output, fp32 logsumexp: see _attention_saves
+                            (flash: 2c*q + 2c*kv + 4*heads)
+      3 * c * i             SiLU saves its input (gate output); silu(gate) * up saves both factors.
+      per adapted module m with input width in_m:
+        dropout > 0:  (c + 1) * in_m + c * r   dropout output (saved by lora_A) + its bool mask + lora_A output
+        dropout = 0:  c * r                    + the input c * in_m, once per distinct input (shared by
+                                               q/k/v and by gate/up; o_proj's input is the SDPA output, already
+                                               saved), or once per module with quantization='none' (fresh casts)
+        DoRA:         + (4 + c) * out_m        base (fp32, see below) and LoRA results saved by the magnitude
+                                               multiplications; a DoRA gate/up also makes SwiGLU's tensors fp32
+      8-bit base: + c * in for each distinct base-layer input not saved already (MatMul8bitLt saves its input).
+      RoPE saves only cos/sin (shared by all layers); residual adds and the 4-bit base matmuls save nothing.
+    For Llama-3-8B with LoRA on all 7 linears, r=16, dropout 0.05, flash attention:
+      23h + 7q + 4kv + 9i + 14r + 4*heads + 8  (q = heads*head_dim, kv = kv_heads*head_dim) = 256,360 bytes.
+    """
+    c = _compute_bytes(cfg.compute_dtype)
+    h, i, r = s.hidden, s.intermediate, cfg.lora_r
+
+    # peft's DoRA output is fp32 under autocast (fp32 magnitude times the result), so a DoRA gate/up makes the
+    # SwiGLU tensors fp32 too.
+    gate = 4 if cfg.use_dora and "gate_proj" in targets else c
+    up = 4 if cfg.use_dora and "up_proj" in targets else c
+
+    total = 2 * (4 * h + 4)  # the two RMSNorms
+    total += attn_per_token
+    total += (2 * gate + up) * i  # SwiGLU: silu's input and output, up's output
+    saved_sources = {"attn_out"} if attn_saves_output else set()
+    fresh_copy_per_module = cfg.quantization == "none" and c != 4  # peft casts x to fp32, autocast back to bf16
+    for name in targets:
+        in_m, out_m = shapes[name]
+        total += c * r  # lora_A output, saved by lora_B
+        if cfg.lora_dropout > 0:
+            total += (c + 1) * in_m  # dropout output (saved by lora_A) + bool mask
+        elif fresh_copy_per_module:
+            total += c * in_m
+        elif _INPUT_OF[name] not in saved_sources:
+            total += c * in_m  # lora_A saves the module input itself
+            saved_sources.add(_INPUT_OF[name])
+        if cfg.use_dora:
+            # base result and LoRA result, saved by the magnitude multiplications; the base result is fp32 once
+            # the residual stream is (from the second layer on), so 4 bytes is counted for it throughout.
+            total += (4 + c) * out_m
+    if cfg.quantization == "8bit":
+        for name in LINEAR_NAMES:
+            if _INPUT_OF[name] not in saved_sources:
+                total += c * shapes[name][0]
+                saved_sources.add(_INPUT_OF[name])
+    return total
+
+
+def estimate_memory(
+    model_config: Any,
+    cfg: TrainingConfig,
+    *,
+    tokens_per_micro_batch: int | None = None,
+    gradient_checkpointing: bool | None = None,
+) -> MemoryEstimate:
+    """Estimate the peak GPU memory of training ``model_config`` with ``cfg``.
+
+    tokens_per_micro_batch: tokens in one forward/backward pass; default ``micro_batch_size * max_seq_length``
+    (every example at full length, the worst case). With packing the micro-batch is one row of that many tokens;
+    without, rows of at most ``max_seq_length``.
+    gradient_checkpointing: None takes it from ``cfg``: 'on' -> True, 'off' -> False, and 'auto' -> True. The
+    caller decides 'auto' (on when the estimate without checkpointing does not fit), so it asks twice, passing
+    False and then True; estimating 'auto' as on gives the smaller, runnable figure.
+    """
+    s = _read_shape(model_config)
+    c = _compute_bytes(cfg.compute_dtype)
+    tokens = tokens_per_micro_batch if tokens_per_micro_batch is not None else cfg.micro_batch_size * cfg.max_seq_length
+    if tokens < 1:
+        raise ValueError("tokens_per_micro_batch must be positive")
+    if gradient_checkpointing is None:
+        gradient_checkpointing = cfg.gradient_checkpointing != "off"
+    shapes = linear_shapes(model_config)
+    targets = _target_names(cfg.target_modules)
+
+    # --- frozen base -----------------------------------------------------------------------------------
+    bits = bits_per_weight(cfg.quantization, cfg.quant_type, cfg.double_quant, compute_dtype=cfg.compute_dtype)
+    linear_weights = sum(fan_in * fan_out for fan_in, fan_out in shapes.values())
+    base = linear_weights * bits / 8
+    if cfg.quantization == "8bit":
+        base += 4 * sum(fan_out for _, fan_out in shapes.values())  # LLM.int8: fp32 scale per output row
+    base *= s.layers
+    unquantized = s.vocab * s.hidden * (1 if s.tied else 2)  # embeddings (+ untied head: never quantized)
+    unquantized += (2 * s.layers + 1) * s.hidden  # RMSNorm weights
+    if s.attention_bias:
+        unquantized += s.layers * sum(shapes[n][1] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if s.mlp_bias:
+        unquantized += s.layers * sum(shapes[n][1] for n in ("gate_proj", "up_proj", "down_proj"))
+    base_weights = math.ceil(base) + unquantized * c
+
+    # --- adapters, gradients, optimizer ----------------------------------------------------------------
+    trainable: list[int] = []  # element counts of each trainable tensor (the 8-bit optimizer rules are per tensor)
+    for name in targets:
+        fan_in, fan_out = shapes[name]
+        trainable += [cfg.lora_r * fan_in, fan_out * cfg.lora_r]  # lora_A, lora_B
+        if cfg.use_dora:
+            trainable.append(fan_out)  # magnitude vector
+    trainable *= s.layers
+    lora_params = 4 * sum(trainable)
+    gradients = 4 * sum(trainable)
+    optimizer_state, optimizer_paged_bytes = optimizer_state_bytes(cfg.optimizer, trainable)
+
+    # --- activations -----------------------------------------------------------------------------------
+    row_len = tokens if cfg.packing else min(tokens, cfg.max_seq_length)
+    rows = math.ceil(tokens / row_len)
+    attn_per_token, attn_s2_per_row, mask_per_row, attn_saves_output = _attention_saves(s, cfg, c, row_len)
+    per_token = _layer_saved_bytes_per_token(s, cfg, shapes, targets, attn_per_token, attn_saves_output)
+    # Per layer, not per token: the attention's s^2 tensors, and the compute-dtype copies of the fp32 LoRA
+    # weights that autocast makes and the LoRA matmuls save (none without autocast, i.e. fp32 compute).
+    weight_casts = sum(cfg.lora_r * sum(shapes[name]) for name in targets) * c if c < 4 else 0
+    one_layer = tokens * per_token + rows * attn_s2_per_row + weight_casts
+    if gradient_checkpointing:
+        # transformers' non-reentrant checkpointing per decoder layer keeps each layer's input hidden state;
+        # backward recomputes one layer at a time, holding that layer's full activations. DoRA on o_proj or
+        # down_proj makes the residual stream fp32 under autocast (its output is fp32).
+        dora_fp32_stream = cfg.use_dora and ("o_proj" in targets or "down_proj" in targets)
+        stream = 4 if dora_fp32_stream else c
+        activations = s.layers * tokens * s.hidden * stream + one_layer
+    else:
+        activations = s.layers * one_layer
+    activations += tokens * (4 * s.hidden + 4)  # final RMSNorm: fp32 upcast + rsqrt, as in each layer
+    activations += tokens * 2 * s.head_dim * c  # RoPE cos and sin, shared by all layers
+    activations += rows * mask_per_row
+
+    # --- logits and loss -------------------------------------------------------------------------------
+    # Peak at the start of backward (checked on a tiny model: 14 bytes per logit in bf16), per token*vocab:
+    #   c   the head output in compute dtype, held by the model output the loop keeps for logging (a loop that
+    #       drops `outputs` before backward saves these c bytes)
+    #   4   log_softmax output in fp32 (input: ForCausalLMLoss's logits.float(); that copy itself is freed after
+    #       the forward), saved by cross_entropy for backward
+    #   4   gradient of the log_softmax output, a dense fp32 tensor made by nll_loss's backward
+    #   4   gradient of the fp32 logits made by log_softmax's backward while the two above are still alive
+    # The forward peak (c + 4 upcast + 4 log_softmax output) is lower.
+    logits = tokens * s.vocab * (c + 12)
+
+    # --- overhead --------------------------------------------------------------------------------------
+    # Transient full-size weights, one linear at a time: the 4-bit/8-bit base dequantized to the compute dtype
+    # for each matmul (forward and input-gradient); for DoRA, the weight-norm computation's identity matrix
+    # (in*in, fp32), the dense LoRA product (fp32) and the dequantized weight.
+    transient = 0
+    if cfg.quantization != "none":
+        transient = max(fan_in * fan_out for fan_in, fan_out in shapes.values()) * c
+    if cfg.use_dora:
+        transient = max(transient, max(4 * shapes[n][0] ** 2 + (8 + c) * shapes[n][0] * shapes[n][1] for n in targets))
+    overhead = FIXED_OVERHEAD_BYTES + transient
+
+    return MemoryEstimate(
+        base_weights=base_weights,
+        lora_params=lora_params,
+        gradients=gradients,
+        optimizer_state=optimizer_state,
+        optimizer_paged=cfg.optimizer.startswith("paged_"),
+        activations=activations,
+        logits=logits,
+        overhead=overhead,
+        gradient_checkpointing=gradient_checkpointing,
+        tokens_per_micro_batch=tokens,
+        optimizer_paged_bytes=optimizer_paged_bytes,
+    )
+
+
+def fits(estimate: MemoryEstimate, device_bytes: int, headroom: float = 0.9) -> bool:
+    """Whether the job fits a card of ``device_bytes`` (``torch.cuda.get_device_properties().total_memory``)
+    using at most ``headroom`` of it; the rest is for the CUDA context (~0.5 GiB), the allocator's
+    fragmentation and what the estimate does not model."""
+    if not 0 < headroom <= 1:
+        raise ValueError("headroom must be in (0, 1]")
+    return estimate.total <= device_bytes * headroom
