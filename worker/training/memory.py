@@ -106,13 +106,16 @@ class MemoryEstimate:
     optimizer_state: int  # AdamW's two states (8-bit or fp32, see optimizer_state_bytes)
     optimizer_paged: bool  # the optimizer is a paged one (its large state buffers live in CUDA unified memory)
     activations: int  # tensors saved for backward (plus the per-layer weight casts autocast saves)
-    logits: int  # peak of the output head / loss path
+    logits: int  # peak of the output head / loss path (at the start of backward)
     overhead: int  # fixed allowance + transient full-size weights (dequantization, DoRA); no CUDA context
     gradient_checkpointing: bool
     tokens_per_micro_batch: int
     # Part of optimizer_state in unified memory (not counted by torch.cuda.max_memory_allocated). Only buffers
     # of tensors with >= 100k elements are paged, so this is often less than optimizer_state.
     optimizer_paged_bytes: int = 0
+    # With gradient checkpointing: one layer's full activations, rebuilt during backward one layer at a time.
+    # The loss path's tensors are freed by then, so this and `logits` never coexist: the peak takes the larger.
+    recompute: int = 0
 
     @property
     def total(self) -> int:
@@ -123,7 +126,7 @@ class MemoryEstimate:
             + self.gradients
             + self.optimizer_state
             + self.activations
-            + self.logits
+            + max(self.logits, self.recompute)
             + self.overhead
         )
 
@@ -420,23 +423,24 @@ def estimate_memory(
         # down_proj makes the residual stream fp32 under autocast (its output is fp32).
         dora_fp32_stream = cfg.use_dora and ("o_proj" in targets or "down_proj" in targets)
         stream = 4 if dora_fp32_stream else c
-        activations = s.layers * tokens * s.hidden * stream + one_layer
+        activations = s.layers * tokens * s.hidden * stream
+        recompute = one_layer
     else:
         activations = s.layers * one_layer
+        recompute = 0
     activations += tokens * (4 * s.hidden + 4)  # final RMSNorm: fp32 upcast + rsqrt, as in each layer
     activations += tokens * 2 * s.head_dim * c  # RoPE cos and sin, shared by all layers
     activations += rows * mask_per_row
 
     # --- logits and loss -------------------------------------------------------------------------------
-    # Peak at the start of backward (checked on a tiny model: 14 bytes per logit in bf16), per token*vocab:
-    #   c   the head output in compute dtype, held by the model output the loop keeps for logging (a loop that
-    #       drops `outputs` before backward saves these c bytes)
-    #   4   log_softmax output in fp32 (input: ForCausalLMLoss's logits.float(); that copy itself is freed after
+    # Peak at the start of backward (checked on a tiny model: 12.3 bytes per logit when the loop keeps no
+    # reference to the model output, as trainer.forward_loss does: it returns only the summed loss), per token*vocab:
+    #   4   log_softmax output in fp32 (input: the loop's logits.float(); that copy itself is freed after
     #       the forward), saved by cross_entropy for backward
     #   4   gradient of the log_softmax output, a dense fp32 tensor made by nll_loss's backward
     #   4   gradient of the fp32 logits made by log_softmax's backward while the two above are still alive
-    # The forward peak (c + 4 upcast + 4 log_softmax output) is lower.
-    logits = tokens * s.vocab * (c + 12)
+    # The forward peak (c head output + 4 upcast + 4 log_softmax output) is no higher for c <= 4.
+    logits = tokens * s.vocab * 12
 
     # --- overhead --------------------------------------------------------------------------------------
     # Transient full-size weights, one linear at a time: the 4-bit/8-bit base dequantized to the compute dtype
@@ -461,6 +465,7 @@ def estimate_memory(
         gradient_checkpointing=gradient_checkpointing,
         tokens_per_micro_batch=tokens,
         optimizer_paged_bytes=optimizer_paged_bytes,
+        recompute=recompute,
     )
 
 

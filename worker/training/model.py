@@ -57,7 +57,10 @@ def resolve_gradient_checkpointing(cfg: TrainingConfig, model_config: Any, devic
     from worker.training.memory import estimate_memory, fits
 
     free, _total = torch.cuda.mem_get_info(device)
-    estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, gradient_checkpointing=False)
+    try:
+        estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, gradient_checkpointing=False)
+    except ValueError:  # an architecture the estimate does not model: checkpointing is the safe choice
+        return True
     # The weights are already on the card when this runs only if the caller loaded them first; we ask
     # before loading, so compare the whole estimate with what is free now.
     return not fits(estimate, free)
@@ -72,10 +75,16 @@ def read_model_config(base_model_dir: str | Path) -> Any:
     return AutoConfig.from_pretrained(path)
 
 
-def _check_target_modules(model: torch.nn.Module, cfg: TrainingConfig) -> None:
+def check_target_modules(model_config: Any, cfg: TrainingConfig) -> None:
+    """Every listed target module must exist, checked on a weightless (meta-device) copy of the architecture
+    so that a typo fails in milliseconds, before gigabytes of weights are read."""
     if cfg.target_modules == ALL_LINEAR:
         return
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {name for name, _ in model.named_modules()}
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()} | {name for name, _ in skeleton.named_modules()}
     missing = [t for t in cfg.target_modules if t not in names]
     if missing:
         raise ConfigError(f"target_modules {missing} match no module of the base model", param="target_modules")
@@ -116,6 +125,7 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
 
     device = device or pick_device()
     model_config = read_model_config(base_model_dir)
+    check_target_modules(model_config, cfg)
     use_gc = resolve_gradient_checkpointing(
         cfg, model_config, device, tokens_per_micro_batch or cfg.micro_batch_size * cfg.max_seq_length
     )
@@ -136,7 +146,6 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
 
     if device.type == "cpu":
         disable_cpu_inference_repacking(model)
-    _check_target_modules(model, cfg)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
