@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     print(f"\n{record['card']}  {record['date']}  shape={args.shape}  {args.bs} x {args.seq} tokens/step")
-    print(f"{'variant':48} {'tok/s':>9} {'peak GB':>8} {'est GB':>7} {'loss first->last':>18}")
+    print(f"{'variant':48} {'tok/s':>9} {'peak GiB':>8} {'est GiB':>7} {'loss first->last':>18}")
     for r in record["results"]:
         if "error" in r:
             print(f"{r['variant']:48} error: {r['error'][:80]}")

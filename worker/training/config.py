@@ -152,3 +152,19 @@ def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
             raise ConfigError("attn_implementation='flash_attention_2' needs the flash-attn package", param="attn_implementation")
     if cfg.compute_dtype == "fp16" and device_type == "cpu":
         raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'bf16' or 'fp32'", param="compute_dtype")
+
+
+def options_markdown() -> str:
+    """The options table of docs/training.md (a test keeps the two identical: `python -m worker.training.config`)."""
+
+    def show(value: Any) -> str:
+        return "none" if value is None else f"`{str(value).lower() if isinstance(value, bool) else value}`"
+
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for name, field in TrainingConfig.model_fields.items():
+        rows.append(f"| `{name}` | {show(field.default)} | {field.description} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")
