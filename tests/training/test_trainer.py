@@ -156,9 +156,11 @@ def test_bad_data_fails_before_the_model_loads(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists(), "nothing is written for a job whose data is invalid"
 
 
-def test_packed_and_padded_losses_agree(tiny_model_dir, train_file, tokenizer):
-    """Same examples, same model: a packed row (no attention across examples) gives the padded batch's loss."""
-    cfg = TrainingConfig(compute_dtype="fp32", lora_dropout=0.0)
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_packed_and_padded_losses_agree(tiny_model_dir, train_file, tokenizer, attn):
+    """Same examples, same model: a packed row (no attention across examples) gives the padded batch's loss,
+    for each attention implementation (flex_attention compiles its kernel on the CPU: ~30 s)."""
+    cfg = TrainingConfig(compute_dtype="fp32", lora_dropout=0.0, attn_implementation=attn)
     built = build_model(tiny_model_dir, cfg)
     torch.manual_seed(0)
     for name, param in built.model.named_parameters():  # non-zero adapters, so that they take part
