@@ -23,8 +23,8 @@ def chat(i):
 def test_cli_trains_and_reports(tiny_model_dir, tmp_path, capsys):
     job = write_job(tmp_path, tiny_model_dir, [chat(i) for i in range(12)])
     assert main([str(job)]) == 0
-
-
+    out = capsys.readouterr().out
+    assert '"status": "succeeded"' in out and "adapter" in out
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "metrics"] == [1, 2]
