@@ -13,7 +13,8 @@ labels that train only on what the model should learn to write (assistant turns,
 ``train_on_inputs`` is set, always keeping the EOS token in the labels so the model learns to stop.
 `collate_packed` and `collate_padded` build the micro-batches.
 
-This module imports only torch and takes a transformers tokenizer as an argument, so it runs and tests alone.
+This module takes a transformers tokenizer as an argument and imports torch only inside the collate functions:
+the API process validates uploads with `validate_file` and must never import torch.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MIN_EXAMPLES = 10
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer line is a fault, read without ever holding more than this
@@ -511,6 +513,8 @@ def collate_packed(batch: list[TokenizedExample]) -> dict[str, torch.Tensor]:
     for packed sequences only when no KV cache is passed, and with ``use_cache=True`` the model makes one
     itself, even in training mode, so the examples of the row would silently attend to each other.
     """
+    import torch  # here, not at the top: the API process imports this module and never torch
+
     if not batch:
         raise ValueError("cannot collate an empty batch")
     input_ids: list[int] = []
@@ -529,6 +533,8 @@ def collate_packed(batch: list[TokenizedExample]) -> dict[str, torch.Tensor]:
 
 def collate_padded(batch: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad the micro-batch to its longest example. Pads are masked out of attention and labels."""
+    import torch  # here, not at the top: the API process imports this module and never torch
+
     if not batch:
         raise ValueError("cannot collate an empty batch")
     length = max(len(ex.input_ids) for ex in batch)
