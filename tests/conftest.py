@@ -60,3 +60,115 @@ def make_tiny_llama(path: Path, tokenizer, *, hidden_size: int = 64, layers: int
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+# --- real services: PostgreSQL, Redis, an S3-compatible server ---------------------------------------------
+
+PG_ADMIN_URL = os.environ.get("QLORA_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("QLORA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def create_postgres_database() -> str:
+    """A new, empty database on the local PostgreSQL server; its schema is built by the migrations."""
+    import secrets
+
+    from sqlalchemy import create_engine, text
+
+    from core.bootstrap import migrate
+
+    name = f"qlora_test_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    migrate(url)
+    return url
+
+
+def drop_postgres_database(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def postgres_url():
+    url = create_postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    from core.bootstrap import migrate
+
+    url = f"sqlite:///{tmp_path / 'qlora.db'}"
+    migrate(url)
+    return url
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def database_url(request):
+    """Both databases the service supports, each built by the migrations."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def redis_url():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3-compatible server as a separate process on loopback (boto3 talks HTTP to it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    port = free_port()
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    log = (tmp_path_factory.mktemp("s3") / "moto.log").open("w")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def aws_test_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "qlora-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "qlora-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

@@ -1,0 +1,25 @@
+"""Object ids in OpenAI's shapes: file-..., ftjob-..., ftevent-..., ftckpt_..."""
+
+import secrets
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def _token(n: int = 24) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+def file_id() -> str:
+    return f"file-{_token()}"
+
+
+def job_id() -> str:
+    return f"ftjob-{_token()}"
+
+
+def event_id() -> str:
+    return f"ftevent-{_token()}"
+
+
+def checkpoint_id() -> str:
+    return f"ftckpt_{_token()}"

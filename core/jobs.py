@@ -1,0 +1,178 @@
+"""The job state machine: the one place that changes a job's status.
+
+    validating_files ──> queued ──> running ──> succeeded
+           │               │  ^        │
+           │               │  └────────┤ (worker lost, a checkpoint to resume from, attempts left)
+           └───────────────┴───────────┴──> failed | cancelled
+
+Every change is one conditional UPDATE (`... WHERE id = :id AND status IN (:allowed)`), so two processes
+can never both move a job: a worker claims a queued job only if it is still queued, a cancel wins over a
+finishing worker only if it commits first, and a sweeper requeues a running job only if its heartbeat is
+still stale when the update runs. The caller commits.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from core import ids
+from core.models import Checkpoint, Job, JobEvent, JobMetric, now
+
+
+class JobStatus(StrEnum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# Allowed moves: from -> to. RUNNING -> QUEUED is the requeue of a job whose worker died.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+def sources_of(target: JobStatus) -> list[str]:
+    return [s.value for s, targets in TRANSITIONS.items() if target in targets]
+
+
+def transition(session: Session, job_id: str, to: JobStatus, *, only_from: set[JobStatus] | None = None,
+               owner: str | None = None, **fields: Any) -> bool:
+    """Move job `job_id` to `to` if its current status allows it (and, when given, only from `only_from`
+    and only if worker `owner` still holds it). Returns whether it moved. Sets `finished_at` on terminal states."""
+    allowed = set(sources_of(to))
+    if only_from is not None:
+        allowed &= {s.value for s in only_from}
+    values = {"status": to.value, **fields}
+    if to in TERMINAL:
+        values.setdefault("finished_at", now())
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
+    if owner is not None:
+        stmt = stmt.where(Job.worker_id == owner)
+    result = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
+    return result.rowcount == 1
+
+
+def add_event(session: Session, job_id: str, level: str, message: str, *, type: str = "message",
+              data: dict[str, Any] | None = None) -> JobEvent:
+    if level not in ("info", "warn", "error"):
+        raise ValueError(f"event level must be info, warn or error, not {level!r}")
+    event = JobEvent(id=ids.event_id(), job_id=job_id, level=level, message=message, type=type, data=data, created_at=now())
+    session.add(event)
+    return event
+
+
+# --- the moves, by who makes them ---------------------------------------------------------------------------
+
+def mark_enqueued(session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=time.time()))
+
+
+def claim_job(session: Session, job_id: str, worker_id: str) -> bool:
+    """A worker takes a queued job. Only one claim can succeed, so a job never runs twice at once."""
+    return transition(session, job_id, JobStatus.RUNNING, worker_id=worker_id, started_at=now(), heartbeat_at=time.time(),
+                      attempt=Job.attempt + 1)
+
+
+def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
+    """Record that the worker is alive. False when the job is no longer this worker's running job
+    (cancelled, or taken as lost and requeued): the worker must stop and write nothing more."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id)
+        .values(heartbeat_at=time.time())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def still_owns(session: Session, job_id: str, worker_id: str) -> bool:
+    row = session.execute(select(Job.status, Job.worker_id).where(Job.id == job_id)).one_or_none()
+    return row is not None and row.status == JobStatus.RUNNING.value and row.worker_id == worker_id
+
+
+def succeed_job(session: Session, job_id: str, worker_id: str, *, fine_tuned_model: str, trained_tokens: int,
+                result_files: list[str]) -> bool:
+    return transition(session, job_id, JobStatus.SUCCEEDED, only_from={JobStatus.RUNNING}, owner=worker_id,
+                      fine_tuned_model=fine_tuned_model, trained_tokens=trained_tokens, result_files=result_files)
+
+
+def fail_job(session: Session, job_id: str, *, code: str, message: str, param: str | None = None,
+             worker_id: str | None = None) -> bool:
+    moved = transition(session, job_id, JobStatus.FAILED, owner=worker_id,
+                       error={"code": code, "message": message, "param": param})
+    if moved:
+        add_event(session, job_id, "error", message)
+    return moved
+
+
+def cancel_job(session: Session, job_id: str) -> bool:
+    """Cancel a queued or running job. A running job's worker sees it at its next heartbeat (seconds) and
+    stops without writing anything more."""
+    moved = transition(session, job_id, JobStatus.CANCELLED)
+    if moved:
+        add_event(session, job_id, "info", "Job cancelled")
+    return moved
+
+
+def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempts: int) -> list[tuple[str, str]]:
+    """Find running jobs whose heartbeat stopped. Requeue those with a checkpoint to resume from and attempts
+    left (the caller sends their task again), fail the others. Returns [(job_id, "requeued" | "failed")]."""
+    stale_before = time.time() - heartbeat_timeout_s
+    stale = session.execute(
+        select(Job.id, Job.attempt, Job.worker_id).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
+    ).all()
+    outcome: list[tuple[str, str]] = []
+    for job_id, attempt, worker_id in stale:
+        last = session.execute(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
+        ).scalar_one_or_none()
+        still_stale = Job.heartbeat_at < stale_before  # re-checked inside the UPDATE: a late heartbeat wins
+        if last is not None and attempt < max_attempts:
+            moved = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, still_stale)
+                .values(status=JobStatus.QUEUED.value, worker_id=None, heartbeat_at=None, resume_checkpoint=last.id)
+                .execution_options(synchronize_session=False)
+            ).rowcount == 1
+            if moved:
+                # Metrics past the checkpoint will be produced again by the resumed run.
+                session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > last.step))
+                add_event(session, job_id, "warn", f"Worker {worker_id} stopped responding; resuming from the checkpoint at step {last.step}")
+                outcome.append((job_id, "requeued"))
+        else:
+            reason = "no checkpoint to resume from" if last is None else f"{attempt} attempts made"
+            moved = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, still_stale)
+                .values(status=JobStatus.FAILED.value, finished_at=now(),
+                        error={"code": "worker_lost", "param": None,
+                               "message": f"The worker running this job stopped responding ({reason})."})
+                .execution_options(synchronize_session=False)
+            ).rowcount == 1
+            if moved:
+                add_event(session, job_id, "error", f"The worker running this job stopped responding ({reason}).")
+                outcome.append((job_id, "failed"))
+    return outcome
+
+
+def expired_queued_jobs(session: Session, *, expires_s: float) -> list[str]:
+    """Queued jobs whose task was sent longer ago than its expiry (no worker took it): send them again."""
+    cutoff = time.time() - expires_s
+    return list(session.execute(
+        select(Job.id).where(Job.status == JobStatus.QUEUED.value, (Job.enqueued_at.is_(None)) | (Job.enqueued_at < cutoff))
+    ).scalars())

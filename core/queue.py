@@ -1,0 +1,53 @@
+"""The Celery app's configuration, shared by the API (which only sends tasks, by name) and the workers.
+
+Each setting carries its reason. The job row in the database is the truth of a job; a task message only says
+"run job X". The API commits the row first and sends the message after, so a fast worker never looks for a
+row that is not there yet.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from core.settings import Settings
+
+TRAIN_TASK = "qlora.train"
+SWEEP_TASK = "qlora.sweep"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("qlora", broker=settings.broker_url)
+    app.conf.update(
+        task_default_queue=settings.task_queue,
+        task_serializer="json",
+        accept_content=["json"],
+        # Nothing reads task results: progress, metrics and outcome are written to the database by the worker.
+        task_ignore_result=True,
+        # Ack on receipt (early). A training task runs for hours, longer than any sane visibility timeout: acked
+        # late, Redis would hand the same message to a second worker while the first still trains. A worker that
+        # dies mid-job is found by the sweeper through the job's heartbeat and the job resumed from its last
+        # checkpoint, so the message is not needed for recovery.
+        task_acks_late=False,
+        # One job per GPU process: a worker takes one task at a time and reserves none it cannot start now
+        # (a prefetched task would wait behind a long job while another worker sits idle).
+        worker_concurrency=1,
+        worker_prefetch_multiplier=1,
+        # A fresh child process per job, so that every byte of GPU memory and every CUDA context of one job is
+        # returned before the next starts.
+        worker_max_tasks_per_child=1,
+        # Only unacked messages are redelivered after this; with early acks that is a message a worker took but
+        # died before acking (seconds). Longer than any plausible start-up so no message is handed out twice.
+        broker_transport_options={"visibility_timeout": 6 * 3600},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        # The sweeper (lost workers, expired queued tasks) runs on Celery beat: `celery worker -B` in the
+        # embedded mode, one beat process in a deployment.
+        beat_schedule={"sweep-lost-jobs": {"task": SWEEP_TASK, "schedule": settings.sweep_interval_s}},
+    )
+    return app
+
+
+def send_training_task(app: Celery, settings: Settings, job_id: str) -> None:
+    """Send the training task by name (the API never imports task code), with an expiry: a message that no
+    worker takes in time is dropped by the broker side and the sweeper sends the job again."""
+    app.send_task(TRAIN_TASK, args=[job_id], queue=settings.task_queue, expires=settings.task_expires_s)

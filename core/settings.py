@@ -1,0 +1,76 @@
+"""One settings object for the API and the workers, read from QLORA_* environment variables.
+
+Defaults give the embedded mode: everything under $QLORA_HOME (./.qlora), SQLite, a local object directory and
+Celery's SQLAlchemy transport on a SQLite file as the broker, so nothing needs a server. docs/operations.md
+lists every variable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QLORA_", extra="ignore")
+
+    home: Path = Field(Path(".qlora"), description="Data directory: SQLite files, local objects, models/, the generated API key.")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///$QLORA_HOME/qlora.db. Production: postgresql+psycopg://...")
+    broker_url: str = Field("", description="Celery broker; default sqla+sqlite:///$QLORA_HOME/broker.db. Production: redis://host:6379/0")
+    storage: Literal["local", "s3", ""] = Field("", description="Object storage backend; default s3 when QLORA_S3_BUCKET is set, else local.")
+    storage_dir: Path | None = Field(None, description="Root of the local backend; default $QLORA_HOME/objects.")
+    s3_endpoint: str | None = Field(None, description="S3 API endpoint (MinIO: http://minio:9000); unset for AWS.")
+    s3_bucket: str | None = Field(None, description="Bucket for datasets, checkpoints and results.")
+    s3_region: str | None = Field(None, description="S3 region; the usual AWS_* variables also apply.")
+    models_dir: Path | None = Field(None, description="Base models the service can train, one directory each; default $QLORA_HOME/models.")
+    api_keys: str = Field("", description="Comma-separated 'key' or 'key=project'; empty: the key in $QLORA_HOME/api_key.")
+    max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload (413 above).")
+    task_queue: str = Field("qlora", description="Celery queue the training tasks go to.")
+    task_expires_s: int = Field(3600, ge=10, description="A queued task not taken within this time expires; the sweeper sends it again.")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a running job writes its heartbeat (and sees a cancel).")
+    heartbeat_timeout_s: float = Field(120.0, gt=0, description="A running job whose heartbeat is older is taken as lost.")
+    sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper looks for lost jobs and expired tasks.")
+    max_attempts: int = Field(3, ge=1, description="Runs of a job at most (a lost worker's job resumes from its last checkpoint).")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        home = self.home.resolve()
+        self.home = home
+        if not self.database_url:
+            self.database_url = f"sqlite:///{home / 'qlora.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{home / 'broker.db'}"
+        if not self.storage:
+            self.storage = "s3" if self.s3_bucket else "local"
+        if self.storage_dir is None:
+            self.storage_dir = home / "objects"
+        if self.models_dir is None:
+            self.models_dir = home / "models"
+        return self
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.home / "api_key"
+
+    def api_key_map(self) -> dict[str, str]:
+        """key -> project. From QLORA_API_KEYS, else the generated key file (project 'default')."""
+        raw = self.api_keys
+        if not raw.strip() and self.api_key_file.is_file():
+            raw = self.api_key_file.read_text().strip()
+        keys: dict[str, str] = {}
+        for item in raw.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, _, project = item.partition("=")
+            keys[key.strip()] = project.strip() or "default"
+        return keys
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,206 @@
+"""Object storage: one interface, two backends (a local directory, or any S3-compatible server via boto3).
+
+Datasets, checkpoint archives and result files live here under keys like `files/<file id>`; the database
+holds the key. Writes never leave a partial object visible: the local backend writes to a temporary file
+and renames it, S3 publishes an object only when its (multipart) upload completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from core.settings import Settings
+
+CHUNK = 1024 * 1024
+
+
+class ObjectNotFound(KeyError):
+    pass
+
+
+class ObjectTooLarge(ValueError):
+    def __init__(self, limit: int):
+        super().__init__(f"object exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+class ObjectStorage(Protocol):
+    def put_file(self, key: str, path: Path) -> StoredObject: ...
+    def download(self, key: str, path: Path) -> None: ...
+    def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]: ...
+    def size(self, key: str) -> int: ...
+    def delete(self, key: str) -> None: ...
+    def exists(self, key: str) -> bool: ...
+
+
+def spool_stream(stream: BinaryIO, directory: Path | None = None, max_bytes: int | None = None) -> tuple[Path, int, str]:
+    """Copy a stream to a temporary file in chunks (never whole in memory), hashing and counting as it goes.
+    Raises ObjectTooLarge (and removes the file) past `max_bytes`. Returns (path, size, sha256)."""
+    digest = hashlib.sha256()
+    size = 0
+    fd, name = tempfile.mkstemp(prefix="upload-", dir=directory)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(CHUNK):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectTooLarge(max_bytes)
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, size, digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LocalStorage:
+    """Objects as files under a root directory (the embedded default)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"invalid object key {key!r}")
+        return path
+
+    def put_file(self, key: str, path: Path) -> StoredObject:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        shutil.copyfile(path, tmp)
+        tmp.replace(target)
+        return StoredObject(key, target.stat().st_size, sha256_of(target))
+
+    def download(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(key)
+        shutil.copyfile(source, path)
+
+    def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(key)
+
+        def chunks() -> Iterator[bytes]:
+            with source.open("rb") as f:
+                while chunk := f.read(chunk_size):
+                    yield chunk
+
+        return chunks()
+
+    def size(self, key: str) -> int:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(key)
+        return source.stat().st_size
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+
+class S3Storage:
+    """Objects in an S3 bucket (AWS, MinIO, or any S3-compatible server). boto3 reads credentials from the
+    usual AWS_* variables; `endpoint_url` points it at MinIO."""
+
+    def __init__(self, bucket: str, endpoint_url: str | None = None, region: str | None = None, client=None):  # noqa: ANN001
+        import boto3
+
+        self.bucket = bucket
+        self.client = client or boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+
+    def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def put_file(self, key: str, path: Path) -> StoredObject:
+        # upload_file uses multipart uploads for large files: the object appears only when complete.
+        self.client.upload_file(str(path), self.bucket, key)
+        return StoredObject(key, path.stat().st_size, sha256_of(path))
+
+    def _missing(self, exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def download(self, key: str, path: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.download_file(self.bucket, key, str(path))
+        except ClientError as exc:
+            if self._missing(exc):
+                raise ObjectNotFound(key) from None
+            raise
+
+    def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except ClientError as exc:
+            if self._missing(exc):
+                raise ObjectNotFound(key) from None
+            raise
+        return body.iter_chunks(chunk_size)
+
+    def size(self, key: str) -> int:
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except ClientError as exc:
+            if self._missing(exc):
+                raise ObjectNotFound(key) from None
+            raise
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+            return True
+        except ObjectNotFound:
+            return False
+
+
+def make_storage(settings: Settings) -> ObjectStorage:
+    if settings.storage == "s3":
+        if not settings.s3_bucket:
+            raise ValueError("QLORA_STORAGE=s3 needs QLORA_S3_BUCKET")
+        return S3Storage(settings.s3_bucket, settings.s3_endpoint, settings.s3_region)
+    assert settings.storage_dir is not None
+    return LocalStorage(settings.storage_dir)
