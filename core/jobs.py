@@ -176,3 +176,12 @@ def expired_queued_jobs(session: Session, *, expires_s: float) -> list[str]:
     return list(session.execute(
         select(Job.id).where(Job.status == JobStatus.QUEUED.value, (Job.enqueued_at.is_(None)) | (Job.enqueued_at < cutoff))
     ).scalars())
+
+
+def fine_tuned_model_name(model: str, project: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's shape `ft:BASE:ORG:SUFFIX:ID` (ID is the job id without its prefix)."""
+    return f"ft:{model}:{project}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"
+
+
+def checkpoint_model_name(fine_tuned_model: str, step: int) -> str:
+    return f"{fine_tuned_model}:ckpt-step-{step}"
