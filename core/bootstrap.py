@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,8 +54,19 @@ def ensure_api_key(settings: Settings) -> str | None:
     path = settings.api_key_file
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("sk-qlora-" + secrets.token_urlsafe(24) + "\n")
-        path.chmod(0o600)
+        # mkstemp creates the file 0600 whatever the umask, so the key is never readable by others, not even
+        # for a moment; link() publishes it whole, and only if no other process bootstrapping at the same
+        # time published one first (then every process returns that one).
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".api_key-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("sk-qlora-" + secrets.token_urlsafe(24) + "\n")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
     return path.read_text().strip()
 
 

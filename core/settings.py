@@ -67,7 +67,8 @@ class Settings(BaseSettings):
             if not item:
                 continue
             key, _, project = item.partition("=")
-            keys[key.strip()] = project.strip() or "default"
+            if key.strip():  # "=team" names no key
+                keys[key.strip()] = project.strip() or "default"
         return keys
 
 
