@@ -8,7 +8,7 @@ DEMO_MODEL := $(QLORA_HOME)/models/SmolLM2-135M-Instruct
 # The CPU build of torch that lies on this machine's disk; a looser pin would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo-model run test test-fast lint clean
+.PHONY: venv demo-model run train-example test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ $(DEMO_MODEL)/model.safetensors: | $(VENV)/.installed
 
 demo-model: $(DEMO_MODEL)/model.safetensors
 
-# Until the service lands, `make run` trains the demo model on the example dataset with the engine's CLI.
-run: venv demo-model
+# The embedded service: migrations on SQLite, an API key, the demo model, then one worker and the API on
+# http://127.0.0.1:$${PORT:-8000} (core/embedded.py). Ctrl-C stops both.
+run: venv
+	QLORA_HOME=$(QLORA_HOME) $(PY) -m core.embedded --port $${PORT:-8000}
+
+# The engine alone: train the example job with the command line, no service.
+train-example: venv demo-model
 	$(PY) -m worker.training.cli examples/smollm2-facts.yaml --base-model $(DEMO_MODEL) --output $(QLORA_HOME)/runs/example
 
 test: venv

@@ -43,6 +43,7 @@ class File(Base):
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    n_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)  # valid examples found at upload
 
 
 class Job(Base):

@@ -37,7 +37,9 @@ def make_celery(settings: Settings) -> Celery:
         worker_max_tasks_per_child=1,
         # Only unacked messages are redelivered after this; with early acks that is a message a worker took but
         # died before acking (seconds). Longer than any plausible start-up so no message is handed out twice.
-        broker_transport_options={"visibility_timeout": 6 * 3600},
+        # (Redis only: kombu's SQLAlchemy transport hands its transport options to create_engine, which
+        # rejects this one.)
+        broker_transport_options={"visibility_timeout": 6 * 3600} if settings.broker_url.startswith(("redis://", "rediss://")) else {},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         # The sweeper (lost workers, expired queued tasks) runs on Celery beat: `celery worker -B` in the

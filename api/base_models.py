@@ -1,0 +1,40 @@
+"""Base models: one directory each under `settings.models_dir`, holding a Hugging Face config.json.
+The directory's name is the model id that jobs name in `model`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings
+
+
+def _models_dir(settings: Settings) -> Path:
+    assert settings.models_dir is not None  # Settings fills it in
+    return settings.models_dir
+
+
+def find_base_model(settings: Settings, name: str) -> Path | None:
+    """The directory of base model `name`, or None. Only a plain directory name is looked up, so a model id can
+    never reach outside the models directory ('../x', 'a/b', '.hidden')."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name or "\x00" in name:
+        return None
+    path = _models_dir(settings) / name
+    return path if (path / "config.json").is_file() else None
+
+
+def list_base_models(settings: Settings) -> list[Path]:
+    root = _models_dir(settings)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if find_base_model(settings, p.name) is not None)
+
+
+def read_model_config(path: Path) -> dict[str, Any] | None:
+    """The model's config.json as a dict, or None when it cannot be read as a JSON object."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None

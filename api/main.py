@@ -1,0 +1,63 @@
+"""The app factory: builds the FastAPI app and nothing else.
+
+    uvicorn api.main:app                       # settings from QLORA_* variables, built on first access
+    uvicorn --factory api.main:create_app      # the same, explicitly
+
+The database schema, the bucket and the API key are made by the prestart step (`python -m core.bootstrap`),
+not here. Per-app singletons live on `app.state`: the settings, the session factory, the object storage and
+the Celery app (used only to send tasks, by name: this process never imports task code, nor torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from api.errors import RequestIdMiddleware, register_error_handlers
+from api.routes import files, jobs, models
+from core.db import make_engine, make_session_factory
+from core.queue import make_celery
+from core.settings import Settings, get_settings
+from core.storage import make_storage
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+    celery_app = make_celery(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        celery_app.close()
+        engine.dispose()
+
+    app = FastAPI(
+        title="QLoRA fine-tuning service",
+        summary="OpenAI-compatible fine-tuning API: point the openai SDK at http://HOST:PORT/v1.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.session_factory = make_session_factory(engine)
+    app.state.storage = make_storage(settings)
+    app.state.celery = celery_app
+
+    register_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    for router in (files.router, jobs.router, models.router):
+        app.include_router(router, prefix="/v1")
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `app` is built on first access (uvicorn's `api.main:app`), so that importing this module has no side
+    # effects: no settings read, no storage directory made.
+    if name == "app":
+        app = create_app()
+        globals()["app"] = app
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,270 @@
+"""/v1/fine_tuning/jobs: create (then enqueue), list, retrieve, cancel, events, checkpoints; and our extensions,
+the job's metrics and a checkpoint's archive.
+
+A new job is committed first and its task sent after (a fast worker never looks for a row that is not there
+yet). If the broker does not answer, the job stays queued with no `enqueued_at` and the sweeper sends it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+from celery import Celery
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.base_models import find_base_model, read_model_config
+from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
+from api.errors import bad_request, not_found
+from api.hyperparameters import engine_config
+from api.pagination import cursor_seq, fetch_page
+from api.schemas import MAX_SEED, CursorPage, FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate, Page
+from core import ids
+from core.jobs import JobStatus, add_event, cancel_job, mark_enqueued
+from core.models import Checkpoint, Job, JobEvent, JobMetric, now
+from core.models import File as FileRow
+from core.queue import send_training_task
+from core.settings import Settings
+from core.storage import ObjectNotFound
+from worker.training.config import TrainingConfig
+from worker.training.data import MIN_EXAMPLES
+from worker.training.memory import GIB, estimate_memory
+
+logger = logging.getLogger("api")
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+def get_job_row(session: Session, project: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.project == project))
+    if job is None:
+        raise not_found(f"No such fine-tuning job: {job_id}", param="job_id", code="job_not_found")
+    return job
+
+
+def _usable_file(session: Session, project: str, file_id: str, param: str) -> FileRow:
+    """A file of the caller's project, uploaded for fine-tuning, that passed validation."""
+    row = session.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == project))
+    if row is None:
+        raise bad_request(f"No such file: {file_id}", param=param, code="file_not_found")
+    if row.purpose != "fine-tune":
+        raise bad_request(
+            f"File {file_id} has purpose {row.purpose!r}; a job needs a file uploaded with purpose 'fine-tune'.",
+            param=param,
+            code="invalid_file_purpose",
+        )
+    if row.status == "error":
+        raise bad_request(f"File {file_id} failed validation: {row.status_details}", param=param, code="invalid_file_status")
+    if row.status != "processed":
+        raise bad_request(f"File {file_id} is not processed yet (status {row.status!r}).", param=param, code="invalid_file_status")
+    return row
+
+
+def _add_memory_estimate(session: Session, job_id: str, model_dir: Path, cfg: TrainingConfig) -> None:
+    """An info event with the estimated peak GPU memory. A config.json the estimate cannot read (not a
+    Llama-family decoder, or broken) only means no estimate: it must not stop the job."""
+    model_config = read_model_config(model_dir)
+    if model_config is None:
+        return
+    try:
+        estimate = estimate_memory(model_config, cfg)
+    except (ValueError, ArithmeticError, TypeError) as exc:
+        logger.info("no memory estimate for job %s: %s", job_id, exc)
+        return
+    checkpointing = "on" if estimate.gradient_checkpointing else "off"
+    add_event(
+        session,
+        job_id,
+        "info",
+        f"Estimated peak GPU memory: {estimate.total / GIB:.2f} GiB (gradient checkpointing {checkpointing})",
+        data=estimate.to_dict(),
+    )
+
+
+def _enqueue(session: Session, celery_app: Celery, settings: Settings, job_id: str) -> None:
+    try:
+        send_training_task(celery_app, settings, job_id)
+    except Exception as exc:  # any failure to send: the job is committed, the sweeper sends it again
+        logger.warning("could not send the training task of %s", job_id, exc_info=exc)
+        # Only the exception's type in the event: its text may hold the broker URL and its password.
+        add_event(
+            session,
+            job_id,
+            "warn",
+            f"The job could not be sent to the training queue ({type(exc).__name__}); it stays queued "
+            "and will be sent again automatically.",
+        )
+    else:
+        mark_enqueued(session, job_id)
+    session.commit()
+
+
+@router.post("", response_model=FineTuningJob, summary="Create a fine-tuning job")
+def create_job(
+    body: JobCreate, project: CurrentProject, session: SessionDep, settings: SettingsDep, celery_app: CeleryDep
+) -> FineTuningJob:
+    model_dir = find_base_model(settings, body.model)
+    if model_dir is None:
+        raise bad_request(
+            f"The model {body.model!r} does not exist: base models are the directories of the service's models directory (GET /v1/models).",
+            param="model",
+            code="model_not_found",
+        )
+    training = _usable_file(session, project, body.training_file, "training_file")
+    if training.n_examples is not None and training.n_examples < MIN_EXAMPLES:
+        raise bad_request(
+            f"Training file has {training.n_examples} example(s), but must have at least {MIN_EXAMPLES} examples",
+            param="training_file",
+            code="invalid_n_examples",
+        )
+    if body.validation_file is not None:
+        _usable_file(session, project, body.validation_file, "validation_file")
+    if body.integrations:
+        raise bad_request("Integrations are not supported by this service.", param="integrations", code="unsupported_parameter")
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    cfg, resolved = engine_config(body, seed)
+
+    # Files were validated at upload, so the job starts queued.
+    job = Job(
+        id=ids.job_id(),
+        project=project,
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        hyperparameters=resolved,
+        method={"type": "supervised", "supervised": {"hyperparameters": resolved}},
+        suffix=body.suffix,
+        seed=seed,
+        metadata_=body.metadata,
+        integrations=body.integrations,
+        status=JobStatus.QUEUED.value,
+        result_files=[],
+        created_at=now(),
+        attempt=0,
+    )
+    session.add(job)
+    session.flush()  # the events reference the job's row
+    add_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
+    _add_memory_estimate(session, job.id, model_dir, cfg)
+    session.commit()
+    _enqueue(session, celery_app, settings, job.id)
+    return FineTuningJob.from_row(job)
+
+
+@router.get("", response_model=Page[FineTuningJob], summary="List fine-tuning jobs")
+def list_jobs(
+    request: Request,
+    project: CurrentProject,
+    session: SessionDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page[FineTuningJob]:
+    """Newest first. `metadata[KEY]=VALUE` query parameters keep only the jobs whose metadata has those pairs."""
+    where: list[Any] = [Job.project == project]
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            where.append(Job.metadata_[name.removeprefix("metadata[").removesuffix("]")].as_string() == value)
+    after_seq = cursor_seq(session, Job.id, Job.seq, after, Job.project == project) if after else None
+    rows, has_more = fetch_page(session, select(Job).where(*where), Job.seq, after_seq=after_seq, limit=limit, newest_first=True)
+    return Page[FineTuningJob](data=[FineTuningJob.from_row(r) for r in rows], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=FineTuningJob, summary="Retrieve a fine-tuning job")
+def retrieve_job(job_id: str, project: CurrentProject, session: SessionDep) -> FineTuningJob:
+    return FineTuningJob.from_row(get_job_row(session, project, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJob, summary="Cancel a fine-tuning job")
+def cancel(job_id: str, project: CurrentProject, session: SessionDep) -> FineTuningJob:
+    """A queued job never starts; a running one stops at its worker's next heartbeat."""
+    job = get_job_row(session, project, job_id)
+    moved = cancel_job(session, job.id)
+    session.commit()
+    session.refresh(job)
+    if not moved:
+        raise bad_request(f"Job {job_id} is already {job.status} and cannot be cancelled.", param="job_id", code="invalid_job_status")
+    return FineTuningJob.from_row(job)
+
+
+@router.get("/{job_id}/events", response_model=Page[FineTuningJobEvent], summary="List a job's events")
+def list_events(
+    job_id: str,
+    project: CurrentProject,
+    session: SessionDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> Page[FineTuningJobEvent]:
+    """Newest first."""
+    job = get_job_row(session, project, job_id)
+    where = [JobEvent.job_id == job.id]
+    after_seq = cursor_seq(session, JobEvent.id, JobEvent.seq, after, *where) if after else None
+    rows, has_more = fetch_page(session, select(JobEvent).where(*where), JobEvent.seq, after_seq=after_seq, limit=limit, newest_first=True)
+    return Page[FineTuningJobEvent](data=[FineTuningJobEvent.from_row(r) for r in rows], has_more=has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CursorPage[FineTuningJobCheckpoint], summary="List a job's checkpoints")
+def list_checkpoints(
+    job_id: str,
+    project: CurrentProject,
+    session: SessionDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 10,
+) -> CursorPage[FineTuningJobCheckpoint]:
+    """Newest first."""
+    job = get_job_row(session, project, job_id)
+    where = [Checkpoint.job_id == job.id]
+    after_seq = cursor_seq(session, Checkpoint.id, Checkpoint.seq, after, *where) if after else None
+    rows, has_more = fetch_page(
+        session, select(Checkpoint).where(*where), Checkpoint.seq, after_seq=after_seq, limit=limit, newest_first=True
+    )
+    data = [FineTuningJobCheckpoint.from_row(r) for r in rows]
+    return CursorPage[FineTuningJobCheckpoint](
+        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
+
+
+@router.get("/{job_id}/metrics", response_model=Page[dict[str, Any]], summary="List a job's training metrics (extension)")
+def list_metrics(
+    job_id: str,
+    project: CurrentProject,
+    session: SessionDep,
+    after: Annotated[int | None, Query(ge=0, description="A step number: only later steps are listed.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> Page[dict[str, Any]]:
+    """One row per logged step, ascending: `{"step", "train_loss", ...}` as the worker recorded them."""
+    job = get_job_row(session, project, job_id)
+    query = select(JobMetric).where(JobMetric.job_id == job.id)
+    if after is not None:
+        query = query.where(JobMetric.step > after)
+    rows = list(session.scalars(query.order_by(JobMetric.step).limit(limit + 1)))
+    data = [{**row.values, "step": row.step} for row in rows[:limit]]
+    return Page[dict[str, Any]](data=data, has_more=len(rows) > limit)
+
+
+@router.get(
+    "/{job_id}/checkpoints/{checkpoint_id}/content",
+    summary="Download a checkpoint (extension)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/gzip": {}}}},
+)
+def checkpoint_content(
+    job_id: str, checkpoint_id: str, project: CurrentProject, session: SessionDep, storage: StorageDep
+) -> StreamingResponse:
+    """The checkpoint's .tar.gz: the peft adapter and the trainer state."""
+    job = get_job_row(session, project, job_id)
+    checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id))
+    missing = not_found(f"No such checkpoint: {checkpoint_id}", param="checkpoint_id", code="checkpoint_not_found")
+    if checkpoint is None:
+        raise missing
+    try:
+        chunks = storage.iter_bytes(checkpoint.storage_key)
+    except ObjectNotFound:
+        raise missing from None
+    return StreamingResponse(
+        chunks, media_type="application/gzip", headers={"content-disposition": f'attachment; filename="{checkpoint.id}.tar.gz"'}
+    )

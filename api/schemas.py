@@ -1,0 +1,232 @@
+"""OpenAI's objects on the wire (docs/api-contract.md) and the create-job body.
+
+Every field the contract lists is present on every response: nullable ones are sent as null, never left out.
+The `from_row` constructors are the one place that turns a database row into its wire shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core.models import Checkpoint, File, Job, JobEvent
+
+T = TypeVar("T")
+
+MAX_SEED = 2147483647
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+
+# --- lists ------------------------------------------------------------------------------------------------------
+
+
+class Page(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+
+
+class CursorPage(Page[T], Generic[T]):
+    """Files and checkpoints also name the first and last item of the page."""
+
+    first_id: str | None
+    last_id: str | None
+
+
+# --- files --------------------------------------------------------------------------------------------------------
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"]
+    expires_at: int | None
+    status_details: str | None
+    sha256: str = Field(description="Our extension: SHA-256 of the content, hex.")
+
+    @classmethod
+    def from_row(cls, row: File) -> FileObject:
+        return cls(
+            id=row.id,
+            bytes=row.bytes,
+            created_at=row.created_at,
+            filename=row.filename,
+            purpose=row.purpose,
+            status=row.status,
+            expires_at=row.expires_at,
+            status_details=row.status_details,
+            sha256=row.sha256,
+        )
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+# --- fine-tuning jobs -----------------------------------------------------------------------------------------
+
+JobStatusName = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    model: str
+    organization_id: str
+    status: JobStatusName
+    training_file: str
+    validation_file: str | None
+    hyperparameters: dict[str, Any] = Field(description="n_epochs, batch_size, learning_rate_multiplier and every engine option, resolved.")
+    method: dict[str, Any] | None
+    result_files: list[str]
+    seed: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    trained_tokens: int | None
+    estimated_finish: int | None
+    integrations: list[Any] | None
+    metadata: dict[str, str] | None
+    user_provided_suffix: str | None = Field(description="The suffix the job was created with (OpenAI sends it too).")
+
+    @classmethod
+    def from_row(cls, row: Job) -> FineTuningJob:
+        return cls(
+            id=row.id,
+            created_at=row.created_at,
+            model=row.model,
+            organization_id=row.project,
+            status=row.status,
+            training_file=row.training_file,
+            validation_file=row.validation_file,
+            hyperparameters=row.hyperparameters,
+            method=row.method,
+            result_files=list(row.result_files or []),
+            seed=row.seed,
+            error=JobError(**row.error) if row.error else None,
+            fine_tuned_model=row.fine_tuned_model,
+            finished_at=row.finished_at,
+            trained_tokens=row.trained_tokens,
+            estimated_finish=row.estimated_finish,
+            integrations=row.integrations,
+            metadata=row.metadata_,
+            user_provided_suffix=row.suffix,
+        )
+
+
+class FineTuningJobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: JobEvent) -> FineTuningJobEvent:
+        return cls(id=row.id, created_at=row.created_at, level=row.level, message=row.message, type=row.type, data=row.data)
+
+
+class FineTuningJobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, float]
+
+    @classmethod
+    def from_row(cls, row: Checkpoint) -> FineTuningJobCheckpoint:
+        return cls(
+            id=row.id,
+            created_at=row.created_at,
+            fine_tuned_model_checkpoint=row.fine_tuned_model_checkpoint,
+            fine_tuning_job_id=row.job_id,
+            step_number=row.step,
+            # Floats only, as the SDK's type says: a missing (null) or non-finite metric is left out.
+            metrics={k: float(v) for k, v in (row.metrics or {}).items() if _is_finite_number(v)},
+        )
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+# --- the create-job body ------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # An unknown top-level key is a 400 naming it (a QLoRA knob put at the top level instead of in
+    # hyperparameters would otherwise be silently ignored).
+    model_config = ConfigDict(extra="forbid")
+
+
+class SupervisedMethod(_Strict):
+    hyperparameters: dict[str, Any] | None = None
+
+
+class Method(_Strict):
+    type: str = Field(description="Only 'supervised' is supported.")
+    supervised: SupervisedMethod | None = None
+    # Accepted here so that a 'dpo' or 'reinforcement' request gets the clear "not supported" answer.
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class JobCreate(_Strict):
+    model: str = Field(min_length=1, description="A base model: a directory under the service's models directory.")
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    hyperparameters: dict[str, Any] | None = Field(None, description="Deprecated form of method.supervised.hyperparameters.")
+    method: Method | None = None
+    suffix: str | None = Field(None, min_length=1, max_length=64)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    metadata: dict[str, str] | None = None
+    integrations: list[Any] | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value is not None and ":" in value:
+            raise ValueError("must not contain ':' (it separates the parts of a fine-tuned model name)")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_METADATA_PAIRS:
+            raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs, got {len(value)}")
+        for key, item in value.items():
+            if len(key) > MAX_METADATA_KEY:
+                raise ValueError(f"key {key[:20]!r}... is longer than {MAX_METADATA_KEY} characters")
+            if len(item) > MAX_METADATA_VALUE:
+                raise ValueError(f"the value of {key!r} is longer than {MAX_METADATA_VALUE} characters")
+        return value

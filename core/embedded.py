@@ -1,0 +1,101 @@
+"""The embedded mode: the whole service on one machine with nothing installed (what `make run` starts).
+
+    python -m core.embedded [--host 127.0.0.1] [--port 8000] [--no-demo-model]
+
+Runs the prestart (migrations on SQLite, the API key, the demo model under $QLORA_HOME/models), then two
+processes: one Celery worker with the sweeper on beat (`-B`), and the API (uvicorn). The broker is Celery's
+SQLAlchemy transport on a SQLite file unless QLORA_BROKER_URL says otherwise: a real broker that needs no
+server, not an in-process shortcut. Ctrl-C stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from core.bootstrap import bootstrap
+from core.settings import Settings
+
+DEMO_MODEL = "SmolLM2-135M-Instruct"
+
+
+def example(url: str, key: str, model: str) -> str:
+    return f"""
+  The API:      {url}/v1   (Swagger UI: {url}/docs)
+  API key:      {key}
+
+  A first job with the openai SDK (pip install openai):
+
+    from openai import OpenAI
+    client = OpenAI(base_url="{url}/v1", api_key="{key}")
+    f = client.files.create(file=open("examples/facts-train.jsonl", "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="{model}", training_file=f.id,
+        method={{"type": "supervised", "supervised": {{"hyperparameters": {{"max_steps": 30, "batch_size": 4, "learning_rate": 0.001}}}}}})
+    print(client.fine_tuning.jobs.retrieve(job.id).status)
+
+  The same with curl:
+
+    curl -s {url}/v1/files -H "Authorization: Bearer {key}" -F purpose=fine-tune -F file=@examples/facts-train.jsonl
+    curl -s {url}/v1/fine_tuning/jobs -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+      -d '{{"model": "{model}", "training_file": "FILE_ID", "hyperparameters": {{"max_steps": 30, "batch_size": 4, "learning_rate": 0.001}}}}'
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--no-demo-model", action="store_true", help="skip importing SmolLM2-135M-Instruct")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    key = bootstrap(settings)
+    if key is None:
+        key = next(iter(settings.api_key_map()), "(from QLORA_API_KEYS)")
+    assert settings.models_dir is not None
+    if not args.no_demo_model:
+        from worker.training.demo_model import import_demo_model
+
+        print(f"Preparing the demo model in {settings.models_dir / DEMO_MODEL} ...", flush=True)
+        import_demo_model(settings.models_dir / DEMO_MODEL)
+
+    env = {**os.environ, "QLORA_HOME": str(settings.home)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", settings.task_queue,
+         "--concurrency", "1", "--loglevel", "INFO", "-s", str(settings.home / "celerybeat-schedule")],
+        env=env,
+    )
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", args.host, "--port", str(args.port)],
+        env=env,
+    )
+    url = f"http://{args.host}:{args.port}"
+    model = DEMO_MODEL if not args.no_demo_model else "<a model directory under $QLORA_HOME/models>"
+    print(example(url, key, model), flush=True)
+
+    def stop(signum=None, frame=None):  # noqa: ANN001
+        for proc in (api, worker):
+            if proc.poll() is None:
+                proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while api.poll() is None and worker.poll() is None:
+            time.sleep(0.5)
+    finally:
+        stop()
+        for proc in (api, worker):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return api.returncode or worker.returncode or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""OpenAI's hyperparameters -> the engine's config (no database: the translation alone)."""
+
+from __future__ import annotations
+
+import pytest
+
+from api.hyperparameters import resolve
+from worker.training.config import ConfigError, TrainingConfig
+
+
+def test_auto_resolves_to_numbers():
+    cfg, echoed = resolve({"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}, seed=7)
+    assert (cfg.n_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed) == (3, 8, 2e-4, 7)
+    assert (echoed["n_epochs"], echoed["batch_size"], echoed["learning_rate_multiplier"]) == (3, 8, 1.0)
+    assert list(echoed)[:3] == ["n_epochs", "batch_size", "learning_rate_multiplier"]
+    assert set(echoed) == set(TrainingConfig.model_fields) | {"learning_rate_multiplier"}
+    assert resolve({}, seed=7)[1] == echoed
+
+
+@pytest.mark.parametrize(("batch_size", "micro"), [(8, 4), (12, 4), (6, 3), (2, 2), (1, 1), (5, 1), (9, 3), (256, 4)])
+def test_micro_batch_follows_batch_size(batch_size, micro):
+    cfg, _ = resolve({"batch_size": batch_size}, seed=0)
+    assert (cfg.batch_size, cfg.micro_batch_size) == (batch_size, micro)
+
+
+def test_given_micro_batch_is_kept():
+    assert resolve({"batch_size": 8, "micro_batch_size": 8}, seed=0)[0].micro_batch_size == 8
+
+
+def test_learning_rate_and_multiplier():
+    cfg, echoed = resolve({"learning_rate_multiplier": 0.5}, seed=0)
+    assert cfg.learning_rate == pytest.approx(1e-4) and echoed["learning_rate_multiplier"] == 0.5
+    cfg, echoed = resolve({"learning_rate": 1e-3}, seed=0)
+    assert cfg.learning_rate == 1e-3 and echoed["learning_rate_multiplier"] == pytest.approx(5.0)
+    cfg, _ = resolve({"learning_rate": 1e-3, "learning_rate_multiplier": "auto"}, seed=0)
+    assert cfg.learning_rate == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("given", "param", "code"),
+    [
+        ({"n_epochs": 0}, "n_epochs", "invalid_hyperparameter"),
+        ({"n_epochs": True}, "n_epochs", "invalid_hyperparameter"),
+        ({"n_epochs": 2.5}, "n_epochs", "invalid_hyperparameter"),
+        ({"batch_size": "8"}, "batch_size", "invalid_hyperparameter"),
+        ({"learning_rate_multiplier": 0}, "learning_rate_multiplier", "invalid_hyperparameter"),
+        ({"learning_rate_multiplier": "high"}, "learning_rate_multiplier", "invalid_hyperparameter"),
+        ({"learning_rate_multiplier": float("nan")}, "learning_rate_multiplier", "invalid_hyperparameter"),
+        ({"lora_rank": 4}, "lora_rank", "unknown_hyperparameter"),
+        ({"quantization": "8bit", "quant_type": "nf4"}, "quant_type", "invalid_hyperparameter"),
+    ],
+)
+def test_errors_name_the_key(given, param, code):
+    with pytest.raises(ConfigError) as info:
+        resolve(given, seed=0)
+    assert (info.value.param, info.value.code) == (param, code)
