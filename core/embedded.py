@@ -18,6 +18,7 @@ import sys
 import time
 
 from core.bootstrap import bootstrap
+from core.queue import control_queue
 from core.settings import Settings
 
 DEMO_MODEL = "SmolLM2-135M-Instruct"
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {**os.environ, "QLORA_HOME": str(settings.home)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", settings.task_queue,
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", f"{settings.task_queue},{control_queue(settings)}",
          "--concurrency", "1", "--loglevel", "INFO", "-s", str(settings.home / "celerybeat-schedule")],
         env=env,
     )

@@ -15,6 +15,13 @@ TRAIN_TASK = "qlora.train"
 SWEEP_TASK = "qlora.sweep"
 
 
+def control_queue(settings: Settings) -> str:
+    """The queue of the sweep task. Not the training queue: a GPU worker runs one job at a time for hours, and
+    a sweep queued behind it would wait that long; a small CPU-only worker (the `beat` service, or the embedded
+    worker between jobs) serves this queue."""
+    return f"{settings.task_queue}-control"
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("qlora", broker=settings.broker_url)
     app.conf.update(
@@ -39,12 +46,18 @@ def make_celery(settings: Settings) -> Celery:
         # died before acking (seconds). Longer than any plausible start-up so no message is handed out twice.
         # (Redis only: kombu's SQLAlchemy transport hands its transport options to create_engine, which
         # rejects this one.)
-        broker_transport_options={"visibility_timeout": 6 * 3600} if settings.broker_url.startswith(("redis://", "rediss://")) else {},
+        broker_transport_options={"visibility_timeout": 6 * 3600}
+        if settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://"))
+        else {},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         # The sweeper (lost workers, expired queued tasks) runs on Celery beat: `celery worker -B` in the
         # embedded mode, one beat process in a deployment.
-        beat_schedule={"sweep-lost-jobs": {"task": SWEEP_TASK, "schedule": settings.sweep_interval_s}},
+        # A sweep not started within one interval is dropped (the next one is on its way), so sweeps never pile up.
+        task_routes={SWEEP_TASK: {"queue": control_queue(settings)}},
+        beat_schedule={
+            "sweep-lost-jobs": {"task": SWEEP_TASK, "schedule": settings.sweep_interval_s, "options": {"expires": settings.sweep_interval_s}}
+        },
     )
     return app
 

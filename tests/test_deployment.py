@@ -71,7 +71,9 @@ def test_compose_commands(config):
     assert services["migrate"]["command"] == ["python", "-m", "core.bootstrap"]
     assert services["migrate"]["restart"] == "no", "a one-shot service"
     assert services["api"]["command"] == ["uvicorn", "--factory", "api.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
-    assert services["beat"]["command"][:4] == ["celery", "-A", "worker.celery_app", "beat"]
+    beat = services["beat"]["command"]
+    assert beat[:4] == ["celery", "-A", "worker.celery_app", "worker"] and "-B" in beat
+    assert beat[beat.index("-Q") + 1] == "qlora-control", "the sweeper serves the control queue, not the GPU workers' queue"
     assert services["minio"]["command"][:2] == ["server", "/data"] and ":9001" in services["minio"]["command"]
     assert [p["target"] for p in services["api"]["ports"]] == [8000]
     for name in ("postgres", "minio", "redis"):

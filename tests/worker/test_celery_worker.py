@@ -1,0 +1,167 @@
+"""A real Celery worker process (prefork, concurrency 1, beat embedded with -B) runs jobs sent by name.
+
+Two set-ups: production-like (PostgreSQL, Redis broker) and the embedded mode (SQLite database, kombu's
+SQLAlchemy transport on a SQLite file as the broker). The worker imports torch and transformers at start,
+so each test pays several seconds before the first task runs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from core.db import make_engine, make_session_factory, session_scope
+from core.jobs import mark_enqueued
+from core.queue import control_queue, make_celery, send_training_task
+from core.settings import Settings
+from core.storage import LocalStorage
+from tests.worker.helpers import checkpoints, create_job, events, get_job
+
+REPO = Path(__file__).resolve().parents[2]
+JOB_TIMEOUT_S = 120
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    env.update({
+        "QLORA_HOME": str(settings.home),
+        "QLORA_DATABASE_URL": settings.database_url,
+        "QLORA_BROKER_URL": settings.broker_url,
+        "QLORA_TASK_QUEUE": settings.task_queue,
+        "QLORA_STORAGE": "local",
+        "QLORA_STORAGE_DIR": str(settings.storage_dir),
+        "QLORA_MODELS_DIR": str(settings.models_dir),
+        "QLORA_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+        "QLORA_HEARTBEAT_TIMEOUT_S": str(settings.heartbeat_timeout_s),
+        "QLORA_SWEEP_INTERVAL_S": str(settings.sweep_interval_s),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@contextmanager
+def celery_worker(settings: Settings, app_module: str, log_path: Path) -> Iterator[subprocess.Popen]:
+    """Start `celery -A app_module worker -B` in its own process group; on the way out kill the group (the
+    worker, its pool child and the beat process) and, if the test failed, print the worker's log."""
+    command = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-Q", f"{settings.task_queue},{control_queue(settings)}", "--pool", "prefork",
+               "--concurrency", "1", "-B", "-s", str(settings.home / "celerybeat-schedule"), "--loglevel", "INFO",
+               "--hostname", f"{settings.task_queue}@%h", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield proc
+    except BaseException:
+        print(f"--- celery worker log ({log_path}) ---\n{log_path.read_text()[-30000:]}")
+        raise
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            # The group can outlive its leader for a moment (pool child, beat): make sure it is gone.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        return
+
+
+def wait_for_status(factory, job_id: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = JOB_TIMEOUT_S) -> str:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = get_job(factory, job_id).status
+        if status in ("succeeded", "failed", "cancelled"):
+            return status
+        assert proc.poll() is None, f"the worker exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}"
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} still {status} after {timeout_s} s:\n{log_path.read_text()[-5000:]}")
+
+
+def make_worker_settings(tmp_path: Path, models_dir: Path, database_url: str, broker_url: str) -> Settings:
+    return Settings(home=tmp_path / "home", database_url=database_url, broker_url=broker_url, storage="local",
+                    storage_dir=tmp_path / "objects", models_dir=models_dir, task_queue=f"qlora-test-{secrets.token_hex(4)}",
+                    heartbeat_interval_s=0.5, heartbeat_timeout_s=30, sweep_interval_s=1)
+
+
+def test_worker_with_redis_and_postgres_runs_jobs_and_the_sweeper(postgres_url, redis_url, models_dir, tmp_path):
+    import redis
+
+    settings = make_worker_settings(tmp_path, models_dir, postgres_url, redis_url)
+    engine = make_engine(postgres_url)
+    factory = make_session_factory(engine)
+    storage = LocalStorage(settings.storage_dir)
+    job_id = create_job(factory, storage)
+    # A job whose worker died before its first checkpoint: beat's sweep must fail it.
+    lost_id = create_job(factory, storage, status="running", worker_id="dead-worker", heartbeat_at=time.time() - 3600, attempt=1)
+    log_path = tmp_path / "worker.log"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with celery_worker(settings, "worker.celery_app", log_path) as proc:
+            send_training_task(make_celery(settings), settings, job_id)  # by name, as the API does
+            with session_scope(factory) as session:
+                mark_enqueued(session, job_id)
+            assert wait_for_status(factory, job_id, proc, log_path) == "succeeded"
+            assert wait_for_status(factory, lost_id, proc, log_path, timeout_s=30) == "failed"
+            job, lost = get_job(factory, job_id), get_job(factory, lost_id)
+            assert job.fine_tuned_model and job.trained_tokens and len(job.result_files) == 2
+            assert [c.step for c in checkpoints(factory, job_id)] == [2, 4]
+            assert lost.error["code"] == "worker_lost"
+            log = log_path.read_text()
+            assert "qlora.train" in log and "qlora.sweep" in log
+    finally:
+        client.delete(settings.task_queue, f"_kombu.binding.{settings.task_queue}")
+        client.close()
+        engine.dispose()
+
+
+def test_embedded_mode_worker_with_sqlite_and_the_sqlalchemy_broker(sqlite_url, models_dir, tmp_path):
+    settings = make_worker_settings(tmp_path, models_dir, sqlite_url, f"sqla+sqlite:///{tmp_path / 'broker.db'}")
+    engine = make_engine(sqlite_url)
+    factory = make_session_factory(engine)
+    storage = LocalStorage(settings.storage_dir)
+    job_id = create_job(factory, storage)
+    log_path = tmp_path / "worker.log"
+    try:
+        with celery_worker(settings, "worker.celery_app", log_path) as proc:
+            send_training_task(make_celery(settings), settings, job_id)
+            with session_scope(factory) as session:
+                mark_enqueued(session, job_id)
+            assert wait_for_status(factory, job_id, proc, log_path) == "succeeded"
+            assert len(get_job(factory, job_id).result_files) == 2
+            # Trained in a child forked from a parent that imported torch: on a GPU machine this is the check that
+            # the parent held no CUDA context (a forked child could not use CUDA then).
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            assert any(e.message.startswith("Model loaded") and e.message.endswith(f"device={device}") for e in events(factory, job_id))
+            assert "qlora.sweep" in log_path.read_text()  # beat runs over the same broker
+    finally:
+        engine.dispose()
+
+
+def test_embedded_broker_accepts_the_configured_transport_options(tmp_path):
+    """kombu's SQLAlchemy transport hands every broker transport option to create_engine(): a Redis-only option
+    such as visibility_timeout must not reach it (it did once: TypeError on the first send)."""
+    settings = Settings(home=tmp_path, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}", task_queue="qlora-embedded-check")
+    app = make_celery(settings)
+    send_training_task(app, settings, "ftjob-none")
+    with app.connection_for_read() as conn:
+        message = conn.SimpleQueue(settings.task_queue).get(timeout=5)
+        assert message.headers["task"] == "qlora.train" and message.payload[0] == ["ftjob-none"]

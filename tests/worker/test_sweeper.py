@@ -1,0 +1,105 @@
+"""The sweeper without training: lost jobs without a checkpoint or attempts fail, expired queued jobs are sent again."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import pytest
+
+from core import ids
+from core.db import session_scope
+from core.models import Checkpoint, now
+from core.queue import make_celery
+from tests.worker.helpers import create_job, events, get_job
+from worker.sweeper import sweep
+
+
+class RecordingCelery:
+    def __init__(self, fail_for: set[str] = frozenset()):
+        self.sent: list[str] = []
+        self.fail_for = fail_for
+
+    def send_task(self, name, args=None, queue=None, expires=None, **_):  # noqa: ANN001
+        assert name == "qlora.train"
+        if args[0] in self.fail_for:
+            raise ConnectionError("broker down")
+        self.sent.append(args[0])
+
+
+def stale(**fields):
+    return dict(status="running", worker_id="dead-worker", heartbeat_at=time.time() - 3600, **fields)
+
+
+def test_lost_job_without_checkpoint_fails_worker_lost(make_settings, session_factory, storage):
+    settings = make_settings(heartbeat_timeout_s=60)
+    lost = create_job(session_factory, storage, **stale(attempt=1))
+    alive = create_job(session_factory, storage, status="running", worker_id="live-worker", heartbeat_at=time.time(), attempt=1)
+    celery = RecordingCelery()
+
+    assert sweep(settings, session_factory, celery) == {"requeued": [], "failed": [lost], "sent": []}
+    assert celery.sent == []
+    job = get_job(session_factory, lost)
+    assert job.status == "failed" and job.finished_at is not None
+    assert job.error == {"code": "worker_lost", "param": None,
+                         "message": "The worker running this job stopped responding (no checkpoint to resume from)."}
+    assert events(session_factory, lost)[-1].level == "error"
+    assert get_job(session_factory, alive).status == "running"  # a live heartbeat is left alone
+
+
+def test_lost_job_out_of_attempts_fails_even_with_a_checkpoint(make_settings, session_factory, storage):
+    settings = make_settings(heartbeat_timeout_s=60, max_attempts=2)
+    job_id = create_job(session_factory, storage, **stale(attempt=2))
+    with session_scope(session_factory) as session:
+        session.add(Checkpoint(id=ids.checkpoint_id(), job_id=job_id, step=2, metrics={"step": 2.0}, created_at=now(),
+                               storage_key=f"checkpoints/{job_id}/step-000002.tar.gz", fine_tuned_model_checkpoint="ft:x:ckpt-step-2"))
+    celery = RecordingCelery()
+    assert sweep(settings, session_factory, celery)["failed"] == [job_id]
+    assert celery.sent == []
+    job = get_job(session_factory, job_id)
+    assert job.status == "failed" and job.error["code"] == "worker_lost" and "2 attempts" in job.error["message"]
+
+
+def test_expired_queued_job_gets_a_new_task_message(make_settings, session_factory, storage, redis_url):
+    settings = make_settings(broker_url=redis_url, task_queue=f"qlora-sweep-test-{secrets.token_hex(4)}", task_expires_s=60)
+    expired = create_job(session_factory, storage, enqueued_at=time.time() - 3600)
+    never_sent = create_job(session_factory, storage)  # enqueued_at NULL: the API could not reach the broker
+    fresh = create_job(session_factory, storage, enqueued_at=time.time())
+    app = make_celery(settings)
+    try:
+        before = time.time()
+        result = sweep(settings, session_factory, app)
+        assert sorted(result["sent"]) == sorted([expired, never_sent]) and result["requeued"] == result["failed"] == []
+        for job_id in (expired, never_sent):
+            assert get_job(session_factory, job_id).enqueued_at >= before
+        assert get_job(session_factory, fresh).enqueued_at < before
+
+        # The messages are in the broker, by name, with the job id and an expiry.
+        received = {}
+        with app.connection_for_read() as conn:
+            queue = conn.SimpleQueue(settings.task_queue)
+            for _ in range(2):
+                message = queue.get(timeout=5)
+                received[message.payload[0][0]] = message.headers
+                message.ack()
+            with pytest.raises(queue.Empty):
+                queue.get(timeout=0.2)
+            queue.close()
+        assert set(received) == {expired, never_sent}
+        assert all(h["task"] == "qlora.train" and h["expires"] for h in received.values())
+    finally:
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+        client.delete(settings.task_queue, f"_kombu.binding.{settings.task_queue}")
+        client.close()
+
+
+def test_a_failed_send_leaves_the_job_for_the_next_sweep(make_settings, session_factory, storage):
+    settings = make_settings(task_expires_s=60)
+    unlucky = create_job(session_factory, storage)
+    other = create_job(session_factory, storage)
+    celery = RecordingCelery(fail_for={unlucky})
+    assert sweep(settings, session_factory, celery)["sent"] == [other]
+    assert get_job(session_factory, unlucky).enqueued_at is None and get_job(session_factory, unlucky).status == "queued"
+    assert sweep(settings, session_factory, RecordingCelery())["sent"] == [unlucky]  # the next pass sends it

@@ -1,0 +1,200 @@
+"""The engine's Sink for the service: events and metrics go to the database, checkpoints to object storage.
+
+Nothing is written for a job once it stopped being this worker's running job (cancelled, or taken as lost
+and requeued). Every write is one transaction that starts with the conditional heartbeat UPDATE
+(`... WHERE status = 'running' AND worker_id = me`): on PostgreSQL that takes the job's row lock, so a
+concurrent cancel is ordered entirely before or after the write; on SQLite the UPDATE makes the transaction
+the one writer. If the UPDATE matches no row the transaction is rolled back, an object uploaded for it is
+deleted, and `on_lost()` tells the runner to stop the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import ids
+from core.jobs import add_event, checkpoint_model_name, fine_tuned_model_name, heartbeat
+from core.models import Checkpoint, Job, JobMetric, now
+from core.storage import ObjectStorage
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("info", "warn", "error")
+# The metric names of an OpenAI checkpoint object and of the head of a metrics event's `data`.
+CHECKPOINT_METRICS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+def json_safe(value: Any) -> Any:
+    """A value PostgreSQL's JSON type accepts: NaN and infinities (a diverged loss) become null, unknown
+    objects their string."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return json_safe(value.item())
+    return str(value)
+
+
+def pack_directory(directory: Path, archive: Path) -> Path:
+    """Write `directory`'s contents to a .tar.gz with its files at the archive root (no leading folder).
+    Level 1: adapters and optimizer states are float tensors that gzip barely shrinks; speed matters more."""
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for child in sorted(Path(directory).iterdir()):
+            tar.add(child, arcname=child.name)
+    return archive
+
+
+class DatabaseSink:
+    """Implements worker.training.sinks.Sink for one job run by one worker."""
+
+    def __init__(self, job_id: str, worker_id: str, session_factory: sessionmaker[Session], storage: ObjectStorage,
+                 on_lost: Callable[[], None], *, total_steps: int | None = None):
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.session_factory = session_factory
+        self.storage = storage
+        self.on_lost = on_lost
+        self.total_steps = total_steps
+        self.lost = False
+        self._model_name: str | None = None
+        self._rate_origin: tuple[int, float] | None = None  # (step, time) of this run's first step
+
+    # --- the Sink protocol -----------------------------------------------------------------------------
+
+    def event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
+        level = {"warning": "warn"}.get(level, level)
+        if level not in LEVELS:
+            level = "info"
+        if data and isinstance(data.get("total_steps"), int):
+            self.total_steps = data["total_steps"]  # the engine reports it once the model is loaded
+        safe = json_safe(data) if data else None
+        self._write(lambda session: add_event(session, self.job_id, level, message, data=safe))
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        values = json_safe({**values, "step": step})
+        data: dict[str, Any] = {k: values[k] for k in CHECKPOINT_METRICS if k in values}
+        data.update({k: v for k, v in values.items() if k not in data})
+        if self.total_steps is not None:
+            data["total_steps"] = self.total_steps
+        message = f"Step {step}/{self.total_steps or '?'}: training loss={_fmt(values.get('train_loss'))}"
+        if "valid_loss" in values:
+            message += f", validation loss={_fmt(values['valid_loss'])}"
+        estimated_finish = self._estimate_finish(step)
+
+        def write(session: Session) -> None:
+            row = session.execute(
+                select(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.step == step)
+            ).scalar_one_or_none()
+            if row is None:
+                session.add(JobMetric(job_id=self.job_id, step=step, values=values, created_at=now()))
+            else:  # a resumed run producing a step again
+                row.values = values
+                row.created_at = now()
+            add_event(session, self.job_id, "info", message, type="metrics", data=data)
+            if estimated_finish is not None:
+                session.execute(update(Job).where(Job.id == self.job_id).values(estimated_finish=estimated_finish)
+                                .execution_options(synchronize_session=False))
+
+        self._write(write)
+
+    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        if self.lost:
+            return
+        checkpoint_id = ids.checkpoint_id()
+        # The id in the key keeps two runs of one job apart: a stale worker that reaches the same step after the
+        # job was resumed elsewhere deletes only its own object, never the one the new run registered.
+        key = f"checkpoints/{self.job_id}/step-{step:06d}-{checkpoint_id}.tar.gz"
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tar.gz", dir=Path(path).parent)
+        os.close(fd)
+        archive = Path(name)
+        try:
+            pack_directory(Path(path), archive)
+            self.storage.put_file(key, archive)
+        finally:
+            archive.unlink(missing_ok=True)
+        floats = {k: float(metrics[k]) for k in CHECKPOINT_METRICS if k in metrics and math.isfinite(float(metrics[k]))}
+
+        def write(session: Session) -> None:
+            model = self._fine_tuned_model(session)
+            session.add(Checkpoint(id=checkpoint_id, job_id=self.job_id, step=step, metrics=floats, storage_key=key,
+                                   fine_tuned_model_checkpoint=checkpoint_model_name(model, step), created_at=now()))
+            add_event(session, self.job_id, "info", f"Checkpoint saved at step {step}")
+
+        self._write(write, uploaded=key)
+
+    # --- helpers -----------------------------------------------------------------------------------------
+
+    def _write(self, write: Callable[[Session], None], *, uploaded: str | None = None) -> bool:
+        """Run `write` in one transaction, only while the job is still this worker's running job."""
+        if self.lost:
+            self._discard(uploaded)
+            return False
+        session = self.session_factory()
+        try:
+            # First statement of the transaction: the conditional UPDATE that takes the row lock.
+            if not heartbeat(session, self.job_id, self.worker_id):
+                session.rollback()
+                self._discard(uploaded)
+                self._lose()
+                return False
+            write(session)
+            session.commit()
+            return True
+        except BaseException:
+            session.rollback()
+            self._discard(uploaded)
+            raise
+        finally:
+            session.close()
+
+    def _lose(self) -> None:
+        if not self.lost:
+            self.lost = True
+            log.warning("job %s is no longer run by %s (cancelled or taken over): writing nothing more", self.job_id, self.worker_id)
+        self.on_lost()
+
+    def _discard(self, key: str | None) -> None:
+        if key is None:
+            return
+        try:
+            self.storage.delete(key)
+        except Exception:
+            log.exception("could not delete object %s of job %s", key, self.job_id)
+
+    def _fine_tuned_model(self, session: Session) -> str:
+        if self._model_name is None:
+            row = session.execute(select(Job.model, Job.project, Job.suffix).where(Job.id == self.job_id)).one()
+            self._model_name = fine_tuned_model_name(row.model, row.project, row.suffix, self.job_id)
+        return self._model_name
+
+    def _estimate_finish(self, step: int) -> int | None:
+        """Unix time the job should finish at, from this run's step rate (model loading excluded)."""
+        t = time.time()
+        if self._rate_origin is None:
+            self._rate_origin = (step, t)
+            return None
+        first_step, first_t = self._rate_origin
+        if self.total_steps is None or step <= first_step or t <= first_t:
+            return None
+        seconds_per_step = (t - first_t) / (step - first_step)
+        return int(t + max(self.total_steps - step, 0) * seconds_per_step)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"

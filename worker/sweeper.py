@@ -1,0 +1,55 @@
+"""The sweeper (Celery beat runs it every QLORA_SWEEP_INTERVAL_S): recovers jobs that no worker is running.
+
+- A running job whose heartbeat stopped (its worker died or lost the database) is requeued to resume from its
+  newest checkpoint when it has one and attempts left, and failed with `worker_lost` otherwise
+  (`core.jobs.sweep_lost_jobs` makes both moves).
+- A queued job whose task message was never sent (the broker was down when the API tried) or expired before a
+  worker took it is sent again.
+
+The database changes commit before any message is sent, so a worker that gets the message finds the row
+already queued. A message sent twice is harmless: only one claim of a queued job succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import session_scope
+from core.jobs import expired_queued_jobs, mark_enqueued, sweep_lost_jobs
+from core.queue import send_training_task
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> dict[str, list[str]]:
+    """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids)."""
+    with session_scope(session_factory) as session:
+        lost = sweep_lost_jobs(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, max_attempts=settings.max_attempts)
+        # Read after the requeues (same transaction): a requeued job is also "queued with an old message".
+        expired = expired_queued_jobs(session, expires_s=settings.task_expires_s)
+    requeued = [job_id for job_id, outcome in lost if outcome == "requeued"]
+    failed = [job_id for job_id, outcome in lost if outcome == "failed"]
+    for job_id in requeued:
+        log.warning("job %s lost its worker: requeued to resume from its last checkpoint", job_id)
+    for job_id in failed:
+        log.warning("job %s lost its worker: failed (worker_lost)", job_id)
+
+    sent: list[str] = []
+    for job_id in dict.fromkeys(requeued + expired):  # ordered, without duplicates
+        try:
+            send_training_task(celery_app, settings, job_id)
+        except Exception:
+            # The broker is down: the job stays queued and the next sweep tries again.
+            log.exception("could not send the training task of job %s", job_id)
+            continue
+        # Marked after the send: if this commit fails the next sweep sends again (harmless); marked before, a
+        # failed send would go unnoticed until the expiry.
+        with session_scope(session_factory) as session:
+            mark_enqueued(session, job_id)
+        sent.append(job_id)
+        log.info("sent the training task of job %s", job_id)
+    return {"requeued": requeued, "failed": failed, "sent": sent}

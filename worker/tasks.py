@@ -1,0 +1,47 @@
+"""The Celery tasks: thin wrappers, by name, over plain functions (worker.runner, worker.sweeper).
+
+The settings, the database engine and the object storage are built once per process, on first use: in the
+prefork pool that is inside the child that runs the task, so no connection is shared across a fork.
+The runner, and with it torch, is imported at module load in the parent process, so that each fresh child
+(one per job, see core/queue.py) starts with torch already imported. Importing torch does not initialise CUDA,
+so forking after it is safe. The engine imports bitsandbytes, transformers and peft only when a job runs,
+inside the child: bitsandbytes may initialise CUDA when imported, and a CUDA context must never exist in the
+parent before a fork.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import make_engine, make_session_factory
+from core.queue import SWEEP_TASK, TRAIN_TASK
+from core.settings import Settings, get_settings
+from core.storage import ObjectStorage, make_storage
+from worker import runner, sweeper
+from worker.celery_app import app
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+@lru_cache(maxsize=1)
+def session_factory() -> sessionmaker[Session]:
+    return make_session_factory(make_engine(settings().database_url))
+
+
+@lru_cache(maxsize=1)
+def storage() -> ObjectStorage:
+    return make_storage(settings())
+
+
+@app.task(name=TRAIN_TASK, bind=True)
+def train(self, job_id: str) -> str:  # noqa: ANN001
+    return runner.run_job(job_id, settings(), session_factory(), storage(), worker_id=runner.default_worker_id(self.request.id))
+
+
+@app.task(name=SWEEP_TASK)
+def sweep() -> dict[str, list[str]]:
+    return sweeper.sweep(settings(), session_factory(), app)
