@@ -99,7 +99,7 @@ def service(request, tmp_path, tokenizer):
         })
         subprocess.run([sys.executable, "-m", "core.bootstrap"], env=env, check=True, capture_output=True)
         cmds = [
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", env["QLORA_TASK_QUEUE"], "--concurrency", "1",
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", f"{env['QLORA_TASK_QUEUE']},{env['QLORA_TASK_QUEUE']}-control", "--concurrency", "1",
              "--loglevel", "INFO", "-s", str(home / "beat-schedule")],
             [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1", "--port", str(port)],
         ]
