@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     model = DEMO_MODEL if not args.no_demo_model else "<a model directory under $QLORA_HOME/models>"
     print(example(url, key, model), flush=True)
 
+    stopping = False
+
     def stop(signum=None, frame=None):  # noqa: ANN001
+        nonlocal stopping
+        stopping = stopping or signum is not None
         for proc in (api, worker):
             if proc.poll() is None:
                 proc.terminate()
@@ -95,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return api.returncode or worker.returncode or 0
+    if stopping:  # Ctrl-C or SIGTERM: a clean stop, whatever the children's exit codes
+        return 0
+    return api.returncode or worker.returncode or 1  # one of them died on its own
 
 
 if __name__ == "__main__":
