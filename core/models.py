@@ -46,6 +46,11 @@ class File(Base):
     n_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)  # valid examples found at upload
 
 
+def file_is_live(at: int | None = None):  # noqa: ANN201 (a SQL expression)
+    """Files past their `expires_at` are gone for every reader at once; the sweeper deletes them later."""
+    return (File.expires_at.is_(None)) | (File.expires_at > (now() if at is None else at))
+
+
 class Job(Base):
     __tablename__ = "jobs"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -5,6 +5,8 @@
   (`core.jobs.sweep_lost_jobs` makes both moves).
 - A queued job whose task message was never sent (the broker was down when the API tried) or expired before a
   worker took it is sent again.
+- Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
+  Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
 
 The database changes commit before any message is sent, so a worker that gets the message finds the row
 already queued. A message sent twice is harmless: only one claim of a queued job succeeds.
@@ -15,18 +17,38 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
 from core.jobs import expired_queued_jobs, mark_enqueued, sweep_lost_jobs
+from core.models import File, now
 from core.queue import send_training_task
 from core.settings import Settings
+from core.storage import ObjectStorage
 
 log = logging.getLogger(__name__)
 
 
-def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> dict[str, list[str]]:
-    """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids)."""
+def expire_files(session_factory: sessionmaker[Session], storage: ObjectStorage) -> list[str]:
+    """Delete the files whose `expires_at` has passed; returns their ids. The rows go first (committed), then
+    the objects: a crash in between leaves an orphaned object, never a row pointing at nothing."""
+    with session_scope(session_factory) as session:
+        expired = session.execute(select(File.id, File.storage_key).where(File.expires_at <= now())).all()
+        if expired:
+            session.execute(delete(File).where(File.id.in_([file_id for file_id, _ in expired])))
+    for file_id, key in expired:
+        try:
+            storage.delete(key)
+        except Exception:
+            log.exception("could not delete the object of expired file %s (%s)", file_id, key)
+    return [file_id for file_id, _ in expired]
+
+
+def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
+          storage: ObjectStorage | None = None) -> dict[str, list[str]]:
+    """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids), plus "expired_files"
+    (file ids) when `storage` is given."""
     with session_scope(session_factory) as session:
         lost = sweep_lost_jobs(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, max_attempts=settings.max_attempts)
         # Read after the requeues (same transaction): a requeued job is also "queued with an old message".
@@ -52,4 +74,7 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
             mark_enqueued(session, job_id)
         sent.append(job_id)
         log.info("sent the training task of job %s", job_id)
-    return {"requeued": requeued, "failed": failed, "sent": sent}
+    result = {"requeued": requeued, "failed": failed, "sent": sent}
+    if storage is not None:
+        result["expired_files"] = expire_files(session_factory, storage)
+    return result

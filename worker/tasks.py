@@ -44,4 +44,4 @@ def train(self, job_id: str) -> str:  # noqa: ANN001
 
 @app.task(name=SWEEP_TASK)
 def sweep() -> dict[str, list[str]]:
-    return sweeper.sweep(settings(), session_factory(), app)
+    return sweeper.sweep(settings(), session_factory(), app, storage())

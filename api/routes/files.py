@@ -29,7 +29,7 @@ from api.pagination import cursor_seq, fetch_page
 from api.schemas import CursorPage, FileDeleted, FileObject
 from core import ids
 from core.models import File as FileRow
-from core.models import now
+from core.models import file_is_live, now
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, ObjectTooLarge, spool_stream
 from worker.training.data import ValidationReport, validate_file
@@ -119,7 +119,7 @@ def _expires_at(created_at: int, anchor: str | None, seconds: int | None) -> int
 
 
 def get_file_row(session: Session, project: str, file_id: str) -> FileRow:
-    row = session.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == project))
+    row = session.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == project, file_is_live()))
     if row is None:
         raise not_found(f"No such file: {file_id}", param="file_id", code="file_not_found")
     return row
@@ -200,7 +200,7 @@ def list_files(
     order: Literal["asc", "desc"] = "desc",
     purpose: str | None = None,
 ) -> CursorPage[FileObject]:
-    where = [FileRow.project == project]
+    where = [FileRow.project == project, file_is_live()]
     if purpose is not None:
         where.append(FileRow.purpose == purpose)
     after_seq = cursor_seq(session, FileRow.id, FileRow.seq, after, *where) if after else None

@@ -26,7 +26,7 @@ from api.pagination import cursor_seq, fetch_page
 from api.schemas import MAX_SEED, CursorPage, FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate, Page
 from core import ids
 from core.jobs import JobStatus, add_event, cancel_job, mark_enqueued
-from core.models import Checkpoint, Job, JobEvent, JobMetric, now
+from core.models import Checkpoint, Job, JobEvent, JobMetric, file_is_live, now
 from core.models import File as FileRow
 from core.queue import send_training_task
 from core.settings import Settings
@@ -49,7 +49,7 @@ def get_job_row(session: Session, project: str, job_id: str) -> Job:
 
 def _usable_file(session: Session, project: str, file_id: str, param: str) -> FileRow:
     """A file of the caller's project, uploaded for fine-tuning, that passed validation."""
-    row = session.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == project))
+    row = session.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == project, file_is_live()))
     if row is None:
         raise bad_request(f"No such file: {file_id}", param=param, code="file_not_found")
     if row.purpose != "fine-tune":

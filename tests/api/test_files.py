@@ -281,3 +281,17 @@ def test_a_failed_commit_leaves_no_object_and_no_temp_file(settings):
 @pytest.mark.parametrize("bad_name", ["a" * 513])
 def test_overlong_filename(client, bad_name):
     assert_error(upload(client, chat_jsonl(), filename=bad_name), 400, code="invalid_value", param="file")
+
+
+def test_an_expired_file_is_gone_for_every_reader(client):
+    from core.models import now
+
+    file = upload_ok(client, data={"expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"})
+    kept = upload_ok(client)
+    with db(client) as session:
+        session.get(File, session.scalar(select(File.seq).where(File.id == file["id"]))).expires_at = now() - 1
+    assert_error(client.get(f"/v1/files/{file['id']}", headers=KEY_A), 404, code="file_not_found", param="file_id")
+    assert_error(client.get(f"/v1/files/{file['id']}/content", headers=KEY_A), 404, code="file_not_found", param="file_id")
+    assert [f["id"] for f in client.get("/v1/files", headers=KEY_A).json()["data"]] == [kept["id"]]
+    response = client.post("/v1/fine_tuning/jobs", headers=KEY_A, json={"model": "tiny-llama", "training_file": file["id"]})
+    assert_error(response, 400, code="file_not_found", param="training_file")

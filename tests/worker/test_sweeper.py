@@ -103,3 +103,30 @@ def test_a_failed_send_leaves_the_job_for_the_next_sweep(make_settings, session_
     assert sweep(settings, session_factory, celery)["sent"] == [other]
     assert get_job(session_factory, unlucky).enqueued_at is None and get_job(session_factory, unlucky).status == "queued"
     assert sweep(settings, session_factory, RecordingCelery())["sent"] == [unlucky]  # the next pass sends it
+
+
+def test_expired_files_are_deleted_row_first_then_object(make_settings, session_factory, storage, tmp_path):
+    from sqlalchemy import select
+
+    from core.models import File, Project
+
+    payload = tmp_path / "data.jsonl"
+    payload.write_text("{}\n")
+    rows = {}
+    with session_scope(session_factory) as session:
+        if session.get(Project, "sweep-files") is None:
+            session.add(Project(name="sweep-files"))
+        session.flush()
+        for name, expires_at in (("expired", now() - 5), ("live", now() + 3600), ("forever", None)):
+            file_id = ids.file_id()
+            stored = storage.put_file(f"files/{file_id}", payload)
+            session.add(File(id=file_id, project="sweep-files", filename=f"{name}.jsonl", purpose="fine-tune", bytes=stored.size,
+                             sha256=stored.sha256, status="processed", storage_key=stored.key, expires_at=expires_at))
+            rows[name] = file_id
+    result = sweep(make_settings(), session_factory, RecordingCelery(), storage)
+    assert result["expired_files"] == [rows["expired"]]
+    with session_scope(session_factory) as session:
+        left = set(session.scalars(select(File.id).where(File.project == "sweep-files")))
+    assert left == {rows["live"], rows["forever"]}
+    assert not storage.exists(f"files/{rows['expired']}")
+    assert storage.exists(f"files/{rows['live']}") and storage.exists(f"files/{rows['forever']}")
