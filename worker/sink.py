@@ -27,12 +27,13 @@ from core import ids
 from core.jobs import add_event, checkpoint_model_name, fine_tuned_model_name, heartbeat
 from core.models import Checkpoint, Job, JobMetric, now
 from core.storage import ObjectStorage
+from worker.training.sinks import CHECKPOINT_METRIC_KEYS
 
 log = logging.getLogger(__name__)
 
 LEVELS = ("info", "warn", "error")
-# The metric names of an OpenAI checkpoint object and of the head of a metrics event's `data`.
-CHECKPOINT_METRICS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+# The metric names of an OpenAI checkpoint object, also the head of a metrics event's `data`.
+CHECKPOINT_METRICS = CHECKPOINT_METRIC_KEYS
 
 
 def json_safe(value: Any) -> Any:

@@ -15,6 +15,9 @@ from typing import IO, Any, Literal, Protocol
 
 Level = Literal["info", "warn", "error"]
 
+# The metric names of an OpenAI checkpoint object (`FineTuningJobCheckpoint.metrics`), in that order.
+CHECKPOINT_METRIC_KEYS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
 
 class Sink(Protocol):
     def event(self, level: Level, message: str, data: dict[str, Any] | None = None) -> None:

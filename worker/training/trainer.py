@@ -45,7 +45,7 @@ from worker.training.data import (
 )
 from worker.training.model import BuiltModel, build_model, compute_dtype, pick_device, read_model_config
 from worker.training.optim import build_optimizer, build_scheduler
-from worker.training.sinks import NullSink, Sink
+from worker.training.sinks import CHECKPOINT_METRIC_KEYS, NullSink, Sink
 
 IGNORE_INDEX = -100
 
@@ -383,8 +383,7 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
 
 def checkpoint_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The metric names of an OpenAI checkpoint object, from a step's metrics."""
-    keys = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
-    return {k: float(metrics[k]) for k in keys if k in metrics}
+    return {k: float(metrics[k]) for k in CHECKPOINT_METRIC_KEYS if k in metrics}
 
 
 def clip_and_norm(model: Any, max_norm: float) -> float:
