@@ -32,8 +32,6 @@ from worker.training.sinks import CHECKPOINT_METRIC_KEYS
 log = logging.getLogger(__name__)
 
 LEVELS = ("info", "warn", "error")
-# The metric names of an OpenAI checkpoint object, also the head of a metrics event's `data`.
-CHECKPOINT_METRICS = CHECKPOINT_METRIC_KEYS
 
 
 def json_safe(value: Any) -> Any:
@@ -89,7 +87,7 @@ class DatabaseSink:
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         values = json_safe({**values, "step": step})
-        data: dict[str, Any] = {k: values[k] for k in CHECKPOINT_METRICS if k in values}
+        data: dict[str, Any] = {k: values[k] for k in CHECKPOINT_METRIC_KEYS if k in values}
         data.update({k: v for k, v in values.items() if k not in data})
         if self.total_steps is not None:
             data["total_steps"] = self.total_steps
@@ -129,7 +127,7 @@ class DatabaseSink:
             self.storage.put_file(key, archive)
         finally:
             archive.unlink(missing_ok=True)
-        floats = {k: float(metrics[k]) for k in CHECKPOINT_METRICS if k in metrics and math.isfinite(float(metrics[k]))}
+        floats = {k: float(metrics[k]) for k in CHECKPOINT_METRIC_KEYS if k in metrics and math.isfinite(float(metrics[k]))}
 
         def write(session: Session) -> None:
             model = self._fine_tuned_model(session)
