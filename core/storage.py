@@ -8,6 +8,7 @@ and renames it, S3 publishes an object only when its (multipart) upload complete
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from typing import BinaryIO, Protocol
 from core.settings import Settings
 
 CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class ObjectNotFound(KeyError):
@@ -195,6 +198,16 @@ class S3Storage:
             return True
         except ObjectNotFound:
             return False
+
+
+def delete_quietly(storage: ObjectStorage, *keys: str) -> None:
+    """Delete objects on a clean-up path (after a failed or refused write): a failure to delete is logged, not
+    raised, because it only leaves an orphaned object behind, never a row pointing at nothing."""
+    for key in keys:
+        try:
+            storage.delete(key)
+        except Exception:
+            log.exception("could not delete object %s; it is orphaned", key)
 
 
 def make_storage(settings: Settings) -> ObjectStorage:

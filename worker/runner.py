@@ -33,7 +33,7 @@ from core.db import session_scope
 from core.jobs import add_event, claim_job, fail_job, fine_tuned_model_name, heartbeat, succeed_job
 from core.models import Checkpoint, File, Job, JobMetric, now
 from core.settings import Settings
-from core.storage import ObjectNotFound, ObjectStorage
+from core.storage import ObjectNotFound, ObjectStorage, delete_quietly
 from worker.sink import DatabaseSink, pack_directory
 from worker.training.checkpoint import CheckpointError
 from worker.training.config import ConfigError, TrainingConfig
@@ -286,7 +286,7 @@ def _store_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[
         if not succeed_job(session, spec.id, worker_id, fine_tuned_model=model, trained_tokens=trained_tokens,
                            result_files=[file_id for file_id, _, _ in stored]):
             session.rollback()
-            _delete_all(storage, [obj.key for _, _, obj in stored])
+            delete_quietly(storage, *(obj.key for _, _, obj in stored))
             log.info("job %s finished training but is no longer ours: results discarded", spec.id)
             return STOPPED
         for file_id, filename, obj in stored:
@@ -296,16 +296,9 @@ def _store_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[
         session.commit()
     except BaseException:
         session.rollback()
-        _delete_all(storage, [obj.key for _, _, obj in stored])
+        delete_quietly(storage, *(obj.key for _, _, obj in stored))
         raise
     finally:
         session.close()
     return SUCCEEDED
 
-
-def _delete_all(storage: ObjectStorage, keys: list[str]) -> None:
-    for key in keys:
-        try:
-            storage.delete(key)
-        except Exception:
-            log.exception("could not delete object %s", key)

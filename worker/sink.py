@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core import ids
 from core.jobs import add_event, checkpoint_model_name, fine_tuned_model_name, heartbeat
 from core.models import Checkpoint, Job, JobMetric, now
-from core.storage import ObjectStorage
+from core.storage import ObjectStorage, delete_quietly
 from worker.training.sinks import CHECKPOINT_METRIC_KEYS
 
 log = logging.getLogger(__name__)
@@ -169,12 +169,8 @@ class DatabaseSink:
         self.on_lost()
 
     def _discard(self, key: str | None) -> None:
-        if key is None:
-            return
-        try:
-            self.storage.delete(key)
-        except Exception:
-            log.exception("could not delete object %s of job %s", key, self.job_id)
+        if key is not None:
+            delete_quietly(self.storage, key)
 
     def _fine_tuned_model(self, session: Session) -> str:
         if self._model_name is None:

@@ -25,7 +25,7 @@ from core.jobs import expired_queued_jobs, mark_enqueued, sweep_lost_jobs
 from core.models import File, now
 from core.queue import send_training_task
 from core.settings import Settings
-from core.storage import ObjectStorage
+from core.storage import ObjectStorage, delete_quietly
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,7 @@ def expire_files(session_factory: sessionmaker[Session], storage: ObjectStorage)
         expired = session.execute(select(File.id, File.storage_key).where(File.expires_at <= now())).all()
         if expired:
             session.execute(delete(File).where(File.id.in_([file_id for file_id, _ in expired])))
-    for file_id, key in expired:
-        try:
-            storage.delete(key)
-        except Exception:
-            log.exception("could not delete the object of expired file %s (%s)", file_id, key)
+    delete_quietly(storage, *(key for _, key in expired))
     return [file_id for file_id, _ in expired]
 
 

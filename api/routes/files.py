@@ -9,7 +9,6 @@ job trains on it, since the same upload may serve as a (smaller) validation file
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,10 +30,8 @@ from core import ids
 from core.models import File as FileRow
 from core.models import file_is_live, now
 from core.settings import Settings
-from core.storage import ObjectNotFound, ObjectStorage, ObjectTooLarge, spool_stream
+from core.storage import ObjectNotFound, ObjectTooLarge, delete_quietly, spool_stream
 from worker.training.data import ValidationReport, validate_file
-
-logger = logging.getLogger("api")
 
 UPLOAD_PURPOSES = ("fine-tune",)
 # Room for the multipart framing around the file: boundaries, part headers (filename), the purpose and
@@ -177,18 +174,11 @@ def upload_file(
             session.add(row)
             session.commit()
         except BaseException:
-            _delete_object(storage, row.storage_key)
+            delete_quietly(storage, row.storage_key)
             raise
     finally:
         Path(path).unlink(missing_ok=True)
     return FileObject.from_row(row)
-
-
-def _delete_object(storage: ObjectStorage, key: str) -> None:
-    try:
-        storage.delete(key)
-    except Exception:
-        logger.exception("could not delete object %s; it is orphaned", key)
 
 
 @router.get("", response_model=CursorPage[FileObject], summary="List files")
@@ -241,5 +231,5 @@ def delete_file(file_id: str, project: CurrentProject, session: SessionDep, stor
     session.delete(row)
     session.commit()
     # The row goes first: an object without a row is invisible garbage, a row without its object a broken file.
-    _delete_object(storage, row.storage_key)
+    delete_quietly(storage, row.storage_key)
     return FileDeleted(id=file_id, deleted=True)
