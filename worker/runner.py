@@ -37,7 +37,7 @@ from core.storage import ObjectNotFound, ObjectStorage, delete_quietly
 from worker.sink import DatabaseSink, pack_directory
 from worker.training.checkpoint import CheckpointError
 from worker.training.config import ConfigError, TrainingConfig
-from worker.training.data import MIN_EXAMPLES, DataValidationError, validate_file
+from worker.training.data import DataValidationError
 from worker.training.trainer import TrainingJob, train
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     try:
         result = train(job, sink, should_stop=stop.is_set, resume_from=resume_from)
     except DataValidationError as exc:
-        raise _data_failure(exc, train_path, valid_path) from exc
+        raise JobFailure(f"invalid_{exc.role}_file", exc.message, f"{exc.role}_file") from exc
     if result.status != "succeeded" or stop.is_set():
         log.info("job %s stopped at step %d: no longer ours", job_id, result.steps)
         return STOPPED
@@ -233,13 +233,6 @@ def unpack_archive(archive: Path, target: Path) -> Path:
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(target, filter="data")
     return target
-
-
-def _data_failure(exc: DataValidationError, train_path: Path, valid_path: Path | None) -> JobFailure:
-    """The engine checks the training file, then the validation file, with one exception type: tell them apart."""
-    if valid_path is not None and validate_file(train_path, min_examples=MIN_EXAMPLES).ok:
-        return JobFailure("invalid_validation_file", exc.message.replace("Training file", "Validation file", 1), "validation_file")
-    return JobFailure("invalid_training_file", exc.message, "training_file")
 
 
 def _error_of(exc: Exception) -> tuple[str, str, str | None]:

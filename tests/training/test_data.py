@@ -539,3 +539,14 @@ def test_packed_row_trains_like_separate_rows(tokenizer, tiny_model_dir):
     # Every label of a packed row is predicted from its own example only, so the token-weighted mean matches.
     expected = sum(s.loss * t.n_target_tokens for s, t in zip(separate, tokenized, strict=True)) / stats.n_target_tokens
     torch.testing.assert_close(packed.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_validation_file_is_named_as_such(tmp_path):
+    path = tmp_path / "valid.jsonl"
+    path.write_text("not json\n")
+    with pytest.raises(DataValidationError) as err:
+        load_examples(path, min_examples=1, role="validation")
+    assert err.value.role == "validation"
+    assert err.value.message.startswith("Validation file has 2 problems: line 1")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert validate_file(tmp_path / "empty.jsonl", role="validation").faults[0].message == "Validation file is empty"

@@ -72,20 +72,28 @@ class DataFault:
         return asdict(self)
 
 
+FileRole = Literal["training", "validation"]
+
+
+def _label(role: FileRole) -> str:
+    return "Validation file" if role == "validation" else "Training file"
+
+
 class DataValidationError(ValueError):
     """A training file with faults. `faults` holds every fault found (up to MAX_REPORTED_FAULTS), `code` is
     the first one's code, and `message` a summary that names the first few and the total count."""
 
-    def __init__(self, faults: list[DataFault], n_faults: int | None = None):
+    def __init__(self, faults: list[DataFault], n_faults: int | None = None, role: FileRole = "training"):
         if not faults:
             raise ValueError("DataValidationError needs at least one fault")
+        self.role = role  # which file of the job: "training" or "validation"
         self.faults = list(faults)
         self.n_faults = n_faults if n_faults is not None else len(faults)
         self.code = faults[0].code
         shown = "; ".join(f.message for f in faults[:3])
         more = self.n_faults - min(3, len(faults))
         noun = "problem" if self.n_faults == 1 else "problems"
-        self.message = f"Training file has {self.n_faults} {noun}: {shown}" + (f" (and {more} more)" if more else "")
+        self.message = f"{_label(role)} has {self.n_faults} {noun}: {shown}" + (f" (and {more} more)" if more else "")
         super().__init__(self.message)
 
 
@@ -120,22 +128,24 @@ class _LineFault(Exception):
     """Raised inside the per-line checks; carries the message without the 'line N: ' prefix."""
 
 
-def validate_file(path: str | os.PathLike[str], *, min_examples: int = MIN_EXAMPLES) -> ValidationReport:
+def validate_file(path: str | os.PathLike[str], *, min_examples: int = MIN_EXAMPLES, role: FileRole = "training") -> ValidationReport:
     """Check a JSONL training file and report every fault. Never raises on bad content (a missing or
     unreadable file still raises OSError)."""
-    _, report = _scan(path, min_examples=min_examples, keep_examples=False)
+    _, report = _scan(path, min_examples=min_examples, keep_examples=False, role=role)
     return report
 
 
-def load_examples(path: str | os.PathLike[str], *, min_examples: int = MIN_EXAMPLES) -> list[Example]:
-    """Read a JSONL training file into examples; raise `DataValidationError` with every fault if any."""
-    examples, report = _scan(path, min_examples=min_examples, keep_examples=True)
+def load_examples(path: str | os.PathLike[str], *, min_examples: int = MIN_EXAMPLES, role: FileRole = "training") -> list[Example]:
+    """Read a JSONL training file into examples; raise `DataValidationError` with every fault if any. `role`
+    names the file in messages and on the error ("Validation file has 2 problems: ...")."""
+    examples, report = _scan(path, min_examples=min_examples, keep_examples=True, role=role)
     if not report.ok:
-        raise DataValidationError(report.faults, report.n_faults)
+        raise DataValidationError(report.faults, report.n_faults, role)
     return examples
 
 
-def _scan(path: str | os.PathLike[str], *, min_examples: int, keep_examples: bool) -> tuple[list[Example], ValidationReport]:
+def _scan(path: str | os.PathLike[str], *, min_examples: int, keep_examples: bool,
+          role: FileRole) -> tuple[list[Example], ValidationReport]:
     examples: list[Example] = []
     line_faults: list[DataFault] = []
     n_line_faults = 0
@@ -185,13 +195,13 @@ def _scan(path: str | os.PathLike[str], *, min_examples: int, keep_examples: boo
     n_examples = sum(formats.values())
     file_faults: list[DataFault] = []
     if n_nonblank == 0:
-        file_faults.append(DataFault(line=None, code=INVALID_FILE_FORMAT, message="Training file is empty"))
+        file_faults.append(DataFault(line=None, code=INVALID_FILE_FORMAT, message=f"{_label(role)} is empty"))
     elif n_examples < min_examples:
         file_faults.append(
             DataFault(
                 line=None,
                 code=INVALID_N_EXAMPLES,
-                message=f"Training file has {n_examples} example(s), but must have at least {min_examples} examples",
+                message=f"{_label(role)} has {n_examples} example(s), but must have at least {min_examples} examples",
             )
         )
     # Whole-file faults are always kept: under a flood of line faults they are still the headline.

@@ -198,7 +198,7 @@ def prepare_data(job: TrainingJob, tokenizer: Any) -> tuple[list[TokenizedExampl
     """Validate and tokenize both files. Raises DataValidationError (every fault, with line numbers)."""
     cfg = job.config
     train_examples = load_examples(job.train_file)
-    valid_examples = load_examples(job.validation_file, min_examples=1) if job.validation_file else []
+    valid_examples = load_examples(job.validation_file, min_examples=1, role="validation") if job.validation_file else []
     train_tok, train_stats = tokenize_examples(tokenizer, train_examples, max_seq_length=cfg.max_seq_length, train_on_inputs=cfg.train_on_inputs)
     valid_tok, valid_stats = [], None
     if valid_examples:
