@@ -48,8 +48,10 @@ LLAMA3_8B = {
 
 def small_cfg(**overrides) -> TrainingConfig:
     # 2 x 32 = 64 tokens per micro-batch; flash_attention_2 keeps the attention terms free of masks and s^2.
+    # fused_cross_entropy=False: the plain loss path (the fused one has its own test below).
     values = dict(
-        lora_r=8, micro_batch_size=2, batch_size=2, max_seq_length=32, attn_implementation="flash_attention_2"
+        lora_r=8, micro_batch_size=2, batch_size=2, max_seq_length=32, attn_implementation="flash_attention_2",
+        fused_cross_entropy=False,
     )
     values.update(overrides)
     return TrainingConfig(**values)
@@ -57,7 +59,8 @@ def small_cfg(**overrides) -> TrainingConfig:
 
 def anchor_cfg(**overrides) -> TrainingConfig:
     """The performance-baseline run: r=16 on all 7 linears, 2 x 2048 tokens, paged AdamW 8-bit, NF4 + DQ."""
-    values = dict(lora_r=16, micro_batch_size=2, batch_size=2, max_seq_length=2048, optimizer="paged_adamw_8bit")
+    values = dict(lora_r=16, micro_batch_size=2, batch_size=2, max_seq_length=2048, optimizer="paged_adamw_8bit",
+                  attn_implementation="sdpa", fused_cross_entropy=False)
     values.update(overrides)
     return TrainingConfig(**values)
 
@@ -357,3 +360,22 @@ def test_dora_adds_magnitude_vectors_and_activations():
     assert dora.lora_params == lora.lora_params + 512 * 2 * 4
     assert dora.activations > lora.activations
     assert dora.overhead > lora.overhead  # the weight-norm computation's full-size transients
+
+
+def test_small_config_fused_loss_and_selective_layers_by_hand():
+    """The two terms the speed options change, by hand: the fused loss holds the gradient of the hidden
+    states (64 tokens x 64 x 2 bytes) plus one chunk's logits (64 tokens x 100 x 6 bytes); a selective layer
+    keeps its input (64 x 2 bytes per token) and the outputs of the base matmuls (q 64 + k 32 + v 32 + o 64 +
+    gate 128 + up 128 + down 64 = 512 wide, bf16), of 7 LoRA A matmuls (8 wide, bf16) and of the attention
+    (output 64 wide bf16 + logsumexp fp32 per head)."""
+    fused = estimate_memory(SMALL, small_cfg(fused_cross_entropy=True))
+    assert fused.logits == 64 * 64 * 2 + 64 * 100 * 6
+    plain_on = estimate_memory(SMALL, small_cfg(gradient_checkpointing="on"))
+    selective = estimate_memory(SMALL, small_cfg(gradient_checkpointing="selective"))
+    per_token = 512 * 2 + 7 * 8 * 2 + 64 * 2 + 4 * 4
+    assert selective.activations - plain_on.activations == 2 * 64 * per_token
+    assert (selective.layers_selective, selective.layers_on, selective.recompute) == (2, 0, plain_on.recompute)
+    mixed = estimate_memory(SMALL, small_cfg(), layer_modes=["on", "off"])
+    off = estimate_memory(SMALL, small_cfg(gradient_checkpointing="off"))
+    one_layer = (off.activations - plain_on.activations + 2 * 64 * 64 * 2) // 2  # what an unchecked layer keeps
+    assert mixed.activations == plain_on.activations - 64 * 64 * 2 + one_layer

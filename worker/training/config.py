@@ -30,8 +30,8 @@ QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
 OptimizerName = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
 SchedulerName = Literal["cosine", "linear", "constant"]
-GradientCheckpointing = Literal["auto", "on", "off"]
-AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2"]
+GradientCheckpointing = Literal["auto", "on", "selective", "off"]
+AttnImplementation = Literal["auto", "varlen", "sdpa", "eager", "flex_attention", "flash_attention_2"]
 
 ALL_LINEAR = "all-linear"
 
@@ -53,7 +53,7 @@ class TrainingConfig(BaseModel):
     quant_type: QuantType = Field("nf4", description="4-bit data type: NormalFloat4 or FP4. Only with quantization=4bit.")
     double_quant: bool = Field(True, description="Quantize the 4-bit absmax constants again (~0.37 bits/weight saved). Only with quantization=4bit.")
     compute_dtype: ComputeDtype = Field("bf16", description="Dtype of the matmuls through the dequantized base (and of unquantized base weights).")
-    attn_implementation: AttnImplementation = Field("sdpa", description="Attention kernel passed to transformers.")
+    attn_implementation: AttnImplementation = Field("auto", description="Attention kernel. varlen: variable-length attention over the examples of a packed row (FlashAttention varlen on CUDA, one SDPA call per example elsewhere), no dense mask; needs packing. auto: varlen with packing, else sdpa. The others are transformers' own implementations.")
 
     # --- model: LoRA ------------------------------------------------------------------------------
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
@@ -62,7 +62,8 @@ class TrainingConfig(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = Field(ALL_LINEAR, description="Module names to adapt, or 'all-linear' (every linear layer but the output head).")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    gradient_checkpointing: GradientCheckpointing = Field("auto", description="Recompute activations in the backward pass. auto: on when the memory estimate without it does not fit the GPU; off on the CPU.")
+    gradient_checkpointing: GradientCheckpointing = Field("auto", description="Activation checkpointing per decoder layer. on: recompute each layer in the backward pass (least memory). off: keep everything. auto (GPU): as many layers off as the memory estimate fits into memory_budget_gb, the rest on; auto on the CPU: off. selective (experimental, never chosen by auto): keep only the large matmul and attention outputs; slower than on in our H200 run.")
+    memory_budget_gb: float | None = Field(None, gt=0, le=10000, description="GiB of GPU memory gradient_checkpointing=auto plans for. None: 90% of the GPU memory free when the job starts.")
 
     # --- optimizer and schedule -------------------------------------------------------------------
     optimizer: OptimizerName = Field("paged_adamw_8bit", description="Optimizer for the LoRA parameters (paged ones fall back to unpaged on the CPU).")
@@ -76,6 +77,7 @@ class TrainingConfig(BaseModel):
     micro_batch_size: int = Field(4, ge=1, le=4096, description="Examples per forward/backward pass; batch_size must be a multiple of it (gradient accumulation = batch_size / micro_batch_size).")
     n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs).")
+    fused_cross_entropy: bool = Field(True, description="Compute the loss from the hidden states chunk by chunk, never holding the [tokens x vocabulary] logits (about 6 GiB for 4,096 tokens of a 128k vocabulary). False: the plain head + cross-entropy.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seeds data order, LoRA init and dropout.")
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------------
@@ -88,6 +90,13 @@ class TrainingConfig(BaseModel):
     def _combinations(self) -> TrainingConfig:
         validate_combinations(self)
         return self
+
+    @property
+    def resolved_attn_implementation(self) -> str:
+        """The attention implementation a job runs with ('auto' decided)."""
+        if self.attn_implementation == "auto":
+            return "varlen" if self.packing else "sdpa"
+        return self.attn_implementation
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -136,6 +145,10 @@ def validate_combinations(cfg: TrainingConfig) -> None:
         for name in cfg.target_modules:
             if not name or not name.replace("_", "").replace(".", "").isalnum():
                 raise ConfigError(f"target_modules: {name!r} is not a module name", param="target_modules")
+    if cfg.memory_budget_gb is not None and cfg.gradient_checkpointing != "auto":
+        raise ConfigError("memory_budget_gb is what gradient_checkpointing='auto' plans for: set it only with 'auto'", param="memory_budget_gb")
+    if cfg.attn_implementation == "varlen" and not cfg.packing:
+        raise ConfigError("attn_implementation='varlen' works on packed rows: it needs packing=true", param="attn_implementation")
     if cfg.use_dora and cfg.quantization == "8bit":
         # peft's DoRA needs the dequantized weight norm; with LLM.int8 this path is unsupported in peft.
         raise ConfigError("use_dora is not supported with quantization='8bit'", param="use_dora")

@@ -54,13 +54,14 @@ Approximations (named here so nobody mistakes them for measurements):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the module must import without pydantic's cost, and never torch
     from worker.training.config import TrainingConfig
 
+LAYER_MODES = ("off", "selective", "on")  # checkpointing of one decoder layer, from most memory to least
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 GIB = 1024**3
@@ -92,6 +93,10 @@ _INPUT_OF = {
     "down_proj": "mlp_act",
 }
 
+# The fused loss (losses.py) works on this many tokens at a time, holding about this many bytes per logit.
+LOSS_CHUNK_TOKENS = 1024
+FUSED_LOSS_BYTES_PER_LOGIT = 6
+
 _COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
 
@@ -116,6 +121,11 @@ class MemoryEstimate:
     # With gradient checkpointing: one layer's full activations, rebuilt during backward one layer at a time.
     # The loss path's tensors are freed by then, so this and `logits` never coexist: the peak takes the larger.
     recompute: int = 0
+    # Checkpointing per decoder layer: how many layers keep everything (off), keep only the large matmul and
+    # attention outputs (selective) or keep only their input (on).
+    layers_off: int = 0
+    layers_selective: int = 0
+    layers_on: int = 0
 
     @property
     def total(self) -> int:
@@ -275,18 +285,19 @@ def _attention_saves(s: _Shape, cfg: TrainingConfig, c: int, row_len: int) -> tu
     shared by all layers, and whether the kernel saves its output (which o_proj's LoRA may then share)."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     s2 = row_len * row_len
-    if cfg.attn_implementation == "eager":
+    attn = cfg.resolved_attn_implementation
+    if attn == "eager":
         # matmul(q, k^T) saves q and the head-repeated k; softmax (dtype=fp32) saves its fp32 output; the
         # compute-dtype copy of it and the repeated v are saved by matmul(p, v). Output not saved.
         # Shared: the additive causal mask in compute dtype.
         return c * q * 3, s.heads * s2 * (4 + c), c * s2, False
-    if cfg.attn_implementation == "sdpa":
+    if attn == "sdpa":
         # Packing (per-example boundaries) and padded batches both give transformers a 4-D mask, so it repeats
         # k/v to all heads (repeat_kv) and SDPA runs its memory-efficient kernel, which saves the bool mask
         # converted to a compute-dtype bias (one per layer). Shared: the bool mask itself.
         per_token = c * q + 2 * c * q + c * q + 4 * s.heads  # q, k and v at full head width, output, lse fp32
         return per_token, c * s2, s2, True
-    # flash_attention_2 (varlen, no dense mask) and flex_attention (block mask): GQA at kv width.
+    # flash_attention_2 and varlen (no dense mask) and flex_attention (block mask): GQA at kv width.
     per_token = c * q + 2 * c * kv + c * q + 4 * s.heads  # q, k, v, output, logsumexp (fp32 per head)
     return per_token, 0, 0, True
 
@@ -361,6 +372,7 @@ def estimate_memory(
     *,
     tokens_per_micro_batch: int | None = None,
     gradient_checkpointing: bool | None = None,
+    layer_modes: Sequence[str] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak GPU memory of training ``model_config`` with ``cfg``.
 
@@ -369,15 +381,26 @@ def estimate_memory(
     without, rows of at most ``max_seq_length``.
     gradient_checkpointing: None takes it from ``cfg``: 'on' -> True, 'off' -> False, and 'auto' -> True. The
     caller decides 'auto' (on when the estimate without checkpointing does not fit), so it asks twice, passing
-    False and then True; estimating 'auto' as on gives the smaller, runnable figure.
+    False and then True; estimating 'auto' as on gives the smaller, runnable figure. 'selective' -> every layer
+    selective.
+    layer_modes: the checkpointing of each decoder layer ('off', 'selective' or 'on', see ``plan_checkpointing``);
+    overrides gradient_checkpointing.
     """
     s = _read_shape(model_config)
     c = _compute_bytes(cfg.compute_dtype)
     tokens = tokens_per_micro_batch if tokens_per_micro_batch is not None else cfg.micro_batch_size * cfg.max_seq_length
     if tokens < 1:
         raise ValueError("tokens_per_micro_batch must be positive")
-    if gradient_checkpointing is None:
-        gradient_checkpointing = cfg.gradient_checkpointing != "off"
+    if layer_modes is None:
+        if gradient_checkpointing is None:
+            mode = {"off": "off", "selective": "selective"}.get(cfg.gradient_checkpointing, "on")
+        else:
+            mode = "on" if gradient_checkpointing else "off"
+        layer_modes = [mode] * s.layers
+    if len(layer_modes) != s.layers or set(layer_modes) - set(LAYER_MODES):
+        raise ValueError(f"layer_modes must give one of {LAYER_MODES} for each of the {s.layers} layers")
+    n_off, n_selective, n_on = (sum(1 for m in layer_modes if m == mode) for mode in LAYER_MODES)
+    gradient_checkpointing = n_off < s.layers
     shapes = linear_shapes(model_config)
     targets = _target_names(cfg.target_modules)
 
@@ -417,17 +440,15 @@ def estimate_memory(
     # weights that autocast makes and the LoRA matmuls save (none without autocast, i.e. fp32 compute).
     weight_casts = sum(cfg.lora_r * sum(shapes[name]) for name in targets) * c if c < 4 else 0
     one_layer = tokens * per_token + rows * attn_s2_per_row + weight_casts
-    if gradient_checkpointing:
-        # transformers' non-reentrant checkpointing per decoder layer keeps each layer's input hidden state;
-        # backward recomputes one layer at a time, holding that layer's full activations. DoRA on o_proj or
-        # down_proj makes the residual stream fp32 under autocast (its output is fp32).
-        dora_fp32_stream = cfg.use_dora and ("o_proj" in targets or "down_proj" in targets)
-        stream = 4 if dora_fp32_stream else c
-        activations = s.layers * tokens * s.hidden * stream
-        recompute = one_layer
-    else:
-        activations = s.layers * one_layer
-        recompute = 0
+    # transformers' non-reentrant checkpointing per decoder layer keeps each checkpointed layer's input hidden
+    # state; backward recomputes one layer at a time, holding that layer's full activations. DoRA on o_proj or
+    # down_proj makes the residual stream fp32 under autocast (its output is fp32). A selective layer also keeps
+    # the outputs of its large matmuls and of the attention kernel (see selective_saved_bytes_per_token).
+    dora_fp32_stream = cfg.use_dora and ("o_proj" in targets or "down_proj" in targets)
+    stream = 4 if dora_fp32_stream else c
+    selective = tokens * selective_saved_bytes_per_token(model_config, cfg) + (rows * attn_s2_per_row if cfg.resolved_attn_implementation == "eager" else 0)
+    activations = (n_on + n_selective) * tokens * s.hidden * stream + n_selective * selective + n_off * one_layer
+    recompute = one_layer if gradient_checkpointing else 0
     activations += tokens * (4 * s.hidden + 4)  # final RMSNorm: fp32 upcast + rsqrt, as in each layer
     activations += tokens * 2 * s.head_dim * c  # RoPE cos and sin, shared by all layers
     activations += rows * mask_per_row
@@ -441,6 +462,10 @@ def estimate_memory(
     #   4   gradient of the fp32 logits made by log_softmax's backward while the two above are still alive
     # The forward peak (c head output + 4 upcast + 4 log_softmax output) is no higher for c <= 4.
     logits = tokens * s.vocab * 12
+    if cfg.fused_cross_entropy:
+        # losses.linear_cross_entropy: the gradient of the hidden states, computed in the forward pass and
+        # kept to the backward (which scales it in place), and one chunk's logits at a time.
+        logits = tokens * s.hidden * c + fused_loss_chunk_bytes(min(LOSS_CHUNK_TOKENS, tokens), s.vocab)
 
     # --- overhead --------------------------------------------------------------------------------------
     # Transient full-size weights, one linear at a time: the 4-bit/8-bit base dequantized to the compute dtype
@@ -466,7 +491,44 @@ def estimate_memory(
         tokens_per_micro_batch=tokens,
         optimizer_paged_bytes=optimizer_paged_bytes,
         recompute=recompute,
+        layers_off=n_off,
+        layers_selective=n_selective,
+        layers_on=n_on,
     )
+
+
+def fused_loss_chunk_bytes(chunk_tokens: int, vocab: int) -> int:
+    """Peak working memory of one chunk of ``losses.linear_cross_entropy`` (its ``logits_peak_bytes``; a test
+    keeps the two equal, and this module must not import torch)."""
+    return chunk_tokens * vocab * FUSED_LOSS_BYTES_PER_LOGIT
+
+
+def selective_saved_bytes_per_token(model_config: Any, cfg: TrainingConfig) -> int:
+    """Bytes per token a 'selective' layer keeps (besides its input): the outputs of every base matmul (q, k, v,
+    o, gate, up, down), of each LoRA A matmul (rank r) and of the attention kernel (output and fp32
+    logsumexp), all that ``model.selective_checkpoint_policy`` marks to save. The rest is recomputed."""
+    s = _read_shape(model_config)
+    c = _compute_bytes(cfg.compute_dtype)
+    shapes = linear_shapes(model_config)
+    targets = _target_names(cfg.target_modules)
+    base_outputs = c * sum(fan_out for _, fan_out in shapes.values())
+    lora_a_outputs = c * cfg.lora_r * len(targets)
+    attention = c * s.heads * s.head_dim + 4 * s.heads
+    return base_outputs + lora_a_outputs + attention
+
+
+def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, budget_bytes: int) -> tuple[str, ...]:
+    """The fastest checkpointing of the decoder layers whose estimate fits ``budget_bytes``: as many layers
+    'off' (nothing recomputed) as fit, the rest 'on'. When nothing fits, every layer is 'on' (the least memory).
+
+    'selective' layers are not used: on the H200 (bench/results/2026-11-28-nvidia-h200.json) a selective layer
+    ran slower than a fully recomputed one and kept far less than it should have, so it buys nothing yet."""
+    layers = _read_shape(model_config).layers
+    for n_off in range(layers, -1, -1):
+        modes = ["on"] * (layers - n_off) + ["off"] * n_off
+        if estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes).total <= budget_bytes:
+            return tuple(modes)
+    return tuple(["on"] * layers)
 
 
 def fits(estimate: MemoryEstimate, device_bytes: int, headroom: float = 0.9) -> bool:

@@ -47,23 +47,78 @@ def pick_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_gradient_checkpointing(cfg: TrainingConfig, model_config: Any, device: torch.device, tokens_per_micro_batch: int) -> bool:
-    """'auto' turns checkpointing on only when the job would not fit the GPU without it; on the CPU
-    memory is rarely the limit and recomputation costs a third more time, so it stays off there."""
-    if cfg.gradient_checkpointing != "auto":
-        return cfg.gradient_checkpointing == "on"
-    if device.type != "cuda":
-        return False
-    from worker.training.memory import estimate_memory, fits
+def resolve_checkpoint_plan(cfg: TrainingConfig, model_config: Any, device: torch.device, tokens_per_micro_batch: int) -> tuple[str, ...]:
+    """The checkpointing of each decoder layer: 'off', 'selective' or 'on' (see memory.plan_checkpointing).
 
-    free, _total = torch.cuda.mem_get_info(device)
+    'auto' on a GPU plans the fastest mix that the memory estimate fits into ``memory_budget_gb`` (default: 90%
+    of the memory free now, before the weights are loaded); on the CPU memory is rarely the limit and
+    recomputation costs time, so 'auto' is 'off' there."""
+    n_layers = int(model_config.num_hidden_layers)
+    if cfg.gradient_checkpointing != "auto":
+        return (cfg.gradient_checkpointing,) * n_layers
+    if device.type != "cuda":
+        return ("off",) * n_layers
+    from worker.training.memory import plan_checkpointing
+
+    if cfg.memory_budget_gb is not None:
+        budget = int(cfg.memory_budget_gb * 1024**3)
+    else:
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.9)
     try:
-        estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, gradient_checkpointing=False)
-    except ValueError:  # an architecture the estimate does not model: checkpointing is the safe choice
-        return True
-    # The weights are already on the card when this runs only if the caller loaded them first; we ask
-    # before loading, so compare the whole estimate with what is free now.
-    return not fits(estimate, free)
+        return plan_checkpointing(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, budget_bytes=budget)
+    except ValueError:  # an architecture the estimate does not model: full checkpointing is the safe choice
+        return ("on",) * n_layers
+
+
+def selective_checkpoint_policy(lora_r: int):
+    """For a 'selective' layer: keep the outputs of the matmuls that are expensive to redo (every base-layer
+    matmul and the LoRA A matmuls, whose inner dimension is larger than the rank) and of the attention kernel;
+    recompute the rest (norms, RoPE, SwiGLU, dropout, LoRA B, dequantization) in the backward pass."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    matmuls = {aten.mm.default: 0, aten.addmm.default: 1, aten.bmm.default: 0}
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if op in matmuls:
+            left = args[matmuls[op]]
+            return CheckpointPolicy.MUST_SAVE if left.shape[-1] > lora_r else CheckpointPolicy.PREFER_RECOMPUTE
+        name = str(op)
+        if "attention" in name or "varlen_attn" in name:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def apply_checkpoint_plan(model: torch.nn.Module, plan: tuple[str, ...], lora_r: int) -> None:
+    """Set each decoder layer's checkpointing. transformers checkpoints per decoder layer through the layer's
+    ``gradient_checkpointing`` flag and ``_gradient_checkpointing_func``; we set them layer by layer.
+    Non-reentrant checkpointing lets gradients reach the adapters without making the inputs require grad."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    layers = decoder_layers(model)
+    if len(layers) != len(plan):
+        raise ValueError(f"a checkpoint plan for {len(plan)} layers, but the model has {len(layers)} decoder layers")
+    if all(mode == "off" for mode in plan):
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    selective = partial(create_selective_checkpoint_contexts, selective_checkpoint_policy(lora_r))
+    for layer, mode in zip(layers, plan, strict=True):
+        layer.gradient_checkpointing = mode != "off"
+        if mode == "selective":
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False, context_fn=selective)
 
 
 def read_model_config(base_model_dir: str | Path) -> Any:
@@ -112,37 +167,52 @@ def disable_cpu_inference_repacking(model: torch.nn.Module) -> int:
 class BuiltModel:
     model: Any  # peft.PeftModel
     device: torch.device
-    gradient_checkpointing: bool
+    checkpoint_plan: tuple[str, ...]  # per decoder layer: 'off', 'selective' or 'on'
     trainable_parameters: int
     total_parameters: int
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return any(mode != "off" for mode in self.checkpoint_plan)
+
+    def plan_summary(self) -> str:
+        counts = {mode: self.checkpoint_plan.count(mode) for mode in ("off", "selective", "on")}
+        return ", ".join(f"{n} {mode}" for mode, n in counts.items() if n)
 
 
 def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torch.device | None = None,
                 tokens_per_micro_batch: int | None = None) -> BuiltModel:
     """Load the base quantized on load, freeze it, and wrap it with fresh LoRA adapters."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     model_config = read_model_config(base_model_dir)
     check_target_modules(model_config, cfg)
-    use_gc = resolve_gradient_checkpointing(
-        cfg, model_config, device, tokens_per_micro_batch or cfg.micro_batch_size * cfg.max_seq_length
-    )
+    plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.micro_batch_size * cfg.max_seq_length)
+    attn = cfg.resolved_attn_implementation
+    if attn == "varlen":
+        from worker.training.attention import register
+
+        register()
     model = AutoModelForCausalLM.from_pretrained(
         base_model_dir,
         quantization_config=quantization_config(cfg),
         dtype=compute_dtype(cfg),
         device_map={"": device},
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=attn,
         low_cpu_mem_usage=True,
     )
+    return add_adapters(model, cfg, device, plan)
+
+
+def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tuple[str, ...]) -> BuiltModel:
+    """Freeze a loaded base, set its checkpointing plan, and wrap it with fresh LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     for param in model.parameters():
         param.requires_grad_(False)
-    if use_gc:
-        # Non-reentrant checkpointing lets gradients reach the adapters without making the inputs require grad.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_checkpoint_plan(model, plan, cfg.lora_r)
 
     if device.type == "cpu":
         disable_cpu_inference_repacking(model)
@@ -158,4 +228,4 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
     )
     peft_model = get_peft_model(model, lora)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    return BuiltModel(peft_model, device, use_gc, trainable, total)
+    return BuiltModel(peft_model, device, tuple(plan), trainable, total)

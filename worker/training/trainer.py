@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from worker.training import attention
 from worker.training.checkpoint import (
     TrainerPosition,
     checkpoint_name,
@@ -43,6 +44,7 @@ from worker.training.data import (
     load_examples,
     tokenize_examples,
 )
+from worker.training.losses import linear_cross_entropy
 from worker.training.model import BuiltModel, build_model, compute_dtype, pick_device, read_model_config
 from worker.training.optim import build_optimizer, build_scheduler
 from worker.training.sinks import CHECKPOINT_METRIC_KEYS, NullSink, Sink
@@ -118,16 +120,30 @@ def autocast_dtype(cfg: TrainingConfig) -> torch.dtype | None:
 
 
 def forward_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device,
-                 amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int, int]:
+                 amp_dtype: torch.dtype | None = None, fused: bool = False) -> tuple[torch.Tensor, int, int]:
     """Summed next-token cross-entropy over the target tokens of a micro-batch.
 
     Returns (loss_sum, n_targets, n_correct). The caller divides by the target count of the whole step.
     `use_cache=False` matters beyond memory: with a KV cache, transformers does not derive the per-example
-    attention mask of a packed row from its position ids, and packed examples would attend to each other."""
+    attention mask of a packed row from its position ids, and packed examples would attend to each other.
+    With varlen attention the packed row's example boundaries are computed here, once for all layers.
+    fused: the loss comes from the hidden states through `losses.linear_cross_entropy` (no full logits)."""
+    extra: dict[str, Any] = {}
+    if getattr(model.config, "_attn_implementation", None) == attention.NAME and "attention_mask" not in batch:
+        extra = attention.varlen_kwargs(batch["position_ids"], device)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     labels = batch.pop("labels")
+    if fused:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Row t predicts label t+1; the last position of a row predicts nothing.
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1).reshape(-1)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            hidden = base.model(**batch, use_cache=False, **extra).last_hidden_state
+            head = base.get_output_embeddings()
+            loss_sum, n_targets, n_correct = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, targets)
+        return loss_sum, int(n_targets), int(n_correct)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = model(**batch, use_cache=False).logits
+        logits = model(**batch, use_cache=False, **extra).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     flat_labels = shift_labels.reshape(-1)
@@ -156,7 +172,7 @@ def evaluate(model: Any, examples: list[TokenizedExample], cfg: TrainingConfig, 
     model.eval()
     loss_total, targets, correct = 0.0, 0, 0
     for batch in micro_batches(examples, cfg, cfg.eval_batch_size or cfg.micro_batch_size, pad_token_id):
-        loss_sum, n, c = forward_loss(model, batch, device, autocast_dtype(cfg))
+        loss_sum, n, c = forward_loss(model, batch, device, autocast_dtype(cfg), cfg.fused_cross_entropy)
         loss_total += float(loss_sum)
         targets += n
         correct += c
@@ -262,8 +278,10 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
         restore_rng(state["rng"])
         sink.event("info", f"Resumed from {resume_from} at step {position.step}")
     sink.event("info", f"Model loaded: {built.trainable_parameters:,} trainable of {built.total_parameters:,} parameters, "
-               f"quantization={cfg.quantization}, gradient_checkpointing={built.gradient_checkpointing}, device={device.type}",
+               f"quantization={cfg.quantization}, attention={cfg.resolved_attn_implementation}, "
+               f"checkpointing per layer: {built.plan_summary()}, device={device.type}",
                {"trainable_parameters": built.trainable_parameters, "gradient_checkpointing": built.gradient_checkpointing,
+                "checkpoint_plan": list(built.checkpoint_plan),
                 "total_steps": n_total_steps})
     if device.type == "cuda":
         # Report the peak of training itself, not of loading (comparable with the memory estimate).
@@ -307,7 +325,7 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
                 if should_stop():
                     stopped = True
                     break
-                loss_sum, _n, c = forward_loss(model, batch, device, amp_dtype)
+                loss_sum, _n, c = forward_loss(model, batch, device, amp_dtype, cfg.fused_cross_entropy)
                 # Divide by the step's target count so accumulated gradients equal those of one big batch.
                 scaler.scale(loss_sum / max(step_targets, 1)).backward()
                 loss_total += float(loss_sum.detach())

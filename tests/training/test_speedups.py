@@ -1,0 +1,163 @@
+"""Correctness guards for the speed and memory options: each optimized path gives the plain path's loss and
+gradients on the same batch (CPU, tiny NF4 model). The GPU bench (bench/perf.py) repeats the loss check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.training.config import ConfigError, TrainingConfig
+from worker.training.data import collate_packed, load_examples, tokenize_examples
+from worker.training.memory import estimate_memory, plan_checkpointing
+from worker.training.model import build_model, read_model_config
+from worker.training.trainer import forward_loss
+
+from .test_trainer import write_chat_file
+
+
+@pytest.fixture
+def examples(tmp_path, tokenizer):
+    rows = load_examples(write_chat_file(tmp_path / "train.jsonl", 12))
+    tokenized, _ = tokenize_examples(tokenizer, rows[:6], max_seq_length=64)
+    assert len({len(e.input_ids) for e in tokenized}) > 1
+    return tokenized
+
+
+def loss_and_grads(model_dir, examples, seed=0, **options):
+    """Loss of one packed micro-batch and the LoRA gradients, with lora_B made non-zero so every adapter counts."""
+    cfg = TrainingConfig(compute_dtype="fp32", **options)
+    torch.manual_seed(0)  # the same LoRA initialisation in every variant
+    built = build_model(model_dir, cfg)
+    torch.manual_seed(1)
+    for name, param in built.model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    built.model.train()
+    torch.manual_seed(seed)  # the same dropout masks in every variant
+    loss_sum, n, correct = forward_loss(built.model, collate_packed(examples), built.device, None, cfg.fused_cross_entropy)
+    loss_sum.backward()
+    grads = {name: p.grad.clone() for name, p in built.model.named_parameters() if p.requires_grad}
+    return float(loss_sum.detach()), n, correct, grads, built
+
+
+def assert_same(reference, other, rel=1e-4):
+    assert other[1] == reference[1] and other[2] == reference[2]
+    assert other[0] == pytest.approx(reference[0], rel=rel)
+    assert reference[3].keys() == other[3].keys()
+    for name, grad in reference[3].items():
+        torch.testing.assert_close(other[3][name], grad, rtol=rel * 10, atol=1e-6, msg=name)
+
+
+PLAIN = dict(gradient_checkpointing="off", attn_implementation="sdpa", fused_cross_entropy=False, lora_dropout=0.1)
+
+
+@pytest.mark.parametrize("change", [
+    {"fused_cross_entropy": True},
+    {"attn_implementation": "varlen"},
+    {"gradient_checkpointing": "on"},
+    {"gradient_checkpointing": "selective"},
+    {"gradient_checkpointing": "selective", "attn_implementation": "varlen", "fused_cross_entropy": True},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_optimized_path_matches_plain_path(tiny_model_dir, examples, change):
+    reference = loss_and_grads(tiny_model_dir, examples, **PLAIN)
+    optimized = loss_and_grads(tiny_model_dir, examples, **{**PLAIN, **change})
+    assert reference[1] > 0 and any(g.abs().sum() > 0 for g in reference[3].values())
+    assert_same(reference, optimized)
+
+
+def test_mixed_checkpoint_plan_matches_plain_path(tiny_model_dir, examples, monkeypatch):
+    """One layer of each kind in one model (the tiny model has two layers: selective + on, then off + selective)."""
+    from worker.training import model as model_module
+
+    reference = loss_and_grads(tiny_model_dir, examples, **PLAIN)
+    for plan in (("selective", "on"), ("off", "selective")):
+        monkeypatch.setattr(model_module, "resolve_checkpoint_plan", lambda *a, plan=plan, **k: plan)
+        mixed = loss_and_grads(tiny_model_dir, examples, **PLAIN)
+        assert mixed[4].checkpoint_plan == plan
+        layers = model_module.decoder_layers(mixed[4].model)
+        assert [layer.gradient_checkpointing for layer in layers] == [mode != "off" for mode in plan]
+        assert_same(reference, mixed)
+
+
+def test_selective_layers_recompute_less_than_full_ones(tiny_model_dir, examples):
+    """A selective layer keeps the large matmul outputs, so its backward runs fewer matmuls than a full recompute."""
+    counts = {}
+    for mode in ("on", "selective", "off"):
+        _loss, _n, _c, _g, built = loss_and_grads(tiny_model_dir, examples, **{**PLAIN, "gradient_checkpointing": mode})
+        # Count matmuls of a second backward over a fresh forward.
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class CountMatmuls(TorchDispatchMode):
+            n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                    CountMatmuls.n += 1
+                return func(*args, **(kwargs or {}))
+
+        loss_sum, *_ = forward_loss(built.model, collate_packed(examples), built.device)
+        with CountMatmuls():
+            loss_sum.backward()
+        counts[mode] = CountMatmuls.n
+    assert counts["off"] < counts["selective"] < counts["on"], counts
+
+
+def test_varlen_needs_packing():
+    with pytest.raises(ConfigError) as err:
+        TrainingConfig.from_dict({"attn_implementation": "varlen", "packing": False})
+    assert err.value.param == "attn_implementation"
+    assert TrainingConfig(packing=False).resolved_attn_implementation == "sdpa"
+    assert TrainingConfig().resolved_attn_implementation == "varlen"
+
+
+def test_memory_budget_only_with_auto():
+    with pytest.raises(ConfigError) as err:
+        TrainingConfig.from_dict({"gradient_checkpointing": "on", "memory_budget_gb": 10})
+    assert err.value.param == "memory_budget_gb"
+
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8)
+
+
+def test_plan_is_fastest_that_fits():
+    cfg = TrainingConfig()
+    tokens = 4096
+    total = {mode: estimate_memory(LLAMA3_8B, cfg, tokens_per_micro_batch=tokens, layer_modes=[mode] * 32).total
+             for mode in ("off", "selective", "on")}
+    assert total["on"] < total["selective"] < total["off"]
+    assert plan_checkpointing(LLAMA3_8B, cfg, tokens_per_micro_batch=tokens, budget_bytes=total["off"]) == ("off",) * 32
+    assert plan_checkpointing(LLAMA3_8B, cfg, tokens_per_micro_batch=tokens, budget_bytes=total["on"] - 1) == ("on",) * 32
+    previous = -1
+    for budget in range(total["on"], total["off"], (total["off"] - total["on"]) // 20):
+        plan = plan_checkpointing(LLAMA3_8B, cfg, tokens_per_micro_batch=tokens, budget_bytes=budget)
+        assert set(plan) <= {"on", "off"}
+        assert estimate_memory(LLAMA3_8B, cfg, tokens_per_micro_batch=tokens, layer_modes=plan).total <= budget
+        more = list(plan)
+        if "on" in more:  # one more layer off would not fit: the plan is the fastest that fits
+            more[more.index("on")] = "off"
+            assert estimate_memory(LLAMA3_8B, cfg, tokens_per_micro_batch=tokens, layer_modes=more).total > budget
+        assert plan.count("off") >= previous, "more memory never gives a slower plan"
+        previous = plan.count("off")
+    assert 0 < previous < 32
+
+
+def test_fused_loss_removes_the_logits_from_the_estimate():
+    fused = estimate_memory(LLAMA3_8B, TrainingConfig(), tokens_per_micro_batch=4096)
+    plain = estimate_memory(LLAMA3_8B, TrainingConfig(fused_cross_entropy=False), tokens_per_micro_batch=4096)
+    assert plain.logits == 4096 * 128256 * 12
+    assert fused.logits < plain.logits / 4
+    assert plain.total - fused.total > 3 * 1024**3
+
+
+def test_estimate_matches_the_loss_module():
+    from worker.training import losses, memory
+
+    assert memory.fused_loss_chunk_bytes(512, 1000) == losses.logits_peak_bytes(512, 1000)
+
+
+def test_auto_plan_on_cpu_is_off(tiny_model_dir):
+    from worker.training.model import resolve_checkpoint_plan
+
+    config = read_model_config(tiny_model_dir)
+    assert resolve_checkpoint_plan(TrainingConfig(), config, torch.device("cpu"), 128) == ("off",) * config.num_hidden_layers
