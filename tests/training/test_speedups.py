@@ -79,27 +79,35 @@ def test_mixed_checkpoint_plan_matches_plain_path(tiny_model_dir, examples, monk
         assert_same(reference, mixed)
 
 
-def test_selective_layers_recompute_less_than_full_ones(tiny_model_dir, examples):
-    """A selective layer keeps the large matmul outputs, so its backward runs fewer matmuls than a full recompute."""
+def test_selective_layers_do_not_recompute_the_base_matmuls(tiny_model_dir, examples):
+    """A selective layer keeps the outputs of its 4-bit base matmuls (bitsandbytes' gemm_4bit op) and of the
+    large LoRA matmuls: its backward runs no base matmul forward again, where a fully checkpointed layer
+    recomputes all of them; both run fewer matmuls than a full recompute."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.base = self.aten = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "gemm_4bit" in str(func):
+                self.base += 1
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                self.aten += 1
+            return func(*args, **(kwargs or {}))
+
     counts = {}
     for mode in ("on", "selective", "off"):
-        _loss, _n, _c, _g, built = loss_and_grads(tiny_model_dir, examples, **{**PLAIN, "gradient_checkpointing": mode})
-        # Count matmuls of a second backward over a fresh forward.
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class CountMatmuls(TorchDispatchMode):
-            n = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
-                    CountMatmuls.n += 1
-                return func(*args, **(kwargs or {}))
-
+        built = loss_and_grads(tiny_model_dir, examples, **{**PLAIN, "gradient_checkpointing": mode})[4]
         loss_sum, *_ = forward_loss(built.model, collate_packed(examples), built.device)
-        with CountMatmuls():
+        with CountOps() as counter:
             loss_sum.backward()
-        counts[mode] = CountMatmuls.n
-    assert counts["off"] < counts["selective"] < counts["on"], counts
+        counts[mode] = (counter.base, counter.aten)
+    n_linear = 7 * 2  # 7 linears in each of the tiny model's 2 layers
+    assert counts["on"][0] == n_linear, counts  # full recomputation runs every base matmul again
+    assert counts["selective"][0] == 0 and counts["off"][0] == 0, counts
+    assert counts["off"][1] < counts["selective"][1] < counts["on"][1], counts
 
 
 def test_varlen_needs_packing():

@@ -74,7 +74,11 @@ def resolve_checkpoint_plan(cfg: TrainingConfig, model_config: Any, device: torc
 def selective_checkpoint_policy(lora_r: int):
     """For a 'selective' layer: keep the outputs of the matmuls that are expensive to redo (every base-layer
     matmul and the LoRA A matmuls, whose inner dimension is larger than the rank) and of the attention kernel;
-    recompute the rest (norms, RoPE, SwiGLU, dropout, LoRA B, dequantization) in the backward pass."""
+    recompute the rest (norms, RoPE, SwiGLU, dropout, LoRA B, dequantization) in the backward pass.
+
+    A 4-bit base layer's matmul is one bitsandbytes op (``bitsandbytes::gemm_4bit``, dequantize and matmul
+    together), not an aten matmul: it is matched by name. (The version of the H200 run of 2026-11-28 missed it,
+    so its selective layers recomputed every base matmul: slower than 'on', and only the attention outputs kept.)"""
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten = torch.ops.aten
@@ -85,7 +89,7 @@ def selective_checkpoint_policy(lora_r: int):
             left = args[matmuls[op]]
             return CheckpointPolicy.MUST_SAVE if left.shape[-1] > lora_r else CheckpointPolicy.PREFER_RECOMPUTE
         name = str(op)
-        if "attention" in name or "varlen_attn" in name:
+        if "gemm_4bit" in name or "attention" in name or "varlen_attn" in name:
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
