@@ -169,3 +169,47 @@ def test_auto_plan_on_cpu_is_off(tiny_model_dir):
 
     config = read_model_config(tiny_model_dir)
     assert resolve_checkpoint_plan(TrainingConfig(), config, torch.device("cpu"), 128) == ("off",) * config.num_hidden_layers
+
+
+def test_estimate_counts_what_the_selective_policy_keeps(tiny_model_dir, examples):
+    """memory.selective_saved_bytes_per_token equals the bytes of the op outputs the policy marks to keep,
+    counted on a real forward pass (bf16 autocast, LoRA on every linear, varlen attention)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from worker.training.memory import selective_saved_bytes_per_token
+    from worker.training.model import decoder_layers, selective_checkpoint_policy
+
+    cfg = TrainingConfig(gradient_checkpointing="off")  # bf16, varlen, r=16
+    built = build_model(tiny_model_dir, cfg)
+    built.model.train()
+    policy = selective_checkpoint_policy(cfg.lora_r)
+
+    class KeptBytes(TorchDispatchMode):
+        kept = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if policy(None, func, *args, **(kwargs or {})) == CheckpointPolicy.MUST_SAVE:
+                outs = out if isinstance(out, tuple | list) else (out,)
+                KeptBytes.kept += sum(t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
+            return out
+
+    batch = collate_packed(examples)
+    layer = decoder_layers(built.model)[0]
+    with KeptBytes():
+        # the first decoder layer's forward, through the model: a hook stops the pass after it
+        handle = layer.register_forward_hook(lambda *a: (_ for _ in ()).throw(StopForward()))
+        try:
+            forward_loss(built.model, batch, built.device, torch.bfloat16, True)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+    tokens = batch["input_ids"].numel()
+    expected = selective_saved_bytes_per_token(read_model_config(tiny_model_dir), cfg) * tokens
+    assert KeptBytes.kept == pytest.approx(expected, rel=0.02), (KeptBytes.kept, expected)
+
+
+class StopForward(Exception):
+    pass
