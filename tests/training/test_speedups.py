@@ -213,3 +213,40 @@ def test_estimate_counts_what_the_selective_policy_keeps(tiny_model_dir, example
 
 class StopForward(Exception):
     pass
+
+
+def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples):
+    """The estimate of an 'off' layer (what gradient_checkpointing=auto trades against recomputation) equals
+    the bytes autograd saves in one decoder layer on a real forward pass with the defaults (bf16 autocast,
+    varlen attention, LoRA with dropout on every linear), counted once per storage, weights excluded. The CPU
+    stores dropout masks in the input dtype (2 bytes) where CUDA stores bool (1 byte, what the estimate counts)."""
+    from worker.training.memory import estimate_memory, linear_shapes
+    from worker.training.model import decoder_layers
+
+    cfg = TrainingConfig(gradient_checkpointing="off")
+    built = build_model(tiny_model_dir, cfg)
+    built.model.train()
+    resident = {t.untyped_storage().data_ptr() for t in list(built.model.parameters()) + list(built.model.buffers())}
+    layer = decoder_layers(built.model)[0]
+    seen: dict[int, int] = {}
+    active = [False]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if active[0] and ptr not in resident:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    layer.register_forward_pre_hook(lambda *a: active.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: active.__setitem__(0, False))
+    batch = collate_packed(examples)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_loss(built.model, batch, built.device, torch.bfloat16, True)
+    tokens = batch["input_ids"].numel()
+    config = read_model_config(tiny_model_dir)
+    kwargs = dict(tokens_per_micro_batch=tokens)
+    off = estimate_memory(config, cfg, layer_modes=["off"] * 2, **kwargs)
+    on = estimate_memory(config, cfg, layer_modes=["on"] * 2, **kwargs)
+    one_layer = (off.activations - on.activations) // 2 + tokens * config.hidden_size * 2
+    cpu_masks = tokens * sum(fan_in for fan_in, _ in linear_shapes(config).values())  # +1 byte per mask element
+    assert sum(seen.values()) == pytest.approx(one_layer + cpu_masks, rel=0.02), (sum(seen.values()), one_layer, cpu_masks)
