@@ -246,10 +246,13 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
         optimizer.zero_grad(set_to_none=True)
         return float(loss_sum.detach()) / n_targets, batch["input_ids"].numel()
 
+    resident = round(torch.cuda.memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
     result = timed_loop(step, batches, warm, steps, device)
+    result["allocated_before_steps_gib"] = resident  # base + adapters: what the estimate's static terms predict
     estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro, layer_modes=plan)
+    static = estimate.base_weights + estimate.lora_params
     result.update(plan={m: plan.count(m) for m in ("off", "selective", "on")},
-                  estimate_gib=round(estimate.torch_allocated_peak / GIB, 2),
+                  estimate_gib=round(estimate.torch_allocated_peak / GIB, 2), estimate_static_gib=round(static / GIB, 2),
                   estimate_error=round(estimate.torch_allocated_peak / GIB / result["peak_gib"] - 1, 3) if result["peak_gib"] else None,
                   options={k: v for k, v in cfg.resolved().items() if k in ("attn_implementation", "fused_cross_entropy",
                                                                             "gradient_checkpointing", "memory_budget_gb")})

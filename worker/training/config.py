@@ -63,7 +63,7 @@ class TrainingConfig(BaseModel):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     gradient_checkpointing: GradientCheckpointing = Field("auto", description="Activation checkpointing per decoder layer. on: recompute each layer in the backward pass (least memory). off: keep everything. auto (GPU): as many layers off as the memory estimate fits into memory_budget_gb, the rest on; auto on the CPU: off. selective (experimental, never chosen by auto): keep only the large matmul and attention outputs, recompute the rest; not yet measured on a GPU since a fix (docs/performance.md).")
-    memory_budget_gb: float | None = Field(None, gt=0, le=10000, description="GiB of GPU memory gradient_checkpointing=auto plans for. None: 90% of the GPU memory free when the job starts.")
+    memory_budget_gb: float | None = Field(None, gt=0, le=10000, description="GiB of GPU memory gradient_checkpointing=auto plans for. None: 85% of the GPU memory free when the job starts.")
 
     # --- optimizer and schedule -------------------------------------------------------------------
     optimizer: OptimizerName = Field("paged_adamw_8bit", description="Optimizer for the LoRA parameters (paged ones fall back to unpaged on the CPU).")

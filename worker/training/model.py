@@ -50,7 +50,7 @@ def pick_device() -> torch.device:
 def resolve_checkpoint_plan(cfg: TrainingConfig, model_config: Any, device: torch.device, tokens_per_micro_batch: int) -> tuple[str, ...]:
     """The checkpointing of each decoder layer: 'off', 'selective' or 'on' (see memory.plan_checkpointing).
 
-    'auto' on a GPU plans the fastest mix that the memory estimate fits into ``memory_budget_gb`` (default: 90%
+    'auto' on a GPU plans the fastest mix that the memory estimate fits into ``memory_budget_gb`` (default: 85%
     of the memory free now, before the weights are loaded); on the CPU memory is rarely the limit and
     recomputation costs time, so 'auto' is 'off' there."""
     n_layers = int(model_config.num_hidden_layers)
@@ -64,7 +64,7 @@ def resolve_checkpoint_plan(cfg: TrainingConfig, model_config: Any, device: torc
         budget = int(cfg.memory_budget_gb * 1024**3)
     else:
         free, _total = torch.cuda.mem_get_info(device)
-        budget = int(free * 0.9)
+        budget = int(free * 0.85)  # margin for what the estimate misses (it was 9.8% low for 70B on the H200)
     try:
         return plan_checkpointing(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, budget_bytes=budget)
     except ValueError:  # an architecture the estimate does not model: full checkpointing is the safe choice
