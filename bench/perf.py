@@ -211,18 +211,16 @@ def build_base(shape: str, device: torch.device):
 
 
 def set_attention(model, name: str) -> None:
-    if name == "varlen":
-        from worker.training.attention import register
+    from worker.training.attention import use
 
-        register()
-    model.config._attn_implementation = name
+    model.config._attn_implementation = use(name)
 
 
 def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: int, device: torch.device, tokens_per_micro: int):
     """One engine variant on `base`: adapters, plan and options from `cfg`, the trainer's loss and optimizer.
     Returns (result, base with the adapters removed)."""
     from worker.training.data import collate_packed
-    from worker.training.memory import estimate_memory
+    from worker.training.memory import LAYER_MODES, estimate_memory
     from worker.training.model import add_adapters, resolve_checkpoint_plan
     from worker.training.optim import build_optimizer
     from worker.training.trainer import clip_and_norm, forward_loss
@@ -251,7 +249,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
     result["allocated_before_steps_gib"] = resident  # base + adapters: what the estimate's static terms predict
     estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro, layer_modes=plan)
     static = estimate.base_weights + estimate.lora_params
-    result.update(plan={m: plan.count(m) for m in ("off", "selective", "on")},
+    result.update(plan={m: plan.count(m) for m in LAYER_MODES},
                   estimate_gib=round(estimate.torch_allocated_peak / GIB, 2), estimate_static_gib=round(static / GIB, 2),
                   estimate_error=round(estimate.torch_allocated_peak / GIB / result["peak_gib"] - 1, 3) if result["peak_gib"] else None,
                   options={k: v for k, v in cfg.resolved().items() if k in ("attn_implementation", "fused_cross_entropy",
@@ -265,7 +263,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
 def loss_guard(base, groups: list[list], device: torch.device) -> dict:
     """The optimized path's loss equals the plain path's on the same packed batch and weights."""
     from worker.training.data import collate_packed
-    from worker.training.model import add_adapters
+    from worker.training.model import add_adapters, decoder_layers
     from worker.training.trainer import forward_loss
 
     batch = collate_packed(groups[0])
@@ -274,7 +272,7 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
         cfg = engine_config(attn_implementation=attn, fused_cross_entropy=fused, gradient_checkpointing="off")
         set_attention(base, attn)
         torch.manual_seed(0)
-        built = add_adapters(base, cfg, device, ("off",) * len(built_layers(base)))
+        built = add_adapters(base, cfg, device, ("off",) * len(decoder_layers(base)))
         built.model.eval()
         with torch.no_grad():
             loss_sum, n, _c = forward_loss(built.model, batch, device, torch.bfloat16, fused)
@@ -285,12 +283,6 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
     out["relative_difference"] = abs(out["optimized"] - out["plain"]) / abs(out["plain"])
     out["ok"] = out["relative_difference"] < 1e-2  # bf16 matmuls in a different order: agreement to ~1e-3 expected
     return out, base
-
-
-def built_layers(model) -> list:
-    from worker.training.model import decoder_layers
-
-    return decoder_layers(model)
 
 
 # --- main ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ segment boundaries (cumulative lengths, `cu_seq_lens`) to a variable-length kern
 
 The trainer computes the boundaries once per micro-batch (`varlen_kwargs`) and passes them through the model
 call; transformers forwards them to every attention layer. Registered with transformers under the name
-"varlen" by `register()`; no attention mask is built for that name (transformers builds masks only for the
+"varlen" by `register()` (`use(name)` does it when needed); no attention mask is built for that name (transformers builds masks only for the
 implementations it knows).
 """
 
@@ -101,3 +101,10 @@ def register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, varlen_attention_forward)
+
+
+def use(name: str) -> str:
+    """The attention implementation to hand transformers, registering ours first when it is "varlen"."""
+    if name == NAME:
+        register()
+    return name

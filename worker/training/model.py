@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from worker.training import attention
 from worker.training.config import ALL_LINEAR, ConfigError, TrainingConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -180,7 +181,9 @@ class BuiltModel:
         return any(mode != "off" for mode in self.checkpoint_plan)
 
     def plan_summary(self) -> str:
-        counts = {mode: self.checkpoint_plan.count(mode) for mode in ("off", "selective", "on")}
+        from worker.training.memory import LAYER_MODES
+
+        counts = {mode: self.checkpoint_plan.count(mode) for mode in LAYER_MODES}
         return ", ".join(f"{n} {mode}" for mode, n in counts.items() if n)
 
 
@@ -193,11 +196,7 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
     model_config = read_model_config(base_model_dir)
     check_target_modules(model_config, cfg)
     plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.micro_batch_size * cfg.max_seq_length)
-    attn = cfg.resolved_attn_implementation
-    if attn == "varlen":
-        from worker.training.attention import register
-
-        register()
+    attn = attention.use(cfg.resolved_attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         base_model_dir,
         quantization_config=quantization_config(cfg),

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from worker.training import attention
 from worker.training.config import ConfigError, TrainingConfig
 from worker.training.model import compute_dtype, decoder_layers, disable_cpu_inference_repacking, quantization_config
 
@@ -49,11 +50,7 @@ def build_random_base(model_config: Any, cfg: TrainingConfig, device: torch.devi
 
     if cfg.quantization == "8bit":
         raise ConfigError("a random base can be built with quantization '4bit' or 'none', not '8bit'", param="quantization")
-    attn = cfg.resolved_attn_implementation
-    if attn == "varlen":
-        from worker.training.attention import register
-
-        register()
+    attn = attention.use(cfg.resolved_attn_implementation)
     model_config = copy.deepcopy(model_config)  # from_config writes dtype and attention settings into it
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=compute_dtype(cfg), attn_implementation=attn)
