@@ -15,10 +15,8 @@ from worker.training.memory import (
     FIXED_OVERHEAD_BYTES,
     GIB,
     LINEAR_NAMES,
-    MemoryEstimate,
     bits_per_weight,
     estimate_memory,
-    fits,
     linear_shapes,
     optimizer_state_bytes,
 )
@@ -301,7 +299,7 @@ def test_paged_optimizer_state_is_excluded_from_torch_allocated_peak():
     assert paged32.optimizer_paged_bytes == 32 * 3 * 2 * 4 * 14336 * 16
 
 
-# --- totals, reporting, fits ----------------------------------------------------------------------------
+# --- totals, reporting ----------------------------------------------------------------------------------
 
 
 def test_to_dict_has_fields_totals_and_gib():
@@ -314,27 +312,6 @@ def test_to_dict_has_fields_totals_and_gib():
     assert values["torch_allocated_peak"] == est.torch_allocated_peak
     assert values["optimizer_paged"] is True and values["gradient_checkpointing"] is True
     assert values["tokens_per_micro_batch"] == 4096 and "tokens_per_micro_batch_gib" not in values
-
-
-def test_fits():
-    est = MemoryEstimate(
-        base_weights=50,
-        lora_params=10,
-        gradients=10,
-        optimizer_state=10,
-        optimizer_paged=False,
-        activations=10,
-        logits=0,
-        overhead=0,
-        gradient_checkpointing=True,
-        tokens_per_micro_batch=1,
-    )
-    assert est.total == 90
-    assert fits(est, 100)  # 90 <= 0.9 * 100
-    assert not fits(est, 99)
-    assert fits(est, 90, headroom=1.0)
-    with pytest.raises(ValueError):
-        fits(est, 100, headroom=0)
 
 
 def test_model_config_object_and_dict_agree():

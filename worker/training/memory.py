@@ -71,7 +71,7 @@ GIB = 1024**3
 # ":4096:8") and the cuBLASLt workspace, input ids / labels / position ids, loss scalars, RoPE tables and the
 # allocator's rounding of every block to 512 bytes. 128 MiB covers those with room to spare; it is not
 # calibrated to any measured peak. The CUDA context (about 0.5 GiB) is not included: torch does not count it
-# in max_memory_allocated, and ``fits`` leaves headroom for it.
+# in max_memory_allocated; the default budget of gradient_checkpointing='auto' leaves headroom for it.
 FIXED_OVERHEAD_BYTES = 128 * 1024**2
 
 # bitsandbytes' 8-bit optimizers keep fp32 state for tensors below this many elements (``min_8bit_size``)
@@ -529,12 +529,3 @@ def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_mic
         if estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes).total <= budget_bytes:
             return tuple(modes)
     return tuple(["on"] * layers)
-
-
-def fits(estimate: MemoryEstimate, device_bytes: int, headroom: float = 0.9) -> bool:
-    """Whether the job fits a card of ``device_bytes`` (``torch.cuda.get_device_properties().total_memory``)
-    using at most ``headroom`` of it; the rest is for the CUDA context (~0.5 GiB), the allocator's
-    fragmentation and what the estimate does not model."""
-    if not 0 < headroom <= 1:
-        raise ValueError("headroom must be in (0, 1]")
-    return estimate.total <= device_bytes * headroom
