@@ -158,12 +158,6 @@ def test_fused_loss_removes_the_logits_from_the_estimate():
     assert plain.total - fused.total > 3 * 1024**3
 
 
-def test_estimate_matches_the_loss_module():
-    from worker.training import losses, memory
-
-    assert memory.fused_loss_chunk_bytes(512, 1000) == losses.logits_peak_bytes(512, 1000)
-
-
 def test_auto_plan_on_cpu_is_off(tiny_model_dir):
     from worker.training.model import resolve_checkpoint_plan
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
+from worker.training.memory import LOSS_CHUNK_TOKENS, fused_loss_chunk_bytes
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = 1024,
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
                          ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [N, H] (already aligned with labels: row i predicts labels[i]), weight [V, H] (the output head, frozen or not),
     labels [N] int64. Returns (loss_sum fp32 scalar with autograd to hidden (and to weight if weight.requires_grad),
@@ -56,8 +58,9 @@ def logits_peak_bytes(chunk_tokens: int, vocab_size: int) -> int:
     while it is upcast, and the gradient cast back to bf16/fp16 for the matmul with the head. With an fp32
     head both copies are the fp32 buffer itself and the peak is 4 bytes per logit; this returns the larger
     value. Not counted: [chunk, H] and [chunk] temporaries (a few percent when H << V), and, only when the
-    head itself is trained, its fp32 gradient accumulator (V * H * 4 bytes) and the cast of it in backward."""
-    return chunk_tokens * vocab_size * (4 + 2)
+    head itself is trained, its fp32 gradient accumulator (V * H * 4 bytes) and the cast of it in backward.
+    The figure lives in memory.py (which must not import torch), where the estimate uses it."""
+    return fused_loss_chunk_bytes(chunk_tokens, vocab_size)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

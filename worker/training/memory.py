@@ -93,9 +93,10 @@ _INPUT_OF = {
     "down_proj": "mlp_act",
 }
 
-# The fused loss (losses.py) works on this many tokens at a time, holding about this many bytes per logit.
+# The fused loss (losses.py) works on this many tokens at a time, holding this many bytes per logit of a chunk:
+# the fp32 logits (softmax and gradient in place) and a bf16/fp16 copy (see losses.logits_peak_bytes).
 LOSS_CHUNK_TOKENS = 1024
-FUSED_LOSS_BYTES_PER_LOGIT = 6
+FUSED_LOSS_BYTES_PER_LOGIT = 4 + 2
 
 _COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
@@ -379,10 +380,9 @@ def estimate_memory(
     tokens_per_micro_batch: tokens in one forward/backward pass; default ``micro_batch_size * max_seq_length``
     (every example at full length, the worst case). With packing the micro-batch is one row of that many tokens;
     without, rows of at most ``max_seq_length``.
-    gradient_checkpointing: None takes it from ``cfg``: 'on' -> True, 'off' -> False, and 'auto' -> True. The
-    caller decides 'auto' (on when the estimate without checkpointing does not fit), so it asks twice, passing
-    False and then True; estimating 'auto' as on gives the smaller, runnable figure. 'selective' -> every layer
-    selective.
+    gradient_checkpointing: None takes it from ``cfg``: 'on' -> True, 'off' -> False, 'selective' -> every layer
+    selective, and 'auto' -> True (the least memory; the trainer decides 'auto' with ``plan_checkpointing``,
+    which passes layer_modes).
     layer_modes: the checkpointing of each decoder layer ('off', 'selective' or 'on', see ``plan_checkpointing``);
     overrides gradient_checkpointing.
     """
@@ -498,8 +498,8 @@ def estimate_memory(
 
 
 def fused_loss_chunk_bytes(chunk_tokens: int, vocab: int) -> int:
-    """Peak working memory of one chunk of ``losses.linear_cross_entropy`` (its ``logits_peak_bytes``; a test
-    keeps the two equal, and this module must not import torch)."""
+    """Peak working memory of one chunk of ``losses.linear_cross_entropy`` (``losses.logits_peak_bytes``; a test
+    there checks it against what the loss allocates)."""
     return chunk_tokens * vocab * FUSED_LOSS_BYTES_PER_LOGIT
 
 
