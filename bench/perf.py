@@ -288,12 +288,10 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
 # --- main ------------------------------------------------------------------------------------------------
 
 def versions() -> dict:
-    import bitsandbytes
-    import peft
-    import transformers
+    """The trainer's version record (what every checkpoint stores) plus the CUDA version."""
+    from worker.training.trainer import versions as engine_versions
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+    return {**engine_versions(), "cuda": torch.version.cuda}
 
 
 def card(device: torch.device) -> str:
