@@ -169,3 +169,63 @@ def test_8bit_is_refused():
     with pytest.raises(ConfigError) as error:
         build_random_base(tiny_config(), config(quantization="8bit"), CPU)
     assert error.value.param == "quantization"
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a tensor shared by two owners counts once)."""
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor)}
+    return sum(seen.values())
+
+
+def quant_state_tensors(model) -> list:
+    out = []
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            out += [state.absmax, state.code, state.offset]
+            if state.state2 is not None:
+                out += [state.state2.absmax, state.state2.code]
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_the_estimates_static_terms_are_the_bytes_of_the_built_model(tied, quant_type, double_quant):
+    """Llama-3-70B's proportions scaled down (GQA 8:1, intermediate 3.5 x hidden, untied head, rope_theta 500000):
+    the estimate's base weights, LoRA weights and 8-bit optimizer state against the bytes of the tensors that
+    build_random_base, add_adapters and one optimizer step actually create. What the estimate leaves out is a
+    constant per quantized matrix (bitsandbytes' 16-entry 4-bit code, the 256-entry code of the nested absmax
+    and its offset), the rotary buffers and the optimizer's two 256-entry quantization maps; anything that grows
+    with the weights (an fp32 absmax, fp32 embeddings, a head counted once) would be far above that."""
+    from worker.training.memory import estimate_memory
+    from worker.training.model import add_adapters
+    from worker.training.optim import build_optimizer
+
+    layers = 2
+    shape = dict(vocab_size=2000, hidden_size=512, intermediate_size=1792, num_hidden_layers=layers, num_attention_heads=8,
+                 num_key_value_heads=1, max_position_embeddings=256, rope_theta=500000.0, tie_word_embeddings=tied)
+    cfg = config(quant_type=quant_type, double_quant=double_quant, lora_r=16, target_modules="all-linear", optimizer="adamw_8bit",
+                 gradient_checkpointing="on")
+    estimate = estimate_memory(shape, cfg, tokens_per_micro_batch=64)
+    model = build_random_base(tiny_config(**shape), cfg, CPU)
+    matrices = layers * 7
+    per_matrix_tables = 16 * 4 + (256 * 4 + 4 if double_quant else 0)  # fp32 codes (and the nested offset), not modelled
+    rotary = storage_bytes(model.buffers())
+
+    base = storage_bytes([*model.parameters(), *model.buffers(), *quant_state_tensors(model)])
+    assert base - estimate.base_weights == matrices * per_matrix_tables + rotary
+
+    built = add_adapters(model, cfg, CPU, ("on",) * layers)
+    trainable = [p for p in built.model.parameters() if p.requires_grad]
+    assert len(trainable) == matrices * 2
+    assert storage_bytes(trainable) == estimate.lora_params == estimate.gradients
+
+    optimizer = build_optimizer(trainable, cfg)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    state = storage_bytes([v for s in optimizer.state.values() for k, v in s.items() if k not in ("qmap1", "qmap2")])
+    maps = storage_bytes([v for s in optimizer.state.values() for k, v in s.items() if k in ("qmap1", "qmap2")])
+    assert maps == 2 * 256 * 4  # shared by every tensor with 8-bit state
+    assert state - estimate.optimizer_state <= 4 * len(trainable)  # the step counter, if it is a tensor
+    assert state >= estimate.optimizer_state

@@ -15,7 +15,12 @@ The per-layer activation count is the set of tensors autograd saves, read off th
 peft 0.21 and bitsandbytes 0.50 and checked by counting the saved tensors of one decoder layer with
 ``torch.autograd.graph.saved_tensors_hooks`` on a tiny NF4 model on the CPU: the formula below matched the
 count to the byte (with the CPU's dropout mask, which is stored in the input dtype where CUDA stores bool).
-The logits term was checked the same way (peak of live memory through forward and backward).
+The logits term was checked the same way (peak of live memory through forward and backward). The static terms
+(base weights with their quantization state, LoRA weights and gradients, 8-bit optimizer state) equal the bytes of
+the tensors that ``random_base.build_random_base``, peft and the optimizer create, but for bitsandbytes' fixed
+code tables (about 1.1 KB per quantized matrix) and the rotary buffers: tests/training/test_random_base.py on
+70B proportions, and by hand at the real 8B and 70B widths with the 128,256 vocabulary. (The H200 run's 70B
+peak, 9.8% above the estimate, held the bench's 8B base too: docs/performance.md.)
 
 Facts from those libraries that the formula rests on:
 - bitsandbytes' ``MatMul4Bit`` saves only the packed weight (already resident), not its input: the input
