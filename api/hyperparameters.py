@@ -66,7 +66,7 @@ def resolve(given: Mapping[str, Any], *, seed: int) -> tuple[TrainingConfig, dic
         values["learning_rate"] = multiplier * BASE_LEARNING_RATE
 
     values.update(n_epochs=n_epochs, batch_size=batch_size, seed=seed)
-    if "micro_batch_size" not in values and batch_size % DEFAULT_MICRO_BATCH:
+    if "micro_batch_size" not in values and values.get("micro_batch_tokens") is None and batch_size % DEFAULT_MICRO_BATCH:
         values["micro_batch_size"] = _micro_batch_for(batch_size)
     try:
         cfg = TrainingConfig.from_dict(values)

@@ -65,7 +65,7 @@ def training_config(hyperparameters: dict[str, Any], seed: int) -> TrainingConfi
     Any other unknown key is rejected by the engine (ConfigError naming it)."""
     values = {k: v for k, v in hyperparameters.items() if k not in OPENAI_ONLY_KEYS}
     values.setdefault("seed", seed)
-    return TrainingConfig.from_dict(values)
+    return TrainingConfig.from_resolved(values)
 
 
 @dataclass(frozen=True)

@@ -54,3 +54,31 @@ def test_errors_name_the_key(given, param, code):
     with pytest.raises(ConfigError) as info:
         resolve(given, seed=0)
     assert (info.value.param, info.value.code) == (param, code)
+
+
+@pytest.mark.parametrize("given", [
+    {},
+    {"quantization": "8bit"},
+    {"quantization": "none", "lora_r": 8},
+    {"warmup_steps": 5},
+    {"batch_size": 6},
+    {"batch_size": 6, "micro_batch_tokens": 4096},
+    {"micro_batch_size": 2, "n_epochs": 1, "learning_rate_multiplier": 0.5},
+    {"gradient_checkpointing": "auto", "memory_budget_gb": 20},
+])
+def test_the_worker_rebuilds_exactly_what_the_api_accepted(given):
+    """The job row holds the resolved values (every option); the worker rebuilds the config from them. Checks
+    that reject options *set* together (quant_type with 8-bit, warmup_ratio with warmup_steps) must not fire
+    on options that are only listed there."""
+    from worker.runner import training_config
+
+    cfg, echoed = resolve(given, seed=3)
+    assert training_config(echoed, seed=3) == cfg
+
+
+def test_micro_batch_tokens_replaces_micro_batch_size():
+    cfg, echoed = resolve({"batch_size": 6, "micro_batch_tokens": 4096}, seed=0)
+    assert cfg.micro_batch_tokens == 4096 and "micro_batch_size" not in cfg.model_fields_set
+    with pytest.raises(ConfigError) as info:
+        resolve({"micro_batch_size": 2, "micro_batch_tokens": 4096}, seed=0)
+    assert info.value.param == "micro_batch_tokens"

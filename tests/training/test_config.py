@@ -34,6 +34,10 @@ def test_defaults_are_the_qlora_recipe():
         ({"target_modules": ["q_proj", "x y"]}, "target_modules"),
         ({"use_dora": True, "quantization": "8bit"}, "use_dora"),
         ({"gradient_checkpointing": "sometimes"}, "gradient_checkpointing"),
+        ({"micro_batch_tokens": 4096, "micro_batch_size": 2}, "micro_batch_tokens"),
+        ({"micro_batch_tokens": 4096, "packing": False}, "micro_batch_tokens"),
+        ({"micro_batch_tokens": 1024, "max_seq_length": 2048}, "micro_batch_tokens"),
+        ({"micro_batch_tokens": 8}, "micro_batch_tokens"),
     ],
 )
 def test_invalid_options_name_the_option(values, param):
@@ -70,3 +74,10 @@ def test_schedules():
     assert lr_factor(52, total_steps=100, warmup=4, kind="linear") == pytest.approx(0.5)
     assert lr_factor(99, total_steps=100, warmup=4, kind="constant") == 1.0
     assert lr_factor(100, total_steps=100, warmup=4, kind="cosine") == pytest.approx(0.0)
+
+
+def test_micro_batch_tokens_sets_the_tokens_per_pass():
+    assert TrainingConfig().max_tokens_per_micro_batch == 4 * 2048
+    cfg = TrainingConfig(micro_batch_tokens=4096, batch_size=6)  # no divisibility rule: rows are made per step
+    assert cfg.max_tokens_per_micro_batch == 4096 and cfg.gradient_accumulation_steps == 6
+    assert TrainingConfig.from_resolved(cfg.resolved()) == cfg

@@ -550,3 +550,21 @@ def test_a_validation_file_is_named_as_such(tmp_path):
     assert err.value.message.startswith("Validation file has 2 problems: line 1")
     (tmp_path / "empty.jsonl").write_text("")
     assert validate_file(tmp_path / "empty.jsonl", role="validation").faults[0].message == "Validation file is empty"
+
+
+def test_pack_by_tokens_best_fit_decreasing():
+    from worker.training.data import TokenizedExample, pack_by_tokens
+
+    def ex(n, tag=0):
+        return TokenizedExample(input_ids=[tag] * n, labels=[tag] * n, truncated=False)
+
+    examples = [ex(n, i) for i, n in enumerate([3, 9, 4, 6, 2, 5, 1])]
+    rows = pack_by_tokens(examples, 10)
+    assert [[len(e.input_ids) for e in row] for row in rows] == [[9, 1], [6, 4], [5, 3, 2]]
+    assert sorted(e.input_ids[0] for row in rows for e in row) == list(range(7))  # each example once
+    assert pack_by_tokens(examples, 10) == rows  # deterministic
+    ties = [ex(5, i) for i in range(4)]
+    assert [[e.input_ids[0] for e in row] for row in pack_by_tokens(ties, 10)] == [[0, 1], [2, 3]]  # equal lengths keep their order
+    assert pack_by_tokens([], 10) == []
+    with pytest.raises(ValueError, match="11 tokens does not fit a row of 10"):
+        pack_by_tokens([ex(11)], 10)

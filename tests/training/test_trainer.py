@@ -193,21 +193,42 @@ def test_packed_and_padded_training_agree(tiny_model_dir, train_file, tmp_path):
 
 
 def test_gradient_accumulation_averages_over_all_target_tokens(tiny_model_dir, train_file, tmp_path):
-    """batch 4 as one micro-batch of 4 or as 4 micro-batches of 1 gives the same loss and the same update."""
-    results = {}
-    for micro in (4, 1):
-        sink = RecordingSink()
-        cfg = TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=micro, compute_dtype="fp32", lora_dropout=0.0,
-                             optimizer="adamw_torch", learning_rate=1e-3, checkpoint_every=1)
-        train(TrainingJob(tiny_model_dir, train_file, tmp_path / f"out-{micro}", cfg), sink)
-        from safetensors.torch import load_file
+    """batch 4 as one micro-batch of 4, as 4 micro-batches of 1, or packed into rows of at most 128 tokens (two
+    rows here) gives the same loss and the same update."""
+    from safetensors.torch import load_file
 
-        results[micro] = ([s["train_loss"] for s in sink.steps], [s["grad_norm"] for s in sink.steps],
-                          load_file(sink.checkpoints[-1][1] / "adapter_model.safetensors"))
-    assert results[4][0] == pytest.approx(results[1][0], rel=1e-4)
-    assert results[4][1] == pytest.approx(results[1][1], rel=1e-3)
-    for key, tensor in results[4][2].items():
-        torch.testing.assert_close(tensor, results[1][2][key], rtol=1e-3, atol=1e-5)
+    results = {}
+    for name, grouping in {"4": dict(micro_batch_size=4), "1": dict(micro_batch_size=1), "tokens": dict(micro_batch_tokens=128)}.items():
+        sink = RecordingSink()
+        cfg = TrainingConfig(max_steps=2, batch_size=4, max_seq_length=128, compute_dtype="fp32", lora_dropout=0.0,
+                             optimizer="adamw_torch", learning_rate=1e-3, checkpoint_every=1, **grouping)
+        train(TrainingJob(tiny_model_dir, train_file, tmp_path / f"out-{name}", cfg), sink)
+        results[name] = ([s["train_loss"] for s in sink.steps], [s["grad_norm"] for s in sink.steps],
+                         load_file(sink.checkpoints[-1][1] / "adapter_model.safetensors"), sink.steps)
+    for other in ("1", "tokens"):
+        assert results[other][0] == pytest.approx(results["4"][0], rel=1e-4)
+        assert results[other][1] == pytest.approx(results["4"][1], rel=1e-3)
+        for key, tensor in results["4"][2].items():
+            torch.testing.assert_close(results[other][2][key], tensor, rtol=1e-3, atol=1e-5)
+        assert [s["tokens"] for s in results[other][3]] == [s["tokens"] for s in results["4"][3]]
+
+
+def test_micro_batch_tokens_packs_each_step_into_full_rows(train_file, tokenizer):
+    """With micro_batch_tokens a step's examples become rows of at most that many tokens: none lost, none split."""
+    from worker.training.trainer import micro_batches
+
+    examples, _ = tokenize_examples(tokenizer, load_examples(train_file)[:8], max_seq_length=128)
+    lengths = sorted(len(e.input_ids) for e in examples)
+    cfg = TrainingConfig(batch_size=8, max_seq_length=128, micro_batch_tokens=128)
+    rows = list(micro_batches(examples, cfg, None, tokenizer.pad_token_id))
+    assert all(row["input_ids"].shape[0] == 1 and row["input_ids"].shape[1] <= 128 for row in rows)
+    assert sum(row["input_ids"].numel() for row in rows) == sum(lengths)
+    assert len(rows) < len(examples) and len(rows) >= math.ceil(sum(lengths) / 128)
+    segments = sorted(int(n) for row in rows for n in torch.diff(torch.nonzero(torch.cat(
+        [row["position_ids"][0], torch.zeros(1, dtype=torch.long)]) == 0).flatten()))
+    assert segments == lengths  # every example whole, in exactly one row
+    # Evaluation groups the same way unless eval_batch_size says otherwise.
+    assert len(list(micro_batches(examples, cfg, 2, tokenizer.pad_token_id))) == 4
 
 
 @pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_torch"])

@@ -75,6 +75,7 @@ class TrainingConfig(BaseModel):
     max_grad_norm: float = Field(0.3, ge=0.0, description="Clip the global gradient norm to this; 0 disables clipping.")
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per optimizer step.")
     micro_batch_size: int = Field(4, ge=1, le=4096, description="Examples per forward/backward pass; batch_size must be a multiple of it (gradient accumulation = batch_size / micro_batch_size).")
+    micro_batch_tokens: int | None = Field(None, ge=16, le=1048576, description="Tokens per forward/backward pass instead of a count of examples: each step's batch_size examples are packed into rows of at most this many tokens (best fit, longest first), one row per pass, so every pass is nearly full and memory is planned for exactly this many tokens. Needs packing; at least max_seq_length; replaces micro_batch_size (set one). None: micro_batch_size examples per pass.")
     n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs).")
     fused_cross_entropy: bool = Field(True, description="Compute the loss from the hidden states chunk by chunk, never holding the [tokens x vocabulary] logits (about 6 GiB for 4,096 tokens of a 128k vocabulary). False: the plain head + cross-entropy.")
@@ -82,7 +83,7 @@ class TrainingConfig(BaseModel):
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------------
     eval_every: int | None = Field(None, ge=1, description="Evaluate on the validation file every N steps (always at the end). None: only at the end.")
-    eval_batch_size: int | None = Field(None, ge=1, le=4096, description="Examples per evaluation forward pass. None: micro_batch_size (so evaluation never needs more memory than training).")
+    eval_batch_size: int | None = Field(None, ge=1, le=4096, description="Examples per evaluation forward pass. None: as in training (micro_batch_tokens rows, else micro_batch_size examples), so evaluation never needs more memory than training.")
     checkpoint_every: int | None = Field(None, ge=1, description="Save an adapter checkpoint every N steps (always at the end). None: at the end of each epoch.")
     keep_checkpoints: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints on disk (the final one always stays). None: keep all.")
 
@@ -100,7 +101,13 @@ class TrainingConfig(BaseModel):
 
     @property
     def gradient_accumulation_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
+        """Passes per optimizer step; with micro_batch_tokens it depends on the step's examples (this is the most)."""
+        return self.batch_size if self.micro_batch_tokens is not None else self.batch_size // self.micro_batch_size
+
+    @property
+    def max_tokens_per_micro_batch(self) -> int:
+        """The most tokens one forward/backward pass can hold (what memory is planned for when the data is unknown)."""
+        return self.micro_batch_tokens if self.micro_batch_tokens is not None else self.micro_batch_size * self.max_seq_length
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
@@ -122,6 +129,15 @@ class TrainingConfig(BaseModel):
         """All options with their resolved values (what a job echoes back)."""
         return self.model_dump()
 
+    @classmethod
+    def from_resolved(cls, values: dict[str, Any]) -> TrainingConfig:
+        """Rebuild a config from its `resolved()` values (a job row). Values equal to their option's default are
+        left out first: `resolved()` lists every option, and some checks reject an option that was *set*
+        alongside another (quant_type with quantization=8bit, warmup_ratio with warmup_steps, micro_batch_size
+        with micro_batch_tokens), so the full list would fail them although the job was accepted."""
+        fields = cls.model_fields
+        return cls.from_dict({k: v for k, v in values.items() if k not in fields or v != fields[k].default})
+
 
 def validate_combinations(cfg: TrainingConfig) -> None:
     """Reject option combinations that cannot work, before any model is loaded."""
@@ -130,7 +146,16 @@ def validate_combinations(cfg: TrainingConfig) -> None:
         for name in ("quant_type", "double_quant"):
             if name in explicitly_set:
                 raise ConfigError(f"{name!r} applies only to quantization='4bit' (got quantization={cfg.quantization!r})", param=name)
-    if cfg.batch_size % cfg.micro_batch_size != 0:
+    if cfg.micro_batch_tokens is not None:
+        if "micro_batch_size" in explicitly_set:
+            raise ConfigError("set either micro_batch_size (examples per pass) or micro_batch_tokens (tokens per pass), not both",
+                              param="micro_batch_tokens")
+        if not cfg.packing:
+            raise ConfigError("micro_batch_tokens packs examples into rows: it needs packing=true", param="micro_batch_tokens")
+        if cfg.micro_batch_tokens < cfg.max_seq_length:
+            raise ConfigError(f"micro_batch_tokens ({cfg.micro_batch_tokens}) must be at least max_seq_length ({cfg.max_seq_length}), "
+                              "so that every example fits a row", param="micro_batch_tokens")
+    elif cfg.batch_size % cfg.micro_batch_size != 0:
         raise ConfigError(
             f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({cfg.micro_batch_size})",
             param="micro_batch_size",

@@ -195,7 +195,7 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
     device = device or pick_device()
     model_config = read_model_config(base_model_dir)
     check_target_modules(model_config, cfg)
-    plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.micro_batch_size * cfg.max_seq_length)
+    plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.max_tokens_per_micro_batch)
     attn = attention.use(cfg.resolved_attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         base_model_dir,

@@ -2,7 +2,8 @@
 
 One call of `train(job, sink)` runs a whole job: it validates the data and the options before loading
 anything, builds the quantized model with LoRA, then runs optimizer steps. Each optimizer step takes
-`batch_size` examples in micro-batches of `micro_batch_size` (gradient accumulation). The loss of a step
+`batch_size` examples in micro-batches (gradient accumulation) of `micro_batch_size` examples, or packed into
+rows of at most `micro_batch_tokens` tokens. The loss of a step
 is the mean over all target tokens of the whole step, not the mean of per-micro-batch means (which would
 weigh a token of a short micro-batch more than one of a long one).
 """
@@ -42,6 +43,7 @@ from worker.training.data import (
     collate_packed,
     collate_padded,
     load_examples,
+    pack_by_tokens,
     tokenize_examples,
 )
 from worker.training.losses import linear_cross_entropy
@@ -106,7 +108,14 @@ def collate(batch: list[TokenizedExample], cfg: TrainingConfig, pad_token_id: in
     return collate_packed(batch) if cfg.packing else collate_padded(batch, pad_token_id)
 
 
-def micro_batches(examples: list[TokenizedExample], cfg: TrainingConfig, size: int, pad_token_id: int):
+def micro_batches(examples: list[TokenizedExample], cfg: TrainingConfig, size: int | None, pad_token_id: int):
+    """The passes over `examples`: `size` examples each, or with size=None the configured grouping: rows of at
+    most micro_batch_tokens tokens (best fit, `data.pack_by_tokens`) if set, else micro_batch_size examples."""
+    if size is None and cfg.micro_batch_tokens is not None:
+        for row in pack_by_tokens(examples, cfg.micro_batch_tokens):
+            yield collate(row, cfg, pad_token_id)
+        return
+    size = size or cfg.micro_batch_size
     for start in range(0, len(examples), size):
         yield collate(examples[start : start + size], cfg, pad_token_id)
 
@@ -171,7 +180,7 @@ def evaluate(model: Any, examples: list[TokenizedExample], cfg: TrainingConfig, 
     was_training = model.training
     model.eval()
     loss_total, targets, correct = 0.0, 0, 0
-    for batch in micro_batches(examples, cfg, cfg.eval_batch_size or cfg.micro_batch_size, pad_token_id):
+    for batch in micro_batches(examples, cfg, cfg.eval_batch_size, pad_token_id):
         loss_sum, n, c = forward_loss(model, batch, device, autocast_dtype(cfg), cfg.fused_cross_entropy)
         loss_total += float(loss_sum)
         targets += n
@@ -263,7 +272,10 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     # 2. Model, optimizer, schedule. The seed is set before LoRA init so that adapters start the same.
     seed_everything(cfg.seed)
     longest = max(len(e.input_ids) for e in train_tok)
-    tokens_per_micro = min(cfg.micro_batch_size * longest, cfg.micro_batch_size * cfg.max_seq_length)
+    if cfg.micro_batch_tokens is not None:
+        tokens_per_micro = min(cfg.micro_batch_tokens, cfg.batch_size * longest)
+    else:
+        tokens_per_micro = min(cfg.micro_batch_size * longest, cfg.micro_batch_size * cfg.max_seq_length)
     built: BuiltModel = build_model(job.base_model_dir, cfg, device=device, tokens_per_micro_batch=tokens_per_micro)
     model = built.model
     optimizer = build_optimizer(model.parameters(), cfg)
@@ -316,7 +328,7 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
         while position.batch_in_epoch < n_steps_per_epoch and position.step < n_total_steps:
             start = position.batch_in_epoch * cfg.batch_size
             step_examples = [train_tok[i] for i in order[start : start + cfg.batch_size]]
-            batches = list(micro_batches(step_examples, cfg, cfg.micro_batch_size, pad_id))
+            batches = list(micro_batches(step_examples, cfg, None, pad_id))
             step_targets = sum(count_targets(b) for b in batches)
             step_tokens = sum(count_tokens(b) for b in batches)
             t0 = time.perf_counter()
