@@ -1,6 +1,6 @@
 """Write a lengths file: one token count per training example, as the engine would tokenize it.
 
-    python bench/lengths/make_lengths.py DATA TOKENIZER_DIR OUT.txt [--note "source: ..."]...
+    python bench/lengths/make_lengths.py DATA TOKENIZER_DIR OUT.txt [--merge-split] [--first-exchange] [--note "..."]...
 
 DATA is either a JSONL of {"messages": [{"role": ..., "content": ...}, ...]} (the service's chat format) or a
 ShareGPT-style JSON array of {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}. A JSON
@@ -8,7 +8,9 @@ array cut off mid-record (a truncated download) is read up to its last whole rec
 records that a preprocessing step split into "<id>_<first message index>" chunks are joined back into whole
 conversations (the last one is dropped if the array was cut, as it may be incomplete). Each length is
 len(apply_chat_template(messages, tokenize=True)), untruncated. Conversations without an assistant message are
-skipped (the service rejects them). The --note lines, the counts and summary statistics go in '#' comments.
+skipped (the service rejects them). With --first-exchange, each kept conversation is cut after its first
+assistant message (a leading system message stays): single-turn examples, one prompt and one answer. The --note
+lines, the counts and summary statistics go in '#' comments.
 """
 
 import argparse
@@ -61,6 +63,12 @@ def to_messages(record: dict) -> list[dict]:
     return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in record["conversations"]]
 
 
+def first_exchange(messages: list[dict]) -> list[dict]:
+    """The messages up to and including the first assistant message (all of them if there is none)."""
+    roles = [m["role"] for m in messages]
+    return messages[: roles.index("assistant") + 1] if "assistant" in roles else messages
+
+
 def n_tokens(tokenizer, messages: list[dict]) -> int:
     ids = tokenizer.apply_chat_template(messages, tokenize=True)
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
@@ -81,14 +89,15 @@ def summary(lengths: list[int]) -> list[str]:
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path)
     ap.add_argument("tokenizer_dir")
     ap.add_argument("out", type=Path)
     ap.add_argument("--merge-split", action="store_true", help="rejoin ShareGPT records split into <id>_<start> chunks")
+    ap.add_argument("--first-exchange", action="store_true", help="keep each conversation up to its first assistant message")
     ap.add_argument("--note", action="append", default=[], help="a header line (source, licence, sampling); repeatable")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
 
@@ -98,12 +107,15 @@ def main() -> None:
     if args.merge_split:
         records = merge_split(records)[: -1 if cut else None]
     conversations = [m for m in map(to_messages, records) if any(x["role"] == "assistant" for x in m)]
+    if args.first_exchange:
+        conversations = [first_exchange(m) for m in conversations]
     lengths = [n_tokens(tokenizer, m) for m in conversations]
     header = [
         *args.note,
         f"records read: {n_read}{' (the whole records of a truncated JSON array)' if cut else ''}"
         + (f"; rejoined into {len(records)} conversations{' (last one dropped)' if cut else ''}" if args.merge_split else ""),
-        f"skipped (no assistant message): {len(records) - len(conversations)}; kept: {len(conversations)}, in file order",
+        f"skipped (no assistant message): {len(records) - len(conversations)}; kept: {len(conversations)}, in file order"
+        + ("; each cut after its first assistant message (--first-exchange)" if args.first_exchange else ""),
         f"tokenizer: {args.tokenizer_dir} ({type(tokenizer).__name__})",
         "length = len(apply_chat_template(messages, tokenize=True)), untruncated",
         *summary(lengths),
