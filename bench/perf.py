@@ -7,10 +7,12 @@ Cases (random weights, random token ids; every model is built here, nothing is r
   fixed      Llama-3-8B shape, 2 x 2048 tokens a step. The recipe (`../shared/bench/standard_recipe.py`, its
              `build`) against engine variants that add one change at a time, ending with the default
              (`gradient_checkpointing=auto` planned for the recipe's measured peak).
-  realistic  Example lengths drawn from `--lengths FILE` (one integer per line), cut at 2048, the same
-             examples for everyone, 4,096 token positions a step: the recipe with fixed-length batches (2
-             examples padded to 2048), the recipe padded to the longest example of the batch, and the engine
-             packing examples into one 4,096-token row. Counted: useful (non-pad) tokens per second.
+  realistic  For each `--lengths FILE` (one integer per line; default: the files shipped in bench/lengths),
+             example lengths drawn from it and cut at 2048, the same examples for everyone, 4,096 token
+             positions a step: the recipe with fixed-length batches (2 examples padded to 2048), the recipe
+             padded to the longest example of the batch, and the engine with `micro_batch_tokens=4096`: each
+             64 examples (a batch_size of 64) packed into rows of at most 4,096 tokens by the trainer's own
+             packer, one row a step. Counted: useful (non-pad) tokens per second.
   big        Llama-3-70B shape, 1 x 2048, the engine with every layer checkpointed: does it fit one card.
 Each variant: warm-up steps, then timed steps (CUDA synchronised); tokens/s from the median step, useful
 tokens/s from the sums; peak = max allocated during the timed loop after the model was built; MFU counts
@@ -48,7 +50,8 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
 }
-DEFAULT_LENGTHS = REPO / "bench" / "lengths" / "sharegpt_v3.txt"
+DEFAULT_LENGTHS = [REPO / "bench" / "lengths" / name for name in ("sharegpt_v3.txt", "sharegpt_v3_first_exchange.txt")]
+ENGINE_STEP_EXAMPLES = 64  # the realistic case's batch_size: the engine packs each 64 examples into rows
 GIB = 1024**3
 
 # The recipe's LoRA and optimizer settings; every engine variant uses them too.
@@ -116,24 +119,60 @@ def padded_batches(examples: list, per_batch: int, pad_to: int | None) -> list[d
     return batches
 
 
-def packed_groups(examples: list, budget: int) -> list[list]:
-    """Consecutive examples packed greedily into rows of at most `budget` tokens (the engine's micro-batches)."""
-    groups, current, used = [], [], 0
-    for e in examples:
-        if current and used + len(e.input_ids) > budget:
-            groups.append(current)
-            current, used = [], 0
-        current.append(e)
-        used += len(e.input_ids)
-    if current:
-        groups.append(current)
-    return groups
+def engine_rows(examples: list, budget: int) -> list[list]:
+    """The engine's passes with micro_batch_tokens=budget: each ENGINE_STEP_EXAMPLES examples (one optimizer
+    step's batch) packed into rows of at most `budget` tokens by the trainer's packer."""
+    from worker.training.data import pack_by_tokens
+
+    return [row for start in range(0, len(examples), ENGINE_STEP_EXAMPLES)
+            for row in pack_by_tokens(examples[start : start + ENGINE_STEP_EXAMPLES], budget)]
 
 
 # --- timing ----------------------------------------------------------------------------------------------
 
+KERNEL_KINDS = (  # kernel-name patterns -> where a step's device time goes (first match wins)
+    ("attention", ("flash", "fmha", "attention", "varlen")),
+    ("4-bit dequantize", ("dequant", "4bit", "nf4")),
+    ("matmul", ("gemm", "cutlass", "cublas", "xmma", "nvjet", "matmul", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("optimizer", ("optimizer", "adam", "8bit_blockwise", "optim")),
+)
+PROFILE = {"on": False}  # --profile: one extra step of every variant is profiled
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, patterns in KERNEL_KINDS if any(p in lowered for p in patterns)), "other (elementwise, norms, copies)")
+
+
+def profile_step(step, batch, device: torch.device) -> dict:
+    """One more step under torch.profiler: the wall time, the device's busy time (sum of kernel times; on the
+    CPU, of the ops' own CPU times), that time by kind of kernel, and the 12 most expensive kernels. A busy time
+    far below the wall time means the step waits on Python and kernel launches, not on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step(batch)
+        sync(device)
+    wall = time.perf_counter() - t
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = [(e.key, getattr(e, attr, 0.0) / 1e3, e.count) for e in prof.key_averages()]
+    rows = [r for r in rows if r[1] > 0 and (device.type == "cuda" or r[0].startswith("aten::"))]
+    busy = sum(ms for _, ms, _ in rows)
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    top = sorted(rows, key=lambda r: -r[1])[:12]
+    return {"wall_ms": round(wall * 1e3, 1), "busy_ms": round(busy, 1), "busy_share": round(busy / (wall * 1e3), 3),
+            "by_kind_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:120], "ms": round(ms, 2), "calls": c} for n, ms, c in top]}
+
+
 def timed_loop(step, batches: list, warm: int, steps: int, device: torch.device) -> dict:
-    """Run warm + steps steps (cycling through batches); returns timings, useful tokens and losses."""
+    """Run warm + steps steps (cycling through batches); returns timings, useful tokens and losses (and with
+    --profile, a profile of one more step, after the peak was read)."""
     times, useful, losses = [], [], []
     reset_peak(device)
     for i in range(warm + steps):
@@ -147,9 +186,12 @@ def timed_loop(step, batches: list, warm: int, steps: int, device: torch.device)
             useful.append(n_useful)
         losses.append(round(loss, 4))
     median = statistics.median(times)
-    return {"steps_timed": steps, "step_s_median": round(median, 4), "tokens_per_step": max(useful),
-            "tokens_per_s": round(max(useful) / median, 1), "useful_tokens_per_s": round(sum(useful) / sum(times), 1),
-            "peak_gib": peak_gib(device), "losses": losses}
+    result = {"steps_timed": steps, "step_s_median": round(median, 4), "tokens_per_step": max(useful),
+              "tokens_per_s": round(max(useful) / median, 1), "useful_tokens_per_s": round(sum(useful) / sum(times), 1),
+              "peak_gib": peak_gib(device), "losses": losses}
+    if PROFILE["on"]:
+        result["profile"] = profile_step(step, batches[(warm + steps) % len(batches)], device)
+    return result
 
 
 def mfu(tokens_per_s: float, shape: dict, n_params: int, seq: int, peak_tflops: float) -> float:
@@ -253,7 +295,8 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
                   estimate_gib=round(estimate.torch_allocated_peak / GIB, 2), estimate_static_gib=round(static / GIB, 2),
                   estimate_error=round(estimate.torch_allocated_peak / GIB / result["peak_gib"] - 1, 3) if result["peak_gib"] else None,
                   options={k: v for k, v in cfg.resolved().items() if k in ("attn_implementation", "fused_cross_entropy",
-                                                                            "gradient_checkpointing", "memory_budget_gb")})
+                                                                            "gradient_checkpointing", "memory_budget_gb",
+                                                                            "micro_batch_tokens")})
     base = model.unload()  # the frozen base without adapters, for the next variant
     optimizer = model = built = None
     free_memory(device)
@@ -309,7 +352,10 @@ def attempt(record: dict, name: str, fn):
     if isinstance(result, dict):
         result["wall_s"] = round(time.time() - t, 1)
     record["results"][name] = result
-    print(name, json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
+    print(name, json.dumps({k: v for k, v in result.items() if k not in ("losses", "profile")}), flush=True)
+    if "profile" in result:
+        prof = result["profile"]
+        print(f"  profile: wall {prof['wall_ms']} ms, busy {prof['busy_ms']} ms;", json.dumps(prof["by_kind_ms"]), flush=True)
     save(record)  # after every measurement: a run cut short keeps what it measured
     return result
 
@@ -323,41 +369,49 @@ def save(record: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, help="standard_recipe.py to run as the baseline (CUDA only)")
-    parser.add_argument("--lengths", type=Path, default=DEFAULT_LENGTHS, help="example lengths, one integer per line")
+    parser.add_argument("--lengths", type=Path, action="append", help="example lengths, one integer per line (repeatable; "
+                        "default: " + ", ".join(p.name for p in DEFAULT_LENGTHS) + ")")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (the test suite's run)")
     parser.add_argument("--skip-big", action="store_true", help="leave out the 70B case")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the card's dense bf16 ceiling (H200: ~790 measured)")
+    parser.add_argument("--profile", action="store_true", help="profile one more step of every variant (where the time goes)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    PROFILE["on"] = args.profile
 
     device = torch.device("cuda") if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
     shape, big = ("tiny", "tiny") if args.tiny else ("llama3-8b", "llama3-70b")
     seq, per_step = (128, 2) if args.tiny else (2048, 2)
     budget_tokens = seq * per_step
     vocab = SHAPES[shape]["vocab_size"]
+    lengths_files = args.lengths or [path for path in DEFAULT_LENGTHS if path.is_file()]
     record = {"date": dt.date.today().isoformat(), "card": card(device), "versions": versions(), "shape": shape, "big_shape": big,
-              "seq": seq, "sequences_per_step": per_step, "steps": args.steps, "warm": args.warm, "lengths_file": str(args.lengths),
-              "out": str(args.out), "results": {}}
+              "seq": seq, "sequences_per_step": per_step, "steps": args.steps, "warm": args.warm,
+              "lengths_files": [str(path) for path in lengths_files], "out": str(args.out), "results": {}}
     print(json.dumps({k: record[k] for k in ("date", "card", "versions")}), flush=True)
     n_steps = args.warm + args.steps
 
     # The same examples for everyone.
     fixed = random_examples([seq] * per_step * n_steps, vocab, seed=1)
-    rng = random.Random(0)
-    lengths = read_lengths(args.lengths)
-    drawn = [min(rng.choice(lengths), seq) for _ in range(64 * n_steps)]
-    realistic = random_examples(drawn, vocab, seed=2)
-    record["realistic_mean_length"] = round(sum(drawn) / len(drawn), 1)
+    realistic = {}  # lengths file stem -> examples drawn from it
+    record["realistic_mean_length"] = {}
+    for path in lengths_files:
+        rng = random.Random(0)
+        lengths = read_lengths(path)
+        drawn = [min(rng.choice(lengths), seq) for _ in range(ENGINE_STEP_EXAMPLES * n_steps)]
+        realistic[path.stem] = random_examples(drawn, vocab, seed=2)
+        record["realistic_mean_length"][path.stem] = round(sum(drawn) / len(drawn), 1)
 
     # 1. The recipe (GPU) or its CPU stand-in.
     recipe_peak = None
     if args.baseline and device.type == "cuda":
         recipe = load_recipe(args.baseline)
-        cases = {"recipe, fixed 2x2048": padded_batches(fixed, per_step, seq),
-                 "recipe, realistic, fixed-length batches": padded_batches(realistic, per_step, seq),
-                 "recipe, realistic, padded to longest": padded_batches(realistic, per_step, None)}
+        cases = {"recipe, fixed 2x2048": padded_batches(fixed, per_step, seq)}
+        for stem, examples in realistic.items():
+            cases[f"recipe, {stem}: fixed-length batches"] = padded_batches(examples, per_step, seq)
+            cases[f"recipe, {stem}: padded to longest"] = padded_batches(examples, per_step, None)
         out = attempt(record, "recipe", lambda: run_recipe(recipe, shape, cases, args.warm, args.steps, device))
         record["results"].pop("recipe")
         wall = out.pop("wall_s", None)
@@ -387,32 +441,37 @@ def main(argv=None) -> int:
         ("engine, fixed: default, auto plan" + (f" for {budget} GiB" if budget else ""),
          dict(gradient_checkpointing="auto", memory_budget_gb=budget) if budget else dict(gradient_checkpointing="auto")),
     ]
-    for name, options in variants:
-        cfg = engine_config(**options)
-        box = {}
+    box = {"base": base}  # the base travels through `box` only, so that nothing else keeps it alive
 
-        def one(cfg=cfg, box=box, base=base, model_config=model_config):
-            result, box["base"] = run_engine(base, model_config, cfg, fixed_groups, args.warm, args.steps, device, budget_tokens)
+    def one(cfg, groups, with_mfu=True):
+        result, box["base"] = run_engine(box.pop("base"), model_config, cfg, groups, args.warm, args.steps, device, budget_tokens)
+        if with_mfu:
             result["mfu"] = mfu(result["tokens_per_s"], SHAPES[shape], n_params, seq, args.peak_tflops)
-            return result
+        return result
 
-        attempt(record, name, one)
-        if "base" not in box:  # the variant failed: rebuild a clean base
-            base = None
-            free_memory(device)
-            base, model_config, _ = build_base(shape, device)
-        else:
-            base = box["base"]
-    realistic_groups = packed_groups(realistic, budget_tokens)
-    cfg = engine_config(**variants[-1][1])
-    attempt(record, "engine, realistic, packed", lambda: run_engine(base, model_config, cfg, realistic_groups, args.warm, args.steps,
-                                                                     device, budget_tokens)[0])
     base = None
+    for name, options in variants:
+        attempt(record, name, lambda options=options: one(engine_config(**options), fixed_groups))
+        if "base" not in box:  # the variant failed: rebuild a clean base
+            free_memory(device)
+            box["base"] = build_base(shape, device)[0]
+    default = variants[-1][1]
+    for stem, examples in realistic.items():
+        cfg = engine_config(**default, micro_batch_tokens=budget_tokens, max_seq_length=seq)
+        attempt(record, f"engine, {stem}: packed rows of {budget_tokens}", lambda cfg=cfg, examples=examples: one(
+            cfg, engine_rows(examples, budget_tokens), with_mfu=False))
+        if "base" not in box:
+            free_memory(device)
+            box["base"] = build_base(shape, device)[0]
+    box.clear()
     free_memory(device)
 
     # 3. The big shape: does it fit one card.
     if not args.skip_big:
         def big_case():
+            resident = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0
+            if resident > 0.1:  # the run of 2026-11-28 kept the 8B base: its 5.31 GiB were in the 70B peak
+                raise RuntimeError(f"{resident:.2f} GiB still allocated before the big model is built")
             base, config, build_s = build_base(big, device)
             after_build = round(torch.cuda.memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
             examples = random_examples([seq] * (args.warm + 2), SHAPES[big]["vocab_size"], seed=3)
