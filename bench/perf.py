@@ -6,7 +6,7 @@
 Cases (random weights, random token ids; every model is built here, nothing is read from disk):
   fixed      Llama-3-8B shape, 2 x 2048 tokens a step. The recipe (`../shared/bench/standard_recipe.py`, its
              `build`) against engine variants that add one change at a time, ending with the default
-             (`gradient_checkpointing=auto` planned for the recipe's measured peak).
+             (lean activations, `gradient_checkpointing=auto` planned for 97% of the recipe's measured peak).
   realistic  For each `--lengths FILE` (one integer per line; default: the files shipped in bench/lengths),
              example lengths drawn from it and cut at 2048, the same examples for everyone, 4,096 token
              positions a step: the recipe with fixed-length batches (2 examples padded to 2048), the recipe
@@ -18,7 +18,7 @@ Each variant: warm-up steps, then timed steps (CUDA synchronised); tokens/s from
 tokens/s from the sums; peak = max allocated during the timed loop after the model was built; MFU counts
 6 x parameters + attention FLOPs per token (the recipe's convention) against --peak-tflops.
 Correctness guard: on one packed batch of the fixed case, the loss of the plain engine path (sdpa, full
-logits) and of the optimized one (varlen attention, fused loss) must agree (no_grad, same weights).
+logits) and of the optimized one (varlen attention, fused loss, lean activations) must agree (no_grad, same weights).
 
 On the CPU (--tiny) there is no recipe: a plain engine variant stands in for it, so the bench's code runs.
 """
@@ -296,7 +296,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
                   estimate_error=round(estimate.torch_allocated_peak / GIB / result["peak_gib"] - 1, 3) if result["peak_gib"] else None,
                   options={k: v for k, v in cfg.resolved().items() if k in ("attn_implementation", "fused_cross_entropy",
                                                                             "gradient_checkpointing", "memory_budget_gb",
-                                                                            "micro_batch_tokens")})
+                                                                            "micro_batch_tokens", "lean_activations")})
     base = model.unload()  # the frozen base without adapters, for the next variant
     optimizer = model = built = None
     free_memory(device)
@@ -312,7 +312,7 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
     batch = collate_packed(groups[0])
     out = {}
     for name, attn, fused in (("plain", "sdpa", False), ("optimized", "varlen", True)):
-        cfg = engine_config(attn_implementation=attn, fused_cross_entropy=fused, gradient_checkpointing="off")
+        cfg = engine_config(attn_implementation=attn, fused_cross_entropy=fused, lean_activations=fused, gradient_checkpointing="off")
         set_attention(base, attn)
         torch.manual_seed(0)
         built = add_adapters(base, cfg, device, ("off",) * len(decoder_layers(base)))
@@ -432,14 +432,16 @@ def main(argv=None) -> int:
     print("loss guard", json.dumps(guard), flush=True)
     save(record)
     budget = round(recipe_peak * 0.97, 2) if recipe_peak else None
+    auto = dict(gradient_checkpointing="auto", memory_budget_gb=budget) if budget else dict(gradient_checkpointing="auto")
+    for_budget = f" for {budget} GiB" if budget else ""
     variants = [
         ("engine, fixed: plain (sdpa, full logits, every layer checkpointed)",
-         dict(attn_implementation="sdpa", fused_cross_entropy=False, gradient_checkpointing="on")),
-        ("engine, fixed: + fused loss", dict(attn_implementation="sdpa", gradient_checkpointing="on")),
-        ("engine, fixed: + varlen attention", dict(gradient_checkpointing="on")),
-        ("engine, fixed: + selective checkpointing", dict(gradient_checkpointing="selective")),
-        ("engine, fixed: default, auto plan" + (f" for {budget} GiB" if budget else ""),
-         dict(gradient_checkpointing="auto", memory_budget_gb=budget) if budget else dict(gradient_checkpointing="auto")),
+         dict(attn_implementation="sdpa", fused_cross_entropy=False, gradient_checkpointing="on", lean_activations=False)),
+        ("engine, fixed: + fused loss", dict(attn_implementation="sdpa", gradient_checkpointing="on", lean_activations=False)),
+        ("engine, fixed: + varlen attention", dict(gradient_checkpointing="on", lean_activations=False)),
+        ("engine, fixed: + auto plan" + for_budget, dict(auto, lean_activations=False)),
+        ("engine, fixed: + lean activations, selective checkpointing", dict(gradient_checkpointing="selective")),
+        ("engine, fixed: default (+ lean activations, auto plan" + for_budget + ")", auto),
     ]
     box = {"base": base}  # the base travels through `box` only, so that nothing else keeps it alive
 

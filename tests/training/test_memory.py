@@ -46,10 +46,11 @@ LLAMA3_8B = {
 
 def small_cfg(**overrides) -> TrainingConfig:
     # 2 x 32 = 64 tokens per micro-batch; flash_attention_2 keeps the attention terms free of masks and s^2.
-    # fused_cross_entropy=False: the plain loss path (the fused one has its own test below).
+    # fused_cross_entropy=False: the plain loss path (the fused one has its own test below); lean_activations=False:
+    # peft's and transformers' own layers (the lean ones have their own test below).
     values = dict(
         lora_r=8, micro_batch_size=2, batch_size=2, max_seq_length=32, attn_implementation="flash_attention_2",
-        fused_cross_entropy=False,
+        fused_cross_entropy=False, lean_activations=False,
     )
     values.update(overrides)
     return TrainingConfig(**values)
@@ -58,7 +59,7 @@ def small_cfg(**overrides) -> TrainingConfig:
 def anchor_cfg(**overrides) -> TrainingConfig:
     """The performance-baseline run: r=16 on all 7 linears, 2 x 2048 tokens, paged AdamW 8-bit, NF4 + DQ."""
     values = dict(lora_r=16, micro_batch_size=2, batch_size=2, max_seq_length=2048, optimizer="paged_adamw_8bit",
-                  attn_implementation="sdpa", fused_cross_entropy=False)
+                  attn_implementation="sdpa", fused_cross_entropy=False, lean_activations=False)
     values.update(overrides)
     return TrainingConfig(**values)
 
@@ -134,6 +135,25 @@ def test_small_config_every_term_by_hand():
     )
     assert est.total == expected_total
     assert est.torch_allocated_peak == expected_total  # nothing paged
+
+
+def test_small_config_lean_activations_by_hand():
+    est = estimate_memory(SMALL, small_cfg(lean_activations=True), gradient_checkpointing=False)
+    norms = 2 * (2 * 64 + 4)  # 264: each norm keeps its bf16 input and the fp32 rsqrt
+    attention = 400  # as without
+    swiglu = 2 * 2 * 128  # 512: gate and up; silu is recomputed
+    # LoRA: every lora_A output (r=8, bf16) and each distinct input once: the attention norm's output (q/k/v), the
+    # MLP norm's (gate/up), the SwiGLU output (down); o_proj's input is the attention output, kept by the kernel.
+    lora = 7 * 2 * 8 + 2 * (64 + 64 + 128)  # 624
+    one_layer = 64 * (norms + attention + swiglu + lora)  # no saved weight casts: the branch casts again in backward
+    final_norm = 64 * (2 * 64 + 4)
+    rope = 64 * 2 * 16 * 2
+    assert est.activations == 2 * one_layer + final_norm + rope == 242944
+    peft = estimate_memory(SMALL, small_cfg(), gradient_checkpointing=False)
+    assert est.activations < 0.51 * peft.activations  # about half, at this shape
+    dora = estimate_memory(SMALL, small_cfg(lean_activations=True, use_dora=True), gradient_checkpointing=False)
+    dora_peft = estimate_memory(SMALL, small_cfg(use_dora=True), gradient_checkpointing=False)
+    assert dora_peft.activations > dora.activations > est.activations  # DoRA keeps peft's LoRA path, lean norms/SwiGLU
 
 
 def test_small_config_with_checkpointing_by_hand():

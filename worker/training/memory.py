@@ -336,6 +336,14 @@ def _layer_saved_bytes_per_token(
       RoPE saves only cos/sin (shared by all layers); residual adds and the 4-bit base matmuls save nothing.
     For Llama-3-8B with LoRA on all 7 linears, r=16, dropout 0.05, flash attention:
       23h + 7q + 4kv + 9i + 14r + 4*heads + 8  (q = heads*head_dim, kv = kv_heads*head_dim) = 256,360 bytes.
+
+    With lean_activations (worker/training/lean.py) three of those terms shrink:
+      2 * (c*h + 4)         each RMSNorm keeps its input in the compute dtype (and the fp32 scale)
+      2 * c * i             SwiGLU keeps gate and up; silu is recomputed
+      c * r + c * in_m      per adapted module, the input counted once per distinct input (as with dropout 0,
+                            whatever the dropout: the mask is replayed, not kept; no fresh copies either)
+    and the compute-dtype casts of the LoRA weights are not kept (the per-layer constant of estimate_memory).
+    DoRA layers keep peft's own LoRA path. For Llama-3-8B as above: 139,624 bytes.
     """
     c = _compute_bytes(cfg.compute_dtype)
     h, i, r = s.hidden, s.intermediate, cfg.lora_r
@@ -345,15 +353,21 @@ def _layer_saved_bytes_per_token(
     gate = 4 if cfg.use_dora and "gate_proj" in targets else c
     up = 4 if cfg.use_dora and "up_proj" in targets else c
 
-    total = 2 * (4 * h + 4)  # the two RMSNorms
+    lean, lean_lora = cfg.lean_activations, cfg.lean_activations and not cfg.use_dora
+    stream = 4 if cfg.use_dora and ("o_proj" in targets or "down_proj" in targets) else c
+    total = 2 * ((stream if lean else 4) * h + 4)  # the two RMSNorms: their input (fp32 upcast unless lean), rsqrt
     total += attn_per_token
-    total += (2 * gate + up) * i  # SwiGLU: silu's input and output, up's output
+    total += (gate + up if lean else 2 * gate + up) * i  # SwiGLU: silu's input (and output unless lean), up's output
     saved_sources = {"attn_out"} if attn_saves_output else set()
-    fresh_copy_per_module = cfg.quantization == "none" and c != 4  # peft casts x to fp32, autocast back to bf16
+    fresh_copy_per_module = cfg.quantization == "none" and c != 4 and not lean_lora  # peft casts x to fp32, autocast back
     for name in targets:
         in_m, out_m = shapes[name]
         total += c * r  # lora_A output, saved by lora_B
-        if cfg.lora_dropout > 0:
+        if lean_lora:
+            if _INPUT_OF[name] not in saved_sources:
+                total += c * in_m  # the branch keeps its input, once per distinct input; the mask is replayed
+                saved_sources.add(_INPUT_OF[name])
+        elif cfg.lora_dropout > 0:
             total += (c + 1) * in_m  # dropout output (saved by lora_A) + bool mask
         elif fresh_copy_per_module:
             total += c * in_m
@@ -443,7 +457,8 @@ def estimate_memory(
     per_token = _layer_saved_bytes_per_token(s, cfg, shapes, targets, attn_per_token, attn_saves_output)
     # Per layer, not per token: the attention's s^2 tensors, and the compute-dtype copies of the fp32 LoRA
     # weights that autocast makes and the LoRA matmuls save (none without autocast, i.e. fp32 compute).
-    weight_casts = sum(cfg.lora_r * sum(shapes[name]) for name in targets) * c if c < 4 else 0
+    lean_lora = cfg.lean_activations and not cfg.use_dora  # lean.LoraBranch casts the weights again in backward
+    weight_casts = sum(cfg.lora_r * sum(shapes[name]) for name in targets) * c if c < 4 and not lean_lora else 0
     one_layer = tokens * per_token + rows * attn_s2_per_row + weight_casts
     # transformers' non-reentrant checkpointing per decoder layer keeps each checkpointed layer's input hidden
     # state; backward recomputes one layer at a time, holding that layer's full activations. DoRA on o_proj or
@@ -454,7 +469,7 @@ def estimate_memory(
     selective = tokens * selective_saved_bytes_per_token(model_config, cfg) + (rows * attn_s2_per_row if cfg.resolved_attn_implementation == "eager" else 0)
     activations = (n_on + n_selective) * tokens * s.hidden * stream + n_selective * selective + n_off * one_layer
     recompute = one_layer if gradient_checkpointing else 0
-    activations += tokens * (4 * s.hidden + 4)  # final RMSNorm: fp32 upcast + rsqrt, as in each layer
+    activations += tokens * ((stream if cfg.lean_activations else 4) * s.hidden + 4)  # final RMSNorm, as in each layer
     activations += tokens * 2 * s.head_dim * c  # RoPE cos and sin, shared by all layers
     activations += rows * mask_per_row
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from worker.training import attention
+from worker.training import attention, lean
 from worker.training.config import ALL_LINEAR, ConfigError, TrainingConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -230,5 +230,6 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
+    lean.apply(peft_model, cfg.lean_activations)
     trainable, total = peft_model.get_nb_trainable_parameters()
     return BuiltModel(peft_model, device, tuple(plan), trainable, total)

@@ -1,0 +1,126 @@
+"""lean_activations: each autograd function against autograd's own gradients, the dropout replay, and switching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from worker.training import lean
+from worker.training.config import TrainingConfig
+from worker.training.data import collate_packed, load_examples, tokenize_examples
+from worker.training.model import build_model
+from worker.training.trainer import forward_loss
+
+from .test_trainer import write_chat_file
+
+
+def double(*shape, grad=True):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
+
+
+def test_functions_pass_gradcheck():
+    torch.manual_seed(0)
+    x = double(3, 5, 8)
+    assert torch.autograd.gradcheck(lean.SwiGLUFunction.apply, (double(3, 7), double(3, 7)))
+    a, b = double(4, 8), double(6, 4)
+    assert torch.autograd.gradcheck(lambda x, a, b: lean.LoraBranch.apply(x, a, b, 0.0, 0.5), (x, a, b))
+
+
+def test_rmsnorm_gradients_equal_autograds_in_fp32():
+    """The norm computes in fp32 whatever its input (as transformers' does), so gradcheck's float64 cannot see
+    it; against autograd through transformers' norm in fp32, input and weight gradients agree."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-6)
+    norm.weight.data.normal_(1, 0.2)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    grad = torch.randn(3, 7, 48)
+    expected = torch.autograd.grad(norm(x), (x, norm.weight), grad)
+    got = torch.autograd.grad(lean.RMSNormFunction.apply(x, norm.weight, 1e-6), (x, norm.weight), grad)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_matches_transformers_in_bf16():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data.normal_(1, 0.1)
+    x = torch.randn(2, 10, 64, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 10, 64, dtype=torch.bfloat16)
+    (expected_x,) = torch.autograd.grad(norm(x), x, grad)
+    out = lean.RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+    (got_x,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(out, norm(x))
+    torch.testing.assert_close(got_x, expected_x, rtol=1e-2, atol=1e-2)  # fp32 math in another order, bf16 result
+
+
+def test_swiglu_is_bitwise_autograds():
+    gate = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(4, 32, dtype=torch.bfloat16)
+    expected = torch.autograd.grad(F.silu(gate) * up, (gate, up), grad)
+    got = torch.autograd.grad(lean.SwiGLUFunction.apply(gate, up), (gate, up), grad)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+def test_lora_branch_replays_the_forwards_dropout_mask():
+    """Backward rebuilds the mask from the saved generator state: the gradients are those of the same mask kept,
+    and the random stream after the step is where nn.Dropout would have left it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 32, requires_grad=True)
+    a = torch.randn(8, 32, requires_grad=True)
+    b = torch.randn(16, 8, requires_grad=True)
+    grad = torch.randn(2, 50, 16)
+
+    torch.manual_seed(7)
+    dropout = torch.nn.Dropout(0.3)
+    reference = F.linear(F.linear(dropout(x), a), b) * 0.25
+    after_reference = torch.rand(1)
+    expected = torch.autograd.grad(reference, (x, a, b), grad)
+
+    torch.manual_seed(7)
+    out = lean.LoraBranch.apply(x, a, b, 0.3, 0.25)
+    torch.rand(5)  # the generator moves on before backward; the replay must not care
+    got = torch.autograd.grad(out, (x, a, b), grad)
+    torch.testing.assert_close(out, reference)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    torch.manual_seed(7)
+    lean.LoraBranch.apply(x, a, b, 0.3, 0.25)
+    assert torch.equal(torch.rand(1), after_reference)  # the same amount of randomness was drawn
+
+
+def test_apply_switches_a_built_model_both_ways(tiny_model_dir):
+    built = build_model(tiny_model_dir, TrainingConfig(lean_activations=False))
+    model = built.model
+    assert lean.apply(model, True) == {"norms": 5, "mlps": 2, "lora": 14}  # 2 per layer + the final norm; 7 LoRA a layer
+    kinds = {type(m).__name__: m for m in model.modules()}
+    assert kinds["LlamaRMSNorm"].forward.__func__ is lean.rmsnorm_forward
+    assert lean.apply(model, False) == {"norms": 0, "mlps": 0, "lora": 0}
+    assert "forward" not in kinds["LlamaRMSNorm"].__dict__ and "forward" not in kinds["LlamaMLP"].__dict__
+
+
+def test_lean_bf16_training_step_matches_peft(tiny_model_dir, tmp_path, tokenizer):
+    """bf16 autocast without dropout (the CPU runs peft's dropout in fp32, ours in bf16: a different random
+    stream): the loss and the LoRA gradients agree to bf16 precision."""
+    rows = load_examples(write_chat_file(tmp_path / "train.jsonl", 12))
+    examples, _ = tokenize_examples(tokenizer, rows[:6], max_seq_length=64)
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        built = build_model(tiny_model_dir, TrainingConfig(lora_dropout=0.0, lean_activations=enabled, gradient_checkpointing="off"))
+        torch.manual_seed(1)
+        for name, param in built.model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)
+        built.model.train()
+        loss, n, _ = forward_loss(built.model, collate_packed(examples), built.device, torch.bfloat16, True)
+        loss.backward()
+        results.append((float(loss) / n, {k: p.grad for k, p in built.model.named_parameters() if p.requires_grad}))
+    assert results[1][0] == pytest.approx(results[0][0], rel=2e-3)
+    for name, grad in results[0][1].items():
+        assert torch.nn.functional.cosine_similarity(results[1][1][name].flatten(), grad.flatten(), dim=0) > 0.99, name
