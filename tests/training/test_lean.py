@@ -25,6 +25,24 @@ def test_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(lean.SwiGLUFunction.apply, (double(3, 7), double(3, 7)))
     a, b = double(4, 8), double(6, 4)
     assert torch.autograd.gradcheck(lambda x, a, b: lean.LoraBranch.apply(x, a, b, 0.0, 0.5), (x, a, b))
+    gate, up = double(3, 5, 8), double(3, 5, 8)
+    assert torch.autograd.gradcheck(lambda g, u, a, b: lean.SwiGLULoraBranch.apply(g, u, a, b, 0.0, 0.5), (gate, up, a, b))
+
+
+def test_swiglu_fed_branch_equals_the_branch_on_the_product_with_dropout():
+    torch.manual_seed(0)
+    gate, up = torch.randn(2, 9, 24, requires_grad=True), torch.randn(2, 9, 24, requires_grad=True)
+    a, b = torch.randn(4, 24, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    grad = torch.randn(2, 9, 6)
+    torch.manual_seed(3)
+    reference = lean.LoraBranch.apply(F.silu(gate) * up, a, b, 0.2, 2.0)
+    expected = torch.autograd.grad(reference, (gate, up, a, b), grad)
+    torch.manual_seed(3)
+    out = lean.SwiGLULoraBranch.apply(gate, up, a, b, 0.2, 2.0)
+    got = torch.autograd.grad(out, (gate, up, a, b), grad)
+    assert torch.equal(out, reference)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
 
 
 def test_rmsnorm_gradients_equal_autograds_in_fp32():

@@ -143,14 +143,15 @@ def test_small_config_lean_activations_by_hand():
     attention = 400  # as without
     swiglu = 2 * 2 * 128  # 512: gate and up; silu is recomputed
     # LoRA: every lora_A output (r=8, bf16) and each distinct input once: the attention norm's output (q/k/v), the
-    # MLP norm's (gate/up), the SwiGLU output (down); o_proj's input is the attention output, kept by the kernel.
-    lora = 7 * 2 * 8 + 2 * (64 + 64 + 128)  # 624
+    # MLP norm's (gate/up); o_proj's input is the attention output, kept by the kernel; down_proj's, the SwiGLU
+    # output, is rebuilt from gate and up.
+    lora = 7 * 2 * 8 + 2 * (64 + 64)  # 368
     one_layer = 64 * (norms + attention + swiglu + lora)  # no saved weight casts: the branch casts again in backward
     final_norm = 64 * (2 * 64 + 4)
     rope = 64 * 2 * 16 * 2
-    assert est.activations == 2 * one_layer + final_norm + rope == 242944
+    assert est.activations == 2 * one_layer + final_norm + rope == 210176
     peft = estimate_memory(SMALL, small_cfg(), gradient_checkpointing=False)
-    assert est.activations < 0.51 * peft.activations  # about half, at this shape
+    assert est.activations < 0.45 * peft.activations  # less than half, at this shape
     dora = estimate_memory(SMALL, small_cfg(lean_activations=True, use_dora=True), gradient_checkpointing=False)
     dora_peft = estimate_memory(SMALL, small_cfg(use_dora=True), gradient_checkpointing=False)
     assert dora_peft.activations > dora.activations > est.activations  # DoRA keeps peft's LoRA path, lean norms/SwiGLU

@@ -341,9 +341,10 @@ def _layer_saved_bytes_per_token(
       2 * (c*h + 4)         each RMSNorm keeps its input in the compute dtype (and the fp32 scale)
       2 * c * i             SwiGLU keeps gate and up; silu is recomputed
       c * r + c * in_m      per adapted module, the input counted once per distinct input (as with dropout 0,
-                            whatever the dropout: the mask is replayed, not kept; no fresh copies either)
+                            whatever the dropout: the mask is replayed, not kept; no fresh copies either);
+                            down_proj's input not at all (rebuilt from gate and up in backward)
     and the compute-dtype casts of the LoRA weights are not kept (the per-layer constant of estimate_memory).
-    DoRA layers keep peft's own LoRA path. For Llama-3-8B as above: 139,624 bytes.
+    DoRA layers keep peft's own LoRA path. For Llama-3-8B as above: 110,952 bytes.
     """
     c = _compute_bytes(cfg.compute_dtype)
     h, i, r = s.hidden, s.intermediate, cfg.lora_r
@@ -364,7 +365,9 @@ def _layer_saved_bytes_per_token(
         in_m, out_m = shapes[name]
         total += c * r  # lora_A output, saved by lora_B
         if lean_lora:
-            if _INPUT_OF[name] not in saved_sources:
+            if name == "down_proj":
+                pass  # its input, silu(gate) * up, is rebuilt from gate and up, which SwiGLU keeps
+            elif _INPUT_OF[name] not in saved_sources:
                 total += c * in_m  # the branch keeps its input, once per distinct input; the mask is replayed
                 saved_sources.add(_INPUT_OF[name])
         elif cfg.lora_dropout > 0:
