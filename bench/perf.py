@@ -136,7 +136,7 @@ KERNEL_KINDS = (  # kernel-name patterns -> where a step's device time goes (fir
     ("matmul", ("gemm", "cutlass", "cublas", "xmma", "nvjet", "matmul", "aten::mm", "aten::addmm", "aten::bmm")),
     ("optimizer", ("optimizer", "adam", "8bit_blockwise", "optim")),
 )
-PROFILE = {"on": False}  # --profile: one extra step of every variant is profiled
+PROFILE = {"on": False}  # --profile: one extra step of the recipe and of the engine's default (fixed case) is profiled
 
 
 def kernel_kind(name: str) -> str:
@@ -170,7 +170,7 @@ def profile_step(step, batch, device: torch.device) -> dict:
             "top": [{"name": n[:120], "ms": round(ms, 2), "calls": c} for n, ms, c in top]}
 
 
-def timed_loop(step, batches: list, warm: int, steps: int, device: torch.device) -> dict:
+def timed_loop(step, batches: list, warm: int, steps: int, device: torch.device, profile: bool = False) -> dict:
     """Run warm + steps steps (cycling through batches); returns timings, useful tokens and losses (and with
     --profile, a profile of one more step, after the peak was read)."""
     times, useful, losses = [], [], []
@@ -189,7 +189,7 @@ def timed_loop(step, batches: list, warm: int, steps: int, device: torch.device)
     result = {"steps_timed": steps, "step_s_median": round(median, 4), "tokens_per_step": max(useful),
               "tokens_per_s": round(max(useful) / median, 1), "useful_tokens_per_s": round(sum(useful) / sum(times), 1),
               "peak_gib": peak_gib(device), "losses": losses}
-    if PROFILE["on"]:
+    if profile:
         result["profile"] = profile_step(step, batches[(warm + steps) % len(batches)], device)
     return result
 
@@ -226,7 +226,8 @@ def run_recipe(recipe, shape: str, cases: dict[str, list[dict]], warm: int, step
         return float(out.loss), batch["useful"]
 
     for name, batches in cases.items():
-        results[name] = {**timed_loop(step, batches, warm, steps, device), "params": n_params}
+        profile = PROFILE["on"] and name == "recipe, fixed 2x2048"
+        results[name] = {**timed_loop(step, batches, warm, steps, device, profile), "params": n_params}
     model = opt = None  # free the recipe's model before the engine's is built
     free_memory(device)
     return results
@@ -258,7 +259,8 @@ def set_attention(model, name: str) -> None:
     model.config._attn_implementation = use(name)
 
 
-def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: int, device: torch.device, tokens_per_micro: int):
+def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: int, device: torch.device, tokens_per_micro: int,
+               profile: bool = False):
     """One engine variant on `base`: adapters, plan and options from `cfg`, the trainer's loss and optimizer.
     Returns (result, base with the adapters removed)."""
     from worker.training.data import collate_packed
@@ -287,7 +289,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
         return float(loss_sum.detach()) / n_targets, batch["input_ids"].numel()
 
     resident = round(torch.cuda.memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
-    result = timed_loop(step, batches, warm, steps, device)
+    result = timed_loop(step, batches, warm, steps, device, profile)
     result["allocated_before_steps_gib"] = resident  # base + adapters: what the estimate's static terms predict
     estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro, layer_modes=plan)
     static = estimate.base_weights + estimate.lora_params
@@ -376,7 +378,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="the card's dense bf16 ceiling (H200: ~790 measured)")
-    parser.add_argument("--profile", action="store_true", help="profile one more step of every variant (where the time goes)")
+    parser.add_argument("--profile", action="store_true", help="profile one more step of the recipe and the engine's default, "
+                        "fixed case (where the time goes)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     PROFILE["on"] = args.profile
@@ -445,15 +448,17 @@ def main(argv=None) -> int:
     ]
     box = {"base": base}  # the base travels through `box` only, so that nothing else keeps it alive
 
-    def one(cfg, groups, with_mfu=True):
-        result, box["base"] = run_engine(box.pop("base"), model_config, cfg, groups, args.warm, args.steps, device, budget_tokens)
+    def one(cfg, groups, with_mfu=True, profile=False):
+        result, box["base"] = run_engine(box.pop("base"), model_config, cfg, groups, args.warm, args.steps, device, budget_tokens,
+                                         profile)
         if with_mfu:
             result["mfu"] = mfu(result["tokens_per_s"], SHAPES[shape], n_params, seq, args.peak_tflops)
         return result
 
     base = None
     for name, options in variants:
-        attempt(record, name, lambda options=options: one(engine_config(**options), fixed_groups))
+        profile = args.profile and options is variants[-1][1]
+        attempt(record, name, lambda options=options, profile=profile: one(engine_config(**options), fixed_groups, profile=profile))
         if "base" not in box:  # the variant failed: rebuild a clean base
             free_memory(device)
             box["base"] = build_base(shape, device)[0]

@@ -78,7 +78,9 @@ def test_profile_says_where_a_steps_time_goes(tmp_path):
         perf.PROFILE["on"] = False
     record = json.loads(out.read_text())
     assert rc == 0, record["results"]
-    for name, r in record["results"].items():
+    profiled = {name: r for name, r in record["results"].items() if "profile" in r}
+    assert list(profiled) == [name for name in record["results"] if name.startswith("engine, fixed: default")]
+    for name, r in profiled.items():
         prof = r["profile"]
         assert prof["wall_ms"] > 0 and 0 < prof["busy_ms"] and prof["top"], name
         assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["busy_ms"], abs=0.5), name
