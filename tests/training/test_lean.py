@@ -142,3 +142,24 @@ def test_lean_bf16_training_step_matches_peft(tiny_model_dir, tmp_path, tokenize
     assert results[1][0] == pytest.approx(results[0][0], rel=2e-3)
     for name, grad in results[0][1].items():
         assert torch.nn.functional.cosine_similarity(results[1][1][name].flatten(), grad.flatten(), dim=0) > 0.99, name
+
+
+def test_a_branch_fed_by_a_lean_norm_keeps_the_norms_input_not_its_output():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    weight = torch.randn(16)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    grad = torch.randn(2, 5, 8)
+    kept = []
+    normed = lean.RMSNormFunction.apply(x, weight, 1e-6)
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = lean.LoraBranch.apply(normed, a, b, 0.1, 1.0)
+    assert any(t is x for t in kept) and not any(t is normed for t in kept)
+    got = torch.autograd.grad(out, (x, a, b), grad, retain_graph=True)
+
+    copy = normed.clone()  # not a registered norm output: the branch keeps the tensor itself
+    torch.manual_seed(1)
+    expected = torch.autograd.grad(lean.LoraBranch.apply(copy, a, b, 0.1, 1.0), (x, a, b), grad)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)

@@ -62,7 +62,7 @@ class TrainingConfig(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = Field(ALL_LINEAR, description="Module names to adapt, or 'all-linear' (every linear layer but the output head).")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    gradient_checkpointing: GradientCheckpointing = Field("auto", description="Activation checkpointing per decoder layer. on: recompute each layer in the backward pass (least memory). off: keep everything. auto (GPU): as many layers off as the memory estimate fits into memory_budget_gb, the rest on; auto on the CPU: off. selective (experimental, never chosen by auto): keep only the large matmul and attention outputs, recompute the rest; not yet measured on a GPU since a fix (docs/performance.md).")
+    gradient_checkpointing: GradientCheckpointing = Field("auto", description="Activation checkpointing per decoder layer. on: recompute each layer in the backward pass (least memory). off: keep everything. auto (GPU): as many layers off as the memory estimate fits into memory_budget_gb, the rest on; auto on the CPU: off. selective (experimental, never chosen by auto): keep only the large matmul and attention outputs, recompute the rest; with lean_activations an unchecked layer keeps less than that, so it buys nothing then (docs/performance.md).")
     memory_budget_gb: float | None = Field(None, gt=0, le=10000, description="GiB of GPU memory gradient_checkpointing=auto plans for. None: 85% of the GPU memory free when the job starts.")
 
     # --- optimizer and schedule -------------------------------------------------------------------
@@ -79,7 +79,7 @@ class TrainingConfig(BaseModel):
     n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs).")
     fused_cross_entropy: bool = Field(True, description="Compute the loss from the hidden states chunk by chunk, never holding the [tokens x vocabulary] logits (about 6 GiB for 4,096 tokens of a 128k vocabulary). False: the plain head + cross-entropy.")
-    lean_activations: bool = Field(True, description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean.py): the LoRA branch replays its dropout mask instead of keeping the dropped input, RMSNorm keeps its input in the compute dtype instead of fp32, SwiGLU recomputes silu (and down_proj's LoRA its input). Same results; 57% fewer bytes per unchecked layer (Llama-3-8B), so gradient_checkpointing=auto leaves more layers unchecked.")
+    lean_activations: bool = Field(True, description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean.py): the LoRA branch replays its dropout mask instead of keeping the dropped input, RMSNorm keeps its input in the compute dtype instead of fp32, SwiGLU recomputes silu, and LoRA inputs are rebuilt from what the norms and SwiGLU keep. Same results; 63% fewer bytes per unchecked layer (Llama-3-8B), so gradient_checkpointing=auto leaves more layers unchecked.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seeds data order, LoRA init and dropout.")
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------------

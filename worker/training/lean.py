@@ -4,17 +4,18 @@ What an unchecked Llama layer keeps per token is mostly copies that are cheap to
 functions keep only what is expensive to rebuild (or kept anyway) and redo the rest in the backward pass:
 
 - **LoRA** (`LoraBranch`): peft's ``lora_B(lora_A(dropout(x)))`` keeps, per adapted module, the dropout output
-  and its mask: 3 bytes per input element, seven times a layer. Here the branch keeps its input ``x`` (one
-  tensor that q/k/v share, as gate/up do; o_proj's input is kept by the attention kernel anyway), the rank-r
-  ``x A^T`` and the state of the random generator: backward replays the same dropout mask with the same kernel
-  (``torch.native_dropout``, which is what ``nn.Dropout`` runs), so the result equals peft's.
+  and its mask: 3 bytes per input element, seven times a layer. Here the branch keeps the rank-r ``x A^T``, the
+  state of the random generator and what rebuilds ``x``: for q/k/v and gate/up, whose ``x`` is a norm's output,
+  the norm's input and scale (kept by the norm anyway); for o_proj its input (the attention output, kept by the
+  attention kernel anyway). Backward replays the same dropout mask with the same kernel (``torch.native_dropout``,
+  which is what ``nn.Dropout`` runs), so the result equals peft's.
 - **RMSNorm** (`RMSNormFunction`): transformers' norm keeps an fp32 copy of its input (4 bytes per element);
   here the compute-dtype input (2 bytes) and the per-token scale, the fp32 math redone in backward.
 - **SwiGLU** (`SwiGLUFunction`): ``silu(gate) * up`` keeps gate, silu(gate) and up; here gate and up, with
   silu redone in backward by the same kernels autograd uses (bitwise the same gradients). down_proj's LoRA branch
   (`SwiGLULoraBranch`) takes gate and up too and rebuilds their product in backward instead of keeping it.
 
-For Llama-3-8B (LoRA r=16 on all seven linears, dropout 0.05, bf16) that is 256,360 -> 110,952 bytes per token
+For Llama-3-8B (LoRA r=16 on all seven linears, dropout 0.05, bf16) that is 256,360 -> 94,568 bytes per token
 and layer (`memory.py` models both). More layers then fit without checkpointing under the same memory budget
 (`gradient_checkpointing=auto`), which is where the speed comes from: no layer is recomputed that fits.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import weakref
 from functools import cache
 from typing import Any
 
@@ -95,18 +97,49 @@ def _branch_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, a: torch.Ten
     return grad_x, grad_a, grad_b
 
 
+# Outputs of lean RMSNorms still alive: id -> (weak ref to the output, weak ref to the norm's input, weight, rstd).
+# A LoRA branch fed by such an output keeps the norm's input and scale (which the norm keeps anyway) instead.
+_NORM_OUTPUTS: dict[int, tuple[weakref.ref, weakref.ref, torch.Tensor, torch.Tensor]] = {}
+
+
+def _remember_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> None:
+    if len(_NORM_OUTPUTS) >= 256:
+        for key in [k for k, (ref, *_rest) in _NORM_OUTPUTS.items() if ref() is None]:
+            del _NORM_OUTPUTS[key]
+    _NORM_OUTPUTS[id(out)] = (weakref.ref(out), weakref.ref(x), weight, rstd)
+
+
+def _norm_source(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(input, weight, rstd) of the lean RMSNorm whose output `t` is, or None."""
+    entry = _NORM_OUTPUTS.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    x = entry[1]()
+    return None if x is None else (x, entry[2], entry[3])
+
+
+def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The norm's output again, by the forward's own operations (bitwise the same)."""
+    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
+
+
 class LoraBranch(torch.autograd.Function):
-    """``lora_B(lora_A(dropout(x))) * scaling``, keeping x, x A^T and the generator state (not the dropout output)."""
+    """``lora_B(lora_A(dropout(x))) * scaling``, keeping x A^T, the generator state and x itself -- or, when x is
+    the output of a lean RMSNorm (q/k/v, gate/up), the norm's input and scale, which the norm keeps anyway; x is
+    rebuilt from them in backward. The dropout output and mask are never kept."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, scaling: float) -> torch.Tensor:
         out, u = _branch_forward(ctx, x, a, b, p, scaling)
-        ctx.save_for_backward(x, a, b, u)
+        source = _norm_source(x)
+        ctx.from_norm = source is not None
+        ctx.save_for_backward(*(source if source is not None else (x,)), a, b, u)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        x, a, b, u = ctx.saved_tensors
+        *kept, a, b, u = ctx.saved_tensors
+        x = _normed(*kept) if ctx.from_norm else kept[0]
         grad_x, grad_a, grad_b = _branch_backward(ctx, grad, x, a, b, u, ctx.needs_input_grad[0])
         return (grad_x.to(x.dtype) if grad_x is not None else None), grad_a, grad_b, None, None
 
@@ -146,7 +179,9 @@ class RMSNormFunction(torch.autograd.Function):
         x32 = x.to(torch.float32)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        out = weight * (x32 * rstd).to(x.dtype)
+        _remember_norm(out, x, weight, rstd)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):

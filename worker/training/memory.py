@@ -340,11 +340,11 @@ def _layer_saved_bytes_per_token(
     With lean_activations (worker/training/lean.py) three of those terms shrink:
       2 * (c*h + 4)         each RMSNorm keeps its input in the compute dtype (and the fp32 scale)
       2 * c * i             SwiGLU keeps gate and up; silu is recomputed
-      c * r + c * in_m      per adapted module, the input counted once per distinct input (as with dropout 0,
-                            whatever the dropout: the mask is replayed, not kept; no fresh copies either);
-                            down_proj's input not at all (rebuilt from gate and up in backward)
+      c * r                 per adapted module: its input is rebuilt in backward (q/k/v and gate/up: the norm's
+                            output from the norm's input and scale; down_proj: silu(gate) * up from gate and up)
+                            or kept anyway (o_proj: the attention output); the dropout mask is replayed, not kept
     and the compute-dtype casts of the LoRA weights are not kept (the per-layer constant of estimate_memory).
-    DoRA layers keep peft's own LoRA path. For Llama-3-8B as above: 110,952 bytes.
+    DoRA layers keep peft's own LoRA path. For Llama-3-8B as above: 94,568 bytes.
     """
     c = _compute_bytes(cfg.compute_dtype)
     h, i, r = s.hidden, s.intermediate, cfg.lora_r
@@ -365,8 +365,8 @@ def _layer_saved_bytes_per_token(
         in_m, out_m = shapes[name]
         total += c * r  # lora_A output, saved by lora_B
         if lean_lora:
-            if name == "down_proj":
-                pass  # its input, silu(gate) * up, is rebuilt from gate and up, which SwiGLU keeps
+            if _INPUT_OF[name] in ("attn_norm", "mlp_norm", "mlp_act"):
+                pass  # rebuilt in backward: a norm's output from the norm's input and scale, silu(gate) * up from gate and up
             elif _INPUT_OF[name] not in saved_sources:
                 total += c * in_m  # the branch keeps its input, once per distinct input; the mask is replayed
                 saved_sources.add(_INPUT_OF[name])
