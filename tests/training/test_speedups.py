@@ -69,6 +69,22 @@ def test_optimized_path_matches_plain_path(tiny_model_dir, examples, change):
     assert_same(reference, optimized)
 
 
+@pytest.mark.parametrize("quantization", ["8bit", "none"])
+def test_lean_activations_match_peft_on_other_bases(tiny_model_dir, examples, quantization):
+    """The lean LoRA branch wraps whatever base layer peft wrapped: LLM.int8 and an unquantized base too."""
+    options = {**PLAIN, "quantization": quantization}
+    reference = loss_and_grads(tiny_model_dir, examples, **options)
+    lean = loss_and_grads(tiny_model_dir, examples, **{**options, "lean_activations": True})
+    from peft.tuners.lora import LoraLayer
+
+    from worker.training import lean as lean_module
+
+    lora_layers = [m for m in lean[4].model.modules() if isinstance(m, LoraLayer)]
+    assert len(lora_layers) == 14 and all(m.forward.__func__ is lean_module.lora_forward for m in lora_layers)
+    assert reference[1] > 0
+    assert_same(reference, lean)
+
+
 def test_mixed_checkpoint_plan_matches_plain_path(tiny_model_dir, examples, monkeypatch):
     """One layer of each kind in one model (the tiny model has two layers: selective + on, then off + selective)."""
     from worker.training import model as model_module
