@@ -163,3 +163,27 @@ def test_a_branch_fed_by_a_lean_norm_keeps_the_norms_input_not_its_output():
     expected = torch.autograd.grad(lean.LoraBranch.apply(copy, a, b, 0.1, 1.0), (x, a, b), grad)
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's fused dropout kernel (a GPU run checks it)")
+def test_mask_replay_on_cuda_in_bf16_with_a_rebuilt_input():
+    """On CUDA the mask comes from the fused dropout kernel (philox); a rebuilt input is a new tensor. The replay
+    must still give nn.Dropout's mask: compare with peft's path (dropout output kept) on the same generator state."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    x = torch.randn(1, 300, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(64, device=device, dtype=torch.bfloat16)
+    a = torch.randn(8, 64, device=device, requires_grad=True)
+    b = torch.randn(32, 8, device=device, requires_grad=True)
+    grad = torch.randn(1, 300, 32, device=device, dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        normed = lean.RMSNormFunction.apply(x, weight, 1e-6)
+        torch.cuda.manual_seed(5)
+        out = lean.LoraBranch.apply(normed, a, b, 0.1, 2.0)
+        got = torch.autograd.grad(out, (x, a, b), grad, retain_graph=True)
+        torch.cuda.manual_seed(5)
+        reference = F.linear(F.linear(torch.nn.Dropout(0.1)(normed), a), b) * 2.0
+        expected = torch.autograd.grad(reference, (x, a, b), grad)
+    assert torch.equal(out, reference)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2)
