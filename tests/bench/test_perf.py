@@ -79,7 +79,8 @@ def test_profile_says_where_a_steps_time_goes(tmp_path):
     record = json.loads(out.read_text())
     assert rc == 0, record["results"]
     profiled = {name: r for name, r in record["results"].items() if "profile" in r}
-    assert list(profiled) == [name for name in record["results"] if name.startswith("engine, fixed: default")]
+    assert list(profiled) == [name for name in record["results"] if name.startswith(("engine, fixed: default", "engine, sharegpt_v3:"))]
+    assert len(profiled) == 2
     for name, r in profiled.items():
         prof = r["profile"]
         assert prof["wall_ms"] > 0 and 0 < prof["busy_ms"] and prof["top"], name
