@@ -520,20 +520,22 @@ def pack_by_tokens(examples: list[TokenizedExample], budget: int) -> list[list[T
     How full the rows get depends on how many examples there are to choose from: ShareGPT lengths cut at 2,048
     into rows of 4,096 fill 84% of each row from 8 examples, 97% from 64, 99% from 128 (packing consecutive
     examples as they come fills 82%)."""
+    import bisect
+
     rows: list[list[TokenizedExample]] = []
-    room: list[int] = []
+    by_room: list[tuple[int, int]] = []  # (room left, row index), sorted: the best fit is the first with room >= n
     for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
         n = len(ex.input_ids)
         if n > budget:
             raise ValueError(f"an example of {n} tokens does not fit a row of {budget}")
-        fits = [i for i, left in enumerate(room) if left >= n]
-        if fits:
-            best = min(fits, key=lambda i: room[i])
-            rows[best].append(ex)
-            room[best] -= n
+        at = bisect.bisect_left(by_room, (n, -1))
+        if at < len(by_room):
+            left, row = by_room.pop(at)
+            rows[row].append(ex)
+            bisect.insort(by_room, (left - n, row))
         else:
             rows.append([ex])
-            room.append(budget - n)
+            bisect.insort(by_room, (budget - n, len(rows) - 1))
     return rows
 
 
