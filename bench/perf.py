@@ -10,7 +10,8 @@ Cases (random weights, random token ids; every model is built here, nothing is r
   realistic  For each `--lengths FILE` (one integer per line; default: the files shipped in bench/lengths),
              example lengths drawn from it and cut at 2048, the same examples for everyone, 4,096 token
              positions a step: the recipe with fixed-length batches (2 examples padded to 2048), the recipe
-             padded to the longest example of the batch, and the engine with `micro_batch_tokens=4096`: each
+             padded to the longest example of the batch (2 examples, or as many as fit 4,096 positions once
+             padded: the same token budget), and the engine with `micro_batch_tokens=4096`: each
              64 examples (a batch_size of 64) packed into rows of at most 4,096 tokens by the trainer's own
              packer, one row a step. Counted: useful (non-pad) tokens per second.
   big        Llama-3-70B shape, 1 x 2048, the engine with every layer checkpointed: does it fit one card.
@@ -103,20 +104,34 @@ def random_examples(lengths: list[int], vocab: int, seed: int) -> list:
 
 def padded_batches(examples: list, per_batch: int, pad_to: int | None) -> list[dict]:
     """The recipe's batches: `per_batch` examples padded to `pad_to` (fixed length) or to the longest of the batch."""
-    batches = []
-    for start in range(0, len(examples) - per_batch + 1, per_batch):
-        group = examples[start : start + per_batch]
-        width = pad_to or max(len(e.input_ids) for e in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        labels = torch.full((len(group), width), -100, dtype=torch.long)
-        for row, e in enumerate(group):
-            n = len(e.input_ids)
-            ids[row, :n] = torch.tensor(e.input_ids)
-            mask[row, :n] = 1
-            labels[row, :n] = torch.tensor(e.labels)
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels, "useful": int(mask.sum())})
-    return batches
+    groups = [examples[start : start + per_batch] for start in range(0, len(examples) - per_batch + 1, per_batch)]
+    return [pad(group, pad_to) for group in groups]
+
+
+def padded_budget_batches(examples: list, budget: int) -> list[dict]:
+    """The recipe's batches at the same token budget: consecutive examples, as many as fit `budget` positions once
+    padded to the longest of them (short examples: many a batch; one 2,048-token example: two)."""
+    groups, current = [], []
+    for e in examples:
+        if current and (len(current) + 1) * max(len(e.input_ids), *(len(c.input_ids) for c in current)) > budget:
+            groups.append(current)
+            current = []
+        current.append(e)
+    return [pad(group, None) for group in groups + ([current] if current else [])]
+
+
+def pad(group: list, pad_to: int | None) -> dict:
+    """One padded batch: right padding to `pad_to` or to the longest example, pads masked out of loss and attention."""
+    width = pad_to or max(len(e.input_ids) for e in group)
+    ids = torch.zeros(len(group), width, dtype=torch.long)
+    mask = torch.zeros(len(group), width, dtype=torch.long)
+    labels = torch.full((len(group), width), -100, dtype=torch.long)
+    for row, e in enumerate(group):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "useful": int(mask.sum())}
 
 
 def engine_rows(examples: list, budget: int) -> list[list]:
@@ -415,6 +430,7 @@ def main(argv=None) -> int:
         for stem, examples in realistic.items():
             cases[f"recipe, {stem}: fixed-length batches"] = padded_batches(examples, per_step, seq)
             cases[f"recipe, {stem}: padded to longest"] = padded_batches(examples, per_step, None)
+            cases[f"recipe, {stem}: padded to longest, up to {budget_tokens} positions"] = padded_budget_batches(examples, budget_tokens)
         out = attempt(record, "recipe", lambda: run_recipe(recipe, shape, cases, args.warm, args.steps, device))
         record["results"].pop("recipe")
         wall = out.pop("wall_s", None)

@@ -63,6 +63,10 @@ def test_padded_batches_and_packing_count_useful_tokens():
     assert (fixed[0]["labels"][0, 3:] == -100).all() and fixed[0]["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
     longest = perf.padded_batches(examples, 2, None)
     assert [tuple(b["input_ids"].shape) for b in longest] == [(2, 5), (2, 7)]
+    budget = perf.padded_budget_batches(examples, 10)  # as many as fit 10 positions padded to their longest
+    assert [tuple(b["input_ids"].shape) for b in budget] == [(2, 5), (1, 2), (1, 7)]
+    budget = perf.padded_budget_batches(perf.random_examples([2, 3, 2, 4, 1, 9], vocab=50, seed=0), 10)
+    assert [tuple(b["input_ids"].shape) for b in budget] == [(3, 3), (2, 4), (1, 9)] and [b["useful"] for b in budget] == [7, 5, 9]
     rows = perf.engine_rows(examples, 8)  # the trainer's packer: best fit, longest first
     assert [[len(e.input_ids) for e in row] for row in rows] == [[7], [5, 3], [2]]
 
