@@ -1,6 +1,6 @@
 """Lean activations: the same decoder layer, fewer bytes kept for the backward pass (`lean_activations`).
 
-What an unchecked Llama layer keeps per token is mostly copies that are cheap to rebuild. Three autograd
+What an unchecked Llama layer keeps per token is mostly copies that are cheap to rebuild. Autograd
 functions keep only what is expensive to rebuild (or kept anyway) and redo the rest in the backward pass:
 
 - **LoRA** (`LoraBranch`): peft's ``lora_B(lora_A(dropout(x)))`` keeps, per adapted module, the dropout output
