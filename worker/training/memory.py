@@ -308,6 +308,16 @@ def _attention_saves(s: _Shape, cfg: TrainingConfig, c: int, row_len: int) -> tu
     return per_token, 0, 0, True
 
 
+def _lean_lora(cfg: TrainingConfig) -> bool:
+    """Whether the LoRA branches run lean.LoraBranch (lean activations; DoRA keeps peft's own path)."""
+    return cfg.lean_activations and not cfg.use_dora
+
+
+def _stream_bytes(cfg: TrainingConfig, targets: tuple[str, ...], c: int) -> int:
+    """Bytes per element of the residual stream: DoRA on o_proj or down_proj makes it fp32 under autocast."""
+    return 4 if cfg.use_dora and ("o_proj" in targets or "down_proj" in targets) else c
+
+
 def _layer_saved_bytes_per_token(
     s: _Shape,
     cfg: TrainingConfig,
@@ -354,8 +364,8 @@ def _layer_saved_bytes_per_token(
     gate = 4 if cfg.use_dora and "gate_proj" in targets else c
     up = 4 if cfg.use_dora and "up_proj" in targets else c
 
-    lean, lean_lora = cfg.lean_activations, cfg.lean_activations and not cfg.use_dora
-    stream = 4 if cfg.use_dora and ("o_proj" in targets or "down_proj" in targets) else c
+    lean, lean_lora = cfg.lean_activations, _lean_lora(cfg)
+    stream = _stream_bytes(cfg, targets, c)
     total = 2 * ((stream if lean else 4) * h + 4)  # the two RMSNorms: their input (fp32 upcast unless lean), rsqrt
     total += attn_per_token
     total += (gate + up if lean else 2 * gate + up) * i  # SwiGLU: silu's input (and output unless lean), up's output
@@ -460,15 +470,14 @@ def estimate_memory(
     per_token = _layer_saved_bytes_per_token(s, cfg, shapes, targets, attn_per_token, attn_saves_output)
     # Per layer, not per token: the attention's s^2 tensors, and the compute-dtype copies of the fp32 LoRA
     # weights that autocast makes and the LoRA matmuls save (none without autocast, i.e. fp32 compute).
-    lean_lora = cfg.lean_activations and not cfg.use_dora  # lean.LoraBranch casts the weights again in backward
-    weight_casts = sum(cfg.lora_r * sum(shapes[name]) for name in targets) * c if c < 4 and not lean_lora else 0
+    # (lean.LoraBranch casts the weights again in backward instead of keeping the casts.)
+    weight_casts = sum(cfg.lora_r * sum(shapes[name]) for name in targets) * c if c < 4 and not _lean_lora(cfg) else 0
     one_layer = tokens * per_token + rows * attn_s2_per_row + weight_casts
     # transformers' non-reentrant checkpointing per decoder layer keeps each checkpointed layer's input hidden
     # state; backward recomputes one layer at a time, holding that layer's full activations. DoRA on o_proj or
     # down_proj makes the residual stream fp32 under autocast (its output is fp32). A selective layer also keeps
     # the outputs of its large matmuls and of the attention kernel (see selective_saved_bytes_per_token).
-    dora_fp32_stream = cfg.use_dora and ("o_proj" in targets or "down_proj" in targets)
-    stream = 4 if dora_fp32_stream else c
+    stream = _stream_bytes(cfg, targets, c)
     selective = tokens * selective_saved_bytes_per_token(model_config, cfg) + (rows * attn_s2_per_row if cfg.resolved_attn_implementation == "eager" else 0)
     activations = (n_on + n_selective) * tokens * s.hidden * stream + n_selective * selective + n_off * one_layer
     recompute = one_layer if gradient_checkpointing else 0

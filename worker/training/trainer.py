@@ -272,10 +272,9 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     # 2. Model, optimizer, schedule. The seed is set before LoRA init so that adapters start the same.
     seed_everything(cfg.seed)
     longest = max(len(e.input_ids) for e in train_tok)
-    if cfg.micro_batch_tokens is not None:
-        tokens_per_micro = min(cfg.micro_batch_tokens, cfg.batch_size * longest)
-    else:
-        tokens_per_micro = min(cfg.micro_batch_size * longest, cfg.micro_batch_size * cfg.max_seq_length)
+    # At most the configured tokens per pass, and no more than the pass's examples can hold at the longest length.
+    examples_per_pass = cfg.batch_size if cfg.micro_batch_tokens is not None else cfg.micro_batch_size
+    tokens_per_micro = min(cfg.max_tokens_per_micro_batch, examples_per_pass * longest)
     built: BuiltModel = build_model(job.base_model_dir, cfg, device=device, tokens_per_micro_batch=tokens_per_micro)
     model = built.model
     optimizer = build_optimizer(model.parameters(), cfg)
