@@ -471,22 +471,21 @@ def main(argv=None) -> int:
             result["mfu"] = mfu(result["tokens_per_s"], SHAPES[shape], n_params, seq, args.peak_tflops)
         return result
 
-    base = None
-    for name, options in variants:
-        profile = args.profile and options is variants[-1][1]
-        attempt(record, name, lambda options=options, profile=profile: one(engine_config(**options), fixed_groups, profile=profile))
+    def measure(name, cfg, groups, **kwargs):
+        attempt(record, name, lambda: one(cfg, groups, **kwargs))
         if "base" not in box:  # the variant failed: rebuild a clean base
             free_memory(device)
             box["base"] = build_base(shape, device)[0]
+
+    base = None
+    for name, options in variants:
+        measure(name, engine_config(**options), fixed_groups, profile=args.profile and options is variants[-1][1])
     default = variants[-1][1]
     for i, (stem, examples) in enumerate(realistic.items()):
-        cfg = engine_config(**default, micro_batch_tokens=budget_tokens, max_seq_length=seq)
-        profile = args.profile and i == 0  # is a packed row slower per token than a fixed one, and where
-        attempt(record, f"engine, {stem}: packed rows of {budget_tokens}", lambda cfg=cfg, examples=examples, profile=profile: one(
-            cfg, engine_rows(examples, budget_tokens), with_mfu=False, profile=profile))
-        if "base" not in box:
-            free_memory(device)
-            box["base"] = build_base(shape, device)[0]
+        # profile: is a packed row slower per token than a fixed one, and where
+        measure(f"engine, {stem}: packed rows of {budget_tokens}",
+                engine_config(**default, micro_batch_tokens=budget_tokens, max_seq_length=seq),
+                engine_rows(examples, budget_tokens), with_mfu=False, profile=args.profile and i == 0)
     box.clear()
     free_memory(device)
 
