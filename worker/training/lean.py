@@ -8,7 +8,9 @@ functions keep only what is expensive to rebuild (or kept anyway) and redo the r
   state of the random generator and what rebuilds ``x``: for q/k/v and gate/up, whose ``x`` is a norm's output,
   the norm's input and scale (kept by the norm anyway); for o_proj its input (the attention output, kept by the
   attention kernel anyway). Backward replays the same dropout mask with the same kernel (``torch.native_dropout``,
-  which is what ``nn.Dropout`` runs), so the result equals peft's.
+  which is what ``nn.Dropout`` runs), so the result equals peft's. Two passes fewer over each full-width output:
+  the scaling goes into the small B and the sum with the base layer's output into the matmul (``addmm``); and a
+  norm output that feeds several branches (q/k/v, gate/up) is rebuilt once in backward, not once per branch.
 - **RMSNorm** (`RMSNormFunction`): transformers' norm keeps an fp32 copy of its input (4 bytes per element);
   here the compute-dtype input (2 bytes) and the per-token scale, the fp32 math redone in backward.
 - **SwiGLU** (`SwiGLUFunction`): ``silu(gate) * up`` keeps gate, silu(gate) and up; here gate and up, with
@@ -56,16 +58,24 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _branch_forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lora_B(lora_A(dropout(x))) * scaling`` and the rank-r ``dropout(x) A^T``; notes on ctx what the
-    backward needs besides x, a, b and that rank-r tensor (which the caller saves)."""
+def _branch_forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``result + lora_B(lora_A(dropout(x))) * scaling`` and the rank-r ``dropout(x) A^T``; notes on ctx what the
+    backward needs besides x, a, b and that rank-r tensor (which the caller saves). The scaling goes into the
+    small B (out x r) and the sum into the matmul (``addmm``): no pass over the full-width LoRA output to scale
+    it, none to add it to the base layer's output, and none in backward to scale the incoming gradient."""
     dtype = _compute_dtype(x, a)
     xc = x.to(dtype)
     state = _rng_state(x.device) if p > 0 else None
     dropped = torch.native_dropout(xc, p, True)[0] if p > 0 else xc
     with torch.autocast(x.device.type, enabled=False):
         u = F.linear(dropped, a.to(dtype))
-        out = F.linear(u, b.to(dtype)) * scaling
+        b_scaled = b.to(dtype) * scaling
+        if result.dtype == dtype:
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), b_scaled.t())
+            out = out.view(result.shape)
+        else:
+            out = result + F.linear(u, b_scaled).to(result.dtype)
     ctx.state, ctx.p, ctx.scaling, ctx.dtype = state, p, scaling, dtype
     return out, u
 
@@ -84,10 +94,10 @@ def _branch_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, a: torch.Ten
     else:
         dropped, mask = xc, None
     with torch.autocast(x.device.type, enabled=False):
-        g = (grad * ctx.scaling).to(dtype)
+        g = grad.to(dtype)
         g2, u2, d2 = g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]), dropped.reshape(-1, dropped.shape[-1])
-        grad_b = (g2.t() @ u2).to(b.dtype) if b.requires_grad else None
-        grad_u = g @ b.to(dtype)
+        grad_b = ((g2.t() @ u2) * ctx.scaling).to(b.dtype) if b.requires_grad else None
+        grad_u = g @ (b.to(dtype) * ctx.scaling)
         grad_a = (grad_u.reshape(-1, grad_u.shape[-1]).t() @ d2).to(a.dtype) if a.requires_grad else None
         grad_x = None
         if need_x:
@@ -97,25 +107,42 @@ def _branch_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, a: torch.Ten
     return grad_x, grad_a, grad_b
 
 
-# Outputs of lean RMSNorms still alive: id -> (weak ref to the output, weak ref to the norm's input, weight, rstd).
-# A LoRA branch fed by such an output keeps the norm's input and scale (which the norm keeps anyway) instead.
-_NORM_OUTPUTS: dict[int, tuple[weakref.ref, weakref.ref, torch.Tensor, torch.Tensor]] = {}
+class _SharedRebuild:
+    """A lean norm's output rebuilt once in backward for every LoRA branch it feeds (q/k/v share one, gate/up
+    another): the first branch to need it rebuilds it, the last one drops it."""
+
+    __slots__ = ("users", "tensor")
+
+    def __init__(self) -> None:
+        self.users, self.tensor = 0, None
+
+    def take(self, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        normed = self.tensor if self.tensor is not None else _normed(x, weight, rstd)
+        self.users -= 1
+        self.tensor = normed if self.users > 0 else None
+        return normed
+
+
+# Outputs of lean RMSNorms still alive: id -> (weak ref to the output, weak ref to the norm's input, weight, rstd,
+# the rebuild its branches share). A LoRA branch fed by such an output keeps the norm's input and scale (which
+# the norm keeps anyway) instead.
+_NORM_OUTPUTS: dict[int, tuple[weakref.ref, weakref.ref, torch.Tensor, torch.Tensor, _SharedRebuild]] = {}
 
 
 def _remember_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> None:
     if len(_NORM_OUTPUTS) >= 256:
         for key in [k for k, (ref, *_rest) in _NORM_OUTPUTS.items() if ref() is None]:
             del _NORM_OUTPUTS[key]
-    _NORM_OUTPUTS[id(out)] = (weakref.ref(out), weakref.ref(x), weight, rstd)
+    _NORM_OUTPUTS[id(out)] = (weakref.ref(out), weakref.ref(x), weight, rstd, _SharedRebuild())
 
 
-def _norm_source(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(input, weight, rstd) of the lean RMSNorm whose output `t` is, or None."""
+def _norm_source(t: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], _SharedRebuild] | None:
+    """((input, weight, rstd), shared rebuild) of the lean RMSNorm whose output `t` is, or None."""
     entry = _NORM_OUTPUTS.get(id(t))
     if entry is None or entry[0]() is not t:
         return None
     x = entry[1]()
-    return None if x is None else (x, entry[2], entry[3])
+    return None if x is None else ((x, entry[2], entry[3]), entry[4])
 
 
 def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -124,35 +151,40 @@ def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.
 
 
 class LoraBranch(torch.autograd.Function):
-    """``lora_B(lora_A(dropout(x))) * scaling``, keeping x A^T, the generator state and x itself -- or, when x is
-    the output of a lean RMSNorm (q/k/v, gate/up), the norm's input and scale, which the norm keeps anyway; x is
-    rebuilt from them in backward. The dropout output and mask are never kept."""
+    """``result + lora_B(lora_A(dropout(x))) * scaling`` (result: the base layer's output), keeping x A^T, the
+    generator state and x itself -- or, when x is the output of a lean RMSNorm (q/k/v, gate/up), the norm's input
+    and scale, which the norm keeps anyway; x is rebuilt from them in backward, once for all the branches the
+    norm feeds. The dropout output and mask are never kept."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, scaling: float) -> torch.Tensor:
-        out, u = _branch_forward(ctx, x, a, b, p, scaling)
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float,
+                scaling: float) -> torch.Tensor:
+        out, u = _branch_forward(ctx, result, x, a, b, p, scaling)
         source = _norm_source(x)
-        ctx.from_norm = source is not None
-        ctx.save_for_backward(*(source if source is not None else (x,)), a, b, u)
+        ctx.shared = None
+        if source is not None:
+            kept, ctx.shared = source
+            ctx.shared.users += 1
+        ctx.save_for_backward(*(kept if source is not None else (x,)), a, b, u)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         *kept, a, b, u = ctx.saved_tensors
-        x = _normed(*kept) if ctx.from_norm else kept[0]
-        grad_x, grad_a, grad_b = _branch_backward(ctx, grad, x, a, b, u, ctx.needs_input_grad[0])
-        return (grad_x.to(x.dtype) if grad_x is not None else None), grad_a, grad_b, None, None
+        x = ctx.shared.take(*kept) if ctx.shared is not None else kept[0]
+        grad_x, grad_a, grad_b = _branch_backward(ctx, grad, x, a, b, u, ctx.needs_input_grad[1])
+        return grad, (grad_x.to(x.dtype) if grad_x is not None else None), grad_a, grad_b, None, None
 
 
 class SwiGLULoraBranch(torch.autograd.Function):
-    """down_proj's LoRA branch fed by ``silu(gate) * up``: keeps gate and up (which SwiGLU keeps anyway), not
-    their product; backward recomputes the product with the forward's kernels (bitwise the same) and passes the
-    gradient on to gate and up."""
+    """down_proj's ``result + LoRA(silu(gate) * up)``: keeps gate and up (which SwiGLU keeps anyway), not their
+    product; backward recomputes the product with the forward's kernels (bitwise the same) and passes the gradient
+    on to gate and up."""
 
     @staticmethod
-    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float,
-                scaling: float) -> torch.Tensor:
-        out, u = _branch_forward(ctx, F.silu(gate) * up, a, b, p, scaling)
+    def forward(ctx: Any, result: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                p: float, scaling: float) -> torch.Tensor:
+        out, u = _branch_forward(ctx, result, F.silu(gate) * up, a, b, p, scaling)
         ctx.save_for_backward(gate, up, a, b, u)
         return out
 
@@ -160,14 +192,14 @@ class SwiGLULoraBranch(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         gate, up, a, b, u = ctx.saved_tensors
         silu = F.silu(gate)
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         grad_h, grad_a, grad_b = _branch_backward(ctx, grad, silu * up, a, b, u, need)
         grad_gate = grad_up = None
         if need:
             grad_h = grad_h.to(gate.dtype)
-            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate) if ctx.needs_input_grad[0] else None
-            grad_up = grad_h * silu if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up, grad_a, grad_b, None, None
+            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate) if ctx.needs_input_grad[1] else None
+            grad_up = grad_h * silu if ctx.needs_input_grad[2] else None
+        return grad, grad_gate, grad_up, grad_a, grad_b, None, None
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -187,9 +219,11 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         x32 = x.to(torch.float32)
-        normed = (x32 * rstd).to(x.dtype)
+        grad_w = None
+        if weight.requires_grad:  # a frozen norm (the LoRA case) skips rebuilding its normalized input
+            normed = (x32 * rstd).to(x.dtype)
+            grad_w = (grad * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
         grad_normed = (grad * weight).to(torch.float32)
-        grad_w = (grad * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype) if weight.requires_grad else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             # d/dx of x * rsqrt(mean(x^2) + eps): the direct term and the one through the scale.
@@ -228,8 +262,7 @@ def mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if name is None:
         return down(hidden)
     result = down.base_layer(hidden)  # a frozen (4-bit) base keeps nothing of its input
-    a, b, p, scaling = _lora_parts(down, name)
-    return result + SwiGLULoraBranch.apply(gate, up, a, b, p, scaling).to(result.dtype)
+    return SwiGLULoraBranch.apply(result, gate, up, *_lora_parts(down, name))
 
 
 def _plain_lora_adapter(module: Any) -> str | None:
@@ -256,8 +289,7 @@ def lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     name = None if args or kwargs else _plain_lora_adapter(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    return result + LoraBranch.apply(x, *_lora_parts(self, name)).to(result.dtype)
+    return LoraBranch.apply(self.base_layer(x), x, *_lora_parts(self, name))
 
 
 # --- switching a model -------------------------------------------------------------------------------------
