@@ -30,22 +30,27 @@ def test_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(lean.SwiGLUFunction.apply, (double(3, 7), double(3, 7)))
     a, b, result = double(4, 8), double(6, 4), double(3, 5, 6)
     assert torch.autograd.gradcheck(lambda r, x, a, b: lean.LoraBranch.apply(r, x, a, b, 0.0, 0.5), (result, x, a, b))
-    gate, up = double(3, 5, 8), double(3, 5, 8)
-    assert torch.autograd.gradcheck(lambda r, g, u, a, b: lean.SwiGLULoraBranch.apply(r, g, u, a, b, 0.0, 0.5),
+    gate, up = double(3, 5, 8), double(3, 5, 8)  # down_proj's branch, fed by SwiGLU: it rebuilds the product
+    assert torch.autograd.gradcheck(lambda r, g, u, a, b: lean.LoraBranch.apply(r, lean.SwiGLUFunction.apply(g, u), a, b, 0.0, 0.5),
                                     (result, gate, up, a, b))
 
 
-def test_swiglu_fed_branch_equals_the_branch_on_the_product_with_dropout():
+def test_a_branch_fed_by_swiglu_keeps_gate_and_up_not_their_product():
+    """down_proj's branch: with dropout, the same output and gradients as a branch that keeps the product itself."""
     torch.manual_seed(0)
     gate, up = torch.randn(2, 9, 24, requires_grad=True), torch.randn(2, 9, 24, requires_grad=True)
     a, b = torch.randn(4, 24, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     grad = torch.randn(2, 9, 6)
+    hidden = lean.SwiGLUFunction.apply(gate, up)
+    kept = []
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = lean.LoraBranch.apply(zeros_for(gate, b), hidden, a, b, 0.2, 2.0)
+    assert any(t is gate for t in kept) and any(t is up for t in kept) and not any(t is hidden for t in kept)
+    got = torch.autograd.grad(out, (gate, up, a, b), grad)
     torch.manual_seed(3)
     reference = lean.LoraBranch.apply(zeros_for(gate, b), F.silu(gate) * up, a, b, 0.2, 2.0)
     expected = torch.autograd.grad(reference, (gate, up, a, b), grad)
-    torch.manual_seed(3)
-    out = lean.SwiGLULoraBranch.apply(zeros_for(gate, b), gate, up, a, b, 0.2, 2.0)
-    got = torch.autograd.grad(out, (gate, up, a, b), grad)
     assert torch.equal(out, reference)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
@@ -209,8 +214,8 @@ def test_branches_fed_by_one_norm_rebuild_its_output_once(monkeypatch):
     monkeypatch.setattr(lean, "_normed", lambda *args: rebuilds.append(1) or normed_fn(*args))
     normed, got = run(shared=True)
     assert len(rebuilds) == 1
-    (_kept, shared) = lean._norm_source(normed)
-    assert shared.tensor is None and shared.users == 0
+    source, _kept = lean._source_of(normed)
+    assert source.tensor is None and source.users == 0
     _normed, expected = run(shared=False)  # clones: each branch keeps its own input, nothing rebuilt
     assert len(rebuilds) == 1
     for g, e in zip(got, expected, strict=True):

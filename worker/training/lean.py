@@ -7,15 +7,16 @@ functions keep only what is expensive to rebuild (or kept anyway) and redo the r
   and its mask: 3 bytes per input element, seven times a layer. Here the branch keeps the rank-r ``x A^T``, the
   state of the random generator and what rebuilds ``x``: for q/k/v and gate/up, whose ``x`` is a norm's output,
   the norm's input and scale (kept by the norm anyway); for o_proj its input (the attention output, kept by the
-  attention kernel anyway). Backward replays the same dropout mask with the same kernel (``torch.native_dropout``,
+  attention kernel anyway; for down_proj gate and up, see SwiGLU). Backward replays the same dropout mask with the same kernel (``torch.native_dropout``,
   which is what ``nn.Dropout`` runs), so the result equals peft's. Two passes fewer over each full-width output:
   the scaling goes into the small B and the sum with the base layer's output into the matmul (``addmm``); and a
-  norm output that feeds several branches (q/k/v, gate/up) is rebuilt once in backward, not once per branch.
+  norm output that feeds several branches (q/k/v, gate/up) is rebuilt once in backward, not once per branch
+  (`_Source`).
 - **RMSNorm** (`RMSNormFunction`): transformers' norm keeps an fp32 copy of its input (4 bytes per element);
   here the compute-dtype input (2 bytes) and the per-token scale, the fp32 math redone in backward.
 - **SwiGLU** (`SwiGLUFunction`): ``silu(gate) * up`` keeps gate, silu(gate) and up; here gate and up, with
   silu redone in backward by the same kernels autograd uses (bitwise the same gradients). down_proj's LoRA branch
-  (`SwiGLULoraBranch`) takes gate and up too and rebuilds their product in backward instead of keeping it.
+  keeps gate and up too (not their product) and rebuilds the product in backward.
 
 For Llama-3-8B (LoRA r=16 on all seven linears, dropout 0.05, bf16) that is 256,360 -> 94,568 bytes per token
 and layer (`memory.py` models both). More layers then fit without checkpointing under the same memory budget
@@ -107,42 +108,50 @@ def _branch_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, a: torch.Ten
     return grad_x, grad_a, grad_b
 
 
-class _SharedRebuild:
-    """A lean norm's output rebuilt once in backward for every LoRA branch it feeds (q/k/v share one, gate/up
-    another): the first branch to need it rebuilds it, the last one drops it."""
+class _Source:
+    """How to rebuild the output of a lean norm or SwiGLU from what that function keeps anyway (the norm: its input,
+    weight and scale; SwiGLU: gate and up), for the LoRA branches it feeds (q/k/v, gate/up, down). In backward the
+    first branch to need the output rebuilds it, the others reuse it, the last one drops it."""
 
-    __slots__ = ("users", "tensor")
+    __slots__ = ("output", "inputs", "constants", "rebuild", "users", "tensor")
 
-    def __init__(self) -> None:
+    def __init__(self, output: torch.Tensor, inputs: tuple[torch.Tensor, ...], constants: tuple[torch.Tensor, ...],
+                 rebuild: Any) -> None:
+        # weak: the registry must not keep activations alive; constants (a weight, the per-token scale) are small
+        self.output, self.inputs = weakref.ref(output), tuple(weakref.ref(t) for t in inputs)
+        self.constants, self.rebuild = constants, rebuild
         self.users, self.tensor = 0, None
 
-    def take(self, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-        normed = self.tensor if self.tensor is not None else _normed(x, weight, rstd)
+    def kept(self) -> tuple[torch.Tensor, ...] | None:
+        inputs = tuple(ref() for ref in self.inputs)
+        return None if any(t is None for t in inputs) else inputs + self.constants
+
+    def take(self, *kept: torch.Tensor) -> torch.Tensor:
+        """The output, rebuilt from `kept` (what the branch saved: `kept()` of the forward) or reused."""
+        output = self.tensor if self.tensor is not None else self.rebuild(*kept)
         self.users -= 1
-        self.tensor = normed if self.users > 0 else None
-        return normed
+        self.tensor = output if self.users > 0 else None
+        return output
 
 
-# Outputs of lean RMSNorms still alive: id -> (weak ref to the output, weak ref to the norm's input, weight, rstd,
-# the rebuild its branches share). A LoRA branch fed by such an output keeps the norm's input and scale (which
-# the norm keeps anyway) instead.
-_NORM_OUTPUTS: dict[int, tuple[weakref.ref, weakref.ref, torch.Tensor, torch.Tensor, _SharedRebuild]] = {}
+# Outputs of lean norms and SwiGLUs still alive, by id. A LoRA branch fed by one keeps what rebuilds it instead.
+_SOURCES: dict[int, _Source] = {}
 
 
-def _remember_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> None:
-    if len(_NORM_OUTPUTS) >= 256:
-        for key in [k for k, (ref, *_rest) in _NORM_OUTPUTS.items() if ref() is None]:
-            del _NORM_OUTPUTS[key]
-    _NORM_OUTPUTS[id(out)] = (weakref.ref(out), weakref.ref(x), weight, rstd, _SharedRebuild())
+def _remember(output: torch.Tensor, inputs: tuple[torch.Tensor, ...], constants: tuple[torch.Tensor, ...], rebuild: Any) -> None:
+    if len(_SOURCES) >= 256:
+        for key in [k for k, source in _SOURCES.items() if source.output() is None]:
+            del _SOURCES[key]
+    _SOURCES[id(output)] = _Source(output, inputs, constants, rebuild)
 
 
-def _norm_source(t: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], _SharedRebuild] | None:
-    """((input, weight, rstd), shared rebuild) of the lean RMSNorm whose output `t` is, or None."""
-    entry = _NORM_OUTPUTS.get(id(t))
-    if entry is None or entry[0]() is not t:
+def _source_of(t: torch.Tensor) -> tuple[_Source, tuple[torch.Tensor, ...]] | None:
+    """The source that made `t` and what rebuilds `t`, or None."""
+    source = _SOURCES.get(id(t))
+    if source is None or source.output() is not t:
         return None
-    x = entry[1]()
-    return None if x is None else ((x, entry[2], entry[3]), entry[4])
+    kept = source.kept()
+    return None if kept is None else (source, kept)
 
 
 def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -150,56 +159,33 @@ def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.
     return weight * (x.to(torch.float32) * rstd).to(x.dtype)
 
 
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class LoraBranch(torch.autograd.Function):
     """``result + lora_B(lora_A(dropout(x))) * scaling`` (result: the base layer's output), keeping x A^T, the
-    generator state and x itself -- or, when x is the output of a lean RMSNorm (q/k/v, gate/up), the norm's input
-    and scale, which the norm keeps anyway; x is rebuilt from them in backward, once for all the branches the
-    norm feeds. The dropout output and mask are never kept."""
+    generator state and x itself -- or, when x is the output of a lean norm (q/k/v, gate/up) or SwiGLU (down),
+    what that function keeps anyway (the norm's input and scale; gate and up); x is rebuilt from them in
+    backward, once for all the branches it feeds. The dropout output and mask are never kept."""
 
     @staticmethod
     def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float,
                 scaling: float) -> torch.Tensor:
         out, u = _branch_forward(ctx, result, x, a, b, p, scaling)
-        source = _norm_source(x)
-        ctx.shared = None
-        if source is not None:
-            kept, ctx.shared = source
-            ctx.shared.users += 1
-        ctx.save_for_backward(*(kept if source is not None else (x,)), a, b, u)
+        found = _source_of(x)
+        ctx.source, kept = found if found is not None else (None, (x,))
+        if ctx.source is not None:
+            ctx.source.users += 1
+        ctx.save_for_backward(*kept, a, b, u)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         *kept, a, b, u = ctx.saved_tensors
-        x = ctx.shared.take(*kept) if ctx.shared is not None else kept[0]
+        x = ctx.source.take(*kept) if ctx.source is not None else kept[0]
         grad_x, grad_a, grad_b = _branch_backward(ctx, grad, x, a, b, u, ctx.needs_input_grad[1])
         return grad, (grad_x.to(x.dtype) if grad_x is not None else None), grad_a, grad_b, None, None
-
-
-class SwiGLULoraBranch(torch.autograd.Function):
-    """down_proj's ``result + LoRA(silu(gate) * up)``: keeps gate and up (which SwiGLU keeps anyway), not their
-    product; backward recomputes the product with the forward's kernels (bitwise the same) and passes the gradient
-    on to gate and up."""
-
-    @staticmethod
-    def forward(ctx: Any, result: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                p: float, scaling: float) -> torch.Tensor:
-        out, u = _branch_forward(ctx, result, F.silu(gate) * up, a, b, p, scaling)
-        ctx.save_for_backward(gate, up, a, b, u)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):
-        gate, up, a, b, u = ctx.saved_tensors
-        silu = F.silu(gate)
-        need = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        grad_h, grad_a, grad_b = _branch_backward(ctx, grad, silu * up, a, b, u, need)
-        grad_gate = grad_up = None
-        if need:
-            grad_h = grad_h.to(gate.dtype)
-            grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate) if ctx.needs_input_grad[1] else None
-            grad_up = grad_h * silu if ctx.needs_input_grad[2] else None
-        return grad, grad_gate, grad_up, grad_a, grad_b, None, None
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -212,7 +198,7 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         out = weight * (x32 * rstd).to(x.dtype)
-        _remember_norm(out, x, weight, rstd)
+        _remember(out, (x,), (weight, rstd), _normed)
         return out
 
     @staticmethod
@@ -233,12 +219,14 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """``silu(gate) * up``, keeping gate and up; silu is redone in backward (the same kernels autograd runs)."""
+    """``silu(gate) * up``, keeping gate and up; silu is redone in backward (the same kernels autograd uses)."""
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        out = _swiglu(gate, up)
+        _remember(out, (gate, up), (), _swiglu)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
@@ -255,14 +243,8 @@ def rmsnorm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch
 
 
 def mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up = self.gate_proj(x), self.up_proj(x)
-    hidden = SwiGLUFunction.apply(gate, up)
-    down = self.down_proj
-    name = _plain_lora_adapter(down)
-    if name is None:
-        return down(hidden)
-    result = down.base_layer(hidden)  # a frozen (4-bit) base keeps nothing of its input
-    return SwiGLULoraBranch.apply(result, gate, up, *_lora_parts(down, name))
+    # down_proj's LoRA branch (lora_forward) finds that its input came from SwiGLUFunction and keeps gate and up
+    return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))
 
 
 def _plain_lora_adapter(module: Any) -> str | None:
