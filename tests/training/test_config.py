@@ -38,6 +38,8 @@ def test_defaults_are_the_qlora_recipe():
         ({"micro_batch_tokens": 4096, "packing": False}, "micro_batch_tokens"),
         ({"micro_batch_tokens": 1024, "max_seq_length": 2048}, "micro_batch_tokens"),
         ({"micro_batch_tokens": 8}, "micro_batch_tokens"),
+        ({"fused_kernels": "on", "lean_activations": False}, "fused_kernels"),
+        ({"fused_kernels": "yes"}, "fused_kernels"),
     ],
 )
 def test_invalid_options_name_the_option(values, param):
@@ -61,6 +63,13 @@ def test_device_checks():
         check_runtime(TrainingConfig(compute_dtype="fp16"), "cpu")
     assert err.value.param == "compute_dtype"
     check_runtime(TrainingConfig(), "cpu")  # the default runs on the CPU
+
+
+def test_fused_kernels_auto_means_cuda_with_lean_activations():
+    assert TrainingConfig().resolved_fused_kernels("cuda") and not TrainingConfig().resolved_fused_kernels("cpu")
+    assert not TrainingConfig(lean_activations=False).resolved_fused_kernels("cuda")  # auto: nothing to fuse
+    assert TrainingConfig(fused_kernels="on").resolved_fused_kernels("cpu")
+    assert not TrainingConfig(fused_kernels="off").resolved_fused_kernels("cuda")
 
 
 def test_schedules():

@@ -129,8 +129,12 @@ def test_apply_switches_a_built_model_both_ways(tiny_model_dir):
     assert lean.apply(model, True) == {"norms": 5, "mlps": 2, "lora": 14}  # 2 per layer + the final norm; 7 LoRA a layer
     kinds = {type(m).__name__: m for m in model.modules()}
     assert kinds["LlamaRMSNorm"].forward.__func__ is lean.rmsnorm_forward
+    assert "lean_kernels" not in kinds["LlamaRMSNorm"].__dict__  # the eager math
+    lean.apply(model, True, fused_kernels=True)
+    assert kinds["LlamaRMSNorm"].lean_kernels is lean.fused() and kinds["LlamaMLP"].lean_kernels is lean.fused()
     assert lean.apply(model, False) == {"norms": 0, "mlps": 0, "lora": 0}
-    assert "forward" not in kinds["LlamaRMSNorm"].__dict__ and "forward" not in kinds["LlamaMLP"].__dict__
+    for kind in ("LlamaRMSNorm", "LlamaMLP"):
+        assert "forward" not in kinds[kind].__dict__ and "lean_kernels" not in kinds[kind].__dict__
 
 
 def test_lean_bf16_training_step_matches_peft(tiny_model_dir, tmp_path, tokenizer):
@@ -193,25 +197,26 @@ def test_branch_adds_itself_to_the_base_output_in_one_matmul():
         torch.testing.assert_close(g, e)
 
 
-def test_branches_fed_by_one_norm_rebuild_its_output_once(monkeypatch):
+def test_branches_fed_by_one_norm_rebuild_its_output_once():
     """q, k and v (or gate and up) read one norm output: backward rebuilds it once for the three, with the
     gradients of three separate rebuilds, and holds nothing once the last branch is done."""
+    import dataclasses
+
     torch.manual_seed(0)
     x = torch.randn(2, 6, 16, requires_grad=True)
     weight = torch.randn(16)
     adapters = [(torch.randn(4, 16, requires_grad=True), torch.randn(n, 4, requires_grad=True)) for n in (16, 8, 8)]
     grads = [torch.randn(2, 6, n) for n in (16, 8, 8)]
     params = [x] + [t for pair in adapters for t in pair]
+    rebuilds = []
+    counting = dataclasses.replace(lean.EAGER, normed=lambda *args: rebuilds.append(1) or lean.EAGER.normed(*args))
 
     def run(shared):
-        normed = lean.RMSNormFunction.apply(x, weight, 1e-6)
+        normed = lean.RMSNormFunction.apply(x, weight, 1e-6, counting)
         torch.manual_seed(1)
         outs = [lean.LoraBranch.apply(zeros_for(x, b), normed if shared else normed.clone(), a, b, 0.1, 2.0) for a, b in adapters]
         return normed, torch.autograd.grad(outs, params, grads)
 
-    rebuilds = []
-    normed_fn = lean._normed
-    monkeypatch.setattr(lean, "_normed", lambda *args: rebuilds.append(1) or normed_fn(*args))
     normed, got = run(shared=True)
     assert len(rebuilds) == 1
     source, _kept = lean._source_of(normed)
@@ -220,6 +225,43 @@ def test_branches_fed_by_one_norm_rebuild_its_output_once(monkeypatch):
     assert len(rebuilds) == 1
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_kernels_match_the_eager_math(dtype):
+    """torch.compile's kernels (C++ here, Triton on CUDA) compute what the eager math does, to the rounding of the
+    dtype (they keep fp32 between operations where eager rounds), and the compiled rebuild of a norm output is
+    bitwise the compiled forward's output (the rebuilt LoRA input is the one the forward used)."""
+    fused, eager = lean.fused(), lean.EAGER
+    torch.manual_seed(0)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for tokens in (37, 64):  # dynamic shapes: one compilation for both
+        x, grad = torch.randn(1, tokens, 96, dtype=dtype), torch.randn(1, tokens, 96, dtype=dtype)
+        weight = (1 + 0.1 * torch.randn(96)).to(dtype)
+        out, rstd = fused.rms_forward(x, weight, 1e-5)
+        expected_out, expected_rstd = eager.rms_forward(x, weight, 1e-5)
+        torch.testing.assert_close(out, expected_out, **tol)
+        torch.testing.assert_close(rstd, expected_rstd, rtol=1e-5, atol=1e-6)
+        assert torch.equal(fused.normed(x, weight, rstd), out)
+        torch.testing.assert_close(fused.rms_backward(grad, x, weight, rstd), eager.rms_backward(grad, x, weight, rstd), **tol)
+        gate, up = torch.randn(1, tokens, 160, dtype=dtype), torch.randn(1, tokens, 160, dtype=dtype)
+        grad_h = torch.randn(1, tokens, 160, dtype=dtype)
+        torch.testing.assert_close(fused.swiglu(gate, up), eager.swiglu(gate, up), **tol)
+        for g, e in zip(fused.swiglu_backward(grad_h, gate, up), eager.swiglu_backward(grad_h, gate, up), strict=True):
+            torch.testing.assert_close(g, e, **tol)
+    assert not any(getattr(fused, f).failed for f in ("rms_forward", "rms_backward", "normed", "swiglu", "swiglu_backward"))
+
+
+def test_a_kernel_that_does_not_compile_runs_eagerly(caplog):
+    def data_dependent(x):  # a Python branch on a tensor's value: fullgraph compilation refuses it
+        return x * 2 if float(x.sum()) > 0 else x * 3
+
+    kernel = lean._Compiled(data_dependent)
+    x = torch.ones(4)
+    with caplog.at_level("WARNING", logger="worker.training.lean"):
+        assert torch.equal(kernel(x), x * 2)
+    assert kernel.failed and "compiling data_dependent failed" in caplog.text
+    assert torch.equal(kernel(-x), -x * 3)  # eager from then on
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's fused dropout kernel (a GPU run checks it)")

@@ -55,6 +55,7 @@ PLAIN = dict(gradient_checkpointing="off", attn_implementation="sdpa", fused_cro
 @pytest.mark.parametrize("change", [
     {"lean_activations": True},
     {"lean_activations": True, "gradient_checkpointing": "on"},
+    {"lean_activations": True, "fused_kernels": "on", "gradient_checkpointing": "on"},
     {"fused_cross_entropy": True},
     {"attn_implementation": "varlen"},
     {"gradient_checkpointing": "on"},

@@ -30,14 +30,91 @@ not merged, one active adapter); everything else keeps its own forward.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import logging
 import types
 import weakref
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# --- the elementwise math: eager, or compiled into fused kernels (`fused_kernels`) --------------------------
+
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' Llama RMSNorm (fp32 math, ``weight * normed.to(input dtype)``) and the fp32 per-token scale."""
+    x32 = x.to(torch.float32)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
+
+
+def _rms_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The input's gradient: d/dx of x * rsqrt(mean(x^2) + eps), the direct term and the one through the scale."""
+    x32 = x.to(torch.float32)
+    grad_normed = (grad * weight).to(torch.float32)
+    dot = (grad_normed * x32).sum(-1, keepdim=True)
+    return (grad_normed * rstd - x32 * (dot * rstd.pow(3) / x.shape[-1])).to(x.dtype)
+
+
+def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The norm's output again, by the forward's own operations (bitwise the same)."""
+    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of gate and up, silu redone with the kernels autograd runs (bitwise autograd's, eager)."""
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """The elementwise math of the lean norm and SwiGLU, forward, backward and rebuild."""
+
+    rms_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rms_backward: Callable[..., torch.Tensor]
+    normed: Callable[..., torch.Tensor]
+    swiglu: Callable[..., torch.Tensor]
+    swiglu_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+EAGER = Kernels(_rms_forward, _rms_backward, _normed, _swiglu, _swiglu_backward)
+
+
+class _Compiled:
+    """`fn` compiled by torch.compile (dynamic shapes: one compilation serves every token count): each of the
+    eager version's several passes over memory becomes one fused kernel (Triton on CUDA, C++ on the CPU). If
+    compiling fails (no Triton, no C++ compiler, an unsupported torch), the eager version runs from then on."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.eager, self.compiled, self.failed = fn, torch.compile(fn, dynamic=True, fullgraph=True), False
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager math is always right
+                self.failed = True
+                log.warning("fused_kernels: compiling %s failed, running it eagerly: %s", self.eager.__name__,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return self.eager(*args)
+
+
+@cache
+def fused() -> Kernels:
+    """The compiled kernels, one set per process (compiled on first use)."""
+    return Kernels(*(_Compiled(getattr(EAGER, f.name)) for f in dataclasses.fields(Kernels)))
+
 
 # --- the functions ------------------------------------------------------------------------------------------
 
@@ -154,15 +231,6 @@ def _source_of(t: torch.Tensor) -> tuple[_Source, tuple[torch.Tensor, ...]] | No
     return None if kept is None else (source, kept)
 
 
-def _normed(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """The norm's output again, by the forward's own operations (bitwise the same)."""
-    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
-
-
-def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
 class LoraBranch(torch.autograd.Function):
     """``result + lora_B(lora_A(dropout(x))) * scaling`` (result: the base layer's output), keeping x A^T, the
     generator state and x itself -- or, when x is the output of a lean norm (q/k/v, gate/up) or SwiGLU (down),
@@ -193,58 +261,52 @@ class RMSNormFunction(torch.autograd.Function):
     dtype and the fp32 per-token scale instead of an fp32 copy of the input."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: Kernels = EAGER) -> torch.Tensor:
+        out, rstd = kernels.rms_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        out = weight * (x32 * rstd).to(x.dtype)
-        _remember(out, (x,), (weight, rstd), _normed)
+        ctx.kernels = kernels
+        _remember(out, (x,), (weight, rstd), kernels.normed)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        x32 = x.to(torch.float32)
         grad_w = None
-        if weight.requires_grad:  # a frozen norm (the LoRA case) skips rebuilding its normalized input
-            normed = (x32 * rstd).to(x.dtype)
+        if weight.requires_grad:  # a frozen norm (the LoRA case) does not rebuild its normalized input
+            normed = (x.to(torch.float32) * rstd).to(x.dtype)
             grad_w = (grad * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
-        grad_normed = (grad * weight).to(torch.float32)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # d/dx of x * rsqrt(mean(x^2) + eps): the direct term and the one through the scale.
-            dot = (grad_normed * x32).sum(-1, keepdim=True)
-            grad_x = (grad_normed * rstd - x32 * (dot * rstd.pow(3) / x.shape[-1])).to(x.dtype)
-        return grad_x, grad_w, None
+        grad_x = ctx.kernels.rms_backward(grad, x, weight, rstd) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w, None, None
 
 
 class SwiGLUFunction(torch.autograd.Function):
     """``silu(gate) * up``, keeping gate and up; silu is redone in backward (the same kernels autograd uses)."""
 
     @staticmethod
-    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, kernels: Kernels = EAGER) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        out = _swiglu(gate, up)
-        _remember(out, (gate, up), (), _swiglu)
+        ctx.kernels = kernels
+        out = kernels.swiglu(gate, up)
+        _remember(out, (gate, up), (), kernels.swiglu)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up
+        grad_gate, grad_up = ctx.kernels.swiglu_backward(grad, gate, up)
+        return (grad_gate if ctx.needs_input_grad[0] else None), (grad_up if ctx.needs_input_grad[1] else None), None
 
 
 # --- the forwards that use them ----------------------------------------------------------------------------
 
 def rmsnorm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, self.__dict__.get("lean_kernels", EAGER))
 
 
 def mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     # down_proj's LoRA branch (lora_forward) finds that its input came from SwiGLUFunction and keeps gate and up
-    return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    kernels = self.__dict__.get("lean_kernels", EAGER)
+    return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x), kernels))
 
 
 def _plain_lora_adapter(module: Any) -> str | None:
@@ -293,9 +355,10 @@ def _silu(module: torch.nn.Module) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def apply(model: torch.nn.Module, enabled: bool) -> dict[str, int]:
-    """Give every known norm, MLP and LoRA layer of `model` the lean forward (enabled) or its own (not).
-    Returns how many modules of each kind are lean now."""
+def apply(model: torch.nn.Module, enabled: bool, fused_kernels: bool = False) -> dict[str, int]:
+    """Give every known norm, MLP and LoRA layer of `model` the lean forward (enabled) or its own (not); the norms
+    and MLPs run the compiled kernels (`fused()`) when `fused_kernels`, else the eager math. Returns how many
+    modules of each kind are lean now."""
     from peft.tuners.lora import LoraLayer
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
@@ -311,7 +374,10 @@ def apply(model: torch.nn.Module, enabled: bool) -> dict[str, int]:
         else:
             continue
         module.__dict__.pop("forward", None)  # back to the class's forward
+        module.__dict__.pop("lean_kernels", None)
         if enabled:
             module.forward = types.MethodType(forward, module)
+            if fused_kernels and kind != "lora":
+                module.__dict__["lean_kernels"] = fused()
             counts[kind] += 1
     return counts

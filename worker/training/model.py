@@ -232,6 +232,6 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    lean.apply(peft_model, cfg.lean_activations)
+    lean.apply(peft_model, cfg.lean_activations, cfg.resolved_fused_kernels(device.type))
     trainable, total = peft_model.get_nb_trainable_parameters()
     return BuiltModel(peft_model, device, tuple(plan), trainable, total)
