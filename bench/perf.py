@@ -6,7 +6,8 @@
 Cases (random weights, random token ids; every model is built here, nothing is read from disk):
   fixed      Llama-3-8B shape, 2 x 2048 tokens a step. The recipe (`../shared/bench/standard_recipe.py`, its
              `build`) against engine variants that add one change at a time, ending with the default
-             (lean activations, `gradient_checkpointing=auto` planned for 97% of the recipe's measured peak).
+             (lean activations, fused kernels on CUDA, `gradient_checkpointing=auto` planned for 97% of the recipe's
+             measured peak).
   realistic  For each `--lengths FILE` (one integer per line; default: the files shipped in bench/lengths),
              example lengths drawn from it and cut at 2048, the same examples for everyone, 4,096 token
              positions a step: the recipe with fixed-length batches (2 examples padded to 2048), the recipe
@@ -19,7 +20,8 @@ Each variant: warm-up steps, then timed steps (CUDA synchronised); tokens/s from
 tokens/s from the sums; peak = max allocated during the timed loop after the model was built; MFU counts
 6 x parameters + attention FLOPs per token (the recipe's convention) against --peak-tflops.
 Correctness guard: on one packed batch of the fixed case, the loss of the plain engine path (sdpa, full
-logits) and of the optimized one (varlen attention, fused loss, lean activations) must agree (no_grad, same weights).
+logits) and of the optimized one (varlen attention, fused loss, lean activations, fused kernels on CUDA) must agree
+(no_grad, same weights).
 
 On the CPU (--tiny) there is no recipe: a plain engine variant stands in for it, so the bench's code runs.
 """
@@ -313,7 +315,8 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
                   estimate_error=round(estimate.torch_allocated_peak / GIB / result["peak_gib"] - 1, 3) if result["peak_gib"] else None,
                   options={k: v for k, v in cfg.resolved().items() if k in ("attn_implementation", "fused_cross_entropy",
                                                                             "gradient_checkpointing", "memory_budget_gb",
-                                                                            "micro_batch_tokens", "lean_activations")})
+                                                                            "micro_batch_tokens", "lean_activations", "fused_kernels")},
+                  fused_kernels_on=cfg.resolved_fused_kernels(device.type))
     base = model.unload()  # the frozen base without adapters, for the next variant
     optimizer = model = built = None
     free_memory(device)
@@ -458,9 +461,10 @@ def main(argv=None) -> int:
          dict(attn_implementation="sdpa", fused_cross_entropy=False, gradient_checkpointing="on", lean_activations=False)),
         ("engine, fixed: + fused loss", dict(attn_implementation="sdpa", gradient_checkpointing="on", lean_activations=False)),
         ("engine, fixed: + varlen attention", dict(gradient_checkpointing="on", lean_activations=False)),
-        ("engine, fixed: + lean activations (every layer still checkpointed)", dict(gradient_checkpointing="on")),
+        ("engine, fixed: + lean activations (every layer still checkpointed)", dict(gradient_checkpointing="on", fused_kernels="off")),
+        ("engine, fixed: + fused kernels (every layer still checkpointed)", dict(gradient_checkpointing="on", fused_kernels="on")),
         ("engine, fixed: varlen + auto plan" + for_budget + ", without lean activations", dict(auto, lean_activations=False)),
-        ("engine, fixed: default (lean activations, auto plan" + for_budget + ")", auto),
+        ("engine, fixed: default (lean activations, fused kernels on CUDA, auto plan" + for_budget + ")", auto),
     ]
     box = {"base": base}  # the base travels through `box` only, so that nothing else keeps it alive
 
@@ -516,12 +520,12 @@ def main(argv=None) -> int:
 
 def print_table(record: dict) -> None:
     print(f"\n{record['card']}  {record['date']}  torch {record['versions']['torch']}  bnb {record['versions']['bitsandbytes']}")
-    print(f"{'variant':70} {'tok/s':>9} {'useful/s':>9} {'peak GiB':>8} {'est GiB':>7} {'MFU':>6}")
+    print(f"{'variant':96} {'tok/s':>9} {'useful/s':>9} {'peak GiB':>8} {'est GiB':>7} {'MFU':>6}")
     for name, r in record["results"].items():
         if "error" in r:
-            print(f"{name:70} error: {r['error'][:60]}")
+            print(f"{name:96} error: {r['error'][:60]}")
             continue
-        print(f"{name:70} {r['tokens_per_s']:>9} {r['useful_tokens_per_s']:>9} {r['peak_gib']!s:>8} {r.get('estimate_gib', '')!s:>7} "
+        print(f"{name:96} {r['tokens_per_s']:>9} {r['useful_tokens_per_s']:>9} {r['peak_gib']!s:>8} {r.get('estimate_gib', '')!s:>7} "
               f"{r.get('mfu', '')!s:>6}")
     print("loss guard:", record["loss_guard"])
 

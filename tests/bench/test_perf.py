@@ -38,7 +38,7 @@ def test_perf_bench_runs_on_cpu(tmp_path, monkeypatch):
     results = record["results"]
     stems = [Path(path).stem for path in record["lengths_files"]]
     assert "sharegpt_v3" in stems
-    assert len(results) == 6 + len(stems) + 1, list(results)
+    assert len(results) == 7 + len(stems) + 1, list(results)
     for name, r in results.items():
         assert "error" not in r, (name, r)
         assert r["steps_timed"] == 2 and r["tokens_per_s"] > 0 and r["useful_tokens_per_s"] > 0, name
@@ -46,7 +46,8 @@ def test_perf_bench_runs_on_cpu(tmp_path, monkeypatch):
         assert all(loss == loss and 0 < loss < 20 for loss in r["losses"]), (name, r["losses"])  # finite, sane
     assert results["engine, fixed: + lean activations (every layer still checkpointed)"]["plan"] == {"off": 0, "selective": 0, "on": 2}
     lean = [name for name, r in results.items() if r.get("options", {}).get("lean_activations")]
-    assert lean and all("lean" in name or "sharegpt" in name or "tiny" in name for name in lean), lean  # the defaults
+    assert lean and all(any(word in name for word in ("lean", "fused kernels", "sharegpt", "tiny")) for name in lean), lean
+    assert results["engine, fixed: + fused kernels (every layer still checkpointed)"]["fused_kernels_on"]
     # packing: a realistic step holds several examples of each lengths file in one row, all of them useful tokens
     for stem in stems:
         packed = results[f"engine, {stem}: packed rows of 256"]
