@@ -229,23 +229,23 @@ def test_branches_fed_by_one_norm_rebuild_its_output_once():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_kernels_match_the_eager_math(dtype):
-    """torch.compile's kernels (C++ here, Triton on CUDA) compute what the eager math does, to the rounding of the
+    """torch.compile's kernels (C++ on the CPU, Triton on CUDA) compute what the eager math does, to the rounding of the
     dtype (they keep fp32 between operations where eager rounds), and the compiled rebuild of a norm output is
     bitwise the compiled forward's output (the rebuilt LoRA input is the one the forward used)."""
     fused, eager = lean.fused(), lean.EAGER
     torch.manual_seed(0)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton kernels on a GPU machine
     for tokens in (37, 64):  # dynamic shapes: one compilation for both
-        x, grad = torch.randn(1, tokens, 96, dtype=dtype), torch.randn(1, tokens, 96, dtype=dtype)
-        weight = (1 + 0.1 * torch.randn(96)).to(dtype)
+        x, grad = torch.randn(1, tokens, 96, dtype=dtype, device=device), torch.randn(1, tokens, 96, dtype=dtype, device=device)
+        weight = (1 + 0.1 * torch.randn(96, device=device)).to(dtype)
         out, rstd = fused.rms_forward(x, weight, 1e-5)
         expected_out, expected_rstd = eager.rms_forward(x, weight, 1e-5)
         torch.testing.assert_close(out, expected_out, **tol)
         torch.testing.assert_close(rstd, expected_rstd, rtol=1e-5, atol=1e-6)
         assert torch.equal(fused.normed(x, weight, rstd), out)
         torch.testing.assert_close(fused.rms_backward(grad, x, weight, rstd), eager.rms_backward(grad, x, weight, rstd), **tol)
-        gate, up = torch.randn(1, tokens, 160, dtype=dtype), torch.randn(1, tokens, 160, dtype=dtype)
-        grad_h = torch.randn(1, tokens, 160, dtype=dtype)
+        gate, up, grad_h = (torch.randn(1, tokens, 160, dtype=dtype, device=device) for _ in range(3))
         torch.testing.assert_close(fused.swiglu(gate, up), eager.swiglu(gate, up), **tol)
         for g, e in zip(fused.swiglu_backward(grad_h, gate, up), eager.swiglu_backward(grad_h, gate, up), strict=True):
             torch.testing.assert_close(g, e, **tol)
