@@ -159,6 +159,44 @@ def test_lean_bf16_training_step_matches_peft(tiny_model_dir, tmp_path, tokenize
         assert torch.nn.functional.cosine_similarity(results[1][1][name].flatten(), grad.flatten(), dim=0) > 0.99, name
 
 
+def graph_nodes(tensor):
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def test_a_4bit_base_runs_inside_the_branch_with_the_same_gradients(tiny_model_dir, tmp_path, tokenizer, monkeypatch):
+    """With an NF4 base the branch runs the base layer itself (no bitsandbytes autograd node, no separate sum of
+    the two input gradients); loss and every LoRA gradient equal those of the base run outside the branch."""
+    rows = load_examples(write_chat_file(tmp_path / "train.jsonl", 12))
+    examples, _ = tokenize_examples(tokenizer, rows[:6], max_seq_length=64)
+    results = []
+    for owned in (True, False):
+        if not owned:
+            monkeypatch.setattr(lean, "_owns_base", lambda base: False)
+        torch.manual_seed(0)
+        built = build_model(tiny_model_dir, TrainingConfig(compute_dtype="fp32", lora_dropout=0.1, gradient_checkpointing="off"))
+        torch.manual_seed(1)
+        for name, param in built.model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.1)
+        built.model.train()
+        torch.manual_seed(2)
+        loss, n, _ = forward_loss(built.model, collate_packed(examples), built.device, None, True)
+        nodes = graph_nodes(loss)
+        assert "LoraBranchBackward" in nodes and ("MatMul4BitBackward" in nodes) is not owned, nodes
+        loss.backward()
+        results.append((float(loss.detach()), {k: p.grad for k, p in built.model.named_parameters() if p.requires_grad}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_branch_fed_by_a_lean_norm_keeps_the_norms_input_not_its_output():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, requires_grad=True)

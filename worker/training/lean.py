@@ -159,9 +159,10 @@ def _branch_forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Te
 
 
 def _branch_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, u: torch.Tensor,
-                     need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of x (in the compute dtype), a and b. The forward's dropout mask is replayed: the same
-    generator state, the same kernel, the same input."""
+                     need_x: bool, into: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of x (in the compute dtype; added in place to `into`, the base layer's input gradient, when
+    given), a and b. The forward's dropout mask is replayed: the same generator state, the same kernel, the same
+    input."""
     dtype, p = ctx.dtype, ctx.p
     xc = x.to(dtype)
     if p > 0:
@@ -180,7 +181,9 @@ def _branch_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, a: torch.Ten
         grad_x = None
         if need_x:
             grad_x = grad_u @ a.to(dtype)
-            if mask is not None:
+            if into is not None:  # one pass: into += grad_x * mask / (1 - p)
+                grad_x = into.addcmul_(grad_x, mask, value=1.0 / (1.0 - p)) if mask is not None else into.add_(grad_x)
+            elif mask is not None:
                 grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
     return grad_x, grad_a, grad_b
 
@@ -235,16 +238,23 @@ class LoraBranch(torch.autograd.Function):
     """``result + lora_B(lora_A(dropout(x))) * scaling`` (result: the base layer's output), keeping x A^T, the
     generator state and x itself -- or, when x is the output of a lean norm (q/k/v, gate/up) or SwiGLU (down),
     what that function keeps anyway (the norm's input and scale; gate and up); x is rebuilt from them in
-    backward, once for all the branches it feeds. The dropout output and mask are never kept."""
+    backward, once for all the branches it feeds. The dropout output and mask are never kept.
+
+    With `base` (a frozen 4-bit layer, `_owns_base`) instead of `result`, the base layer runs inside: its forward
+    here, and in backward its input gradient (bitsandbytes' own: the incoming gradient times the dequantized
+    weight), into which the branch adds its own in place -- one tensor and one autograd sum fewer per module."""
 
     @staticmethod
-    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float,
-                scaling: float) -> torch.Tensor:
+    def forward(ctx: Any, result: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float,
+                scaling: float, base: Any = None) -> torch.Tensor:
+        if base is not None:
+            result = base(x)  # no graph is recorded inside forward: backward below does the base's part
         out, u = _branch_forward(ctx, result, x, a, b, p, scaling)
         found = _source_of(x)
         ctx.source, kept = found if found is not None else (None, (x,))
         if ctx.source is not None:
             ctx.source.users += 1
+        ctx.base = base
         ctx.save_for_backward(*kept, a, b, u)
         return out
 
@@ -252,8 +262,15 @@ class LoraBranch(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         *kept, a, b, u = ctx.saved_tensors
         x = ctx.source.take(*kept) if ctx.source is not None else kept[0]
-        grad_x, grad_a, grad_b = _branch_backward(ctx, grad, x, a, b, u, ctx.needs_input_grad[1])
-        return grad, (grad_x.to(x.dtype) if grad_x is not None else None), grad_a, grad_b, None, None
+        need_x, base_grad = ctx.needs_input_grad[1], None
+        if ctx.base is not None and need_x:
+            from bitsandbytes.functional import dequantize_4bit
+
+            weight = ctx.base.weight  # as bitsandbytes' MatMul4Bit.backward computes it
+            base_grad = torch.matmul(grad, dequantize_4bit(weight.data, weight.quant_state).to(grad.dtype))
+        grad_x, grad_a, grad_b = _branch_backward(ctx, grad, x, a, b, u, need_x, into=base_grad)
+        grad_result = grad if ctx.base is None else None
+        return grad_result, (grad_x.to(x.dtype) if grad_x is not None else None), grad_a, grad_b, None, None, None
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -328,11 +345,25 @@ def _lora_parts(module: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, flo
     return module.lora_A[name].weight, module.lora_B[name].weight, p, float(module.scaling[name])
 
 
+def _owns_base(base: Any) -> bool:
+    """A frozen bitsandbytes 4-bit layer without bias, whose input gradient `LoraBranch` computes itself."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return False
+    weight = getattr(base, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    return (isinstance(base, Linear4bit) and base.bias is None and state is not None and not weight.requires_grad
+            and not getattr(state, "packing_format_for_cpu", False))  # repacked for CPU inference: bnb's own path
+
+
 def lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's LoRA forward for the plain case, with `LoraBranch`; any other case goes to peft's own forward."""
     name = None if args or kwargs else _plain_lora_adapter(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
+    if _owns_base(self.base_layer):
+        return LoraBranch.apply(None, x, *_lora_parts(self, name), self.base_layer)
     return LoraBranch.apply(self.base_layer(x), x, *_lora_parts(self, name))
 
 
