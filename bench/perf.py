@@ -316,11 +316,22 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
                   options={k: v for k, v in cfg.resolved().items() if k in ("attn_implementation", "fused_cross_entropy",
                                                                             "gradient_checkpointing", "memory_budget_gb",
                                                                             "micro_batch_tokens", "lean_activations", "fused_kernels")},
-                  fused_kernels_on=cfg.resolved_fused_kernels(device.type))
+                  fused_kernels_on=cfg.resolved_fused_kernels(device.type),
+                  fused_kernels_failed=fused_kernels_failed() if cfg.resolved_fused_kernels(device.type) else None)
     base = model.unload()  # the frozen base without adapters, for the next variant
     optimizer = model = built = None
     free_memory(device)
     return result, base
+
+
+def fused_kernels_failed() -> list[str]:
+    """The compiled kernels that fell back to the eager math in this process (compilation failed)."""
+    import dataclasses
+
+    from worker.training import lean
+
+    kernels = lean.fused()
+    return [f.name for f in dataclasses.fields(kernels) if getattr(kernels, f.name).failed]
 
 
 def loss_guard(base, groups: list[list], device: torch.device) -> dict:
