@@ -6,24 +6,27 @@ functions keep only what is expensive to rebuild (or kept anyway) and redo the r
 - **LoRA** (`LoraBranch`): peft's ``lora_B(lora_A(dropout(x)))`` keeps, per adapted module, the dropout output
   and its mask: 3 bytes per input element, seven times a layer. Here the branch keeps the rank-r ``x A^T``, the
   state of the random generator and what rebuilds ``x``: for q/k/v and gate/up, whose ``x`` is a norm's output,
-  the norm's input and scale (kept by the norm anyway); for o_proj its input (the attention output, kept by the
-  attention kernel anyway; for down_proj gate and up, see SwiGLU). Backward replays the same dropout mask with the same kernel (``torch.native_dropout``,
-  which is what ``nn.Dropout`` runs), so the result equals peft's. Two passes fewer over each full-width output:
-  the scaling goes into the small B and the sum with the base layer's output into the matmul (``addmm``); and a
-  norm output that feeds several branches (q/k/v, gate/up) is rebuilt once in backward, not once per branch
-  (`_Source`).
+  the norm's input and scale (kept by the norm anyway); for down_proj gate and up (kept by SwiGLU); for o_proj its
+  input (the attention output, kept by the attention kernel anyway). Backward replays the same dropout mask with
+  the same kernel (``torch.native_dropout``, which is what ``nn.Dropout`` runs), so the result equals peft's.
 - **RMSNorm** (`RMSNormFunction`): transformers' norm keeps an fp32 copy of its input (4 bytes per element);
   here the compute-dtype input (2 bytes) and the per-token scale, the fp32 math redone in backward.
 - **SwiGLU** (`SwiGLUFunction`): ``silu(gate) * up`` keeps gate, silu(gate) and up; here gate and up, with
-  silu redone in backward by the same kernels autograd uses (bitwise the same gradients). down_proj's LoRA branch
-  keeps gate and up too (not their product) and rebuilds the product in backward.
+  silu redone in backward by the same kernels autograd uses (bitwise the same gradients).
 
 For Llama-3-8B (LoRA r=16 on all seven linears, dropout 0.05, bf16) that is 256,360 -> 94,568 bytes per token
 and layer (`memory.py` models both). More layers then fit without checkpointing under the same memory budget
 (`gradient_checkpointing=auto`), which is where the speed comes from: no layer is recomputed that fits.
 
-`apply(model, enabled)` switches a built model (after peft wrapped it) either way and can be called again (the
-bench reuses one base for several variants). Only modules whose code is known are changed: norms and MLPs whose
+Redoing work costs memory traffic, so the rest is about moving fewer bytes (``bench/traffic.py`` counts them):
+a norm or SwiGLU output feeding several branches is rebuilt once in backward, not once per branch (`_Source`);
+each branch adds itself to the base layer's output inside its matmul (``addmm``, the scaling folded into the
+small B); on a 4-bit base the branch runs the base layer itself and adds its input gradient into the base's in
+place; and with `fused_kernels` the norm's and SwiGLU's elementwise math runs as compiled kernels (`Kernels`,
+`fused()`), one pass over memory each.
+
+`apply(model, enabled, fused_kernels)` switches a built model (after peft wrapped it) either way and can be called
+again (the bench reuses one base for several variants). Only modules whose code is known are changed: norms and MLPs whose
 ``forward`` is textually Llama's (Mistral and Qwen2/3 share it), and LoRA layers running plain LoRA (not DoRA,
 not merged, one active adapter); everything else keeps its own forward.
 """
