@@ -152,6 +152,7 @@ KERNEL_KINDS = (  # kernel-name patterns -> where a step's device time goes (fir
     ("4-bit dequantize", ("dequant", "4bit", "nf4")),
     ("matmul", ("gemm", "cutlass", "cublas", "xmma", "nvjet", "matmul", "aten::mm", "aten::addmm", "aten::bmm")),
     ("optimizer", ("optimizer", "adam", "8bit_blockwise", "optim")),
+    ("compiled (fused_kernels)", ("triton_",)),  # torch.compile's Triton kernels: triton_poi_/triton_red_/triton_per_...
 )
 PROFILE = {"on": False}  # --profile: one extra step of the recipe and the engine's default (fixed, first realistic) is profiled
 

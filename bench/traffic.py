@@ -1,7 +1,7 @@
 """Memory traffic of the elementwise work of one decoder layer, per token: a CPU count that needs no GPU.
 
-    python bench/traffic.py --out bench/results/DATE-cpu-traffic.json     # Llama-3-8B widths, ~1 minute
-    python bench/traffic.py --tiny --out /tmp/traffic.json                # seconds (tests/bench)
+    python bench/traffic.py --kernels --out bench/results/DATE-cpu-traffic.json     # Llama-3-8B widths, ~2 minutes
+    python bench/traffic.py --tiny --out /tmp/traffic.json                          # seconds (tests/bench)
 
 Outside the big matmuls, a QLoRA step on a GPU is bound by memory bandwidth: each elementwise operation (norms,
 SwiGLU, LoRA dropout, scaling, sums, dtype casts) reads its inputs from memory and writes its outputs back. This
@@ -18,8 +18,11 @@ Variants (every layer unchecked, LoRA r=16 on the 7 linears with dropout 0.05, N
   lean+fused   lean_activations with fused_kernels: each compiled kernel counted as ONE pass (its inputs read once,
                its outputs written once), which is what torch.compile's fusion does for these pointwise and
                row-reduction kernels; the kernels run eagerly here, so only this count is modelled, not measured.
-Caveat: the CPU's attention, RoPE and dropout run the same aten operations as CUDA's but CUDA's dropout mask is 1
-byte per element where the CPU's is the input's dtype. Use it to compare variants, not as a GPU time.
+Caveat: the CPU's attention, RoPE and dropout run the same aten operations as CUDA's. Use the count to compare
+variants, not as a GPU time.
+
+`--kernels` also times each lean kernel on the CPU (one thread, T tokens), eager against compiled (torch.compile's
+C++ backend): a check that compilation fuses the work, not a GPU number.
 """
 
 from __future__ import annotations
@@ -142,10 +145,43 @@ def count(widths: dict, variant: str, tokens: int) -> dict:
             "top": {k: round(v) for k, v in per_token.most_common(12)}}
 
 
+def kernel_times(widths: dict, tokens: int, repeats: int = 5) -> dict:
+    """Milliseconds per call of each lean kernel, eager and compiled, on the CPU with one thread."""
+    import time
+
+    from worker.training import lean
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hidden, inter = widths["hidden_size"], widths["intermediate_size"]
+        x, grad = (torch.randn(1, tokens, hidden, dtype=torch.bfloat16) for _ in range(2))
+        weight = torch.randn(hidden, dtype=torch.bfloat16)
+        gate, up, grad_h = (torch.randn(1, tokens, inter, dtype=torch.bfloat16) for _ in range(3))
+        _out, rstd = lean.EAGER.rms_forward(x, weight, 1e-5)
+        cases = {"rms_forward": (x, weight, 1e-5), "rms_backward": (grad, x, weight, rstd), "normed": (x, weight, rstd),
+                 "swiglu": (gate, up), "swiglu_backward": (grad_h, gate, up)}
+        times = {}
+        for name, args in cases.items():
+            row = {}
+            for kind, fn in (("eager_ms", getattr(lean.EAGER, name)), ("compiled_ms", getattr(lean.fused(), name))):
+                fn(*args)  # compiles (once per process) and warms up
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    fn(*args)
+                row[kind] = round((time.perf_counter() - start) / repeats * 1000, 2)
+            row["compiled"] = not getattr(lean.fused(), name).failed
+            times[name] = row
+        return times
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny widths (the test suite's run)")
     parser.add_argument("--tokens", type=int, default=256, help="T: the step runs at T and 2T tokens")
+    parser.add_argument("--kernels", action="store_true", help="also time each lean kernel, eager vs compiled (CPU)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     shape = "tiny" if args.tiny else "llama3-8b"
@@ -154,12 +190,17 @@ def main(argv=None) -> int:
     for variant in ("peft", "lean", "lean+fused"):
         record["results"][variant] = count(WIDTHS[shape], variant, args.tokens)
         print(variant, json.dumps(record["results"][variant]), flush=True)
+    if args.kernels:
+        record["kernel_times"] = kernel_times(WIDTHS[shape], args.tokens)
+        print("kernels", json.dumps(record["kernel_times"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     peft = record["results"]["peft"]["bytes_per_token"]
     print(f"\n{shape}, one decoder layer, forward + backward, elementwise bytes per token:")
     for variant, result in record["results"].items():
         print(f"  {variant:12} {result['bytes_per_token']:>10,}  ({result['bytes_per_token'] / peft:.2f} x peft)")
+    for name, row in record.get("kernel_times", {}).items():
+        print(f"  kernel {name:16} eager {row['eager_ms']:>8} ms  compiled {row['compiled_ms']:>8} ms")
     return 0
 
 

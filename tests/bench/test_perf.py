@@ -102,3 +102,4 @@ def test_kernel_kinds():
     assert perf.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "matmul"
     assert perf.kernel_kind("void kOptimizer32bit2State<...>") == "optimizer"
     assert perf.kernel_kind("vectorized_elementwise_kernel<4, silu>") == "other (elementwise, norms, copies)"
+    assert perf.kernel_kind("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled (fused_kernels)"

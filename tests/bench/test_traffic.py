@@ -13,7 +13,7 @@ def test_traffic_counts_each_variant(tmp_path):
     import traffic
 
     out = tmp_path / "traffic.json"
-    assert traffic.main(["--tiny", "--tokens", "32", "--out", str(out)]) == 0
+    assert traffic.main(["--tiny", "--tokens", "32", "--kernels", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     results = record["results"]
     assert record["card"].startswith("cpu") and record["versions"]["torch"] and record["tokens"] == 32
@@ -25,3 +25,6 @@ def test_traffic_counts_each_variant(tmp_path):
     assert any(k.startswith("fused:") for k in results["lean+fused"]["top"])
     # per token: the counts at T and 2T tokens differ by T times the reported figure, never negative
     assert all(v >= 0 for r in results.values() for v in r["top"].values())
+    kernels = record["kernel_times"]
+    assert set(kernels) == {"rms_forward", "rms_backward", "normed", "swiglu", "swiglu_backward"}
+    assert all(row["compiled"] and row["eager_ms"] > 0 and row["compiled_ms"] > 0 for row in kernels.values())
