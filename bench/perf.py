@@ -281,6 +281,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
                profile: bool = False):
     """One engine variant on `base`: adapters, plan and options from `cfg`, the trainer's loss and optimizer.
     Returns (result, base with the adapters removed)."""
+    from worker.training import lean
     from worker.training.data import collate_packed
     from worker.training.memory import LAYER_MODES, estimate_memory
     from worker.training.model import add_adapters, resolve_checkpoint_plan
@@ -308,6 +309,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
 
     resident = round(torch.cuda.memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
     result = timed_loop(step, batches, warm, steps, device, profile)
+    fused_on = cfg.resolved_fused_kernels(device.type)
     result["allocated_before_steps_gib"] = resident  # base + adapters: what the estimate's static terms predict
     estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro, layer_modes=plan)
     static = estimate.base_weights + estimate.lora_params
@@ -317,22 +319,11 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
                   options={k: v for k, v in cfg.resolved().items() if k in ("attn_implementation", "fused_cross_entropy",
                                                                             "gradient_checkpointing", "memory_budget_gb",
                                                                             "micro_batch_tokens", "lean_activations", "fused_kernels")},
-                  fused_kernels_on=cfg.resolved_fused_kernels(device.type),
-                  fused_kernels_failed=fused_kernels_failed() if cfg.resolved_fused_kernels(device.type) else None)
+                  fused_kernels_on=fused_on, fused_kernels_failed=lean.fused_fallbacks() if fused_on else None)
     base = model.unload()  # the frozen base without adapters, for the next variant
     optimizer = model = built = None
     free_memory(device)
     return result, base
-
-
-def fused_kernels_failed() -> list[str]:
-    """The compiled kernels that fell back to the eager math in this process (compilation failed)."""
-    import dataclasses
-
-    from worker.training import lean
-
-    kernels = lean.fused()
-    return [f.name for f in dataclasses.fields(kernels) if getattr(kernels, f.name).failed]
 
 
 def loss_guard(base, groups: list[list], device: torch.device) -> dict:

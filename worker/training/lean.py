@@ -119,6 +119,12 @@ def fused() -> Kernels:
     return Kernels(*(_Compiled(getattr(EAGER, f.name)) for f in dataclasses.fields(Kernels)))
 
 
+def fused_fallbacks() -> list[str]:
+    """The compiled kernels that failed to compile in this process and run the eager math instead."""
+    kernels = fused()
+    return [f.name for f in dataclasses.fields(Kernels) if getattr(kernels, f.name).failed]
+
+
 # --- the functions ------------------------------------------------------------------------------------------
 
 def _rng_state(device: torch.device) -> torch.Tensor:
