@@ -84,6 +84,29 @@ def test_training_writes_peft_checkpoints_and_metrics(tiny_model_dir, train_file
     assert saved["status"] == "succeeded" and saved["train_stats"]["n_examples"] == 16
 
 
+def test_the_job_says_whether_fused_kernels_run_and_when_one_fell_back(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    from worker.training import lean
+
+    def model_loaded(sink):
+        [(_level, message, data)] = [e for e in sink.events if e[1].startswith("Model loaded")]
+        return message, data
+
+    sink = RecordingSink()
+    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "cpu", TrainingConfig(max_steps=1, batch_size=2, micro_batch_size=2)), sink)
+    message, data = model_loaded(sink)
+    assert "fused kernels=off" in message and data["fused_kernels"] is False  # auto: off on the CPU
+    assert data["lean_activations"] is True and not any(level == "warn" for level, *_ in sink.events)
+
+    monkeypatch.setattr(lean, "fused_fallbacks", lambda: ["rms_backward"])  # as if Triton had refused one kernel
+    sink = RecordingSink()
+    cfg = TrainingConfig(max_steps=2, batch_size=2, micro_batch_size=2, fused_kernels="on")
+    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "fused", cfg), sink)
+    message, data = model_loaded(sink)
+    assert "fused kernels=on" in message and data["fused_kernels"] is True
+    [warning] = [e for e in sink.events if e[0] == "warn"]  # once, after the first step
+    assert "rms_backward" in warning[1] and warning[2] == {"fused_kernels_fallbacks": ["rms_backward"]}
+
+
 def test_base_is_nf4_with_double_quantization(tiny_model_dir):
     import bitsandbytes as bnb
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.training import attention
+from worker.training import attention, lean
 from worker.training.checkpoint import (
     TrainerPosition,
     checkpoint_name,
@@ -288,12 +288,14 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
         position = TrainerPosition(**state["position"])
         restore_rng(state["rng"])
         sink.event("info", f"Resumed from {resume_from} at step {position.step}")
+    fused = cfg.resolved_fused_kernels(device.type)
     sink.event("info", f"Model loaded: {built.trainable_parameters:,} trainable of {built.total_parameters:,} parameters, "
                f"quantization={cfg.quantization}, attention={cfg.resolved_attn_implementation}, "
+               f"lean activations={'on' if cfg.lean_activations else 'off'}, fused kernels={'on' if fused else 'off'}, "
                f"checkpointing per layer: {built.plan_summary()}, device={device.type}",
                {"trainable_parameters": built.trainable_parameters, "gradient_checkpointing": built.gradient_checkpointing,
-                "checkpoint_plan": list(built.checkpoint_plan),
-                "total_steps": n_total_steps})
+                "checkpoint_plan": list(built.checkpoint_plan), "lean_activations": cfg.lean_activations,
+                "fused_kernels": fused, "total_steps": n_total_steps})
     if device.type == "cuda":
         # Report the peak of training itself, not of loading (comparable with the memory estimate).
         torch.cuda.reset_peak_memory_stats(device)
@@ -378,6 +380,9 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
                 last_metrics.update(last_valid)
                 sink.event("info", f"Step {position.step}: valid_loss={last_valid['valid_loss']:.4f}", last_valid)
             sink.metrics(position.step, last_metrics)
+            if fused and position.step == 1 and (fallbacks := lean.fused_fallbacks()):
+                sink.event("warn", f"fused_kernels: {', '.join(fallbacks)} did not compile and run the eager math "
+                           "(same results, slower); the worker log says why", {"fused_kernels_fallbacks": fallbacks})
             if cfg.checkpoint_every is not None:
                 wants_checkpoint = position.step % cfg.checkpoint_every == 0
             else:
