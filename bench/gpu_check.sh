@@ -9,6 +9,6 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 timeout "${BENCH_TIMEOUT:-380}" python3 bench/perf.py --baseline .gpu/standard_recipe.py --profile --out "$OUT/perf.json" 2>&1 | tee "$OUT/perf.log"
-QLORA_TEST_TOKENIZER=.gpu/tokenizer timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x tests/training -m "not slow" -p no:cacheprovider \
+QLORA_TEST_TOKENIZER=.gpu/tokenizer timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q --maxfail=10 -ra tests/training -m "not slow" -p no:cacheprovider \
   > "$OUT/pytest.log" 2>&1
-tail -15 "$OUT/pytest.log"
+tail -25 "$OUT/pytest.log"
