@@ -202,7 +202,7 @@ def test_estimate_counts_what_the_selective_policy_keeps(tiny_model_dir, example
     from worker.training.model import decoder_layers, selective_checkpoint_policy
 
     cfg = TrainingConfig(gradient_checkpointing="off")  # bf16, varlen, r=16
-    built = build_model(tiny_model_dir, cfg)
+    built = build_model(tiny_model_dir, cfg, device=torch.device("cpu"))  # the count names the CPU's kernels
     built.model.train()
     policy = selective_checkpoint_policy(cfg.lora_r)
 
@@ -247,7 +247,7 @@ def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples,
     from worker.training.model import decoder_layers
 
     cfg = TrainingConfig(gradient_checkpointing="off", lean_activations=lean)
-    built = build_model(tiny_model_dir, cfg)
+    built = build_model(tiny_model_dir, cfg, device=torch.device("cpu"))  # the count names the CPU's kernels
     built.model.train()
     resident = {t.untyped_storage().data_ptr() for t in list(built.model.parameters()) + list(built.model.buffers())}
     layer = decoder_layers(built.model)[0]

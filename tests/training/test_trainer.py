@@ -94,7 +94,8 @@ def test_the_job_says_whether_fused_kernels_run_and_when_one_fell_back(tiny_mode
     sink = RecordingSink()
     train(TrainingJob(tiny_model_dir, train_file, tmp_path / "cpu", TrainingConfig(max_steps=1, batch_size=2, micro_batch_size=2)), sink)
     message, data = model_loaded(sink)
-    assert "fused kernels=off" in message and data["fused_kernels"] is False  # auto: off on the CPU
+    auto = torch.cuda.is_available()  # auto: on with CUDA, off on the CPU
+    assert f"fused kernels={'on' if auto else 'off'}" in message and data["fused_kernels"] is auto
     assert data["lean_activations"] is True and not any(level == "warn" for level, *_ in sink.events)
 
     monkeypatch.setattr(lean, "fused_fallbacks", lambda: ["rms_backward"])  # as if Triton had refused one kernel
