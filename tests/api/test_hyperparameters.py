@@ -48,6 +48,8 @@ def test_learning_rate_and_multiplier():
         ({"learning_rate_multiplier": float("nan")}, "learning_rate_multiplier", "invalid_hyperparameter"),
         ({"lora_rank": 4}, "lora_rank", "unknown_hyperparameter"),
         ({"quantization": "8bit", "quant_type": "nf4"}, "quant_type", "invalid_hyperparameter"),
+        ({"fused_kernels": "yes"}, "fused_kernels", "invalid_hyperparameter"),
+        ({"fused_kernels": "on", "lean_activations": False}, "fused_kernels", "invalid_hyperparameter"),
     ],
 )
 def test_errors_name_the_key(given, param, code):
@@ -65,6 +67,8 @@ def test_errors_name_the_key(given, param, code):
     {"batch_size": 6, "micro_batch_tokens": 4096},
     {"micro_batch_size": 2, "n_epochs": 1, "learning_rate_multiplier": 0.5},
     {"gradient_checkpointing": "auto", "memory_budget_gb": 20},
+    {"fused_kernels": "on"},
+    {"lean_activations": False, "fused_kernels": "off"},
 ])
 def test_the_worker_rebuilds_exactly_what_the_api_accepted(given):
     """The job row holds the resolved values (every option); the worker rebuilds the config from them. Checks
