@@ -539,7 +539,6 @@ def pack_by_tokens(examples: list[TokenizedExample], budget: int) -> list[list[T
     return rows
 
 
-
 def collate_packed(batch: list[TokenizedExample]) -> dict[str, torch.Tensor]:
     """Padding-free packing: the micro-batch's examples concatenated into one row of shape [1, total_len].
 
