@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import ids
 from core.db import session_scope
-from core.jobs import add_event, claim_job, fail_job, fine_tuned_model_name, heartbeat, succeed_job
+from core.jobs import add_event, claim_job, fail_job, fine_tuned_model_name, heartbeat, record_resolved_hyperparameters, succeed_job
 from core.models import Checkpoint, File, Job, JobMetric, now
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, delete_quietly
@@ -38,7 +38,8 @@ from worker.sink import DatabaseSink, pack_directory
 from worker.training.checkpoint import CheckpointError
 from worker.training.config import ConfigError, TrainingConfig
 from worker.training.data import DataValidationError
-from worker.training.trainer import TrainingJob, train
+from worker.training.model import pick_device, resolve_for_device
+from worker.training.trainer import NonFiniteLossError, TrainingJob, train
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,11 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
                  storage: ObjectStorage, workdir: Path, stop: threading.Event) -> str:
     spec = _load_spec(session_factory, job_id)
     config = training_config(spec.hyperparameters, spec.seed)
+    if config.compute_dtype == "auto":
+        # Decided once, on the machine that first runs the job, and stored: a resumed run keeps the same dtype.
+        config = resolve_for_device(config, pick_device())
+        with session_scope(session_factory) as session:
+            record_resolved_hyperparameters(session, job_id, worker_id, {"compute_dtype": config.compute_dtype})
     assert settings.models_dir is not None
     # Lexically inside models_dir (a model directory may be a symlink to shared storage, so no resolve()).
     models_dir = Path(os.path.normpath(settings.models_dir.absolute()))
@@ -240,6 +246,8 @@ def _error_of(exc: Exception) -> tuple[str, str, str | None]:
         return exc.code, exc.message, exc.param
     if isinstance(exc, ConfigError):
         return exc.code, exc.message, exc.param
+    if isinstance(exc, NonFiniteLossError):
+        return "non_finite_loss", f"Training stopped: {exc}", None
     if isinstance(exc, CheckpointError):
         return "checkpoint_error", f"Cannot resume from the checkpoint: {exc}", None
     return "training_error", f"Training failed: {type(exc).__name__}: {exc}", None

@@ -314,3 +314,41 @@ def test_unknown_base_model_fails_with_param_model(make_settings, session_factor
     assert runner.run_job(job_id, make_settings(), session_factory, storage) == runner.FAILED
     error = get_job(session_factory, job_id).error
     assert error["code"] == "model_not_found" and error["param"] == "model"
+
+
+def test_auto_compute_dtype_is_decided_by_the_worker_and_stored(make_settings, session_factory, storage, monkeypatch):
+    """The worker resolves 'auto' for its device (here: a CPU without native bf16, injected) and records the choice
+    in both stored copies of the hyperparameters."""
+    from worker.training import model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_bf16_is_fast", lambda: False)
+    hyper = hyperparameters()
+    assert hyper["compute_dtype"] == "auto"
+    job_id = create_job(session_factory, storage, hyper=hyper, method={"type": "supervised", "supervised": {"hyperparameters": hyper}})
+    assert runner.run_job(job_id, make_settings(), session_factory, storage) == runner.SUCCEEDED
+    job = get_job(session_factory, job_id)
+    assert job.hyperparameters["compute_dtype"] == "fp32"
+    assert job.method["supervised"]["hyperparameters"]["compute_dtype"] == "fp32"
+    assert job.hyperparameters["lora_r"] == hyper["lora_r"]  # the rest as stored
+    loaded = next(e for e in events(session_factory, job_id) if e.message.startswith("Model loaded"))
+    assert loaded.data["compute_dtype"] == "fp32"
+
+
+def test_a_non_finite_loss_fails_the_job_with_its_own_code(make_settings, session_factory, storage, models_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken_models = tmp_path / "models"
+    shutil.copytree(models_dir / MODEL, broken_models / MODEL)
+    weights = load_file(broken_models / MODEL / "model.safetensors")
+    name = next(k for k in weights if "embed_tokens" in k)
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, broken_models / MODEL / "model.safetensors", metadata={"format": "pt"})
+
+    job_id = create_job(session_factory, storage)
+    assert runner.run_job(job_id, make_settings(models_dir=broken_models), session_factory, storage) == runner.FAILED
+    job = get_job(session_factory, job_id)
+    assert job.error["code"] == "non_finite_loss" and "not a finite number" in job.error["message"]
+    assert counts(session_factory, job_id)["checkpoints"] == 0 and metric_steps(session_factory, job_id) == []

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 QuantizationMode = Literal["4bit", "8bit", "none"]
 QuantType = Literal["nf4", "fp4"]
-ComputeDtype = Literal["bf16", "fp16", "fp32"]
+ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
 OptimizerName = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
 SchedulerName = Literal["cosine", "linear", "constant"]
 GradientCheckpointing = Literal["auto", "on", "selective", "off"]
@@ -39,7 +39,8 @@ ALL_LINEAR = "all-linear"
 
 class TrainingConfig(BaseModel):
     """Every option of a training job. Field docs are the reference; defaults follow the QLoRA paper
-    (NF4 + double quantization, bf16 compute, LoRA on all linear layers, paged 8-bit AdamW)."""
+    (NF4 + double quantization, 16-bit compute where the device is fast at it, LoRA on all linear layers, paged
+    8-bit AdamW)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -53,7 +54,7 @@ class TrainingConfig(BaseModel):
     quantization: QuantizationMode = Field("4bit", description="How the frozen base is stored: 4-bit (QLoRA), 8-bit LLM.int8, or none (plain LoRA).")
     quant_type: QuantType = Field("nf4", description="4-bit data type: NormalFloat4 or FP4. Only with quantization=4bit.")
     double_quant: bool = Field(True, description="Quantize the 4-bit absmax constants again (~0.37 bits/weight saved). Only with quantization=4bit.")
-    compute_dtype: ComputeDtype = Field("bf16", description="Dtype of the matmuls through the dequantized base (and of unquantized base weights).")
+    compute_dtype: ComputeDtype = Field("auto", description="Dtype of the matmuls through the dequantized base (and of unquantized base weights). auto: the fast one for the device: bf16 on a CUDA card that has it (else fp16), bf16 on a CPU that computes it natively, else fp32. A job records the choice.")
     attn_implementation: AttnImplementation = Field("auto", description="Attention kernel. varlen: variable-length attention over the examples of a packed row (FlashAttention varlen on CUDA, one SDPA call per example elsewhere), no dense mask; needs packing. auto: varlen with packing, else sdpa. The others are transformers' own implementations.")
 
     # --- model: LoRA ------------------------------------------------------------------------------
@@ -200,7 +201,11 @@ def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("attn_implementation='flash_attention_2' needs the flash-attn package", param="attn_implementation")
     if cfg.compute_dtype == "fp16" and device_type == "cpu":
-        raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'bf16' or 'fp32'", param="compute_dtype")
+        raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'auto', 'bf16' or 'fp32'", param="compute_dtype")
+    if cfg.attn_implementation == "flex_attention" and device_type != "cuda":
+        # torch's compiled CPU kernel for it reads past short sequences on AVX2 CPUs: losses vary run to run or are NaN.
+        raise ConfigError("attn_implementation='flex_attention' needs a CUDA GPU (its CPU kernel gives wrong results on some CPUs); "
+                          "use 'auto', 'varlen' or 'sdpa'", param="attn_implementation")
 
 
 def options_markdown() -> str:

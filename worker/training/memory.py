@@ -107,7 +107,8 @@ _INPUT_OF = {
 LOSS_CHUNK_TOKENS = 512
 FUSED_LOSS_BYTES_PER_LOGIT = 4 + 2
 
-_COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# 'auto' is a 16-bit dtype on every GPU (bf16 or fp16); the estimate plans GPU memory.
+_COMPUTE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}
 _OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
 
 

@@ -11,6 +11,8 @@ buys nothing here: the norms compute in fp32 internally, and the adapters are ke
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,49 @@ from worker.training.config import ALL_LINEAR, ConfigError, TrainingConfig
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def compute_dtype(cfg: TrainingConfig) -> torch.dtype:
-    return DTYPES[cfg.compute_dtype]
+@functools.cache
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX through oneDNN).
+
+    Measured once per process rather than read from CPU flags: what counts is the kernel torch really runs
+    (``ONEDNN_MAX_CPU_ISA`` or a virtual machine can hide an instruction set the flags report). Without native
+    support a bf16 matmul is emulated and runs tens of times slower than fp32; with it, it is faster than fp32.
+    The test costs a few milliseconds, or about 0.1 s where bf16 is emulated."""
+    a32, b32 = torch.randn(128, 512), torch.randn(512, 512)
+    a16, b16 = a32.to(torch.bfloat16), b32.to(torch.bfloat16)
+
+    def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+        a @ b  # warm-up: the first call picks and prepares the kernel
+        start = time.perf_counter()
+        for _ in range(2):
+            a @ b
+        return time.perf_counter() - start
+
+    # 2x of slack for timer noise: the two cases differ by 10x or more.
+    return seconds(a16, b16) < 2 * seconds(a32, b32)
+
+
+def resolve_compute_dtype(requested: str, device: torch.device, *, cpu_fast_bf16: bool | None = None) -> str:
+    """The compute dtype a job runs with: an explicit one as given; 'auto' the fast one for `device`."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if (cpu_bf16_is_fast() if cpu_fast_bf16 is None else cpu_fast_bf16) else "fp32"
+    return "fp32"
+
+
+def resolve_for_device(cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
+    """`cfg` with its device-dependent 'auto' (compute_dtype) decided for `device`."""
+    if cfg.compute_dtype != "auto":
+        return cfg
+    return cfg.model_copy(update={"compute_dtype": resolve_compute_dtype("auto", device)})
+
+
+def compute_dtype(cfg: TrainingConfig, device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype of the job's matmuls ('auto' decided for `device`, default the device a job would use)."""
+    return DTYPES[resolve_compute_dtype(cfg.compute_dtype, device or pick_device())]
 
 
 def quantization_config(cfg: TrainingConfig) -> Any:
@@ -195,6 +238,7 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
+    cfg = resolve_for_device(cfg, device)
     model_config = read_model_config(base_model_dir)
     check_target_modules(model_config, cfg)
     plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.max_tokens_per_micro_batch)
@@ -202,7 +246,7 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
     model = AutoModelForCausalLM.from_pretrained(
         base_model_dir,
         quantization_config=quantization_config(cfg),
-        dtype=compute_dtype(cfg),
+        dtype=compute_dtype(cfg, device),
         device_map={"": device},
         attn_implementation=attn,
         low_cpu_mem_usage=True,

@@ -53,7 +53,7 @@ def build_random_base(model_config: Any, cfg: TrainingConfig, device: torch.devi
     attn = attention.use(cfg.resolved_attn_implementation)
     model_config = copy.deepcopy(model_config)  # from_config writes dtype and attention settings into it
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=compute_dtype(cfg), attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=compute_dtype(cfg, device), attn_implementation=attn)
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no decoder layers (GradientCheckpointingLayer) to build one by one")
@@ -124,7 +124,7 @@ def quantize_linears(layer: torch.nn.Module, cfg: TrainingConfig, device: torch.
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
-            compute_dtype=compute_dtype(cfg),
+            compute_dtype=compute_dtype(cfg, device),
             compress_statistics=cfg.double_quant,
             quant_type=cfg.quant_type,
             quant_storage=torch.uint8,

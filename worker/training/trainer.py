@@ -47,11 +47,20 @@ from worker.training.data import (
     tokenize_examples,
 )
 from worker.training.losses import linear_cross_entropy
-from worker.training.model import BuiltModel, build_model, compute_dtype, pick_device, read_model_config
+from worker.training.model import BuiltModel, build_model, compute_dtype, pick_device, read_model_config, resolve_for_device
 from worker.training.optim import build_optimizer, build_scheduler
 from worker.training.sinks import CHECKPOINT_METRIC_KEYS, NullSink, Sink
 
 IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step's training loss was NaN or infinite: the run stops before the optimizer applies it."""
+
+    def __init__(self, step: int, compute_dtype: str):
+        super().__init__(f"the training loss of step {step} is not a finite number (compute_dtype={compute_dtype}); "
+                         "try a lower learning_rate, or compute_dtype='fp32'")
+        self.step = step
 
 
 @dataclass
@@ -125,7 +134,8 @@ def micro_batches(examples: list[TokenizedExample], cfg: TrainingConfig, size: i
 def autocast_dtype(cfg: TrainingConfig) -> torch.dtype | None:
     """bf16/fp16 compute runs under autocast, so that the fp32 adapters' matmuls run in the compute dtype
     too (peft keeps adapter weights in fp32; without autocast their inputs are upcast and saved in fp32)."""
-    return None if cfg.compute_dtype == "fp32" else compute_dtype(cfg)
+    dtype = compute_dtype(cfg)
+    return None if dtype == torch.float32 else dtype
 
 
 def forward_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device,
@@ -248,11 +258,11 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     started = time.time()
     sink = sink or NullSink()
     should_stop = should_stop or (lambda: False)
-    cfg = job.config
     output_dir = Path(job.output_dir)
 
     # 1. Everything that can be checked without the model: options, device, data.
     device = pick_device()
+    cfg = resolve_for_device(job.config, device)
     check_runtime(cfg, device.type)
     read_model_config(job.base_model_dir)  # fails early, with param="model", if the directory is not a model
     tokenizer = load_tokenizer(job.base_model_dir)
@@ -265,6 +275,9 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     n_total_steps = total_steps(len(train_tok), cfg)
     if resume_from is not None:
         saved = read_checkpoint_config(Path(resume_from))["config"]
+        if job.config.compute_dtype == "auto" and saved.get("compute_dtype") in ("bf16", "fp16", "fp32"):
+            cfg = cfg.model_copy(update={"compute_dtype": saved["compute_dtype"]})  # a resumed run keeps the dtype it began with
+            check_runtime(cfg, device.type)
         if saved != cfg.resolved():
             changed = sorted(k for k in saved if saved.get(k) != cfg.resolved().get(k))
             raise ConfigError(f"cannot resume with different options: {changed}", param=changed[0] if changed else None)
@@ -290,11 +303,11 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
         sink.event("info", f"Resumed from {resume_from} at step {position.step}")
     fused = cfg.resolved_fused_kernels(device.type)
     sink.event("info", f"Model loaded: {built.trainable_parameters:,} trainable of {built.total_parameters:,} parameters, "
-               f"quantization={cfg.quantization}, attention={cfg.resolved_attn_implementation}, "
+               f"quantization={cfg.quantization}, compute_dtype={cfg.compute_dtype}, attention={cfg.resolved_attn_implementation}, "
                f"lean activations={'on' if cfg.lean_activations else 'off'}, fused kernels={'on' if fused else 'off'}, "
                f"checkpointing per layer: {built.plan_summary()}, device={device.type}",
                {"trainable_parameters": built.trainable_parameters, "gradient_checkpointing": built.gradient_checkpointing,
-                "checkpoint_plan": list(built.checkpoint_plan), "lean_activations": cfg.lean_activations,
+                "checkpoint_plan": list(built.checkpoint_plan), "compute_dtype": cfg.compute_dtype, "lean_activations": cfg.lean_activations,
                 "fused_kernels": fused, "total_steps": n_total_steps})
     if device.type == "cuda":
         # Report the peak of training itself, not of loading (comparable with the memory estimate).
@@ -346,6 +359,8 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
             if stopped:
                 optimizer.zero_grad(set_to_none=True)
                 break
+            if not math.isfinite(loss_total):
+                raise NonFiniteLossError(position.step + 1, cfg.compute_dtype)
             scaler.unscale_(optimizer)
             grad_norm = clip_and_norm(model, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
