@@ -36,9 +36,10 @@ run: venv
 train-example: venv demo-model
 	$(PY) -m worker.training.cli examples/smollm2-facts.yaml --base-model $(DEMO_MODEL) --output $(QLORA_HOME)/runs/example
 
+# --durations: the slowest tests stay visible in every run (CI's log included).
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: venv
 	$(PY) -m pytest -q -ra -m "not slow"

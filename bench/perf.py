@@ -58,7 +58,8 @@ ENGINE_STEP_EXAMPLES = 64  # the realistic case's batch_size: the engine packs e
 GIB = 1024**3
 
 # The recipe's LoRA and optimizer settings; every engine variant uses them too.
-COMMON = dict(quantization="4bit", quant_type="nf4", double_quant=True, compute_dtype="bf16", lora_r=16, lora_alpha=32,
+# compute_dtype auto: bf16 on the recipe's cards; on a CPU the fast dtype there, so that --tiny stays quick on AVX2-only CPUs.
+COMMON = dict(quantization="4bit", quant_type="nf4", double_quant=True, compute_dtype="auto", lora_r=16, lora_alpha=32,
               lora_dropout=0.05, target_modules="all-linear", optimizer="paged_adamw_8bit", learning_rate=2e-4,
               lr_scheduler="constant", warmup_steps=0, max_grad_norm=0.0)
 
@@ -286,7 +287,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
     from worker.training.memory import LAYER_MODES, estimate_memory
     from worker.training.model import add_adapters, resolve_checkpoint_plan
     from worker.training.optim import build_optimizer
-    from worker.training.trainer import clip_and_norm, forward_loss
+    from worker.training.trainer import autocast_dtype, clip_and_norm, forward_loss
 
     set_attention(base, cfg.resolved_attn_implementation)
     plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro)
@@ -295,7 +296,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
     model = built.model
     model.train()
     optimizer = build_optimizer(model.parameters(), cfg)
-    amp = torch.bfloat16
+    amp = autocast_dtype(cfg)
     batches = [collate_packed(g) for g in groups]
 
     def step(batch):
@@ -330,7 +331,7 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
     """The optimized path's loss equals the plain path's on the same packed batch and weights."""
     from worker.training.data import collate_packed
     from worker.training.model import add_adapters, decoder_layers
-    from worker.training.trainer import forward_loss
+    from worker.training.trainer import autocast_dtype, forward_loss
 
     batch = collate_packed(groups[0])
     out = {}
@@ -341,7 +342,7 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
         built = add_adapters(base, cfg, device, ("off",) * len(decoder_layers(base)))
         built.model.eval()
         with torch.no_grad():
-            loss_sum, n, _c = forward_loss(built.model, batch, device, torch.bfloat16, fused)
+            loss_sum, n, _c = forward_loss(built.model, batch, device, autocast_dtype(cfg), fused)
         out[name] = float(loss_sum) / n
         base = built.model.unload()
         del built
@@ -411,9 +412,12 @@ def main(argv=None) -> int:
     budget_tokens = seq * per_step
     vocab = SHAPES[shape]["vocab_size"]
     lengths_files = args.lengths or [path for path in DEFAULT_LENGTHS if path.is_file()]
+    from worker.training.model import resolve_compute_dtype
+
     record = {"date": dt.date.today().isoformat(), "card": card(device), "versions": versions(), "shape": shape, "big_shape": big,
               "seq": seq, "sequences_per_step": per_step, "steps": args.steps, "warm": args.warm,
-              "lengths_files": [str(path) for path in lengths_files], "out": str(args.out), "results": {}}
+              "lengths_files": [str(path) for path in lengths_files], "out": str(args.out), "results": {},
+              "compute_dtype": resolve_compute_dtype(COMMON["compute_dtype"], device)}
     print(json.dumps({k: record[k] for k in ("date", "card", "versions")}), flush=True)
     n_steps = args.warm + args.steps
 

@@ -26,7 +26,8 @@ def tiny_config(**overrides):
 
 
 def config(**options) -> TrainingConfig:
-    return TrainingConfig(attn_implementation="sdpa", **options)
+    """bf16 pinned: these tests check what a 16-bit base holds (tiny shapes, quick even where bf16 is emulated)."""
+    return TrainingConfig(attn_implementation="sdpa", compute_dtype="bf16", **options)
 
 
 def decoder_linears(model):

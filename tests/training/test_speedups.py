@@ -201,7 +201,7 @@ def test_estimate_counts_what_the_selective_policy_keeps(tiny_model_dir, example
     from worker.training.memory import selective_saved_bytes_per_token
     from worker.training.model import decoder_layers, selective_checkpoint_policy
 
-    cfg = TrainingConfig(gradient_checkpointing="off")  # bf16, varlen, r=16
+    cfg = TrainingConfig(gradient_checkpointing="off", compute_dtype="bf16")  # the count is of bf16 bytes; varlen, r=16
     built = build_model(tiny_model_dir, cfg, device=torch.device("cpu"))  # the count names the CPU's kernels
     built.model.train()
     policy = selective_checkpoint_policy(cfg.lora_r)
@@ -246,7 +246,7 @@ def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples,
     from worker.training.memory import estimate_memory, linear_shapes
     from worker.training.model import decoder_layers
 
-    cfg = TrainingConfig(gradient_checkpointing="off", lean_activations=lean)
+    cfg = TrainingConfig(gradient_checkpointing="off", lean_activations=lean, compute_dtype="bf16")  # the count is of bf16 bytes
     built = build_model(tiny_model_dir, cfg, device=torch.device("cpu"))  # the count names the CPU's kernels
     built.model.train()
     resident = {t.untyped_storage().data_ptr() for t in list(built.model.parameters()) + list(built.model.buffers())}
