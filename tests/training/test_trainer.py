@@ -409,3 +409,49 @@ def test_a_non_finite_loss_stops_the_job_before_the_optimizer_applies_it(tiny_mo
         train(TrainingJob(broken, train_file, tmp_path / "out", cfg), sink)
     assert sink.steps == [] and sink.checkpoints == []
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_resume_from_the_final_checkpoint_finishes_cleanly(tiny_model_dir, train_file, tmp_path):
+    """A run resumed from its last checkpoint (the worker died before the job was marked done) trains nothing,
+    publishes that checkpoint as the adapter and reports it again neither as a checkpoint nor as a step."""
+    from safetensors.torch import load_file
+
+    cfg = TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=4, checkpoint_every=1)
+    first = RecordingSink()
+    done = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "a", cfg), first)
+    final = first.checkpoints[-1][1]
+    second = RecordingSink()
+    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "b", cfg), second, resume_from=final)
+    assert result.status == "succeeded" and result.steps == 2
+    assert second.steps == [] and second.checkpoints == []
+    assert result.final_train_loss == pytest.approx(done.final_train_loss)
+    adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
+    expected = load_file(final / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys() and all(torch.equal(adapter[k], expected[k]) for k in adapter)
+    assert any(m.startswith("Training finished: 2 steps") for _l, m, _d in second.events)
+
+
+def test_trainer_state_is_loaded_without_running_pickled_code(tiny_model_dir, train_file, tmp_path):
+    """Whoever can write a checkpoint object must not run code on the worker that resumes from it."""
+    import os
+
+    from worker.training.checkpoint import CheckpointError, load_trainer_state
+
+    cfg = TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=4, checkpoint_every=1)
+    sink = RecordingSink()
+    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "a", cfg), sink)
+    checkpoint = sink.checkpoints[0][1]
+    assert set(load_trainer_state(checkpoint)) == {"optimizer", "scheduler", "rng", "position"}  # ours loads
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"optimizer": Payload()}, checkpoint / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match="not loaded"):
+        load_trainer_state(checkpoint)
+    with pytest.raises(CheckpointError):
+        train(TrainingJob(tiny_model_dir, train_file, tmp_path / "b", cfg), resume_from=checkpoint)
+    assert not marker.exists()

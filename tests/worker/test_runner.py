@@ -352,3 +352,29 @@ def test_a_non_finite_loss_fails_the_job_with_its_own_code(make_settings, sessio
     job = get_job(session_factory, job_id)
     assert job.error["code"] == "non_finite_loss" and "not a finite number" in job.error["message"]
     assert counts(session_factory, job_id)["checkpoints"] == 0 and metric_steps(session_factory, job_id) == []
+
+
+def test_a_worker_lost_after_its_final_checkpoint_is_finished_cleanly(make_settings, session_factory, storage, monkeypatch):
+    """The worker dies between the final checkpoint and 'succeeded': the resumed run trains nothing, publishes that
+    checkpoint as the adapter, and the job succeeds with each step and checkpoint recorded once."""
+    settings = make_settings(heartbeat_timeout_s=60)
+    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=4, checkpoint_every=2))
+    original = DatabaseSink.checkpoint
+
+    def checkpoint_then_die(self, step, path, metrics):  # noqa: ANN001
+        original(self, step, path, metrics)
+        if step == 4:
+            with session_scope(session_factory) as session:
+                session.execute(update(Job).where(Job.id == job_id).values(worker_id="dead-worker", heartbeat_at=time.time() - 3600))
+
+    monkeypatch.setattr(DatabaseSink, "checkpoint", checkpoint_then_die)
+    assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
+    monkeypatch.undo()
+    assert sweep(settings, session_factory, RecordingCelery())["requeued"] == [job_id]
+
+    assert runner.run_job(job_id, settings, session_factory, storage) == runner.SUCCEEDED
+    job = get_job(session_factory, job_id)
+    assert job.status == "succeeded" and job.attempt == 2 and len(job.result_files) == 2
+    assert metric_steps(session_factory, job_id) == [1, 2, 3, 4]
+    assert [c.step for c in checkpoints(session_factory, job_id)] == [2, 4]
+    assert any(e.message.startswith("Training finished: 4 steps") for e in events(session_factory, job_id))

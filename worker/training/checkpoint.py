@@ -16,6 +16,7 @@ adapter tensors: a truncated or empty adapter (a known failure with mismatched p
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -47,10 +48,12 @@ def checkpoint_name(step: int) -> str:
 
 
 def capture_rng() -> dict[str, Any]:
+    """The RNG states, in types `torch.load(weights_only=True)` accepts (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -60,7 +63,8 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -144,8 +148,12 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     path = directory / STATE_PT
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {STATE_PT}: it cannot be resumed from")
-    # Our own file, holding optimizer state and RNG tuples: not loadable with weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: whoever can write the object store must not be able to run code on a worker through a pickle.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values; it is not loaded: "
+                              f"{str(exc).splitlines()[0][:300]}") from None
 
 
 def read_checkpoint_config(directory: Path) -> dict[str, Any]:

@@ -333,8 +333,10 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.compute_dtype == "fp16")
     model.train()
     pad_id = tokenizer.pad_token_id
-    last_metrics: dict[str, float] = {}
-    last_valid: dict[str, float] = {}
+    # A resumed run starts from the checkpoint's metrics, so that a run with no step left still reports them.
+    last_metrics: dict[str, float] = dict(read_checkpoint_config(Path(resume_from)).get("metrics") or {}) if resume_from else {}
+    last_valid: dict[str, float] = {k: v for k, v in last_metrics.items() if k.startswith("valid_")}
+    resumed_at_end = resume_from is not None and position.step >= n_total_steps
     n_steps_per_epoch = steps_per_epoch(len(train_tok), cfg)
     stopped = False
     while position.step < n_total_steps and not stopped:
@@ -417,7 +419,9 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
         return TrainResult("stopped", position.step, n_total_steps, position.trained_tokens, last_metrics.get("train_loss"),
                            last_valid.get("valid_loss"), None, checkpoints, train_stats.to_dict(),
                            valid_stats.to_dict() if valid_stats else None, time.time() - started)
-    final = write_checkpoint(checkpoint_metrics(last_metrics))
+    # Resumed from the final checkpoint (the worker died before the job was marked done): it is the adapter, and it
+    # is not written or reported again.
+    final = Path(resume_from) if resumed_at_end else write_checkpoint(checkpoint_metrics(last_metrics))
     adapter_dir = output_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(final, adapter_dir, ignore=shutil.ignore_patterns("trainer_state.pt"))
@@ -426,8 +430,12 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
                          valid_stats.to_dict() if valid_stats else None, time.time() - started)
     (output_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     sink.event("info", f"Training finished: {position.step} steps, {position.trained_tokens} tokens, "
-               f"final train_loss={result.final_train_loss:.4f}", {"adapter_dir": str(adapter_dir)})
+               f"final train_loss={_fmt(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
     return result
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def checkpoint_metrics(metrics: dict[str, float]) -> dict[str, float]:
