@@ -35,7 +35,7 @@ def test_an_explicit_dtype_is_kept_on_every_device(monkeypatch, explicit, fast):
     assert resolve_compute_dtype(explicit, CPU, cpu_fast_bf16=fast) == explicit
     assert resolve_compute_dtype(explicit, CUDA) == explicit
     cfg = TrainingConfig(compute_dtype=explicit)
-    assert resolve_for_device(cfg, CPU) is cfg
+    assert resolve_for_device(cfg, CPU).compute_dtype == explicit
 
 
 def test_emulated_bf16_is_measured_as_slow():
@@ -80,3 +80,9 @@ def test_a_resumed_auto_job_keeps_the_dtype_it_began_with(monkeypatch, tiny_mode
     assert resumed.status == "succeeded"
     loaded = next(data for _level, message, data in sink.events if message.startswith("Model loaded"))
     assert loaded["compute_dtype"] == "bf16"
+
+
+def test_resolving_for_the_cpu_turns_lean_activations_off_and_keeps_explicit_values():
+    cpu = resolve_for_device(TrainingConfig(compute_dtype="fp32"), CPU)
+    assert cpu.lean_activations is False and cpu.compute_dtype == "fp32"
+    assert resolve_for_device(TrainingConfig(compute_dtype="fp32", lean_activations=True), CPU).lean_activations is True

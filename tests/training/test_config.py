@@ -68,6 +68,15 @@ def test_device_checks():
     check_runtime(TrainingConfig(), "cpu")  # the default runs on the CPU
 
 
+def test_lean_activations_auto_means_cuda_or_fused_kernels():
+    """A GPU memory saving that costs time on the CPU (bench/cpu.py): auto runs it with CUDA only."""
+    assert TrainingConfig().lean_activations == "auto"
+    assert TrainingConfig().resolved_lean_activations("cuda") and not TrainingConfig().resolved_lean_activations("cpu")
+    assert TrainingConfig(fused_kernels="on").resolved_lean_activations("cpu")  # the compiled kernels are lean's math
+    assert TrainingConfig(lean_activations=True).resolved_lean_activations("cpu")
+    assert not TrainingConfig(lean_activations=False).resolved_lean_activations("cuda")
+
+
 def test_fused_kernels_auto_means_cuda_with_lean_activations():
     assert TrainingConfig().resolved_fused_kernels("cuda") and not TrainingConfig().resolved_fused_kernels("cpu")
     assert not TrainingConfig(lean_activations=False).resolved_fused_kernels("cuda")  # auto: nothing to fuse

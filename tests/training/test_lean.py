@@ -180,7 +180,7 @@ def test_a_4bit_base_runs_inside_the_branch_with_the_same_gradients(tiny_model_d
         if not owned:
             monkeypatch.setattr(lean, "_owns_base", lambda base: False)
         torch.manual_seed(0)
-        built = build_model(tiny_model_dir, TrainingConfig(compute_dtype="fp32", lora_dropout=0.1, gradient_checkpointing="off"))
+        built = build_model(tiny_model_dir, TrainingConfig(compute_dtype="fp32", lora_dropout=0.1, gradient_checkpointing="off", lean_activations=True))
         torch.manual_seed(1)
         for name, param in built.model.named_parameters():
             if "lora_B" in name:

@@ -81,7 +81,7 @@ class TrainingConfig(BaseModel):
     n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs).")
     fused_cross_entropy: bool = Field(True, description="Compute the loss from the hidden states chunk by chunk, never holding the [tokens x vocabulary] logits (about 6 GiB for 4,096 tokens of a 128k vocabulary). False: the plain head + cross-entropy.")
-    lean_activations: bool = Field(True, description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean.py): the LoRA branch replays its dropout mask instead of keeping the dropped input, RMSNorm keeps its input in the compute dtype instead of fp32, SwiGLU recomputes silu, and LoRA inputs are rebuilt from what the norms and SwiGLU keep. Same results; 63% fewer bytes per unchecked layer (Llama-3-8B), so gradient_checkpointing=auto leaves more layers unchecked.")
+    lean_activations: bool | Literal["auto"] = Field("auto", description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean.py): the LoRA branch replays its dropout mask instead of keeping the dropped input, RMSNorm keeps its input in the compute dtype instead of fp32, SwiGLU recomputes silu, and LoRA inputs are rebuilt from what the norms and SwiGLU keep. Same results, fewer bytes per unchecked layer, so gradient_checkpointing=auto leaves more layers unchecked. auto: on with CUDA, off on the CPU (where memory is rarely the limit and the extra work costs time); true / false.")
     fused_kernels: FusedKernels = Field("auto", description="Compile the elementwise math of lean_activations (RMSNorm forward and backward, SwiGLU forward and backward, and the rebuilds of their outputs) with torch.compile into fused kernels: one pass over memory where the eager math makes several. on / off; auto: on with CUDA (Triton), off on the CPU (compiling there needs a C++ compiler and adds seconds). The first step pays the compilation; if compiling fails, the eager math runs (logged). Needs lean_activations.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seeds data order, LoRA init and dropout.")
 
@@ -103,10 +103,16 @@ class TrainingConfig(BaseModel):
             return "varlen" if self.packing else "sdpa"
         return self.attn_implementation
 
+    def resolved_lean_activations(self, device_type: str) -> bool:
+        """Whether a job on `device_type` runs lean activations ('auto' decided; fused_kernels='on' needs them)."""
+        if self.lean_activations == "auto":
+            return device_type == "cuda" or self.fused_kernels == "on"
+        return self.lean_activations
+
     def resolved_fused_kernels(self, device_type: str) -> bool:
         """Whether a job on `device_type` runs the compiled kernels ('auto' decided)."""
         if self.fused_kernels == "auto":
-            return self.lean_activations and device_type == "cuda"
+            return self.resolved_lean_activations(device_type) and device_type == "cuda"
         return self.fused_kernels == "on"
 
     @property
@@ -184,7 +190,7 @@ def validate_combinations(cfg: TrainingConfig) -> None:
         raise ConfigError("memory_budget_gb is what gradient_checkpointing='auto' plans for: set it only with 'auto'", param="memory_budget_gb")
     if cfg.attn_implementation == "varlen" and not cfg.packing:
         raise ConfigError("attn_implementation='varlen' works on packed rows: it needs packing=true", param="attn_implementation")
-    if cfg.fused_kernels == "on" and not cfg.lean_activations:
+    if cfg.fused_kernels == "on" and cfg.lean_activations is False:
         raise ConfigError("fused_kernels compiles the math of lean_activations: it needs lean_activations=true", param="fused_kernels")
     if cfg.use_dora and cfg.quantization == "8bit":
         # peft's DoRA needs the dequantized weight norm; with LLM.int8 this path is unsupported in peft.

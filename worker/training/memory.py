@@ -313,9 +313,14 @@ def _attention_saves(s: _Shape, cfg: TrainingConfig, c: int, row_len: int) -> tu
     return per_token, 0, 0, True
 
 
+def _lean(cfg: TrainingConfig) -> bool:
+    """Whether the estimated job runs lean activations: 'auto' is on with CUDA, and the estimate plans GPU memory."""
+    return cfg.lean_activations is not False
+
+
 def _lean_lora(cfg: TrainingConfig) -> bool:
     """Whether the LoRA branches run lean.LoraBranch (lean activations; DoRA keeps peft's own path)."""
-    return cfg.lean_activations and not cfg.use_dora
+    return _lean(cfg) and not cfg.use_dora
 
 
 def _stream_bytes(cfg: TrainingConfig, targets: tuple[str, ...], c: int) -> int:
@@ -369,7 +374,7 @@ def _layer_saved_bytes_per_token(
     gate = 4 if cfg.use_dora and "gate_proj" in targets else c
     up = 4 if cfg.use_dora and "up_proj" in targets else c
 
-    lean, lean_lora = cfg.lean_activations, _lean_lora(cfg)
+    lean, lean_lora = _lean(cfg), _lean_lora(cfg)
     stream = _stream_bytes(cfg, targets, c)
     total = 2 * ((stream if lean else 4) * h + 4)  # the two RMSNorms: their input (fp32 upcast unless lean), rsqrt
     total += attn_per_token
@@ -486,7 +491,7 @@ def estimate_memory(
     selective = tokens * selective_saved_bytes_per_token(model_config, cfg) + (rows * attn_s2_per_row if cfg.resolved_attn_implementation == "eager" else 0)
     activations = (n_on + n_selective) * tokens * s.hidden * stream + n_selective * selective + n_off * one_layer
     recompute = one_layer if gradient_checkpointing else 0
-    activations += tokens * ((stream if cfg.lean_activations else 4) * s.hidden + 4)  # final RMSNorm, as in each layer
+    activations += tokens * ((stream if _lean(cfg) else 4) * s.hidden + 4)  # final RMSNorm, as in each layer
     activations += tokens * 2 * s.head_dim * c  # RoPE cos and sin, shared by all layers
     activations += rows * mask_per_row
 

@@ -59,10 +59,13 @@ def resolve_compute_dtype(requested: str, device: torch.device, *, cpu_fast_bf16
 
 
 def resolve_for_device(cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
-    """`cfg` with its device-dependent 'auto' (compute_dtype) decided for `device`."""
-    if cfg.compute_dtype != "auto":
-        return cfg
-    return cfg.model_copy(update={"compute_dtype": resolve_compute_dtype("auto", device)})
+    """`cfg` with its device-dependent 'auto' options (compute_dtype, lean_activations) decided for `device`."""
+    update: dict[str, Any] = {}
+    if cfg.compute_dtype == "auto":
+        update["compute_dtype"] = resolve_compute_dtype("auto", device)
+    if cfg.lean_activations == "auto":
+        update["lean_activations"] = cfg.resolved_lean_activations(device.type)
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def compute_dtype(cfg: TrainingConfig, device: torch.device | None = None) -> torch.dtype:
@@ -276,6 +279,6 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    lean.apply(peft_model, cfg.lean_activations, cfg.resolved_fused_kernels(device.type))
+    lean.apply(peft_model, cfg.resolved_lean_activations(device.type), cfg.resolved_fused_kernels(device.type))
     trainable, total = peft_model.get_nb_trainable_parameters()
     return BuiltModel(peft_model, device, tuple(plan), trainable, total)

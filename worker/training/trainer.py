@@ -278,6 +278,8 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
         if job.config.compute_dtype == "auto" and saved.get("compute_dtype") in ("bf16", "fp16", "fp32"):
             cfg = cfg.model_copy(update={"compute_dtype": saved["compute_dtype"]})  # a resumed run keeps the dtype it began with
             check_runtime(cfg, device.type)
+        if job.config.lean_activations == "auto":  # decided per device; the results are the same either way
+            saved = {**saved, "lean_activations": cfg.lean_activations}
         if saved != cfg.resolved():
             changed = sorted(k for k in saved if saved.get(k) != cfg.resolved().get(k))
             raise ConfigError(f"cannot resume with different options: {changed}", param=changed[0] if changed else None)
