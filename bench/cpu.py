@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "cpu", "date": dt.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": cpu_bf16_is_fast(), "compute_dtype": dtype,
-        "env": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ},
+        "env": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ},
         "model": "SmolLM2-135M-Instruct", "examples": args.examples, "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length, "warm": args.warm, "steps": args.steps, "versions": versions(), "results": [],
     }

@@ -35,14 +35,14 @@ def example(url: str, key: str, model: str) -> str:
     client = OpenAI(base_url="{url}/v1", api_key="{key}")
     f = client.files.create(file=open("examples/facts-train.jsonl", "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model="{model}", training_file=f.id,
-        method={{"type": "supervised", "supervised": {{"hyperparameters": {{"max_steps": 30, "batch_size": 4, "learning_rate": 0.001}}}}}})
+        method={{"type": "supervised", "supervised": {{"hyperparameters": {{"max_steps": 12, "batch_size": 4, "learning_rate": 0.001}}}}}})
     print(client.fine_tuning.jobs.retrieve(job.id).status)
 
   The same with curl:
 
     curl -s {url}/v1/files -H "Authorization: Bearer {key}" -F purpose=fine-tune -F file=@examples/facts-train.jsonl
     curl -s {url}/v1/fine_tuning/jobs -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-      -d '{{"model": "{model}", "training_file": "FILE_ID", "hyperparameters": {{"max_steps": 30, "batch_size": 4, "learning_rate": 0.001}}}}'
+      -d '{{"model": "{model}", "training_file": "FILE_ID", "hyperparameters": {{"max_steps": 12, "batch_size": 4, "learning_rate": 0.001}}}}'
 """
 
 
