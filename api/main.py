@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from api.errors import RequestIdMiddleware, register_error_handlers
+from api.guard import RequestGuard
 from api.routes import files, jobs, models
 from core.db import make_engine, make_session_factory
 from core.queue import make_celery
@@ -47,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = celery_app
 
     register_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestGuard, settings=settings)  # the key and the body cap, before any body is read
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so the guard's answers get the ids too
     for router in (files.router, jobs.router, models.router):
         app.include_router(router, prefix="/v1")
     return app

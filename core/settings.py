@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     models_dir: Path | None = Field(None, description="Base models the service can train, one directory each; default $QLORA_HOME/models.")
     api_keys: str = Field("", description="Comma-separated 'key' or 'key=project'; empty: the key in $QLORA_HOME/api_key.")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload (413 above).")
+    max_json_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted JSON request body (413 above), checked before it is read.")
     task_queue: str = Field("qlora", description="Celery queue the training tasks go to.")
     task_expires_s: int = Field(3600, ge=10, description="A queued task not taken within this time expires; the sweeper sends it again.")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a running job writes its heartbeat (and sees a cancel).")
