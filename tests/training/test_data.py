@@ -568,3 +568,19 @@ def test_pack_by_tokens_best_fit_decreasing():
     assert pack_by_tokens([], 10) == []
     with pytest.raises(ValueError, match="11 tokens does not fit a row of 10"):
         pack_by_tokens([ex(11)], 10)
+
+
+def test_fault_messages_quote_hostile_content_only_in_part(tmp_path):
+    """Keys and roles of megabytes are quoted by a few hundred characters at most, so that the faults of a hostile
+    file stay small wherever they are shown (status_details, the job's error)."""
+    from worker.training.data import MAX_FAULT_MESSAGE_CHARS
+
+    huge = "k" * 1_000_000
+    rows = [{huge: 1}, {"messages": [{"role": huge, "content": "x"}]}, {"text": "ok", **{f"{huge[:1000]}{i}": 1 for i in range(500)}}]
+    path = write_jsonl(tmp_path / "train.jsonl", [json.dumps(r) for r in rows * 40])
+    report = validate_file(path)
+    assert report.n_faults == 121 and len(report.faults) == MAX_REPORTED_FAULTS
+    for fault in report.faults:
+        assert len(fault.message) <= len("line 120: ") + MAX_FAULT_MESSAGE_CHARS, len(fault.message)
+    assert sum(len(f.message) for f in report.faults) < 40_000
+    assert "unknown role 'kkk" in report.faults[1].message and "chars)" in report.faults[1].message

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 MIN_EXAMPLES = 10
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer line is a fault, read without ever holding more than this
 MAX_REPORTED_FAULTS = 100
+MAX_FAULT_MESSAGE_CHARS = 300
 
 IGNORE_INDEX = -100  # labels value that the Hugging Face loss skips
 
@@ -128,6 +129,15 @@ class _LineFault(Exception):
     """Raised inside the per-line checks; carries the message without the 'line N: ' prefix."""
 
 
+def _clip(message: str) -> str:
+    """A fault message quotes keys and roles from the file: cut it to MAX_FAULT_MESSAGE_CHARS, so that the faults
+    of a hostile file (lines of up to 8 MiB) stay a few kilobytes in `status_details` and in errors."""
+    if len(message) <= MAX_FAULT_MESSAGE_CHARS:
+        return message
+    suffix = f"... ({len(message)} chars)"
+    return message[: MAX_FAULT_MESSAGE_CHARS - len(suffix)] + suffix
+
+
 def validate_file(path: str | os.PathLike[str], *, min_examples: int = MIN_EXAMPLES, role: FileRole = "training") -> ValidationReport:
     """Check a JSONL training file and report every fault. Never raises on bad content (a missing or
     unreadable file still raises OSError)."""
@@ -186,7 +196,7 @@ def _scan(path: str | os.PathLike[str], *, min_examples: int, keep_examples: boo
             try:
                 example = _parse_line(line_no, text)
             except _LineFault as fault:
-                add_fault(line_no, f"line {line_no}: {fault}")
+                add_fault(line_no, f"line {line_no}: {_clip(str(fault))}")
                 continue
             formats[example.format] += 1
             if keep_examples:
