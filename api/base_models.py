@@ -18,10 +18,13 @@ def _models_dir(settings: Settings) -> Path:
 def find_base_model(settings: Settings, name: str) -> Path | None:
     """The directory of base model `name`, or None. Only a plain directory name is looked up, so a model id can
     never reach outside the models directory ('../x', 'a/b', '.hidden')."""
-    if not name or name.startswith(".") or "/" in name or "\\" in name or "\x00" in name:
-        return None
+    if not name or name.startswith(".") or "/" in name or "\\" in name or "\x00" in name or len(name.encode()) > 255:
+        return None  # 255 bytes: the longest file name Linux allows
     path = _models_dir(settings) / name
-    return path if (path / "config.json").is_file() else None
+    try:
+        return path if (path / "config.json").is_file() else None
+    except OSError:  # a name the file system refuses
+        return None
 
 
 def list_base_models(settings: Settings) -> list[Path]:

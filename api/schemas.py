@@ -199,10 +199,31 @@ class Method(_Strict):
     reinforcement: dict[str, Any] | None = None
 
 
+def first_unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(dotted path, reason) of the first value in a JSON body that the database cannot store: a string or key with
+    a NUL character (PostgreSQL's text and JSON refuse it) or a non-finite number (JSON has none). None if all is well."""
+    if isinstance(value, str):
+        return (path, "contains a NUL character") if "\x00" in value else None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, "must be a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in str(key):
+                return path, "has a key with a NUL character"
+            found = first_unstorable(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if found := first_unstorable(item, path):
+                return found
+    return None
+
+
 class JobCreate(_Strict):
-    model: str = Field(min_length=1, description="A base model: a directory under the service's models directory.")
-    training_file: str = Field(min_length=1)
-    validation_file: str | None = None
+    model: str = Field(min_length=1, max_length=255, description="A base model: a directory under the service's models directory.")
+    training_file: str = Field(min_length=1, max_length=255)
+    validation_file: str | None = Field(None, max_length=255)
     hyperparameters: dict[str, Any] | None = Field(None, description="Deprecated form of method.supervised.hyperparameters.")
     method: Method | None = None
     suffix: str | None = Field(None, min_length=1, max_length=64)

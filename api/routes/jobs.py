@@ -23,7 +23,16 @@ from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, Storage
 from api.errors import bad_request, not_found
 from api.hyperparameters import engine_config
 from api.pagination import cursor_seq, fetch_page
-from api.schemas import MAX_SEED, CursorPage, FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate, Page
+from api.schemas import (
+    MAX_SEED,
+    CursorPage,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobEvent,
+    JobCreate,
+    Page,
+    first_unstorable,
+)
 from core import ids
 from core.jobs import JobStatus, add_event, cancel_job, mark_enqueued
 from core.models import Checkpoint, Job, JobEvent, JobMetric, file_is_live, now
@@ -108,6 +117,9 @@ def _enqueue(session: Session, celery_app: Celery, settings: Settings, job_id: s
 def create_job(
     body: JobCreate, project: CurrentProject, session: SessionDep, settings: SettingsDep, celery_app: CeleryDep
 ) -> FineTuningJob:
+    if unstorable := first_unstorable(body.model_dump(exclude_none=True)):
+        param, reason = unstorable
+        raise bad_request(f"Invalid '{param}': {reason}.", param=param or None, code="invalid_value")
     model_dir = find_base_model(settings, body.model)
     if model_dir is None:
         raise bad_request(
@@ -168,7 +180,10 @@ def list_jobs(
     where: list[Any] = [Job.project == project]
     for name, value in request.query_params.multi_items():
         if name.startswith("metadata[") and name.endswith("]"):
-            where.append(Job.metadata_[name.removeprefix("metadata[").removesuffix("]")].as_string() == value)
+            key = name.removeprefix("metadata[").removesuffix("]")
+            if '"' in key or "\\" in key:  # would break the JSON path the database is asked for
+                raise bad_request(f"Metadata filter keys cannot contain '\"' or '\\' (got {key[:64]!r}).", param=name, code="invalid_value")
+            where.append(Job.metadata_[key].as_string() == value)
     after_seq = cursor_seq(session, Job.id, Job.seq, after, Job.project == project) if after else None
     rows, has_more = fetch_page(session, select(Job).where(*where), Job.seq, after_seq=after_seq, limit=limit, newest_first=True)
     return Page[FineTuningJob](data=[FineTuningJob.from_row(r) for r in rows], has_more=has_more)

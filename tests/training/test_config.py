@@ -102,3 +102,10 @@ def test_micro_batch_tokens_sets_the_tokens_per_pass():
     cfg = TrainingConfig(micro_batch_tokens=4096, batch_size=6)  # no divisibility rule: rows are made per step
     assert cfg.max_tokens_per_micro_batch == 4096 and cfg.gradient_accumulation_steps == 6
     assert TrainingConfig.from_resolved(cfg.resolved()) == cfg
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(ConfigError) as err:
+        TrainingConfig.from_dict({"max_grad_norm": value})
+    assert err.value.param == "max_grad_norm"

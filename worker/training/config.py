@@ -42,7 +42,7 @@ class TrainingConfig(BaseModel):
     (NF4 + double quantization, 16-bit compute where the device is fast at it, LoRA on all linear layers, paged
     8-bit AdamW)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     # --- data -------------------------------------------------------------------------------------
     max_seq_length: int = Field(2048, ge=16, le=131072, description="Tokens per example; longer examples are truncated (and counted).")
