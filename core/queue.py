@@ -22,6 +22,10 @@ def control_queue(settings: Settings) -> str:
     return f"{settings.task_queue}-control"
 
 
+def _is_redis(broker_url: str) -> bool:
+    return broker_url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://"))
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("qlora", broker=settings.broker_url)
     app.conf.update(
@@ -39,6 +43,9 @@ def make_celery(settings: Settings) -> Celery:
         # (a prefetched task would wait behind a long job while another worker sits idle).
         worker_concurrency=1,
         worker_prefetch_multiplier=1,
+        # With early acks the multiplier still lets a busy worker reserve one more message; on Redis this turns
+        # that off, so a queued job stays in the queue for the first idle worker. (Celery supports it on Redis only.)
+        worker_disable_prefetch=_is_redis(settings.broker_url),
         # A fresh child process per job, so that every byte of GPU memory and every CUDA context of one job is
         # returned before the next starts.
         worker_max_tasks_per_child=1,
@@ -46,9 +53,7 @@ def make_celery(settings: Settings) -> Celery:
         # died before acking (seconds). Longer than any plausible start-up so no message is handed out twice.
         # (Redis only: kombu's SQLAlchemy transport hands its transport options to create_engine, which
         # rejects this one.)
-        broker_transport_options={"visibility_timeout": 6 * 3600}
-        if settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://"))
-        else {},
+        broker_transport_options={"visibility_timeout": 6 * 3600} if _is_redis(settings.broker_url) else {},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         # The sweeper (lost workers, expired queued tasks) runs on Celery beat: `celery worker -B` in the

@@ -165,3 +165,40 @@ def test_embedded_broker_accepts_the_configured_transport_options(tmp_path):
     with app.connection_for_read() as conn:
         message = conn.SimpleQueue(settings.task_queue).get(timeout=5)
         assert message.headers["task"] == "qlora.train" and message.payload[0] == ["ftjob-none"]
+
+
+def test_a_busy_worker_leaves_the_next_job_in_the_queue(postgres_url, redis_url, models_dir, tmp_path):
+    """While a worker trains, the next job's message stays in Redis for the first idle worker (no prefetch)."""
+    import redis
+
+    from core.jobs import cancel_job
+    from tests.worker.helpers import hyperparameters
+
+    settings = make_worker_settings(tmp_path, models_dir, postgres_url, redis_url)
+    engine = make_engine(postgres_url)
+    factory = make_session_factory(engine)
+    storage = LocalStorage(settings.storage_dir)
+    long_id = create_job(factory, storage, hyper=hyperparameters(max_steps=100_000, checkpoint_every=100_000))
+    next_id = create_job(factory, storage)
+    celery_app = make_celery(settings)
+    log_path = tmp_path / "worker.log"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with celery_worker(settings, "worker.celery_app", log_path) as proc:
+            send_training_task(celery_app, settings, long_id)
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while get_job(factory, long_id).status != "running":
+                assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()[-5000:]
+                time.sleep(0.2)
+            send_training_task(celery_app, settings, next_id)
+            time.sleep(3)  # a prefetching worker takes the message within milliseconds
+            assert client.llen(settings.task_queue) == 1, "the busy worker reserved the next job's message"
+            assert get_job(factory, next_id).status == "queued"
+            with session_scope(factory) as session:
+                cancel_job(session, long_id)
+            assert wait_for_status(factory, next_id, proc, log_path) == "succeeded"  # taken once the worker is idle
+            assert get_job(factory, long_id).status == "cancelled"
+    finally:
+        client.delete(settings.task_queue, f"_kombu.binding.{settings.task_queue}")
+        client.close()
+        engine.dispose()
