@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A running job whose heartbeat is older is taken as lost.")
     sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper looks for lost jobs and expired tasks.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job at most (a lost worker's job resumes from its last checkpoint).")
+    outage_retry_s: float = Field(120.0, gt=0, description="How long a running job's writes are retried through a database or storage outage before the run stops and the sweeper takes the job over.")
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -34,6 +34,7 @@ from core.jobs import add_event, claim_job, fail_job, fine_tuned_model_name, hea
 from core.models import Checkpoint, File, Job, JobMetric, now
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, delete_quietly
+from worker.retry import Outage, outlast
 from worker.sink import DatabaseSink, pack_directory
 from worker.training.checkpoint import CheckpointError
 from worker.training.config import ConfigError, TrainingConfig
@@ -143,6 +144,10 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
     workdir = Path(tempfile.mkdtemp(prefix=f"qlora-{job_id}-"))
     try:
         outcome = _run_claimed(job_id, worker_id, settings, session_factory, storage, workdir, stop)
+    except Outage as exc:
+        # Not the job's fault: leave it running with a heartbeat that goes stale, for the sweeper to resume.
+        log.warning("job %s stops on an outage (%s); the sweeper resumes it from its last checkpoint", job_id, exc)
+        outcome = STOPPED
     except Exception as exc:
         code, message, param = _error_of(exc)
         if isinstance(exc, JobFailure):
@@ -175,16 +180,17 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     if models_dir not in base_model_dir.parents:
         raise JobFailure("model_not_found", f"Model {spec.model!r} is not a model directory of this service", "model")
 
-    train_path = _download(storage, spec.training_key, workdir / "train.jsonl", "training_file")
-    valid_path = _download(storage, spec.validation_key, workdir / "validation.jsonl", "validation_file") if spec.validation_key else None
+    window = settings.outage_retry_s
+    train_path = _download(storage, spec.training_key, workdir / "train.jsonl", "training_file", window)
+    valid_path = _download(storage, spec.validation_key, workdir / "validation.jsonl", "validation_file", window) if spec.validation_key else None
     resume_from = None
     if spec.resume_key is not None:
-        archive = _download(storage, spec.resume_key, workdir / "resume.tar.gz", None)
+        archive = _download(storage, spec.resume_key, workdir / "resume.tar.gz", None, window)
         resume_from = unpack_archive(archive, workdir / "resume")
         archive.unlink()
         log.info("job %s resumes from the checkpoint at step %s", job_id, spec.resume_step)
 
-    sink = DatabaseSink(job_id, worker_id, session_factory, storage, on_lost=stop.set)
+    sink = DatabaseSink(job_id, worker_id, session_factory, storage, on_lost=stop.set, retry_window_s=settings.outage_retry_s)
     job = TrainingJob(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",
                       config=config, validation_file=valid_path)
     try:
@@ -195,7 +201,8 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
         log.info("job %s stopped at step %d: no longer ours", job_id, result.steps)
         return STOPPED
     assert result.adapter_dir is not None
-    return _store_results(spec, worker_id, session_factory, storage, workdir, result.adapter_dir, result.trained_tokens)
+    return _store_results(spec, worker_id, session_factory, storage, workdir, result.adapter_dir, result.trained_tokens,
+                          settings.outage_retry_s)
 
 
 def _load_spec(session_factory: sessionmaker[Session], job_id: str) -> JobSpec:
@@ -223,9 +230,9 @@ def _load_spec(session_factory: sessionmaker[Session], job_id: str) -> JobSpec:
                        validation_key=validation_key, resume_key=resume_key, resume_step=resume_step)
 
 
-def _download(storage: ObjectStorage, key: str, path: Path, param: str | None) -> Path:
+def _download(storage: ObjectStorage, key: str, path: Path, param: str | None, retry_window_s: float) -> Path:
     try:
-        storage.download(key, path)
+        outlast(lambda: storage.download(key, path), retry_window_s, f"download of {key}")
     except ObjectNotFound:
         what = {"training_file": "Training file", "validation_file": "Validation file"}.get(param or "", "Checkpoint")
         code = f"invalid_{param}" if param else "checkpoint_error"
@@ -270,36 +277,52 @@ def metrics_csv(session_factory: sessionmaker[Session], job_id: str, path: Path)
 
 
 def _store_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[Session], storage: ObjectStorage,
-                   workdir: Path, adapter_dir: Path, trained_tokens: int) -> str:
+                   workdir: Path, adapter_dir: Path, trained_tokens: int, retry_window_s: float) -> str:
     """Upload the adapter and the metrics CSV, then in one transaction (only if the job is still ours) add their
-    File rows and move the job to succeeded. If the job was cancelled meanwhile, delete the objects."""
+    File rows and move the job to succeeded. If the job was cancelled meanwhile, delete the objects. Each upload
+    and the transaction are retried through an outage (worker/retry.py)."""
+    csv_path = outlast(lambda: metrics_csv(session_factory, spec.id, workdir / "metrics.csv"), retry_window_s, f"job {spec.id}: metrics")
     uploads: list[tuple[str, str, Path]] = [
-        (ids.file_id(), f"{spec.id}-metrics.csv", metrics_csv(session_factory, spec.id, workdir / "metrics.csv")),
+        (ids.file_id(), f"{spec.id}-metrics.csv", csv_path),
         (ids.file_id(), f"{spec.id}-adapter.tar.gz", pack_directory(adapter_dir, workdir / "adapter.tar.gz")),
     ]
     stored: list[tuple[str, str, Any]] = []
-    session = session_factory()
     try:
         for file_id, filename, path in uploads:
-            stored.append((file_id, filename, storage.put_file(f"files/{file_id}", path)))
+            obj = outlast(lambda f=file_id, p=path: storage.put_file(f"files/{f}", p), retry_window_s, f"job {spec.id}: result upload")
+            stored.append((file_id, filename, obj))
+        committed = outlast(lambda: _commit_results(spec, worker_id, session_factory, stored, trained_tokens), retry_window_s,
+                            f"job {spec.id}: result commit")
+    except BaseException:
+        delete_quietly(storage, *(obj.key for _, _, obj in stored))
+        raise
+    if not committed:
+        delete_quietly(storage, *(obj.key for _, _, obj in stored))
+        log.info("job %s finished training but is no longer ours: results discarded", spec.id)
+        return STOPPED
+    return SUCCEEDED
+
+
+def _commit_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[Session], stored: list[tuple[str, str, Any]],
+                    trained_tokens: int) -> bool:
+    """The result files' rows and the move to succeeded, in one transaction; False if the job is no longer ours."""
+    session = session_factory()
+    try:
         model = fine_tuned_model_name(spec.model, spec.project, spec.suffix, spec.id)
         # The conditional UPDATE comes first: it takes the row lock, so a cancel lands wholly before or after.
         if not succeed_job(session, spec.id, worker_id, fine_tuned_model=model, trained_tokens=trained_tokens,
                            result_files=[file_id for file_id, _, _ in stored]):
             session.rollback()
-            delete_quietly(storage, *(obj.key for _, _, obj in stored))
-            log.info("job %s finished training but is no longer ours: results discarded", spec.id)
-            return STOPPED
+            return False
         for file_id, filename, obj in stored:
             session.add(File(id=file_id, project=spec.project, filename=filename, purpose="fine-tune-results", bytes=obj.size,
                              sha256=obj.sha256, status="processed", storage_key=obj.key, created_at=now()))
         add_event(session, spec.id, "info", "The job has successfully completed")
         session.commit()
+        return True
     except BaseException:
         session.rollback()
-        delete_quietly(storage, *(obj.key for _, _, obj in stored))
         raise
     finally:
         session.close()
-    return SUCCEEDED
 

@@ -27,6 +27,7 @@ from core import ids
 from core.jobs import add_event, checkpoint_model_name, fine_tuned_model_name, heartbeat
 from core.models import Checkpoint, Job, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
+from worker.retry import outlast
 from worker.training.sinks import CHECKPOINT_METRIC_KEYS
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class DatabaseSink:
     """Implements worker.training.sinks.Sink for one job run by one worker."""
 
     def __init__(self, job_id: str, worker_id: str, session_factory: sessionmaker[Session], storage: ObjectStorage,
-                 on_lost: Callable[[], None], *, total_steps: int | None = None):
+                 on_lost: Callable[[], None], *, total_steps: int | None = None, retry_window_s: float = 120.0):
         self.job_id = job_id
         self.worker_id = worker_id
         self.session_factory = session_factory
@@ -71,6 +72,7 @@ class DatabaseSink:
         self.on_lost = on_lost
         self.total_steps = total_steps
         self.lost = False
+        self.retry_window_s = retry_window_s  # how long a write is retried through an outage (worker/retry.py)
         self._model_name: str | None = None
         self._rate_origin: tuple[int, float] | None = None  # (step, time) of this run's first step
 
@@ -124,7 +126,7 @@ class DatabaseSink:
         archive = Path(name)
         try:
             pack_directory(Path(path), archive)
-            self.storage.put_file(key, archive)
+            outlast(lambda: self.storage.put_file(key, archive), self.retry_window_s, f"job {self.job_id}: checkpoint upload")
         finally:
             archive.unlink(missing_ok=True)
         floats = {k: float(metrics[k]) for k in CHECKPOINT_METRIC_KEYS if k in metrics and math.isfinite(float(metrics[k]))}
@@ -140,24 +142,33 @@ class DatabaseSink:
     # --- helpers -----------------------------------------------------------------------------------------
 
     def _write(self, write: Callable[[Session], None], *, uploaded: str | None = None) -> bool:
-        """Run `write` in one transaction, only while the job is still this worker's running job."""
+        """Run `write` in one transaction, only while the job is still this worker's running job; a transaction
+        that meets a database outage is retried whole (worker/retry.py)."""
         if self.lost:
             self._discard(uploaded)
             return False
+        try:
+            written = outlast(lambda: self._transaction(write), self.retry_window_s, f"job {self.job_id}: database write")
+        except BaseException:
+            self._discard(uploaded)
+            raise
+        if not written:
+            self._discard(uploaded)
+            self._lose()
+        return written
+
+    def _transaction(self, write: Callable[[Session], None]) -> bool:
         session = self.session_factory()
         try:
             # First statement of the transaction: the conditional UPDATE that takes the row lock.
             if not heartbeat(session, self.job_id, self.worker_id):
                 session.rollback()
-                self._discard(uploaded)
-                self._lose()
                 return False
             write(session)
             session.commit()
             return True
         except BaseException:
             session.rollback()
-            self._discard(uploaded)
             raise
         finally:
             session.close()

@@ -1,0 +1,141 @@
+"""Outages while a job trains, caused for real: the worker reaches PostgreSQL and the S3-compatible server through
+a TCP proxy (tests/faults.py) that the test cuts and restores."""
+
+from __future__ import annotations
+
+import threading
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from sqlalchemy import select
+
+from core.db import make_engine, make_session_factory, session_scope
+from core.models import JobEvent
+from core.settings import Settings
+from core.storage import LocalStorage, S3Storage
+from tests.faults import TcpProxy
+from tests.worker.helpers import checkpoints, create_job, events, get_job, hyperparameters, metric_steps, wait_until
+from worker import runner
+from worker.sweeper import sweep
+
+
+def through(url: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"))
+
+
+def metric_events(factory, job_id: str) -> list[int]:  # noqa: ANN001
+    with session_scope(factory) as session:
+        rows = session.execute(select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")).scalars()
+        return sorted(data["step"] for data in rows)
+
+
+def run_in_thread(*args) -> tuple[threading.Thread, list[str]]:  # noqa: ANN002
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run_job(*args)), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """A tiny model trains a step in milliseconds: 0.3 s a step, so that a cut lands in the middle of the job."""
+    from worker.sink import DatabaseSink
+
+    original = DatabaseSink.metrics
+
+    def metrics(self, step, values):  # noqa: ANN001
+        time.sleep(0.3)
+        original(self, step, values)
+
+    monkeypatch.setattr(DatabaseSink, "metrics", metrics)
+
+
+@pytest.fixture
+def pg_proxy(postgres_url):
+    proxy = TcpProxy(urlsplit(postgres_url).port or 5432)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.timeout(180)
+def test_the_database_refusing_connections_for_20_s_mid_job_costs_time_not_the_job(postgres_url, pg_proxy, models_dir, tmp_path,
+                                                                                   slow_steps):
+    direct = make_session_factory(make_engine(postgres_url))
+    worker_engine = make_engine(through(postgres_url, pg_proxy))
+    settings = Settings(home=tmp_path, database_url=through(postgres_url, pg_proxy), storage="local", storage_dir=tmp_path / "objects",
+                        models_dir=models_dir, heartbeat_interval_s=0.2, outage_retry_s=60)
+    storage = LocalStorage(settings.storage_dir)
+    job_id = create_job(direct, storage, hyper=hyperparameters(max_steps=12, checkpoint_every=4))
+    thread, outcome = run_in_thread(job_id, settings, make_session_factory(worker_engine), storage)
+    wait_until(lambda: len(metric_steps(direct, job_id)) >= 2, 60, message="step 2")
+    pg_proxy.cut()
+    cut_at = metric_steps(direct, job_id)[-1]
+    time.sleep(20)
+    assert thread.is_alive() and get_job(direct, job_id).status == "running", outcome  # waiting, not failed
+    pg_proxy.restore()
+    thread.join(120)
+    assert outcome == [runner.SUCCEEDED]
+    job = get_job(direct, job_id)
+    assert job.status == "succeeded" and job.attempt == 1 and len(job.result_files) == 2
+    assert cut_at < 12
+    assert metric_steps(direct, job_id) == list(range(1, 13))  # each step's metrics once
+    assert set(metric_events(direct, job_id)) == set(range(1, 13))
+    assert [c.step for c in checkpoints(direct, job_id)] == [4, 8, 12]
+    worker_engine.dispose()
+
+
+@pytest.mark.timeout(180)
+def test_a_lasting_database_outage_leaves_the_job_to_the_sweeper_which_resumes_it(postgres_url, pg_proxy, models_dir, tmp_path,
+                                                                                  slow_steps):
+    direct = make_session_factory(make_engine(postgres_url))
+    worker_engine = make_engine(through(postgres_url, pg_proxy))
+    settings = Settings(home=tmp_path, database_url=postgres_url, storage="local", storage_dir=tmp_path / "objects",
+                        models_dir=models_dir, heartbeat_interval_s=0.2, heartbeat_timeout_s=2, outage_retry_s=3)
+    storage = LocalStorage(settings.storage_dir)
+    job_id = create_job(direct, storage, hyper=hyperparameters(max_steps=8, checkpoint_every=2))
+    thread, outcome = run_in_thread(job_id, settings, make_session_factory(worker_engine), storage)
+    wait_until(lambda: len(checkpoints(direct, job_id)) >= 1, 60, message="the first checkpoint")
+    pg_proxy.cut()
+    thread.join(60)
+    assert outcome == [runner.STOPPED]
+    job = get_job(direct, job_id)
+    assert job.status == "running" and job.error is None  # not failed: left to the sweeper
+    pg_proxy.restore()
+
+    class Sent:
+        def send_task(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            pass
+
+    wait_until(lambda: sweep(settings, direct, Sent())["requeued"] == [job_id], 30, interval_s=0.5, message="the requeue")
+    assert runner.run_job(job_id, settings, direct, storage) == runner.SUCCEEDED
+    job = get_job(direct, job_id)
+    assert job.status == "succeeded" and job.attempt == 2
+    assert metric_steps(direct, job_id) == list(range(1, 9))
+    assert any(e.message.startswith("Resumed from") for e in events(direct, job_id))
+    worker_engine.dispose()
+
+
+@pytest.mark.timeout(180)
+def test_the_object_store_unreachable_during_uploads_costs_time_not_the_job(postgres_url, s3_endpoint, aws_test_credentials,
+                                                                            models_dir, tmp_path, slow_steps):
+    proxy = TcpProxy(urlsplit(s3_endpoint).port)
+    direct = make_session_factory(make_engine(postgres_url))
+    settings = Settings(home=tmp_path, database_url=postgres_url, storage="s3", s3_endpoint=f"http://127.0.0.1:{proxy.port}",
+                        s3_bucket="qlora-outage-test", s3_region="us-east-1", models_dir=models_dir, heartbeat_interval_s=0.2,
+                        outage_retry_s=60)
+    storage = S3Storage(settings.s3_bucket, settings.s3_endpoint, settings.s3_region)
+    storage.ensure_bucket()
+    job_id = create_job(direct, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=3))
+    thread, outcome = run_in_thread(job_id, settings, direct, storage)
+    wait_until(lambda: len(metric_steps(direct, job_id)) >= 1, 60, message="step 1")
+    proxy.cut()  # from before the first upload (the step-3 checkpoint) ...
+    wait_until(lambda: len(metric_steps(direct, job_id)) >= 3, 60, message="step 3")
+    time.sleep(8)
+    assert checkpoints(direct, job_id) == [] and thread.is_alive()
+    proxy.restore()  # ... until 8 s after training reached it
+    thread.join(120)
+    proxy.close()
+    assert outcome == [runner.SUCCEEDED]
+    assert [c.step for c in checkpoints(direct, job_id)] == [3, 6] and len(get_job(direct, job_id).result_files) == 2
