@@ -27,7 +27,7 @@ from core.storage import make_storage
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     celery_app = make_celery(settings)
 
     @asynccontextmanager

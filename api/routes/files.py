@@ -220,6 +220,7 @@ def file_content(file_id: str, project: CurrentProject, session: SessionDep, sto
         chunks = storage.iter_bytes(row.storage_key)
     except ObjectNotFound:
         raise not_found(f"No such file: {file_id}", param="file_id", code="file_not_found") from None
+    session.close()  # the connection goes back to the pool now, not after the last byte of a long download
     return StreamingResponse(
         chunks, media_type="application/octet-stream", headers={"content-disposition": f'attachment; filename="{row.id}"'}
     )

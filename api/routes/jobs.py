@@ -280,6 +280,7 @@ def checkpoint_content(
         chunks = storage.iter_bytes(checkpoint.storage_key)
     except ObjectNotFound:
         raise missing from None
+    session.close()  # the connection goes back to the pool now, not after the last byte of a long download
     return StreamingResponse(
         chunks, media_type="application/gzip", headers={"content-disposition": f'attachment; filename="{checkpoint.id}.tar.gz"'}
     )

@@ -94,3 +94,35 @@ def test_a_400_mb_body_leaves_the_api_process_small(tmp_path, sqlite_url):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(60)  # without the fix the second request waits for the only connection, which never comes back
+def test_a_streamed_download_holds_no_database_connection(tmp_path, database_url, redis_url, queue_name, models_dir):
+    """With one pooled connection, other requests are served while a long download is being read."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from core.models import File, now
+    from tests.api.conftest import make_settings
+    from tests.api.helpers import db, upload_ok
+
+    settings = make_settings(tmp_path, database_url, redis_url, queue_name, models_dir, db_pool_size=1, db_max_overflow=0)
+    with TestClient(create_app(settings)) as client:
+        upload_ok(client)  # the project's row
+        big = tmp_path / "big.bin"
+        big.write_bytes(b"x" * (4 << 20))
+        stored = client.app.state.storage.put_file("files/file-big", big)
+        with db(client) as session:
+            session.add(File(id="file-big", project="proj-a", filename="big.bin", purpose="fine-tune-results", bytes=stored.size,
+                             sha256=stored.sha256, status="processed", storage_key=stored.key, created_at=now()))
+        with client.stream("GET", "/v1/files/file-big/content", headers=KEY_A) as download:
+            chunks = download.iter_bytes()
+            first = next(chunks)
+            answers: list[int] = []
+            other = threading.Thread(target=lambda: answers.append(client.get("/v1/files", headers=KEY_A).status_code), daemon=True)
+            other.start()
+            other.join(10)
+            assert answers == [200], "the download held the only database connection"
+            assert len(first) + sum(len(chunk) for chunk in chunks) == 4 << 20
