@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from api.errors import RequestIdMiddleware, register_error_handlers
 from api.guard import RequestGuard
-from api.routes import files, jobs, models
+from api.routes import files, health, jobs, models
 from core.db import make_engine, make_session_factory
 from core.queue import make_celery
 from core.settings import Settings, get_settings
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so the guard's answers get the ids too
     for router in (files.router, jobs.router, models.router):
         app.include_router(router, prefix="/v1")
+    app.include_router(health.router)
     return app
 
 
