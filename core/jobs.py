@@ -115,6 +115,14 @@ def record_resolved_hyperparameters(session: Session, job_id: str, worker_id: st
     return True
 
 
+def forget_steps_after(session: Session, job_id: str, step: int) -> None:
+    """Delete the metrics (rows and metrics events) of the steps after `step`: a run resumed from the checkpoint at
+    `step` trains them again, and each step must be listed once."""
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > step))
+    session.execute(delete(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics",
+                                           JobEvent.data["step"].as_integer() > step))
+
+
 def still_owns(session: Session, job_id: str, worker_id: str) -> bool:
     row = session.execute(select(Job.status, Job.worker_id).where(Job.id == job_id)).one_or_none()
     return row is not None and row.status == JobStatus.RUNNING.value and row.worker_id == worker_id

@@ -30,7 +30,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import ids
 from core.db import session_scope
-from core.jobs import add_event, claim_job, fail_job, fine_tuned_model_name, heartbeat, record_resolved_hyperparameters, succeed_job
+from core.jobs import (
+    add_event,
+    claim_job,
+    fail_job,
+    fine_tuned_model_name,
+    forget_steps_after,
+    heartbeat,
+    record_resolved_hyperparameters,
+    succeed_job,
+)
 from core.models import Checkpoint, File, Job, JobMetric, now
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, delete_quietly
@@ -141,7 +150,8 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
     stop = threading.Event()
     beat = Heartbeat(job_id, worker_id, session_factory, settings.heartbeat_interval_s, on_lost=stop.set)
     beat.start()
-    workdir = Path(tempfile.mkdtemp(prefix=f"qlora-{job_id}-"))
+    remove_dead_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"qlora-{job_id}-{os.getpid()}-"))
     try:
         outcome = _run_claimed(job_id, worker_id, settings, session_factory, storage, workdir, stop)
     except Outage as exc:
@@ -162,6 +172,24 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
         shutil.rmtree(workdir, ignore_errors=True)
     log.info("job %s on %s: %s", job_id, worker_id, outcome)
     return outcome
+
+
+def remove_dead_workdirs(tmp: Path | None = None) -> list[Path]:
+    """Remove the work directories (inputs, checkpoints: gigabytes) that killed workers left behind: those whose
+    process, named in the directory (qlora-JOB-PID-...), no longer runs. Returns what was removed."""
+    removed = []
+    for path in Path(tmp or tempfile.gettempdir()).glob("qlora-ftjob-*-*-*"):
+        pid = path.name.split("-")[3]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
 
 
 def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factory: sessionmaker[Session],
@@ -189,6 +217,10 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
         resume_from = unpack_archive(archive, workdir / "resume")
         archive.unlink()
         log.info("job %s resumes from the checkpoint at step %s", job_id, spec.resume_step)
+        assert spec.resume_step is not None
+        with session_scope(session_factory) as session:
+            if heartbeat(session, job_id, worker_id):  # only while the job is still ours
+                forget_steps_after(session, job_id, spec.resume_step)
 
     sink = DatabaseSink(job_id, worker_id, session_factory, storage, on_lost=stop.set, retry_window_s=settings.outage_retry_s)
     job = TrainingJob(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",

@@ -378,3 +378,50 @@ def test_a_worker_lost_after_its_final_checkpoint_is_finished_cleanly(make_setti
     assert metric_steps(session_factory, job_id) == [1, 2, 3, 4]
     assert [c.step for c in checkpoints(session_factory, job_id)] == [2, 4]
     assert any(e.message.startswith("Training finished: 4 steps") for e in events(session_factory, job_id))
+
+
+def test_steps_after_the_resume_checkpoint_are_listed_once(make_settings, session_factory, storage, monkeypatch):
+    """The worker dies after step 5 with its last checkpoint at step 4: the resumed run trains step 5 again, and
+    step 5's metrics (row and event) appear once, from the run that finished the job."""
+    settings = make_settings(heartbeat_timeout_s=60)
+    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=2))
+    original = DatabaseSink.metrics
+
+    def metrics_then_die(self, step, values):  # noqa: ANN001
+        original(self, step, values)
+        if step == 5:
+            with session_scope(session_factory) as session:
+                session.execute(update(Job).where(Job.id == job_id).values(worker_id="dead-worker", heartbeat_at=time.time() - 3600))
+
+    monkeypatch.setattr(DatabaseSink, "metrics", metrics_then_die)
+    assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
+    monkeypatch.undo()
+    first_run_step5 = [e.data["train_loss"] for e in events(session_factory, job_id) if e.type == "metrics" and e.data["step"] == 5]
+    assert len(first_run_step5) == 1
+    assert sweep(settings, session_factory, RecordingCelery())["requeued"] == [job_id]
+    assert runner.run_job(job_id, settings, session_factory, storage) == runner.SUCCEEDED
+    metric_events = [e for e in events(session_factory, job_id) if e.type == "metrics"]
+    assert [e.data["step"] for e in metric_events] == [1, 2, 3, 4, 5, 6]
+    assert metric_steps(session_factory, job_id) == [1, 2, 3, 4, 5, 6]
+
+
+def test_work_directories_of_killed_workers_are_removed(tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    killed = subprocess.Popen(["sleep", "60"])
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        dead_dir = tmp_path / f"qlora-ftjob-abc-{killed.pid}-x1"
+        live_dir = tmp_path / f"qlora-ftjob-def-{alive.pid}-x2"
+        own_dir = tmp_path / f"qlora-ftjob-ghi-{os.getpid()}-x3"
+        for path in (dead_dir, live_dir, own_dir):
+            (path / "output").mkdir(parents=True)
+        assert runner.remove_dead_workdirs(tmp_path) == [dead_dir]
+        assert not dead_dir.exists() and live_dir.exists() and own_dir.exists()
+    finally:
+        alive.kill()
+        alive.wait()
