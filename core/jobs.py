@@ -201,6 +201,13 @@ def expired_queued_jobs(session: Session, *, expires_s: float) -> list[str]:
     ).scalars())
 
 
+def queued_jobs_sent_before(session: Session, cutoff: float) -> list[str]:
+    """Queued jobs whose task message was sent before `cutoff` (Unix time)."""
+    return list(session.execute(
+        select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_not(None), Job.enqueued_at < cutoff)
+    ).scalars())
+
+
 def fine_tuned_model_name(model: str, project: str, suffix: str | None, job_id: str) -> str:
     """OpenAI's shape `ft:BASE:ORG:SUFFIX:ID` (ID is the job id without its prefix)."""
     return f"ft:{model}:{project}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"

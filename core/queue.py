@@ -7,6 +7,9 @@ row that is not there yet.
 
 from __future__ import annotations
 
+import base64
+import json
+
 from celery import Celery
 
 from core.settings import Settings
@@ -65,6 +68,27 @@ def make_celery(settings: Settings) -> Celery:
         },
     )
     return app
+
+
+def queued_training_jobs(app: Celery, settings: Settings) -> set[str] | None:
+    """The job ids whose training message waits in the broker's queue, or None where the broker cannot be read
+    (only Redis is). kombu keeps a Redis queue as a list per priority step, of JSON envelopes whose body is the
+    base64 of Celery's [args, kwargs, embed]."""
+    if not _is_redis(settings.broker_url):
+        return None
+    lists = [settings.task_queue] + [f"{settings.task_queue}\x06\x16{step}" for step in (3, 6, 9)]
+    found: set[str] = set()
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        for name in lists:
+            for raw in client.lrange(name, 0, -1):
+                try:
+                    message = json.loads(raw)
+                    if message.get("headers", {}).get("task") == TRAIN_TASK:
+                        found.add(str(json.loads(base64.b64decode(message["body"]))[0][0]))
+                except (ValueError, KeyError, IndexError, TypeError):
+                    continue  # not a message of ours
+    return found
 
 
 def send_training_task(app: Celery, settings: Settings, job_id: str) -> None:

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted JSON request body (413 above), checked before it is read.")
     task_queue: str = Field("qlora", description="Celery queue the training tasks go to.")
     task_expires_s: int = Field(3600, ge=10, description="A queued task not taken within this time expires; the sweeper sends it again.")
+    lost_message_after_s: float = Field(30.0, gt=0, description="A queued job sent longer ago whose message is no longer in the broker's queue (Redis restarted without persistence) is sent again by the next sweep.")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a running job writes its heartbeat (and sees a cancel).")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A running job whose heartbeat is older is taken as lost.")
     sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper looks for lost jobs and expired tasks.")

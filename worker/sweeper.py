@@ -3,8 +3,9 @@
 - A running job whose heartbeat stopped (its worker died or lost the database) is requeued to resume from its
   newest checkpoint when it has one and attempts left, and failed with `worker_lost` otherwise
   (`core.jobs.sweep_lost_jobs` makes both moves).
-- A queued job whose task message was never sent (the broker was down when the API tried) or expired before a
-  worker took it is sent again.
+- A queued job whose task message was never sent (the broker was down when the API tried), expired before a
+  worker took it, or is no longer in the broker's queue (Redis restarted without persistence; checked on Redis
+  only, for jobs sent more than QLORA_LOST_MESSAGE_AFTER_S ago) is sent again.
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
   Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
 
@@ -15,15 +16,16 @@ already queued. A message sent twice is harmless: only one claim of a queued job
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
-from core.jobs import expired_queued_jobs, mark_enqueued, sweep_lost_jobs
+from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
 from core.models import File, now
-from core.queue import send_training_task
+from core.queue import queued_training_jobs, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly
 
@@ -41,6 +43,24 @@ def expire_files(session_factory: sessionmaker[Session], storage: ObjectStorage)
     return [file_id for file_id, _ in expired]
 
 
+def lost_messages(settings: Settings, celery_app: Any, waiting: list[str]) -> list[str]:
+    """The jobs of `waiting` (queued, sent a while ago) whose message the broker no longer holds. A message a
+    worker has just taken may be counted too: the copy sent again finds the job claimed and does nothing."""
+    if not waiting:
+        return []
+    try:
+        in_queue = queued_training_jobs(celery_app, settings)
+    except Exception:
+        log.warning("could not read the training queue", exc_info=True)
+        return []
+    if in_queue is None:
+        return []
+    lost = [job_id for job_id in waiting if job_id not in in_queue]
+    for job_id in lost:
+        log.warning("the message of queued job %s is gone from the broker: sending it again", job_id)
+    return lost
+
+
 def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
           storage: ObjectStorage | None = None) -> dict[str, list[str]]:
     """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids), plus "expired_files"
@@ -49,6 +69,8 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         lost = sweep_lost_jobs(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, max_attempts=settings.max_attempts)
         # Read after the requeues (same transaction): a requeued job is also "queued with an old message".
         expired = expired_queued_jobs(session, expires_s=settings.task_expires_s)
+        waiting = queued_jobs_sent_before(session, time.time() - settings.lost_message_after_s)
+    expired += lost_messages(settings, celery_app, waiting)
     requeued = [job_id for job_id, outcome in lost if outcome == "requeued"]
     failed = [job_id for job_id, outcome in lost if outcome == "failed"]
     for job_id in requeued:
