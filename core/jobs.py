@@ -174,7 +174,7 @@ def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempt
             ).rowcount == 1
             if moved:
                 # Metrics past the checkpoint will be produced again by the resumed run.
-                session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > last.step))
+                forget_steps_after(session, job_id, last.step)
                 add_event(session, job_id, "warn", f"Worker {worker_id} stopped responding; resuming from the checkpoint at step {last.step}")
                 outcome.append((job_id, "requeued"))
         else:

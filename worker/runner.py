@@ -35,7 +35,6 @@ from core.jobs import (
     claim_job,
     fail_job,
     fine_tuned_model_name,
-    forget_steps_after,
     heartbeat,
     record_resolved_hyperparameters,
     succeed_job,
@@ -217,10 +216,6 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
         resume_from = unpack_archive(archive, workdir / "resume")
         archive.unlink()
         log.info("job %s resumes from the checkpoint at step %s", job_id, spec.resume_step)
-        assert spec.resume_step is not None
-        with session_scope(session_factory) as session:
-            if heartbeat(session, job_id, worker_id):  # only while the job is still ours
-                forget_steps_after(session, job_id, spec.resume_step)
 
     sink = DatabaseSink(job_id, worker_id, session_factory, storage, on_lost=stop.set, retry_window_s=settings.outage_retry_s)
     job = TrainingJob(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",

@@ -59,14 +59,19 @@ def pg_proxy(postgres_url):
     proxy.close()
 
 
+def behind_proxy(postgres_url: str, proxy: TcpProxy, models_dir, tmp_path, **overrides):  # noqa: ANN001, ANN003
+    """A direct session factory (for the test), an engine through the proxy (for the worker), settings, storage."""
+    direct = make_session_factory(make_engine(postgres_url))
+    worker_engine = make_engine(through(postgres_url, proxy))
+    settings = Settings(home=tmp_path, database_url=through(postgres_url, proxy), storage="local", storage_dir=tmp_path / "objects",
+                        models_dir=models_dir, heartbeat_interval_s=0.2, **overrides)
+    return direct, worker_engine, settings, LocalStorage(settings.storage_dir)
+
+
 @pytest.mark.timeout(180)
 def test_the_database_refusing_connections_for_20_s_mid_job_costs_time_not_the_job(postgres_url, pg_proxy, models_dir, tmp_path,
                                                                                    slow_steps):
-    direct = make_session_factory(make_engine(postgres_url))
-    worker_engine = make_engine(through(postgres_url, pg_proxy))
-    settings = Settings(home=tmp_path, database_url=through(postgres_url, pg_proxy), storage="local", storage_dir=tmp_path / "objects",
-                        models_dir=models_dir, heartbeat_interval_s=0.2, outage_retry_s=60)
-    storage = LocalStorage(settings.storage_dir)
+    direct, worker_engine, settings, storage = behind_proxy(postgres_url, pg_proxy, models_dir, tmp_path, outage_retry_s=60)
     job_id = create_job(direct, storage, hyper=hyperparameters(max_steps=12, checkpoint_every=4))
     thread, outcome = run_in_thread(job_id, settings, make_session_factory(worker_engine), storage)
     wait_until(lambda: len(metric_steps(direct, job_id)) >= 2, 60, message="step 2")
@@ -89,11 +94,8 @@ def test_the_database_refusing_connections_for_20_s_mid_job_costs_time_not_the_j
 @pytest.mark.timeout(180)
 def test_a_lasting_database_outage_leaves_the_job_to_the_sweeper_which_resumes_it(postgres_url, pg_proxy, models_dir, tmp_path,
                                                                                   slow_steps):
-    direct = make_session_factory(make_engine(postgres_url))
-    worker_engine = make_engine(through(postgres_url, pg_proxy))
-    settings = Settings(home=tmp_path, database_url=postgres_url, storage="local", storage_dir=tmp_path / "objects",
-                        models_dir=models_dir, heartbeat_interval_s=0.2, heartbeat_timeout_s=2, outage_retry_s=3)
-    storage = LocalStorage(settings.storage_dir)
+    direct, worker_engine, settings, storage = behind_proxy(postgres_url, pg_proxy, models_dir, tmp_path, outage_retry_s=3,
+                                                            heartbeat_timeout_s=2)
     job_id = create_job(direct, storage, hyper=hyperparameters(max_steps=8, checkpoint_every=2))
     thread, outcome = run_in_thread(job_id, settings, make_session_factory(worker_engine), storage)
     wait_until(lambda: len(checkpoints(direct, job_id)) >= 1, 60, message="the first checkpoint")

@@ -246,19 +246,24 @@ def test_bad_hyperparameter_fails_with_param(make_settings, session_factory, sto
     assert job.error["code"] == code and job.error["param"] == param and param in job.error["message"]
 
 
-def test_lost_worker_is_resumed_from_its_checkpoint(make_settings, session_factory, storage, monkeypatch):
-    settings = make_settings(heartbeat_timeout_s=60)
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=2))
-    original = DatabaseSink.checkpoint
+def worker_dies_after(monkeypatch, session_factory, job_id: str, method: str, at_step: int) -> None:  # noqa: ANN001
+    """The worker "dies" right after DatabaseSink.`method` reports step `at_step`: its heartbeat stops and nobody
+    owns the run any more (what the sweeper then sees)."""
+    original = getattr(DatabaseSink, method)
 
-    def checkpoint_then_die(self, step, path, metrics):  # noqa: ANN001
-        original(self, step, path, metrics)
-        if step == 4:
-            # The worker "dies" right after its step-4 checkpoint: its heartbeat stops and nobody owns the run.
+    def then_die(self, step, *args):  # noqa: ANN001, ANN002
+        original(self, step, *args)
+        if step == at_step:
             with session_scope(session_factory) as session:
                 session.execute(update(Job).where(Job.id == job_id).values(worker_id="dead-worker", heartbeat_at=time.time() - 3600))
 
-    monkeypatch.setattr(DatabaseSink, "checkpoint", checkpoint_then_die)
+    monkeypatch.setattr(DatabaseSink, method, then_die)
+
+
+def test_lost_worker_is_resumed_from_its_checkpoint(make_settings, session_factory, storage, monkeypatch):
+    settings = make_settings(heartbeat_timeout_s=60)
+    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=2))
+    worker_dies_after(monkeypatch, session_factory, job_id, "checkpoint", 4)
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
     monkeypatch.undo()
     assert get_job(session_factory, job_id).status == "running"
@@ -359,15 +364,7 @@ def test_a_worker_lost_after_its_final_checkpoint_is_finished_cleanly(make_setti
     checkpoint as the adapter, and the job succeeds with each step and checkpoint recorded once."""
     settings = make_settings(heartbeat_timeout_s=60)
     job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=4, checkpoint_every=2))
-    original = DatabaseSink.checkpoint
-
-    def checkpoint_then_die(self, step, path, metrics):  # noqa: ANN001
-        original(self, step, path, metrics)
-        if step == 4:
-            with session_scope(session_factory) as session:
-                session.execute(update(Job).where(Job.id == job_id).values(worker_id="dead-worker", heartbeat_at=time.time() - 3600))
-
-    monkeypatch.setattr(DatabaseSink, "checkpoint", checkpoint_then_die)
+    worker_dies_after(monkeypatch, session_factory, job_id, "checkpoint", 4)
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
     monkeypatch.undo()
     assert sweep(settings, session_factory, RecordingCelery())["requeued"] == [job_id]
@@ -385,15 +382,7 @@ def test_steps_after_the_resume_checkpoint_are_listed_once(make_settings, sessio
     step 5's metrics (row and event) appear once, from the run that finished the job."""
     settings = make_settings(heartbeat_timeout_s=60)
     job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=2))
-    original = DatabaseSink.metrics
-
-    def metrics_then_die(self, step, values):  # noqa: ANN001
-        original(self, step, values)
-        if step == 5:
-            with session_scope(session_factory) as session:
-                session.execute(update(Job).where(Job.id == job_id).values(worker_id="dead-worker", heartbeat_at=time.time() - 3600))
-
-    monkeypatch.setattr(DatabaseSink, "metrics", metrics_then_die)
+    worker_dies_after(monkeypatch, session_factory, job_id, "metrics", 5)
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
     monkeypatch.undo()
     first_run_step5 = [e.data["train_loss"] for e in events(session_factory, job_id) if e.type == "metrics" and e.data["step"] == 5]
