@@ -57,6 +57,11 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
     return APIError(400, message, param=param, code=code)
 
 
+def quota_exceeded(message: str, setting: str) -> APIError:
+    """429 for a project over one of its limits; the message names the setting that sets it."""
+    return APIError(429, f"{message} (limit set by {setting}).", type="quota_error", code="quota_exceeded")
+
+
 def not_found(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(404, message, param=param, code=code)
 

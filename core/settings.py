@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated 'key' or 'key=project'; empty: the key in $QLORA_HOME/api_key.")
     db_pool_size: int = Field(10, ge=1, description="Database connections each API process keeps open.")
     db_max_overflow: int = Field(10, ge=0, description="Extra database connections an API process may open under load, beyond db_pool_size.")
+    max_active_jobs_per_project: int = Field(100, ge=1, description="Queued and running jobs a project may have at once (429 quota_exceeded above).")
+    max_stored_bytes_per_project: int = Field(100 << 30, ge=1, description="Bytes of files (uploads and results) a project may keep (an upload past it gets 429 quota_exceeded).")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload (413 above).")
     max_json_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted JSON request body (413 above), checked before it is read.")
     task_queue: str = Field("qlora", description="Celery queue the training tasks go to.")

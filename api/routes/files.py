@@ -16,14 +16,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 from starlette.types import Message
 
 from api.auth import bearer_scheme, project_for_key
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import APIError, bad_request, not_found, quota_exceeded
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import CursorPage, FileDeleted, FileObject
 from core import ids
@@ -152,6 +152,10 @@ def upload_file(
     except ObjectTooLarge:
         raise file_too_large(settings.max_upload_bytes) from None
     try:
+        stored = session.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.project == project, file_is_live()))
+        if stored + size > settings.max_stored_bytes_per_project:
+            raise quota_exceeded(f"This project stores {stored} bytes of files; {size} more would pass its limit of "
+                                 f"{settings.max_stored_bytes_per_project}", "QLORA_MAX_STORED_BYTES_PER_PROJECT")
         # One example is enough here: the file may serve as a small validation file. The engine's minimum for
         # a training file (MIN_EXAMPLES) is checked when a job trains on it.
         report = validate_file(path, min_examples=1)

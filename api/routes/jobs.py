@@ -15,12 +15,12 @@ from typing import Annotated, Any
 from celery import Celery
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.base_models import find_base_model, read_model_config
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
-from api.errors import bad_request, not_found
+from api.errors import bad_request, not_found, quota_exceeded
 from api.hyperparameters import engine_config
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import (
@@ -138,6 +138,11 @@ def create_job(
         _usable_file(session, project, body.validation_file, "validation_file")
     if body.integrations:
         raise bad_request("Integrations are not supported by this service.", param="integrations", code="unsupported_parameter")
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.project == project, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.VALIDATING_FILES.value])))
+    if active is not None and active >= settings.max_active_jobs_per_project:
+        raise quota_exceeded(f"This project has {active} queued or running jobs, the most it may have at once",
+                             "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     cfg, resolved = engine_config(body, seed)
 

@@ -1,0 +1,41 @@
+"""Per-project limits: a project over one gets a 429 envelope naming the limit; other projects are unaffected."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from tests.api.conftest import make_settings
+from tests.api.helpers import KEY_A, KEY_B, assert_error, chat_jsonl, create_job, upload, upload_ok
+
+
+@pytest.fixture
+def limited(tmp_path, database_url, redis_url, queue_name, models_dir):
+    def make(**limits):
+        return TestClient(create_app(make_settings(tmp_path, database_url, redis_url, queue_name, models_dir, **limits)))
+    return make
+
+
+def test_active_jobs_per_project(limited):
+    with limited(max_active_jobs_per_project=2) as client:
+        file_a, file_b = upload_ok(client)["id"], upload_ok(client, headers=KEY_B)["id"]
+        first = create_job(client, file_a).json()
+        create_job(client, file_a)
+        error = assert_error(create_job(client, file_a), 429, code="quota_exceeded", type="quota_error")
+        assert "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT" in error["message"] and "2 queued or running" in error["message"]
+        assert create_job(client, file_b, headers=KEY_B).status_code == 200  # another project's first job
+        assert client.post(f"/v1/fine_tuning/jobs/{first['id']}/cancel", headers=KEY_A).status_code == 200
+        assert create_job(client, file_a).status_code == 200  # a finished job frees its place
+
+
+def test_stored_bytes_per_project(limited):
+    size = len(chat_jsonl())
+    with limited(max_stored_bytes_per_project=int(size * 1.5)) as client:
+        first = upload_ok(client)
+        error = assert_error(upload(client, chat_jsonl()), 429, code="quota_exceeded", type="quota_error")
+        assert "QLORA_MAX_STORED_BYTES_PER_PROJECT" in error["message"]
+        assert len(client.get("/v1/files", headers=KEY_A).json()["data"]) == 1  # nothing half-stored
+        upload_ok(client, headers=KEY_B)  # another project's bytes are its own
+        assert client.delete(f"/v1/files/{first['id']}", headers=KEY_A).status_code == 200
+        upload_ok(client)  # deleting frees the room
