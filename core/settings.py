@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(10, ge=0, description="Extra database connections an API process may open under load, beyond db_pool_size.")
     max_active_jobs_per_project: int = Field(100, ge=1, description="Queued and running jobs a project may have at once (429 quota_exceeded above).")
     max_stored_bytes_per_project: int = Field(100 << 30, ge=1, description="Bytes of files (uploads and results) a project may keep (an upload past it gets 429 quota_exceeded).")
+    max_job_seconds: float = Field(7 * 24 * 3600, gt=0, description="Wall-clock time a run of a job may train; past it the worker stops it and fails it with job_timeout.")
+    max_steps_per_job: int = Field(1_000_000, ge=1, description="Most optimizer steps a job may ask for (max_steps, or n_epochs over the training file); more is a 400.")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload (413 above).")
     max_json_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted JSON request body (413 above), checked before it is read.")
     task_queue: str = Field("qlora", description="Celery queue the training tasks go to.")

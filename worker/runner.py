@@ -20,6 +20,7 @@ import socket
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,10 +221,14 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     sink = DatabaseSink(job_id, worker_id, session_factory, storage, on_lost=stop.set, retry_window_s=settings.outage_retry_s)
     job = TrainingJob(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",
                       config=config, validation_file=valid_path)
+    deadline = time.monotonic() + settings.max_job_seconds
     try:
-        result = train(job, sink, should_stop=stop.is_set, resume_from=resume_from)
+        result = train(job, sink, should_stop=lambda: stop.is_set() or time.monotonic() > deadline, resume_from=resume_from)
     except DataValidationError as exc:
         raise JobFailure(f"invalid_{exc.role}_file", exc.message, f"{exc.role}_file") from exc
+    if result.status != "succeeded" and not stop.is_set() and time.monotonic() > deadline:
+        raise JobFailure("job_timeout", f"The job ran longer than {settings.max_job_seconds:.0f} s (QLORA_MAX_JOB_SECONDS) and was "
+                         f"stopped at step {result.steps} of {result.total_steps}.")
     if result.status != "succeeded" or stop.is_set():
         log.info("job %s stopped at step %d: no longer ours", job_id, result.steps)
         return STOPPED

@@ -8,6 +8,7 @@ yet). If the broker does not answer, the job stays queued with no `enqueued_at` 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -113,6 +114,16 @@ def _enqueue(session: Session, celery_app: Celery, settings: Settings, job_id: s
     session.commit()
 
 
+def _check_step_limit(body: JobCreate, cfg: TrainingConfig, n_examples: int, limit: int) -> None:
+    """A job asks for max_steps optimizer steps, or n_epochs passes of ceil(n_examples / batch_size) steps."""
+    key = "max_steps" if cfg.max_steps is not None else "n_epochs"
+    steps = cfg.max_steps if cfg.max_steps is not None else cfg.n_epochs * math.ceil(n_examples / cfg.batch_size)
+    if steps > limit:
+        where = "hyperparameters" if body.hyperparameters is not None else "method.supervised.hyperparameters"
+        raise bad_request(f"The job would train {steps} steps, more than this service's limit of {limit} (QLORA_MAX_STEPS_PER_JOB).",
+                          param=f"{where}.{key}", code="invalid_value")
+
+
 @router.post("", response_model=FineTuningJob, summary="Create a fine-tuning job")
 def create_job(
     body: JobCreate, project: CurrentProject, session: SessionDep, settings: SettingsDep, celery_app: CeleryDep
@@ -145,6 +156,7 @@ def create_job(
                              "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     cfg, resolved = engine_config(body, seed)
+    _check_step_limit(body, cfg, training.n_examples or 0, settings.max_steps_per_job)
 
     # Files were validated at upload, so the job starts queued.
     job = Job(

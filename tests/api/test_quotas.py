@@ -39,3 +39,14 @@ def test_stored_bytes_per_project(limited):
         upload_ok(client, headers=KEY_B)  # another project's bytes are its own
         assert client.delete(f"/v1/files/{first['id']}", headers=KEY_A).status_code == 200
         upload_ok(client)  # deleting frees the room
+
+
+def test_steps_per_job(limited):
+    with limited(max_steps_per_job=50) as client:
+        file_id = upload_ok(client)["id"]  # 12 examples
+        hyper = {"method": {"type": "supervised", "supervised": {"hyperparameters": {"max_steps": 51}}}}
+        assert_error(create_job(client, file_id, **hyper), 400, code="invalid_value", param="method.supervised.hyperparameters.max_steps")
+        # 12 examples, batch_size 1: 12 steps an epoch, 5 epochs = 60 steps
+        assert_error(create_job(client, file_id, hyperparameters={"n_epochs": 5, "batch_size": 1}), 400, code="invalid_value",
+                     param="hyperparameters.n_epochs")
+        assert create_job(client, file_id, hyperparameters={"n_epochs": 4, "batch_size": 1}).status_code == 200  # 48 steps

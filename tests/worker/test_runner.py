@@ -414,3 +414,20 @@ def test_work_directories_of_killed_workers_are_removed(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_job_past_its_wall_clock_limit_is_stopped_and_failed(make_settings, session_factory, storage, monkeypatch):
+    original = DatabaseSink.metrics
+
+    def slow_metrics(self, step, values):  # noqa: ANN001
+        time.sleep(0.3)  # a tiny model's step takes milliseconds
+        original(self, step, values)
+
+    monkeypatch.setattr(DatabaseSink, "metrics", slow_metrics)
+    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=200, checkpoint_every=1000))
+    started = time.monotonic()
+    assert runner.run_job(job_id, make_settings(max_job_seconds=4.0), session_factory, storage) == runner.FAILED
+    assert time.monotonic() - started < 30
+    job = get_job(session_factory, job_id)
+    assert job.error["code"] == "job_timeout" and "QLORA_MAX_JOB_SECONDS" in job.error["message"]
+    assert len(metric_steps(session_factory, job_id)) < 200 and job.result_files == []  # stopped, not run to the end
