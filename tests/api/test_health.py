@@ -21,3 +21,21 @@ def test_readiness_names_an_unreachable_broker(tmp_path, database_url, queue_nam
         assert ready.status_code == 503
         checks = ready.json()["checks"]
         assert checks["database"] == "ok" and checks["storage"] == "ok" and checks["broker"].startswith("error: ")
+
+
+def test_prometheus_metrics_count_requests_by_route_and_read_jobs_and_the_queue(client):
+    from tests.api.helpers import KEY_A, create_job, upload_ok
+
+    file_id = upload_ok(client)["id"]
+    create_job(client, file_id)
+    client.get("/v1/files/file-nope", headers=KEY_A)
+    client.get("/v1/files", headers={"Authorization": "Bearer wrong"})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'qlora_api_requests_total{method="POST",route="/v1/files",status="200"} 1.0' in text
+    assert 'qlora_api_requests_total{method="GET",route="/v1/files/{file_id}",status="404"} 1.0' in text  # the template, not the id
+    assert 'qlora_api_requests_total{method="GET",route="unrouted",status="401"} 1.0' in text  # refused by the guard, counted
+    assert 'qlora_api_request_seconds_count{method="POST",route="/v1/fine_tuning/jobs"} 1.0' in text
+    assert 'qlora_jobs{status="queued"} 1.0' in text
+    assert "qlora_queue_depth 1.0" in text  # the job's message waits in this test's Redis queue
