@@ -8,7 +8,6 @@ yet). If the broker does not answer, the job stays queued with no `enqueued_at` 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,7 +34,7 @@ from api.schemas import (
     first_unstorable,
 )
 from core import ids
-from core.jobs import JobStatus, add_event, cancel_job, mark_enqueued
+from core.jobs import TERMINAL, JobStatus, add_event, cancel_job, mark_enqueued
 from core.models import Checkpoint, Job, JobEvent, JobMetric, file_is_live, now
 from core.models import File as FileRow
 from core.queue import send_training_task
@@ -117,7 +116,7 @@ def _enqueue(session: Session, celery_app: Celery, settings: Settings, job_id: s
 def _check_step_limit(body: JobCreate, cfg: TrainingConfig, n_examples: int, limit: int) -> None:
     """A job asks for max_steps optimizer steps, or n_epochs passes of ceil(n_examples / batch_size) steps."""
     key = "max_steps" if cfg.max_steps is not None else "n_epochs"
-    steps = cfg.max_steps if cfg.max_steps is not None else cfg.n_epochs * math.ceil(n_examples / cfg.batch_size)
+    steps = cfg.total_steps(n_examples)
     if steps > limit:
         where = "hyperparameters" if body.hyperparameters is not None else "method.supervised.hyperparameters"
         raise bad_request(f"The job would train {steps} steps, more than this service's limit of {limit} (QLORA_MAX_STEPS_PER_JOB).",
@@ -150,8 +149,8 @@ def create_job(
     if body.integrations:
         raise bad_request("Integrations are not supported by this service.", param="integrations", code="unsupported_parameter")
     active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.project == project, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.VALIDATING_FILES.value])))
-    if active is not None and active >= settings.max_active_jobs_per_project:
+        Job.project == project, Job.status.not_in([status.value for status in TERMINAL])))
+    if active >= settings.max_active_jobs_per_project:
         raise quota_exceeded(f"This project has {active} queued or running jobs, the most it may have at once",
                              "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)

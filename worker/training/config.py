@@ -10,6 +10,7 @@ docs/training.md lists every option; keep the two in step.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -114,6 +115,13 @@ class TrainingConfig(BaseModel):
         if self.fused_kernels == "auto":
             return self.resolved_lean_activations(device_type) and device_type == "cuda"
         return self.fused_kernels == "on"
+
+    def steps_per_epoch(self, n_examples: int) -> int:
+        return math.ceil(n_examples / self.batch_size)
+
+    def total_steps(self, n_examples: int) -> int:
+        """Optimizer steps of a job on `n_examples` training examples: max_steps, else n_epochs full epochs."""
+        return self.max_steps if self.max_steps is not None else self.n_epochs * self.steps_per_epoch(n_examples)
 
     @property
     def gradient_accumulation_steps(self) -> int:

@@ -105,14 +105,6 @@ def epoch_order(n_examples: int, epoch: int, cfg: TrainingConfig) -> list[int]:
     return torch.randperm(n_examples, generator=generator).tolist()
 
 
-def steps_per_epoch(n_examples: int, cfg: TrainingConfig) -> int:
-    return math.ceil(n_examples / cfg.batch_size)
-
-
-def total_steps(n_examples: int, cfg: TrainingConfig) -> int:
-    return cfg.max_steps if cfg.max_steps is not None else cfg.n_epochs * steps_per_epoch(n_examples, cfg)
-
-
 def collate(batch: list[TokenizedExample], cfg: TrainingConfig, pad_token_id: int) -> dict[str, torch.Tensor]:
     return collate_packed(batch) if cfg.packing else collate_padded(batch, pad_token_id)
 
@@ -272,9 +264,10 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
                {"train_stats": train_stats.to_dict(), "validation_stats": valid_stats.to_dict() if valid_stats else None})
     if train_stats.n_truncated:
         sink.event("warn", f"{train_stats.n_truncated} training examples were longer than max_seq_length={cfg.max_seq_length} and were truncated")
-    n_total_steps = total_steps(len(train_tok), cfg)
+    n_total_steps = cfg.total_steps(len(train_tok))
+    resumed_state = read_checkpoint_config(Path(resume_from)) if resume_from is not None else {}
     if resume_from is not None:
-        saved = read_checkpoint_config(Path(resume_from))["config"]
+        saved = resumed_state["config"]
         if job.config.compute_dtype == "auto" and saved.get("compute_dtype") in ("bf16", "fp16", "fp32"):
             cfg = cfg.model_copy(update={"compute_dtype": saved["compute_dtype"]})  # a resumed run keeps the dtype it began with
             check_runtime(cfg, device.type)
@@ -336,10 +329,10 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     model.train()
     pad_id = tokenizer.pad_token_id
     # A resumed run starts from the checkpoint's metrics, so that a run with no step left still reports them.
-    last_metrics: dict[str, float] = dict(read_checkpoint_config(Path(resume_from)).get("metrics") or {}) if resume_from else {}
+    last_metrics: dict[str, float] = dict(resumed_state.get("metrics") or {})
     last_valid: dict[str, float] = {k: v for k, v in last_metrics.items() if k.startswith("valid_")}
     resumed_at_end = resume_from is not None and position.step >= n_total_steps
-    n_steps_per_epoch = steps_per_epoch(len(train_tok), cfg)
+    n_steps_per_epoch = cfg.steps_per_epoch(len(train_tok))
     stopped = False
     while position.step < n_total_steps and not stopped:
         order = epoch_order(len(train_tok), position.epoch, cfg)
