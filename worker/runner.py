@@ -48,7 +48,7 @@ from worker.sink import DatabaseSink, pack_directory
 from worker.training.checkpoint import CheckpointError
 from worker.training.config import ConfigError, TrainingConfig
 from worker.training.data import DataValidationError
-from worker.training.model import pick_device, resolve_for_device
+from worker.training.model import pick_device, resolve_compute_dtype
 from worker.training.trainer import NonFiniteLossError, TrainingJob, train
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,8 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     config = training_config(spec.hyperparameters, spec.seed)
     if config.compute_dtype == "auto":
         # Decided once, on the machine that first runs the job, and stored: a resumed run keeps the same dtype.
-        config = resolve_for_device(config, pick_device())
+        # Only the dtype: lean_activations stays 'auto', decided by each run for its own device.
+        config = config.model_copy(update={"compute_dtype": resolve_compute_dtype("auto", pick_device())})
         with session_scope(session_factory) as session:
             record_resolved_hyperparameters(session, job_id, worker_id, {"compute_dtype": config.compute_dtype})
     assert settings.models_dir is not None
@@ -338,8 +339,7 @@ def _store_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[
 def _commit_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[Session], stored: list[tuple[str, str, Any]],
                     trained_tokens: int) -> bool:
     """The result files' rows and the move to succeeded, in one transaction; False if the job is no longer ours."""
-    session = session_factory()
-    try:
+    with session_scope(session_factory) as session:
         model = fine_tuned_model_name(spec.model, spec.project, spec.suffix, spec.id)
         # The conditional UPDATE comes first: it takes the row lock, so a cancel lands wholly before or after.
         if not succeed_job(session, spec.id, worker_id, fine_tuned_model=model, trained_tokens=trained_tokens,
@@ -350,11 +350,5 @@ def _commit_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker
             session.add(File(id=file_id, project=spec.project, filename=filename, purpose="fine-tune-results", bytes=obj.size,
                              sha256=obj.sha256, status="processed", storage_key=obj.key, created_at=now()))
         add_event(session, spec.id, "info", "The job has successfully completed")
-        session.commit()
         return True
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 

@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import ids
+from core.db import session_scope
 from core.jobs import add_event, checkpoint_model_name, fine_tuned_model_name, heartbeat
 from core.models import Checkpoint, Job, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
@@ -158,20 +159,13 @@ class DatabaseSink:
         return written
 
     def _transaction(self, write: Callable[[Session], None]) -> bool:
-        session = self.session_factory()
-        try:
+        with session_scope(self.session_factory) as session:
             # First statement of the transaction: the conditional UPDATE that takes the row lock.
             if not heartbeat(session, self.job_id, self.worker_id):
                 session.rollback()
                 return False
             write(session)
-            session.commit()
             return True
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
 
     def _lose(self) -> None:
         if not self.lost:

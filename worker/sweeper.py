@@ -70,7 +70,7 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         # Read after the requeues (same transaction): a requeued job is also "queued with an old message".
         expired = expired_queued_jobs(session, expires_s=settings.task_expires_s)
         waiting = queued_jobs_sent_before(session, time.time() - settings.lost_message_after_s)
-    expired += lost_messages(settings, celery_app, waiting)
+    unsent = expired + lost_messages(settings, celery_app, waiting)
     requeued = [job_id for job_id, outcome in lost if outcome == "requeued"]
     failed = [job_id for job_id, outcome in lost if outcome == "failed"]
     for job_id in requeued:
@@ -79,7 +79,7 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         log.warning("job %s lost its worker: failed (worker_lost)", job_id)
 
     sent: list[str] = []
-    for job_id in dict.fromkeys(requeued + expired):  # ordered, without duplicates
+    for job_id in dict.fromkeys(requeued + unsent):  # ordered, without duplicates
         try:
             send_training_task(celery_app, settings, job_id)
         except Exception:

@@ -15,6 +15,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
+from api.metrics import CONTENT_TYPE
+
 router = APIRouter(tags=["health"])
 
 CHECK_TIMEOUT_S = 3.0
@@ -27,8 +29,6 @@ def healthz() -> dict[str, str]:
 
 @router.get("/metrics", summary="Prometheus metrics of this API process", response_class=Response)
 def metrics(request: Request) -> Response:
-    from api.metrics import CONTENT_TYPE
-
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 

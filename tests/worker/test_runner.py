@@ -431,3 +431,22 @@ def test_a_job_past_its_wall_clock_limit_is_stopped_and_failed(make_settings, se
     job = get_job(session_factory, job_id)
     assert job.error["code"] == "job_timeout" and "QLORA_MAX_JOB_SECONDS" in job.error["message"]
     assert len(metric_steps(session_factory, job_id)) < 200 and job.result_files == []  # stopped, not run to the end
+
+
+def test_a_job_resumes_on_a_worker_where_auto_decides_lean_activations_otherwise(make_settings, session_factory, storage,
+                                                                                  monkeypatch):
+    """lean_activations stays 'auto' in the job: checkpointed where auto means lean (as on a GPU, injected), the job
+    resumes where it does not (this CPU) instead of failing on changed options."""
+    from worker.training.config import TrainingConfig
+
+    settings = make_settings(heartbeat_timeout_s=60)
+    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=4, checkpoint_every=2))
+    monkeypatch.setattr(TrainingConfig, "resolved_lean_activations", lambda self, device_type: self.lean_activations is not False)
+    worker_dies_after(monkeypatch, session_factory, job_id, "checkpoint", 2)
+    assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
+    monkeypatch.undo()
+    assert sweep(settings, session_factory, RecordingCelery())["requeued"] == [job_id]
+    assert runner.run_job(job_id, settings, session_factory, storage) == runner.SUCCEEDED
+    loaded = [e.data["lean_activations"] for e in events(session_factory, job_id) if e.message.startswith("Model loaded")]
+    assert loaded == [True, False]
+    assert get_job(session_factory, job_id).hyperparameters["lean_activations"] == "auto"
