@@ -70,6 +70,8 @@ class Job(Base):
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # Set by DELETE /v1/models/{model}: the job stays, its model and checkpoint models are no longer served.
+    model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
