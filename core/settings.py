@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A running job whose heartbeat is older is taken as lost.")
     sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper looks for lost jobs and expired tasks.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job at most (a lost worker's job resumes from its last checkpoint).")
+    inference_url: str = Field("", description="The inference backend's base URL (the embedded server or vLLM's OpenAI server), e.g. http://127.0.0.1:8001; empty: chat completions answer 503.")
+    inference_timeout_s: float = Field(300.0, gt=0, description="How long the API waits for the inference backend's answer (or its next streamed chunk).")
+    inference_max_adapters: int = Field(8, ge=1, description="Embedded inference server: adapters kept attached per base model; the least recently used is dropped first.")
+    inference_base_weights: Literal["16bit", "nf4"] = Field("16bit", description="Embedded inference server: serve base models in 16 bits or quantized to 4-bit NF4 (bitsandbytes).")
+    inference_max_new_tokens: int = Field(512, ge=1, description="Embedded inference server: tokens generated when a request sets no max_tokens.")
+    inference_max_waiting: int = Field(32, ge=1, description="Embedded inference server: requests waiting or generating at once; more get 503 with x-should-retry.")
     outage_retry_s: float = Field(120.0, gt=0, description="How long a running job's writes are retried through a database or storage outage before the run stops and the sweeper takes the job over.")
 
     @model_validator(mode="after")

@@ -1,0 +1,328 @@
+"""The embedded inference engine: chat generation with transformers + peft, adapters attached by name.
+
+One base model is loaded per base id, on first use, and kept. LoRA adapters are attached to it on demand
+(`load_adapter`), at most `max_adapters` per base: the least recently used one is dropped first, so a request
+never reloads a base and rarely an adapter. Adapters come from object storage by key (the `.tar.gz` a job or a
+checkpoint stored), are unpacked once into a cache directory and attached with peft.
+
+Generation is one at a time per engine (a CPU or one GPU runs one `generate` fastest); requests wait for it in
+arrival order. The server (inference/server.py) bounds how many may wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tarfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.storage import ObjectNotFound, ObjectStorage
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class ModelNotFound(LookupError):
+    """The engine serves no model of that name (not a base under models_dir, not a loaded adapter)."""
+
+
+class AdapterError(ValueError):
+    """An adapter could not be fetched or attached (missing object, not a LoRA adapter, another base)."""
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class ChatRequest:
+    """What a chat completion asks of the engine (the server has validated the wire format)."""
+
+    model: str
+    messages: list[dict[str, str]]
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Prepared:
+    request: ChatRequest
+    base: LoadedBase
+    adapter: str | None
+    input_ids: torch.Tensor
+    max_new_tokens: int
+
+
+@dataclass
+class LoadedBase:
+    name: str
+    model: Any  # the transformers model, or the peft PeftModel wrapping it once an adapter is attached
+    tokenizer: Any
+    context_length: int
+    adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)  # served name -> peft adapter name, LRU order
+
+
+def _dtype(name: str) -> torch.dtype:
+    from worker.training.model import resolve_compute_dtype
+
+    resolved = resolve_compute_dtype(name, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolved]
+
+
+class ChatEngine:
+    def __init__(self, models_dir: Path, storage: ObjectStorage, cache_dir: Path, *, max_adapters: int = 8,
+                 base_weights: str = "16bit", dtype: str = "auto", max_new_tokens: int = 512):
+        self.models_dir = models_dir
+        self.storage = storage
+        self.cache_dir = cache_dir
+        self.max_adapters = max_adapters
+        self.base_weights = base_weights  # "16bit" | "nf4"
+        self.dtype = _dtype(dtype)
+        self.max_new_tokens = max_new_tokens
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.bases: dict[str, LoadedBase] = {}
+        self.served: dict[str, str] = {}  # adapter name -> its base's name
+        self._generating = threading.Lock()  # one generate() at a time, in arrival order
+        self._loading = threading.Lock()  # model and adapter loads, one at a time
+        self._adapter_ids = 0
+
+    # --- models -----------------------------------------------------------------------------------------
+
+    def base(self, name: str) -> LoadedBase:
+        """The loaded base model `name`, loading it on first use."""
+        if name in self.bases:
+            return self.bases[name]
+        path = self.models_dir / name
+        if not name or "/" in name or name.startswith(".") or not (path / "config.json").is_file():
+            raise ModelNotFound(name)
+        with self._loading:
+            if name not in self.bases:
+                self.bases[name] = self._load_base(name, path)
+        return self.bases[name]
+
+    def _load_base(self, name: str, path: Path) -> LoadedBase:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        started = time.monotonic()
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if self.base_weights == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if self.base_weights != "nf4":
+            model.to(self.device)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        log.info("loaded base %s (%s, %s) in %.1fs", name, self.base_weights, self.dtype, time.monotonic() - started)
+        return LoadedBase(name, model, tokenizer, context)
+
+    def load_adapter(self, name: str, key: str, base_name: str) -> None:
+        """Attach the adapter stored at object `key` to base `base_name`, served as `name`. Loading a name that
+        is already served is a no-op (adapters are immutable: a name always means the same archive)."""
+        base = self.base(base_name)
+        with self._loading:
+            if name in base.adapters:
+                base.adapters.move_to_end(name)
+                return
+            directory = self._fetch(key)
+            with self._generating:  # attaching changes the modules a running generate() uses
+                self._attach(base, name, directory)
+                self.served[name] = base_name
+                while len(base.adapters) > self.max_adapters:
+                    self._detach(base, next(iter(base.adapters)))
+
+    def unload_adapter(self, name: str) -> bool:
+        base_name = self.served.get(name)
+        if base_name is None:
+            return False
+        with self._loading, self._generating:
+            self._detach(self.bases[base_name], name)
+        return True
+
+    def _fetch(self, key: str) -> Path:
+        """The adapter archive at `key`, unpacked under the cache directory (once per key)."""
+        directory = self.cache_dir / re.sub(r"[^A-Za-z0-9._-]", "_", key)
+        if all((directory / f).is_file() for f in ADAPTER_FILES):
+            return directory
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        archive = directory.with_suffix(".tar.gz.partial")
+        try:
+            self.storage.download(key, archive)
+        except ObjectNotFound:
+            raise AdapterError(f"no adapter is stored at {key}") from None
+        unpacking = directory.with_suffix(".partial")
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(unpacking, filter="data")  # "data": no absolute paths, links or devices
+        except (tarfile.TarError, OSError) as exc:
+            raise AdapterError(f"the archive at {key} cannot be unpacked: {exc}") from None
+        finally:
+            archive.unlink(missing_ok=True)
+        if not all((unpacking / f).is_file() for f in ADAPTER_FILES):
+            raise AdapterError(f"the archive at {key} holds no LoRA adapter")
+        unpacking.rename(directory)
+        return directory
+
+    def _attach(self, base: LoadedBase, name: str, directory: Path) -> None:
+        from peft import PeftModel
+
+        self._adapter_ids += 1
+        adapter = f"a{self._adapter_ids}"  # peft names become module keys: no dots or colons allowed
+        try:
+            if isinstance(base.model, PeftModel):
+                base.model.load_adapter(str(directory), adapter_name=adapter)
+            else:
+                base.model = PeftModel.from_pretrained(base.model, str(directory), adapter_name=adapter)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise AdapterError(f"the adapter does not fit {base.name}: {exc}") from None
+        base.model.eval()
+        base.adapters[name] = adapter
+
+    def _detach(self, base: LoadedBase, name: str) -> None:
+        adapter = base.adapters.pop(name)
+        self.served.pop(name, None)
+        base.model.delete_adapter(adapter)
+        log.info("dropped adapter %s from %s", name, base.name)
+
+    def resolve(self, model: str) -> tuple[LoadedBase, str | None]:
+        """The base and the peft adapter name (None: the base alone) that serve `model`."""
+        base_name = self.served.get(model)
+        if base_name is not None:
+            base = self.bases[base_name]
+            base.adapters.move_to_end(model)
+            return base, base.adapters[model]
+        return self.base(model), None
+
+    def models(self) -> list[str]:
+        return sorted(self.bases) + sorted(self.served)
+
+    # --- generation -------------------------------------------------------------------------------------
+
+    def prompt_ids(self, base: LoadedBase, messages: list[dict[str, str]]) -> torch.Tensor:
+        """The chat formatted with the base model's own chat template, as token ids."""
+        text = base.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return base.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+    def prepare(self, request: ChatRequest) -> Prepared:
+        """Check the request against the model before any token is generated: the model exists, the messages
+        and max_tokens fit its context. Raises ModelNotFound or InvalidRequest."""
+        base, adapter = self.resolve(request.model)
+        input_ids = self.prompt_ids(base, request.messages)
+        room = base.context_length - input_ids.shape[1]
+        if room <= 0:
+            raise InvalidRequest(f"The messages take {input_ids.shape[1]} tokens; the model's context is {base.context_length}.",
+                                 "messages")
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise InvalidRequest(f"max_tokens is {request.max_tokens}, but only {room} tokens fit after the messages "
+                                 f"in the model's context of {base.context_length}.", "max_tokens")
+        max_new = request.max_tokens if request.max_tokens is not None else min(room, self.max_new_tokens)
+        return Prepared(request, base, adapter, input_ids, max_new)
+
+    def complete(self, request: ChatRequest, on_text: Callable[[str], None] | None = None,
+                 cancelled: threading.Event | None = None) -> ChatResult:
+        return self.generate(self.prepare(request), on_text, cancelled)
+
+    def generate(self, prepared: Prepared, on_text: Callable[[str], None] | None = None,
+                 cancelled: threading.Event | None = None) -> ChatResult:
+        """Generate one answer; `on_text` receives it piece by piece as it is produced (for streaming). Setting
+        `cancelled` (the caller went away) ends the generation at the next token."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        stop_found = threading.Event()  # set by the reader below; transformers' own stop_strings would also match the prompt
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN003, ANN204
+                return stop_found.is_set() or (cancelled is not None and cancelled.is_set())
+
+        request, base, adapter, input_ids, max_new = (prepared.request, prepared.base, prepared.adapter, prepared.input_ids,
+                                                      prepared.max_new_tokens)
+        streamer = TextIteratorStreamer(base.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.device), "attention_mask": torch.ones_like(input_ids).to(self.device),
+                                  "max_new_tokens": max_new, "streamer": streamer,
+                                  "stopping_criteria": StoppingCriteriaList([Stop()]),
+                                  "pad_token_id": base.tokenizer.pad_token_id or base.tokenizer.eos_token_id}
+        if request.temperature > 0:
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        output: dict[str, torch.Tensor] = {}
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    if request.seed is not None:
+                        torch.manual_seed(request.seed)
+                    if adapter is None and hasattr(base.model, "disable_adapter"):
+                        with base.model.disable_adapter():
+                            output["ids"] = base.model.generate(**kwargs)
+                    else:
+                        if adapter is not None:
+                            base.model.set_adapter(adapter)
+                        output["ids"] = base.model.generate(**kwargs)
+            except BaseException as exc:  # surfaced below, after the streamer is released
+                output["error"] = exc  # type: ignore[assignment]
+                streamer.end()
+
+        with self._generating:
+            if adapter is not None and adapter not in base.adapters.values():
+                raise ModelNotFound(request.model)  # dropped (LRU or unload) since prepare(): the caller loads it again
+            thread = threading.Thread(target=run, name="generate", daemon=True)
+            thread.start()
+            text, stopped = _stream_until_stop(iter(streamer), request.stop, on_text, stop_found)
+            thread.join()
+        if "error" in output:
+            raise output["error"]  # type: ignore[misc]
+        new_ids = output["ids"][0, input_ids.shape[1]:]
+        completion_tokens = int(new_ids.shape[0])
+        ended_turn = completion_tokens > 0 and int(new_ids[-1]) == base.tokenizer.eos_token_id
+        finish = "stop" if stopped or ended_turn or completion_tokens < max_new else "length"
+        return ChatResult(text, finish, int(input_ids.shape[1]), completion_tokens)
+
+
+def _stream_until_stop(pieces: Iterator[str], stops: list[str], on_text: Callable[[str], None] | None,
+                       stop_found: threading.Event) -> tuple[str, bool]:
+    """Join the generated pieces, cut at the first stop string (setting `stop_found`, which ends the generation),
+    and hand each settled piece to `on_text`. Text that could still be the start of a stop string is held back
+    until it is known not to be one."""
+    text, sent, stopped = "", 0, False
+    hold = max((len(s) for s in stops), default=1) - 1
+    for piece in pieces:
+        if stopped:
+            continue  # drain, so the generating thread ends
+        text += piece
+        cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            text, stopped = text[:cut], True
+            stop_found.set()
+            settled = len(text)
+        else:
+            settled = max(sent, len(text) - hold)
+        if on_text is not None and settled > sent:
+            on_text(text[sent:settled])
+            sent = settled
+    if on_text is not None and len(text) > sent:
+        on_text(text[sent:])
+    return text, stopped
