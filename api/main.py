@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from api.errors import RequestIdMiddleware, register_error_handlers
 from api.guard import RequestGuard
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import files, health, jobs, models
+from api.routes import chat, files, health, jobs, models
 from core.db import make_engine, make_session_factory
 from core.queue import make_celery
 from core.settings import Settings, get_settings
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        await _app.state.inference.aclose()
         celery_app.close()
         engine.dispose()
 
@@ -47,13 +48,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = make_storage(settings)
     app.state.celery = celery_app
+    app.state.inference = chat.InferenceClient(settings)
     app.state.metrics = Metrics(app.state.session_factory, celery_app, settings)
 
     register_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)  # the key and the body cap, before any body is read
     app.add_middleware(RequestIdMiddleware)  # outside the guard, so the guard's answers get the ids too
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: every answer is counted
-    for router in (files.router, jobs.router, models.router):
+    for router in (files.router, jobs.router, models.router, chat.router):
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
     return app

@@ -2,8 +2,9 @@
 
     python -m core.embedded [--host 127.0.0.1] [--port 8000] [--no-demo-model]
 
-Runs the prestart (migrations on SQLite, the API key, the demo model under $QLORA_HOME/models), then two
-processes: one Celery worker with the sweeper on beat (`-B`), and the API (uvicorn). The broker is Celery's
+Runs the prestart (migrations on SQLite, the API key, the demo model under $QLORA_HOME/models), then three
+processes: one Celery worker with the sweeper on beat (`-B`), the inference server that answers chat completions
+(inference/server.py, on the next port up) and the API (uvicorn). The broker is Celery's
 SQLAlchemy transport on a SQLite file unless QLORA_BROKER_URL says otherwise: a real broker that needs no
 server, not an in-process shortcut. Ctrl-C stops both.
 """
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--inference-port", type=int, default=None, help="the inference server's port (default: --port + 1)")
     parser.add_argument("--no-demo-model", action="store_true", help="skip importing SmolLM2-135M-Instruct")
     args = parser.parse_args(argv)
 
@@ -64,10 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Preparing the demo model in {settings.models_dir / DEMO_MODEL} ...", flush=True)
         import_demo_model(settings.models_dir / DEMO_MODEL)
 
+    inference_port = args.inference_port or args.port + 1
     env = {**os.environ, "QLORA_HOME": str(settings.home)}
+    env.setdefault("QLORA_INFERENCE_URL", f"http://127.0.0.1:{inference_port}")
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", f"{settings.task_queue},{control_queue(settings)}",
          "--concurrency", "1", "--loglevel", "INFO", "-s", str(settings.home / "celerybeat-schedule")],
+        env=env,
+    )
+    inference = subprocess.Popen(
+        [sys.executable, "-m", "inference.server", "--host", "127.0.0.1", "--port", str(inference_port)],
         env=env,
     )
     api = subprocess.Popen(
@@ -83,25 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     def stop(signum=None, frame=None):  # noqa: ANN001
         nonlocal stopping
         stopping = stopping or signum is not None
-        for proc in (api, worker):
+        for proc in (api, inference, worker):
             if proc.poll() is None:
                 proc.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        while api.poll() is None and worker.poll() is None:
+        while api.poll() is None and worker.poll() is None and inference.poll() is None:
             time.sleep(0.5)
     finally:
         stop()
-        for proc in (api, worker):
+        for proc in (api, inference, worker):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
     if stopping:  # Ctrl-C or SIGTERM: a clean stop, whatever the children's exit codes
         return 0
-    return api.returncode or worker.returncode or 1  # one of them died on its own
+    return api.returncode or worker.returncode or inference.returncode or 1  # one of them died on its own
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, engine: ChatEngine | None = Non
         admitted["n"] -= 1
 
     app.state.admitted = lambda: admitted["n"]
+    app.state.admitted_limit = settings.inference_max_waiting
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -1,0 +1,163 @@
+"""/v1/chat/completions: chat with a base model, a fine-tuned model or a checkpoint model of the caller's project.
+
+The API stays torch-free: it checks the request and the caller's right to the model, then forwards to the
+inference backend (the embedded server or vLLM, one protocol; see inference/server.py), naming the adapter's
+object-storage key when the backend does not serve it yet. Streamed answers pass through chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.base_models import find_base_model
+from api.deps import CurrentProject, SessionDep, SettingsDep
+from api.errors import APIError, not_found
+from core.chat import ChatCompletionCreate
+from core.jobs import JobStatus
+from core.models import Checkpoint, File, Job
+from core.settings import Settings
+
+router = APIRouter(tags=["chat"])
+
+ADAPTER_SUFFIX = "-adapter.tar.gz"  # the result file the worker stores for a job's final adapter
+
+
+@dataclass(frozen=True)
+class Served:
+    """How the backend serves a model: its name there (the public model id), the base and the adapter's archive."""
+
+    name: str
+    base: str
+    adapter_key: str | None
+
+
+def model_not_found(model: str) -> APIError:
+    return not_found(f"The model '{model}' does not exist or you do not have access to it.", param="model", code="model_not_found")
+
+
+def find_served_model(session: Session, settings: Settings, project: str, model: str) -> Served:
+    """A base model, a fine-tuned model of `project` (succeeded, not deleted) or a checkpoint model of one of its
+    jobs whose model is not deleted; anything else, another project's included, is model_not_found."""
+    if find_base_model(settings, model) is not None:
+        return Served(model, model, None)
+    job = session.scalar(select(Job).where(Job.project == project, Job.fine_tuned_model == model,
+                                           Job.status == JobStatus.SUCCEEDED.value, Job.model_deleted_at.is_(None)))
+    if job is not None:
+        key = session.scalar(select(File.storage_key).where(File.id.in_(job.result_files), File.filename.endswith(ADAPTER_SUFFIX)))
+        if key is not None:
+            return Served(model, job.model, key)
+    row = session.execute(select(Checkpoint, Job).join(Job, Checkpoint.job_id == Job.id).where(
+        Checkpoint.fine_tuned_model_checkpoint == model, Job.project == project, Job.model_deleted_at.is_(None))).first()
+    if row is not None:
+        checkpoint, job = row
+        return Served(model, job.model, checkpoint.storage_key)
+    raise model_not_found(model)
+
+
+def backend_unavailable(message: str) -> APIError:
+    return APIError(503, message, type="server_error", code="inference_unavailable", headers={"x-should-retry": "true", "retry-after": "1"})
+
+
+def _backend_error(response: httpx.Response, body: bytes) -> APIError:
+    """The backend's refusal, as our envelope: its 4xx pass through (they name the parameter), its 5xx are a 503."""
+    if response.status_code >= 500 or response.status_code == 429:
+        return backend_unavailable("The inference backend is busy or failing; retry shortly.")
+    try:
+        error = json.loads(body).get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    message = error.get("message") if isinstance(error, dict) else None
+    return APIError(response.status_code, message or "The inference backend refused the request.",
+                    param=error.get("param") if isinstance(error, dict) else None,
+                    code=error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), str) else None)
+
+
+class InferenceClient:
+    """The API's one client for the inference backend. A chat request for an adapter the backend does not serve
+    yet (its 404) loads the adapter from its storage key and is sent once more."""
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
+        self.settings = settings
+        timeout = httpx.Timeout(settings.inference_timeout_s, connect=5.0)
+        self.http = httpx.AsyncClient(base_url=settings.inference_url.rstrip("/"), timeout=timeout, transport=transport)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def open(self, served: Served, body: dict[str, Any]) -> httpx.Response:
+        """Send the chat request; the response is open (streamed) and succeeded, or an APIError is raised."""
+        if not self.settings.inference_url:
+            raise backend_unavailable("No inference backend is configured (QLORA_INFERENCE_URL).")
+        for attempt in (1, 2):
+            response = await self._send("POST", "/v1/chat/completions", {**body, "model": served.name})
+            if response.status_code == 200:
+                return response
+            content = await response.aread()
+            await response.aclose()
+            if response.status_code == 404 and served.adapter_key is not None and attempt == 1:
+                await self._load(served)
+                continue
+            if response.status_code == 404:
+                raise model_not_found(served.name)
+            raise _backend_error(response, content)
+        raise AssertionError("unreachable")
+
+    async def unload(self, name: str) -> None:
+        """Best effort: the backend drops a deleted model's adapter (the API refuses the model anyway)."""
+        if self.settings.inference_url:
+            try:
+                response = await self._send("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+                await response.aclose()
+            except APIError:
+                pass
+
+    async def _load(self, served: Served) -> None:
+        response = await self._send("POST", "/v1/load_lora_adapter",
+                                    {"lora_name": served.name, "lora_path": served.adapter_key, "base_model_name": served.base})
+        content = await response.aread()
+        await response.aclose()
+        if response.status_code != 200:
+            raise _backend_error(response, content) if response.status_code >= 500 else APIError(
+                500, "The model's adapter could not be loaded.", type="server_error", code="adapter_load_failed")
+
+    async def _send(self, method: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return await self.http.send(self.http.build_request(method, path, json=body), stream=True)
+        except httpx.TimeoutException:
+            raise backend_unavailable("The inference backend did not answer in time; retry shortly.") from None
+        except httpx.TransportError:
+            raise backend_unavailable("The inference backend cannot be reached; retry shortly.") from None
+
+
+@router.post("/chat/completions", summary="Create a chat completion")
+async def create_chat_completion(body: ChatCompletionCreate, project: CurrentProject, session: SessionDep,
+                                 settings: SettingsDep, request: Request) -> Any:
+    served = await run_in_threadpool(find_served_model, session, settings, project, body.model)
+    session.close()  # the database is done with; a long generation holds no connection
+    client: InferenceClient = request.app.state.inference
+    response = await client.open(served, body.model_dump(exclude_unset=True, exclude_none=True))
+    if not body.stream:
+        content = await response.aread()
+        await response.aclose()
+        return JSONResponse(json.loads(content))
+
+    async def passthrough() -> AsyncIterator[bytes]:
+        try:
+            async for piece in response.aiter_raw():
+                yield piece
+        except httpx.HTTPError:
+            yield b'data: {"error": {"message": "The inference backend went away.", "type": "server_error", "param": null, "code": "inference_unavailable"}}\n\n'
+        finally:
+            await response.aclose()
+
+    return StreamingResponse(passthrough(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
