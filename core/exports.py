@@ -1,7 +1,9 @@
 """Merged exports: the moves of an export row and the deletion of a fine-tuned model.
 
 An export goes queued -> running -> succeeded | failed. As with jobs, every move is one conditional UPDATE, so a
-redelivered task cannot run an export twice and a worker that lost its export writes nothing. The caller commits.
+redelivered task cannot run an export twice and a worker that lost its export writes nothing. A running export's
+worker writes a heartbeat; the sweeper fails one whose heartbeat stopped (`worker_lost`), so that a new POST can
+start another. The caller commits.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from enum import StrEnum
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from core.jobs import add_event
 from core.models import Checkpoint, Export, File, Job, now
 
 
@@ -42,10 +45,40 @@ def claim_export(session: Session, export_id: str, worker_id: str) -> bool:
     """queued -> running; only one claim succeeds."""
     result = session.execute(
         update(Export).where(Export.id == export_id, Export.status == ExportStatus.QUEUED.value)
-        .values(status=ExportStatus.RUNNING.value, worker_id=worker_id, started_at=now())
+        .values(status=ExportStatus.RUNNING.value, worker_id=worker_id, started_at=now(), heartbeat_at=time.time())
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
+
+
+def export_heartbeat(session: Session, export_id: str, worker_id: str) -> bool:
+    """Record that the worker running the export is alive; False when it no longer holds it."""
+    result = session.execute(
+        update(Export).where(Export.id == export_id, Export.status == ExportStatus.RUNNING.value, Export.worker_id == worker_id)
+        .values(heartbeat_at=time.time()).execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def fail_lost_exports(session: Session, *, heartbeat_timeout_s: float) -> list[str]:
+    """Fail the running exports whose heartbeat is older than `heartbeat_timeout_s` (their worker died), with an
+    error event on the job. An export is not resumed: merging again from the start is what a new POST does."""
+    stale_before = time.time() - heartbeat_timeout_s
+    stale = session.execute(
+        select(Export.id, Export.job_id).where(Export.status == ExportStatus.RUNNING.value, Export.heartbeat_at < stale_before)
+    ).all()
+    message = "The worker running this export stopped responding."
+    failed = []
+    for export_id, job_id in stale:
+        moved = session.execute(
+            update(Export).where(Export.id == export_id, Export.status == ExportStatus.RUNNING.value, Export.heartbeat_at < stale_before)
+            .values(status=ExportStatus.FAILED.value, finished_at=now(), error={"code": "worker_lost", "message": message})
+            .execution_options(synchronize_session=False)
+        ).rowcount == 1
+        if moved:
+            add_event(session, job_id, "error", f"Export {export_id} failed: {message}")
+            failed.append(export_id)
+    return failed
 
 
 def finish_export(session: Session, export_id: str, worker_id: str, *, file_id: str | None = None,

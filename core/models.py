@@ -140,5 +140,6 @@ class Export(Base):
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("ix_exports_job_seq", "job_id", "seq"),)

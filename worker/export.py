@@ -3,7 +3,7 @@
     run_export(export_id, settings, session_factory, storage) -> outcome
 
 The export row is the truth. A worker that cannot claim it (not queued: run elsewhere, or its model deleted)
-does nothing. The merged model is uploaded, then one transaction (holding the job's row lock, so a concurrent
+does nothing; while it runs one, a thread writes its heartbeat (the sweeper fails an export whose heartbeat stops). The merged model is uploaded, then one transaction (holding the job's row lock, so a concurrent
 DELETE of the model lands wholly before or after) adds its File row and moves the export to succeeded; if that
 transaction finds the model deleted or the export gone, or anything fails, the uploaded object is deleted.
 """
@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +24,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import ids
 from core.db import session_scope
-from core.exports import adapter_filename, claim_export, finish_export, lock_live_model_job, merged_filename
+from core.exports import (
+    adapter_filename,
+    claim_export,
+    export_heartbeat,
+    finish_export,
+    lock_live_model_job,
+    merged_filename,
+)
 from core.jobs import JobStatus, add_event
 from core.models import Export, File, Job, now
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, StoredObject, delete_quietly
 from worker.retry import Outage, outlast
-from worker.runner import default_worker_id, unpack_archive
+from worker.runner import default_worker_id, remove_dead_workdirs, unpack_archive
 from worker.sink import pack_directory
 
 log = logging.getLogger(__name__)
@@ -89,6 +97,29 @@ def merge_adapter(base_model_dir: Path, adapter_dir: Path, output_dir: Path) -> 
     return output_dir
 
 
+class ExportHeartbeat(threading.Thread):
+    """Writes the export's heartbeat every `interval_s` until stopped. A failed write is only logged: if the export
+    is no longer ours, the final commit finds that out and discards the merge."""
+
+    def __init__(self, export_id: str, worker_id: str, session_factory: sessionmaker[Session], interval_s: float):
+        super().__init__(name=f"heartbeat-{export_id}", daemon=True)
+        self.export_id, self.worker_id, self.session_factory, self.interval_s = export_id, worker_id, session_factory, interval_s
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval_s):
+            try:
+                with session_scope(self.session_factory) as session:
+                    export_heartbeat(session, self.export_id, self.worker_id)
+            except Exception:
+                log.warning("heartbeat of export %s failed", self.export_id, exc_info=True)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join(timeout=max(30.0, 2 * self.interval_s))
+
+
 def run_export(export_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
                worker_id: str | None = None) -> str:
     """Run export `export_id` to its end. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, DISCARDED."""
@@ -97,7 +128,11 @@ def run_export(export_id: str, settings: Settings, session_factory: sessionmaker
         if not claim_export(session, export_id, worker_id):
             log.info("export %s not claimed by %s: it is not queued", export_id, worker_id)
             return NOT_CLAIMED
-    workdir = Path(tempfile.mkdtemp(prefix=f"qlora-export-{export_id}-"))
+    beat = ExportHeartbeat(export_id, worker_id, session_factory, settings.heartbeat_interval_s)
+    beat.start()
+    remove_dead_workdirs()
+    # Named like the runner's (qlora-KIND-TOKEN-PID-...), so that remove_dead_workdirs finds one a killed worker left.
+    workdir = Path(tempfile.mkdtemp(prefix=f"qlora-export-{export_id.removeprefix('export-')}-{os.getpid()}-"))
     uploaded: StoredObject | None = None
     try:
         spec = _load_spec(session_factory, export_id)
@@ -121,6 +156,7 @@ def run_export(export_id: str, settings: Settings, session_factory: sessionmaker
         _fail(session_factory, export_id, worker_id, code, message)
         return FAILED
     finally:
+        beat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

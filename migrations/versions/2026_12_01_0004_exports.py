@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("started_at", sa.BigInteger(), nullable=True),
         sa.Column("enqueued_at", sa.Float(), nullable=True),
         sa.Column("worker_id", sa.String(length=256), nullable=True),
+        sa.Column("heartbeat_at", sa.Float(), nullable=True),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("seq"),
         sa.UniqueConstraint("id"),

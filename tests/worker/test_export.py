@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,11 @@ from core import ids
 from core.db import session_scope
 from core.exports import delete_model_rows, lock_live_model_job
 from core.models import Export, File, Job, now
-from tests.worker.helpers import MODEL, PROJECT, create_job, events, get_job, hyperparameters, local_objects
+from tests.worker.helpers import MODEL, PROJECT, create_job, events, get_job, hyperparameters, local_objects, wait_until
+from tests.worker.test_runner import RecordingCelery
 from worker import export as export_worker
 from worker import runner
+from worker.sweeper import sweep
 
 
 def add_export(session_factory, job_id: str) -> str:  # noqa: ANN001
@@ -189,3 +192,34 @@ def test_the_base_dtype_is_read_from_its_config(tmp_path):
     assert export_worker.base_dtype_name(tmp_path) == "bfloat16"
     (tmp_path / "config.json").write_text(json.dumps({}))
     assert export_worker.base_dtype_name(tmp_path) == "float32"
+
+
+def test_a_running_export_writes_a_heartbeat_and_the_sweeper_fails_one_whose_heartbeat_stopped(make_settings, session_factory,
+                                                                                                storage, succeeded_job, monkeypatch):
+    job_id, _ = succeeded_job
+    export_id = add_export(session_factory, job_id)
+    settings = make_settings(heartbeat_interval_s=0.1)
+    seen: list[float] = []
+
+    def slow_merge(base_model_dir: Path, adapter_dir: Path, output_dir: Path) -> Path:
+        first = get_export(session_factory, export_id).heartbeat_at
+        wait_until(lambda: get_export(session_factory, export_id).heartbeat_at != first, 10, message="a heartbeat")
+        seen.append(first)
+        return fake_merge(base_model_dir, adapter_dir, output_dir)
+
+    monkeypatch.setattr(export_worker, "merge_adapter", slow_merge)
+    assert export_worker.run_export(export_id, settings, session_factory, storage) == export_worker.SUCCEEDED
+    assert seen and seen[0] is not None  # the claim set it; the thread wrote it again meanwhile
+
+    # a worker that died mid-merge: the sweeper fails its export (and leaves a live one alone)
+    lost, alive = add_export(session_factory, job_id), add_export(session_factory, job_id)
+    with session_scope(session_factory) as session:
+        session.execute(update(Export).where(Export.id == lost).values(status="running", worker_id="dead", heartbeat_at=time.time() - 3600))
+        session.execute(update(Export).where(Export.id == alive).values(status="running", worker_id="w", heartbeat_at=time.time()))
+    result = sweep(settings, session_factory, RecordingCelery())
+    assert result["failed_exports"] == [lost]
+    failed = get_export(session_factory, lost)
+    assert (failed.status, failed.error["code"], failed.finished_at is not None) == ("failed", "worker_lost", True)
+    assert get_export(session_factory, alive).status == "running"
+    last = events(session_factory, job_id)[-1]
+    assert last.level == "error" and lost in last.message
