@@ -184,6 +184,7 @@ def test_an_export_the_broker_did_not_take_is_sent_by_the_sweeper(tmp_path, sqli
             assert session.scalar(select(Export.enqueued_at).where(Export.id == export["id"])) is None
         events = client.get(f"/v1/fine_tuning/jobs/{done['job_id']}/events", headers=KEY_A).json()["data"]
         assert events[0]["level"] == "warn" and export["id"] in events[0]["message"]
+        assert (events[1]["level"], events[1]["message"]) == ("info", f"Merged export queued: {export['id']}")
 
         class Recording:
             def __init__(self):

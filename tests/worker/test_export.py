@@ -146,6 +146,27 @@ def test_a_missing_adapter_fails_the_export(make_settings, session_factory, stor
     assert merged_files(session_factory) == []
 
 
+def test_a_missing_base_model_or_an_outage_fails_the_export_with_its_code(make_settings, session_factory, storage, succeeded_job,
+                                                                          monkeypatch):
+    job_id, _ = succeeded_job
+    with session_scope(session_factory) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(model="../elsewhere"))
+    export_id = add_export(session_factory, job_id)
+    assert export_worker.run_export(export_id, make_settings(), session_factory, storage) == export_worker.FAILED
+    assert get_export(session_factory, export_id).error["code"] == "base_model_not_found"
+
+    with session_scope(session_factory) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(model=MODEL))
+
+    def unreachable(key, path):  # noqa: ANN001, ANN202
+        raise ConnectionError("no route to the object store")
+
+    monkeypatch.setattr(storage, "download", unreachable)
+    export_id = add_export(session_factory, job_id)
+    assert export_worker.run_export(export_id, make_settings(outage_retry_s=0.5), session_factory, storage) == export_worker.FAILED
+    assert get_export(session_factory, export_id).error["code"] == "storage_unavailable"
+
+
 def test_a_failed_commit_deletes_the_uploaded_merge(make_settings, session_factory, storage, succeeded_job, monkeypatch, tmp_path):
     job_id, _ = succeeded_job
     export_id = add_export(session_factory, job_id)
