@@ -142,7 +142,7 @@ def run_export(export_id: str, settings: Settings, session_factory: sessionmaker
                             f"export {export_id}: commit")
         if not committed:
             delete_quietly(storage, uploaded.key)
-            log.info("export %s merged, but its model was deleted meanwhile: discarded", export_id)
+            log.info("export %s merged, but its model was deleted or the export is no longer ours: discarded", export_id)
             return DISCARDED
         return SUCCEEDED
     except Exception as exc:
