@@ -11,7 +11,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.models import Checkpoint, File, Job, JobEvent
+from core.models import Checkpoint, Export, File, Job, JobEvent
 
 T = TypeVar("T")
 
@@ -176,6 +176,35 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+class ExportError(BaseModel):
+    code: str
+    message: str
+
+
+class FineTuningJobExport(BaseModel):
+    """Our extension: a merged export of a succeeded job's model (docs/api.md)."""
+
+    id: str
+    object: Literal["fine_tuning.job.export"] = "fine_tuning.job.export"
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    file_id: str | None = Field(description="The merged model as .tar.gz (purpose fine-tune-results), once succeeded.")
+    error: ExportError | None
+    created_at: int
+    finished_at: int | None
+
+    @classmethod
+    def from_row(cls, row: Export) -> FineTuningJobExport:
+        return cls(id=row.id, job_id=row.job_id, status=row.status, file_id=row.file_id,
+                   error=ExportError(**row.error) if row.error else None, created_at=row.created_at, finished_at=row.finished_at)
 
 
 # --- the create-job body ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Object ids in OpenAI's shapes: file-..., ftjob-..., ftevent-..., ftckpt_..."""
+"""Object ids in OpenAI's shapes: file-..., ftjob-..., ftevent-..., ftckpt_...; and ours, export-..."""
 
 import secrets
 
@@ -23,3 +23,7 @@ def event_id() -> str:
 
 def checkpoint_id() -> str:
     return f"ftckpt_{_token()}"
+
+
+def export_id() -> str:
+    return f"export-{_token()}"

@@ -121,3 +121,25 @@ class Checkpoint(Base):
     fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(512))
 
     __table_args__ = (Index("ix_checkpoints_job_seq", "job_id", "seq"),)
+
+
+class Export(Base):
+    """A merged export of a succeeded job's model (POST /v1/fine_tuning/jobs/{id}/export): the adapter merged into
+    the 16-bit base, as a `fine-tune-results` file once it succeeds."""
+
+    __tablename__ = "exports"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued | running | succeeded | failed
+    file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Worker bookkeeping (not on the wire).
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (Index("ix_exports_job_seq", "job_id", "seq"),)

@@ -16,6 +16,8 @@ from core.settings import Settings
 
 TRAIN_TASK = "qlora.train"
 SWEEP_TASK = "qlora.sweep"
+# A merged export needs the base model in 16 bits and the memory training needs, so it runs on the training queue.
+EXPORT_TASK = "qlora.export"
 
 
 def control_queue(settings: Settings) -> str:
@@ -95,3 +97,9 @@ def send_training_task(app: Celery, settings: Settings, job_id: str) -> None:
     """Send the training task by name (the API never imports task code), with an expiry: a message that no
     worker takes in time is dropped by the broker side and the sweeper sends the job again."""
     app.send_task(TRAIN_TASK, args=[job_id], queue=settings.task_queue, expires=settings.task_expires_s)
+
+
+def send_export_task(app: Celery, settings: Settings, export_id: str) -> None:
+    """Send the export task by name to the training queue, with the same expiry as a training task (the sweeper
+    sends a queued export again, as it does a job)."""
+    app.send_task(EXPORT_TASK, args=[export_id], queue=settings.task_queue, expires=settings.task_expires_s)

@@ -175,10 +175,12 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
 
 
 def remove_dead_workdirs(tmp: Path | None = None) -> list[Path]:
-    """Remove the work directories (inputs, checkpoints: gigabytes) that killed workers left behind: those whose
-    process, named in the directory (qlora-JOB-PID-...), no longer runs. Returns what was removed."""
+    """Remove the work directories (inputs, checkpoints, merged models: gigabytes) that killed workers left behind:
+    those whose process, named in the directory (qlora-JOB-PID-..., qlora-export-TOKEN-PID-...), no longer runs.
+    Returns what was removed."""
     removed = []
-    for path in Path(tmp or tempfile.gettempdir()).glob("qlora-ftjob-*-*-*"):
+    root = Path(tmp or tempfile.gettempdir())
+    for path in [*root.glob("qlora-ftjob-*-*-*"), *root.glob("qlora-export-*-*-*")]:  # jobs' and merged exports' (worker/export.py)
         pid = path.name.split("-")[3]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue

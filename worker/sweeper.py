@@ -6,6 +6,8 @@
 - A queued job whose task message was never sent (the broker was down when the API tried), expired before a
   worker took it, or is no longer in the broker's queue (Redis restarted without persistence; checked on Redis
   only, for jobs sent more than QLORA_LOST_MESSAGE_AFTER_S ago) is sent again.
+- A queued merged export whose task was never sent (the broker was down) or expired unconsumed is sent again; a
+  running one whose heartbeat stopped is failed with `worker_lost` (a new POST .../export merges again).
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
   Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
 
@@ -23,9 +25,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
+from core.exports import fail_lost_exports, mark_export_enqueued, unsent_queued_exports
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
 from core.models import File, now
-from core.queue import queued_training_jobs, send_training_task
+from core.queue import queued_training_jobs, send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly
 
@@ -61,10 +64,28 @@ def lost_messages(settings: Settings, celery_app: Any, waiting: list[str]) -> li
     return lost
 
 
+def send_unsent_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> list[str]:
+    """Send the task of every queued export that was never sent or whose message expired; returns their ids."""
+    with session_scope(session_factory) as session:
+        unsent = unsent_queued_exports(session, expires_s=settings.task_expires_s)
+    sent = []
+    for export_id in unsent:
+        try:
+            send_export_task(celery_app, settings, export_id)
+        except Exception:
+            log.exception("could not send the export task of %s", export_id)
+            continue
+        with session_scope(session_factory) as session:  # marked after the send, as for jobs
+            mark_export_enqueued(session, export_id)
+        sent.append(export_id)
+        log.info("sent the export task of %s", export_id)
+    return sent
+
+
 def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
           storage: ObjectStorage | None = None) -> dict[str, list[str]]:
-    """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids), plus "expired_files"
-    (file ids) when `storage` is given."""
+    """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids), "failed_exports" and
+    "sent_exports" (export ids), plus "expired_files" (file ids) when `storage` is given."""
     with session_scope(session_factory) as session:
         lost = sweep_lost_jobs(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, max_attempts=settings.max_attempts)
         # Read after the requeues (same transaction): a requeued job is also "queued with an old message".
@@ -92,7 +113,10 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
             mark_enqueued(session, job_id)
         sent.append(job_id)
         log.info("sent the training task of job %s", job_id)
-    result = {"requeued": requeued, "failed": failed, "sent": sent}
+    with session_scope(session_factory) as session:
+        failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+    result = {"requeued": requeued, "failed": failed, "sent": sent, "failed_exports": failed_exports,
+              "sent_exports": send_unsent_exports(settings, session_factory, celery_app)}
     if storage is not None:
         result["expired_files"] = expire_files(session_factory, storage)
     return result

@@ -1,4 +1,4 @@
-"""The Celery tasks: thin wrappers, by name, over plain functions (worker.runner, worker.sweeper).
+"""The Celery tasks: thin wrappers, by name, over plain functions (worker.runner, worker.export, worker.sweeper).
 
 The settings, the database engine and the object storage are built once per process, on first use: in the
 prefork pool that is inside the child that runs the task, so no connection is shared across a fork.
@@ -16,10 +16,10 @@ from functools import lru_cache
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, make_session_factory
-from core.queue import SWEEP_TASK, TRAIN_TASK
+from core.queue import EXPORT_TASK, SWEEP_TASK, TRAIN_TASK
 from core.settings import Settings, get_settings
 from core.storage import ObjectStorage, make_storage
-from worker import runner, sweeper
+from worker import export, runner, sweeper
 from worker.celery_app import app
 
 
@@ -40,6 +40,11 @@ def storage() -> ObjectStorage:
 @app.task(name=TRAIN_TASK, bind=True)
 def train(self, job_id: str) -> str:  # noqa: ANN001
     return runner.run_job(job_id, settings(), session_factory(), storage(), worker_id=runner.default_worker_id(self.request.id))
+
+
+@app.task(name=EXPORT_TASK, bind=True)
+def export_model(self, export_id: str) -> str:  # noqa: ANN001
+    return export.run_export(export_id, settings(), session_factory(), storage(), worker_id=runner.default_worker_id(self.request.id))
 
 
 @app.task(name=SWEEP_TASK)

@@ -1,8 +1,8 @@
 """/v1/fine_tuning/jobs: create (then enqueue), list, retrieve, cancel, events, checkpoints; and our extensions,
-the job's metrics and a checkpoint's archive.
+the job's metrics, a checkpoint's archive and merged exports.
 
-A new job is committed first and its task sent after (a fast worker never looks for a row that is not there
-yet). If the broker does not answer, the job stays queued with no `enqueued_at` and the sweeper sends it later.
+A new job (or export) is committed first and its task sent after (a fast worker never looks for a row that is not
+there yet). If the broker does not answer, it stays queued with no `enqueued_at` and the sweeper sends it later.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from api.base_models import find_base_model, read_model_config
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
-from api.errors import bad_request, not_found, quota_exceeded
+from api.errors import APIError, bad_request, not_found, quota_exceeded
 from api.hyperparameters import engine_config
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import (
@@ -29,15 +29,17 @@ from api.schemas import (
     FineTuningJob,
     FineTuningJobCheckpoint,
     FineTuningJobEvent,
+    FineTuningJobExport,
     JobCreate,
     Page,
     first_unstorable,
 )
 from core import ids
+from core.exports import ACTIVE, ExportStatus, lock_live_model_job, mark_export_enqueued
 from core.jobs import TERMINAL, JobStatus, add_event, cancel_job, mark_enqueued
-from core.models import Checkpoint, Job, JobEvent, JobMetric, file_is_live, now
+from core.models import Checkpoint, Export, Job, JobEvent, JobMetric, file_is_live, now
 from core.models import File as FileRow
-from core.queue import send_training_task
+from core.queue import send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectNotFound
 from worker.training.config import TrainingConfig
@@ -300,3 +302,70 @@ def checkpoint_content(
     return StreamingResponse(
         chunks, media_type="application/gzip", headers={"content-disposition": f'attachment; filename="{checkpoint.id}.tar.gz"'}
     )
+
+
+# --- merged exports (extension) -------------------------------------------------------------------------------
+
+
+def _export_conflict(message: str, code: str) -> APIError:
+    return APIError(409, message, param="job_id", code=code)
+
+
+@router.post("/{job_id}/export", response_model=FineTuningJobExport, summary="Export the merged model (extension)")
+def create_export(
+    job_id: str, project: CurrentProject, session: SessionDep, settings: SettingsDep, celery_app: CeleryDep
+) -> FineTuningJobExport:
+    """Queue a merge of the job's adapter into its 16-bit base model; the result is a `fine-tune-results` file.
+    While an export of the job is queued or running, that one is returned instead of starting another."""
+    job = get_job_row(session, project, job_id)
+    if job.status != JobStatus.SUCCEEDED.value:
+        raise _export_conflict(f"Job {job_id} is {job.status}; only a succeeded job's model can be exported.", "job_not_succeeded")
+    # The job's row lock serializes two POSTs (one export, not two) and a concurrent DELETE of the model.
+    if lock_live_model_job(session, job.id) is None:
+        raise _export_conflict(f"The model of job {job_id} was deleted.", "model_deleted")
+    active = session.scalar(select(Export).where(Export.job_id == job.id, Export.status.in_(ACTIVE)).order_by(Export.seq.desc()).limit(1))
+    if active is not None:
+        return FineTuningJobExport.from_row(active)
+    stored = session.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.project == project, file_is_live()))
+    if stored >= settings.max_stored_bytes_per_project:
+        raise quota_exceeded(f"This project stores {stored} bytes of files, its limit of {settings.max_stored_bytes_per_project}; "
+                             "a merged model would pass it", "QLORA_MAX_STORED_BYTES_PER_PROJECT")
+    export = Export(id=ids.export_id(), job_id=job.id, status=ExportStatus.QUEUED.value, created_at=now())
+    session.add(export)
+    add_event(session, job.id, "info", f"Merged export queued: {export.id}")
+    session.commit()
+    try:
+        send_export_task(celery_app, settings, export.id)
+    except Exception as exc:  # committed: the sweeper sends it again
+        logger.warning("could not send the export task of %s", export.id, exc_info=exc)
+        add_event(session, job.id, "warn", f"Export {export.id} could not be sent to the training queue ({type(exc).__name__}); "
+                  "it stays queued and will be sent again automatically.")
+    else:
+        mark_export_enqueued(session, export.id)
+    session.commit()
+    return FineTuningJobExport.from_row(export)
+
+
+@router.get("/{job_id}/exports", response_model=Page[FineTuningJobExport], summary="List a job's merged exports (extension)")
+def list_exports(
+    job_id: str,
+    project: CurrentProject,
+    session: SessionDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page[FineTuningJobExport]:
+    """Newest first."""
+    job = get_job_row(session, project, job_id)
+    where = [Export.job_id == job.id]
+    after_seq = cursor_seq(session, Export.id, Export.seq, after, *where) if after else None
+    rows, has_more = fetch_page(session, select(Export).where(*where), Export.seq, after_seq=after_seq, limit=limit, newest_first=True)
+    return Page[FineTuningJobExport](data=[FineTuningJobExport.from_row(r) for r in rows], has_more=has_more)
+
+
+@router.get("/{job_id}/exports/{export_id}", response_model=FineTuningJobExport, summary="Retrieve a merged export (extension)")
+def retrieve_export(job_id: str, export_id: str, project: CurrentProject, session: SessionDep) -> FineTuningJobExport:
+    job = get_job_row(session, project, job_id)
+    export = session.scalar(select(Export).where(Export.id == export_id, Export.job_id == job.id))
+    if export is None:
+        raise not_found(f"No such export: {export_id}", param="export_id", code="export_not_found")
+    return FineTuningJobExport.from_row(export)

@@ -1,5 +1,5 @@
 """/v1/models: the base models the service can train (directories under `settings.models_dir`) and the caller's
-fine-tuned models (those of its succeeded jobs)."""
+fine-tuned models (those of its succeeded jobs whose model was not deleted); DELETE removes a fine-tuned model."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from fastapi import APIRouter
 from sqlalchemy import Select, select
 
 from api.base_models import find_base_model, list_base_models
-from api.deps import CurrentProject, SessionDep, SettingsDep
-from api.errors import not_found
-from api.schemas import Model, Page
+from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
+from api.errors import APIError, not_found
+from api.schemas import Model, ModelDeleted, Page
+from core.exports import delete_model_rows, lock_live_model_job
 from core.jobs import JobStatus
 from core.models import Job
+from core.storage import delete_quietly
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -28,7 +30,13 @@ def _fine_tuned_model(job: Job) -> Model:
 
 
 def _fine_tuned_jobs(project: str) -> Select[tuple[Job]]:
-    return select(Job).where(Job.project == project, Job.status == JobStatus.SUCCEEDED.value, Job.fine_tuned_model.is_not(None))
+    """The project's jobs whose fine-tuned model exists: succeeded, and not deleted."""
+    return select(Job).where(Job.project == project, Job.status == JobStatus.SUCCEEDED.value, Job.fine_tuned_model.is_not(None),
+                             Job.model_deleted_at.is_(None))
+
+
+def _model_not_found(model_id: str) -> APIError:
+    return not_found(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
 
 @router.get("", response_model=Page[Model], summary="List models")
@@ -45,5 +53,23 @@ def retrieve_model(model_id: str, project: CurrentProject, session: SessionDep, 
         return _base_model(path)
     job = session.scalar(_fine_tuned_jobs(project).where(Job.fine_tuned_model == model_id))
     if job is None:
-        raise not_found(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+        raise _model_not_found(model_id)
     return _fine_tuned_model(job)
+
+
+@router.delete("/{model_id:path}", response_model=ModelDeleted, summary="Delete a fine-tuned model")
+def delete_model(model_id: str, project: CurrentProject, session: SessionDep, settings: SettingsDep,
+                 storage: StorageDep) -> ModelDeleted:
+    """The job stays (with its `fine_tuned_model` and metrics CSV); the adapter result file, the checkpoints and the
+    merged exports go: their rows first (committed), then their objects."""
+    if find_base_model(settings, model_id) is not None:
+        raise APIError(403, f"The model '{model_id}' is a base model of this service; only fine-tuned models can be deleted.",
+                       param="model", code="cannot_delete_base_model")
+    found = session.scalar(_fine_tuned_jobs(project).where(Job.fine_tuned_model == model_id))
+    job = lock_live_model_job(session, found.id) if found is not None else None
+    if job is None:
+        raise _model_not_found(model_id)
+    gone = delete_model_rows(session, job)
+    session.commit()
+    delete_quietly(storage, *gone.object_keys)
+    return ModelDeleted(id=model_id, deleted=True)

@@ -18,13 +18,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from sqlalchemy import select
 
+from core import ids
 from core.db import make_engine, make_session_factory, session_scope
 from core.jobs import mark_enqueued
-from core.queue import control_queue, make_celery, send_training_task
+from core.models import Export
+from core.queue import control_queue, make_celery, send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import LocalStorage
-from tests.worker.helpers import checkpoints, create_job, events, get_job
+from tests.worker.helpers import checkpoints, create_job, events, get_job, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 120
@@ -127,6 +130,19 @@ def test_worker_with_redis_and_postgres_runs_jobs_and_the_sweeper(postgres_url, 
             assert lost.error["code"] == "worker_lost"
             log = log_path.read_text()
             assert "qlora.train" in log and "qlora.sweep" in log
+
+            # the merged export of the job: sent by name to the same queue, run by the same worker
+            export_id = ids.export_id()
+            with session_scope(factory) as session:
+                session.add(Export(id=export_id, job_id=job_id, status="queued", created_at=int(time.time())))
+            send_export_task(make_celery(settings), settings, export_id)
+
+            def export_status() -> str:
+                with session_scope(factory) as session:
+                    return session.execute(select(Export.status).where(Export.id == export_id)).scalar_one()
+
+            wait_until(lambda: export_status() in ("succeeded", "failed"), 120, interval_s=0.25, message="the export")
+            assert export_status() == "succeeded", log_path.read_text()[-5000:]
     finally:
         client.delete(settings.task_queue, f"_kombu.binding.{settings.task_queue}")
         client.close()

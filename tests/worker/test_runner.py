@@ -272,7 +272,7 @@ def test_lost_worker_is_resumed_from_its_checkpoint(make_settings, session_facto
     assert step4.step == 4
 
     celery = RecordingCelery()
-    assert sweep(settings, session_factory, celery) == {"requeued": [job_id], "failed": [], "sent": [job_id]}
+    assert sweep(settings, session_factory, celery) == {"requeued": [job_id], "failed": [], "sent": [job_id], "failed_exports": [], "sent_exports": []}
     assert celery.sent == [("qlora.train", [job_id], settings.task_queue, settings.task_expires_s)]
     job = get_job(session_factory, job_id)
     assert (job.status, job.resume_checkpoint, job.worker_id) == ("queued", step4.id, None) and job.enqueued_at is not None
@@ -407,10 +407,13 @@ def test_work_directories_of_killed_workers_are_removed(tmp_path):
         dead_dir = tmp_path / f"qlora-ftjob-abc-{killed.pid}-x1"
         live_dir = tmp_path / f"qlora-ftjob-def-{alive.pid}-x2"
         own_dir = tmp_path / f"qlora-ftjob-ghi-{os.getpid()}-x3"
-        for path in (dead_dir, live_dir, own_dir):
+        dead_export = tmp_path / f"qlora-export-jkl-{killed.pid}-x4"  # a merged export's (worker/export.py)
+        live_export = tmp_path / f"qlora-export-mno-{alive.pid}-x5"
+        for path in (dead_dir, live_dir, own_dir, dead_export, live_export):
             (path / "output").mkdir(parents=True)
-        assert runner.remove_dead_workdirs(tmp_path) == [dead_dir]
+        assert runner.remove_dead_workdirs(tmp_path) == [dead_dir, dead_export]
         assert not dead_dir.exists() and live_dir.exists() and own_dir.exists()
+        assert not dead_export.exists() and live_export.exists()
     finally:
         alive.kill()
         alive.wait()
