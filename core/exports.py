@@ -119,6 +119,7 @@ class DeletedModel:
     checkpoint_ids: list[str] = field(default_factory=list)
     export_ids: list[str] = field(default_factory=list)
     object_keys: list[str] = field(default_factory=list)
+    served_models: list[str] = field(default_factory=list)  # the model and checkpoint-model names an inference backend may hold
 
 
 def delete_model_rows(session: Session, job: Job) -> DeletedModel:
@@ -137,6 +138,7 @@ def delete_model_rows(session: Session, job: Job) -> DeletedModel:
     checkpoints = list(session.execute(select(Checkpoint).where(Checkpoint.job_id == job.id)).scalars())
     gone.checkpoint_ids = [c.id for c in checkpoints]
     gone.object_keys = [f.storage_key for f in weight_files] + [c.storage_key for c in checkpoints]
+    gone.served_models = [job.fine_tuned_model or ""] + [c.fine_tuned_model_checkpoint for c in checkpoints]
 
     session.execute(delete(Export).where(Export.job_id == job.id))
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id))

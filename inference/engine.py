@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tarfile
 import threading
 import time
@@ -104,6 +105,7 @@ class ChatEngine:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bases: dict[str, LoadedBase] = {}
         self.served: dict[str, str] = {}  # adapter name -> its base's name
+        self.keys: dict[str, str] = {}  # adapter name -> the object key it was loaded from
         self._generating = threading.Lock()  # one generate() at a time, in arrival order
         self._loading = threading.Lock()  # model and adapter loads, one at a time
         self._adapter_ids = 0
@@ -151,20 +153,26 @@ class ChatEngine:
             with self._generating:  # attaching changes the modules a running generate() uses
                 self._attach(base, name, directory)
                 self.served[name] = base_name
+                self.keys[name] = key
                 while len(base.adapters) > self.max_adapters:
                     self._detach(base, next(iter(base.adapters)))
 
     def unload_adapter(self, name: str) -> bool:
+        """Detach `name` and delete its unpacked files (its model was deleted, or it is no longer wanted)."""
         base_name = self.served.get(name)
         if base_name is None:
             return False
         with self._loading, self._generating:
-            self._detach(self.bases[base_name], name)
+            key = self._detach(self.bases[base_name], name)
+            shutil.rmtree(self._cache_path(key), ignore_errors=True)
         return True
+
+    def _cache_path(self, key: str) -> Path:
+        return self.cache_dir / re.sub(r"[^A-Za-z0-9._-]", "_", key)
 
     def _fetch(self, key: str) -> Path:
         """The adapter archive at `key`, unpacked under the cache directory (once per key)."""
-        directory = self.cache_dir / re.sub(r"[^A-Za-z0-9._-]", "_", key)
+        directory = self._cache_path(key)
         if all((directory / f).is_file() for f in ADAPTER_FILES):
             return directory
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -201,11 +209,13 @@ class ChatEngine:
         base.model.eval()
         base.adapters[name] = adapter
 
-    def _detach(self, base: LoadedBase, name: str) -> None:
+    def _detach(self, base: LoadedBase, name: str) -> str:
+        """Drop adapter `name` from the model; returns the key it came from (its unpacked copy stays cached)."""
         adapter = base.adapters.pop(name)
         self.served.pop(name, None)
         base.model.delete_adapter(adapter)
         log.info("dropped adapter %s from %s", name, base.name)
+        return self.keys.pop(name)
 
     def resolve(self, model: str) -> tuple[LoadedBase, str | None]:
         """The base and the peft adapter name (None: the base alone) that serve `model`."""

@@ -23,13 +23,12 @@ from api.base_models import find_base_model
 from api.deps import CurrentProject, SessionDep, SettingsDep
 from api.errors import APIError, not_found
 from core.chat import ChatCompletionCreate
+from core.exports import adapter_filename
 from core.jobs import JobStatus
 from core.models import Checkpoint, File, Job
 from core.settings import Settings
 
 router = APIRouter(tags=["chat"])
-
-ADAPTER_SUFFIX = "-adapter.tar.gz"  # the result file the worker stores for a job's final adapter
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def find_served_model(session: Session, settings: Settings, project: str, model:
     job = session.scalar(select(Job).where(Job.project == project, Job.fine_tuned_model == model,
                                            Job.status == JobStatus.SUCCEEDED.value, Job.model_deleted_at.is_(None)))
     if job is not None:
-        key = session.scalar(select(File.storage_key).where(File.id.in_(job.result_files), File.filename.endswith(ADAPTER_SUFFIX)))
+        key = session.scalar(select(File.storage_key).where(File.id.in_(job.result_files), File.filename == adapter_filename(job.id)))
         if key is not None:
             return Served(model, job.model, key)
     row = session.execute(select(Checkpoint, Job).join(Job, Checkpoint.job_id == Job.id).where(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Request
 from sqlalchemy import Select, select
 
 from api.base_models import find_base_model, list_base_models
@@ -59,7 +60,7 @@ def retrieve_model(model_id: str, project: CurrentProject, session: SessionDep, 
 
 @router.delete("/{model_id:path}", response_model=ModelDeleted, summary="Delete a fine-tuned model")
 def delete_model(model_id: str, project: CurrentProject, session: SessionDep, settings: SettingsDep,
-                 storage: StorageDep) -> ModelDeleted:
+                 storage: StorageDep, request: Request) -> ModelDeleted:
     """The job stays (with its `fine_tuned_model` and metrics CSV); the adapter result file, the checkpoints and the
     merged exports go: their rows first (committed), then their objects."""
     if find_base_model(settings, model_id) is not None:
@@ -72,4 +73,6 @@ def delete_model(model_id: str, project: CurrentProject, session: SessionDep, se
     gone = delete_model_rows(session, job)
     session.commit()
     delete_quietly(storage, *gone.object_keys)
+    for name in gone.served_models:  # the backend drops its copies (the API already refuses the names)
+        anyio.from_thread.run(request.app.state.inference.unload, name)
     return ModelDeleted(id=model_id, deleted=True)

@@ -99,17 +99,19 @@ def test_base_fine_tuned_and_checkpoint_models_answer(client, tmp_path, tiny_mod
     assert parts.choices[0].message.content
 
 
-def test_only_the_callers_live_models(client, tmp_path, tiny_model_dir):
+def test_only_the_callers_live_models(client, tmp_path, tiny_model_dir, backend):
     model, checkpoint = trained_job(client, tmp_path, tiny_model_dir)
     for name in (model, checkpoint, "ft:nope", "../etc", MODEL + "x"):
         with pytest.raises(openai.NotFoundError) as err:
             sdk(client, "key-b").chat.completions.create(model=name, messages=HELLO)
         assert (err.value.code, err.value.param) == ("model_not_found", "model")
-    with db(client) as session:
-        session.query(Job).update({Job.model_deleted_at: now()})
+    answer(sdk(client), model), answer(sdk(client), checkpoint)
+    assert set(backend[0].state.engine.served) == {model, checkpoint}
+    assert sdk(client).models.delete(model).deleted
     for name in (model, checkpoint):
         with pytest.raises(openai.NotFoundError):
             sdk(client).chat.completions.create(model=name, messages=HELLO)
+    assert backend[0].state.engine.served == {}  # the backend dropped both on the delete
 
 
 @pytest.mark.parametrize(("body", "param", "code"), [

@@ -1,6 +1,6 @@
 """The README's first job under `make run`'s embedded mode, then chatting with the result: SmolLM2-135M-Instruct
 learns the facts example, and the official openai SDK asks the fine-tuned model, its checkpoint model and the
-base model the held-out question through /v1/chat/completions."""
+base model the held-out question through /v1/chat/completions; after models.delete the model is gone."""
 
 from __future__ import annotations
 
@@ -62,3 +62,9 @@ def test_chat_with_the_fine_tuned_model(service):
 
     with pytest.raises(openai.NotFoundError):
         ask(done.fine_tuned_model, via=other)
+
+    assert client.models.delete(done.fine_tuned_model).deleted
+    for model in (done.fine_tuned_model, final_checkpoint.fine_tuned_model_checkpoint):
+        with pytest.raises(openai.NotFoundError):
+            ask(model)
+    assert ANSWER not in ask(DEMO)  # the base is unchanged

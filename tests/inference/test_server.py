@@ -93,6 +93,8 @@ def test_least_recently_used_adapter_is_dropped(client, engine, storage, tmp_pat
     assert len(engine.bases[BASE].model.peft_config) == 2  # dropped from the model, not only from the list
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "m1"}).status_code == 200
     assert client.post("/v1/chat/completions", json={"model": "m1", "messages": QUESTION}).status_code == 404
+    assert not (tmp_path / "cache" / "files_file-1").exists()  # unloading deletes the unpacked copy ...
+    assert (tmp_path / "cache" / "files_file-2").is_dir()  # ... the LRU keeps it, to attach it again fast
 
 
 def test_bad_adapter_and_bad_requests(client, storage, tmp_path):
