@@ -12,9 +12,7 @@ arrival order. The server (inference/server.py) bounds how many may wait.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
-import tarfile
 import threading
 import time
 from collections import OrderedDict
@@ -25,19 +23,14 @@ from typing import Any
 
 import torch
 
-from core.storage import ObjectNotFound, ObjectStorage
+from core.storage import ObjectStorage
+from inference.adapters import AdapterError, cached_path, fetch_adapter, is_adapter_dir
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class ModelNotFound(LookupError):
     """The engine serves no model of that name (not a base under models_dir, not a loaded adapter)."""
-
-
-class AdapterError(ValueError):
-    """An adapter could not be fetched or attached (missing object, not a LoRA adapter, another base)."""
 
 
 class InvalidRequest(ValueError):
@@ -142,14 +135,15 @@ class ChatEngine:
         return LoadedBase(name, model, tokenizer, context)
 
     def load_adapter(self, name: str, key: str, base_name: str) -> None:
-        """Attach the adapter stored at object `key` to base `base_name`, served as `name`. Loading a name that
-        is already served is a no-op (adapters are immutable: a name always means the same archive)."""
+        """Attach the adapter stored at object `key` (or in the local directory `key`, when it is an absolute path
+        to one, as vLLM takes it) to base `base_name`, served as `name`. Loading a name that is already served is a
+        no-op (adapters are immutable: a name always means the same archive)."""
         base = self.base(base_name)
         with self._loading:
             if name in base.adapters:
                 base.adapters.move_to_end(name)
                 return
-            directory = self._fetch(key)
+            directory = Path(key) if Path(key).is_absolute() and is_adapter_dir(Path(key)) else fetch_adapter(self.storage, key, self.cache_dir)
             with self._generating:  # attaching changes the modules a running generate() uses
                 self._attach(base, name, directory)
                 self.served[name] = base_name
@@ -164,35 +158,9 @@ class ChatEngine:
             return False
         with self._loading, self._generating:
             key = self._detach(self.bases[base_name], name)
-            shutil.rmtree(self._cache_path(key), ignore_errors=True)
+            if not Path(key).is_absolute():  # a directory named by the caller is the caller's
+                shutil.rmtree(cached_path(self.cache_dir, key), ignore_errors=True)
         return True
-
-    def _cache_path(self, key: str) -> Path:
-        return self.cache_dir / re.sub(r"[^A-Za-z0-9._-]", "_", key)
-
-    def _fetch(self, key: str) -> Path:
-        """The adapter archive at `key`, unpacked under the cache directory (once per key)."""
-        directory = self._cache_path(key)
-        if all((directory / f).is_file() for f in ADAPTER_FILES):
-            return directory
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        archive = directory.with_suffix(".tar.gz.partial")
-        try:
-            self.storage.download(key, archive)
-        except ObjectNotFound:
-            raise AdapterError(f"no adapter is stored at {key}") from None
-        unpacking = directory.with_suffix(".partial")
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(unpacking, filter="data")  # "data": no absolute paths, links or devices
-        except (tarfile.TarError, OSError) as exc:
-            raise AdapterError(f"the archive at {key} cannot be unpacked: {exc}") from None
-        finally:
-            archive.unlink(missing_ok=True)
-        if not all((unpacking / f).is_file() for f in ADAPTER_FILES):
-            raise AdapterError(f"the archive at {key} holds no LoRA adapter")
-        unpacking.rename(directory)
-        return directory
 
     def _attach(self, base: LoadedBase, name: str, directory: Path) -> None:
         from peft import PeftModel

@@ -14,6 +14,7 @@ from api.main import create_app
 from core import ids
 from core.models import Checkpoint, File, Job, now
 from inference.server import create_app as create_inference_app
+from inference.vllm_front import create_app as create_front_app
 from tests.api.conftest import make_settings
 from tests.api.helpers import KEY_A, KEY_B, MODEL, assert_error, db
 from tests.conftest import free_port
@@ -167,3 +168,29 @@ def test_a_backend_that_is_down_or_busy_is_a_503_to_retry(tmp_path, database_url
             engine._generating.release()
         for thread in waiting:
             thread.join(30)
+
+
+def test_the_vllm_front_hands_vllm_an_unpacked_directory(tmp_path, database_url, redis_url, queue_name, models_dir, tiny_model_dir):
+    """inference/vllm_front.py between the API and an OpenAI server that loads adapters from local directories, as
+    vLLM does. vLLM needs a GPU; the embedded server stands in for it, taking the directory the front unpacked
+    (vLLM's `lora_path`) instead of an object key."""
+    settings = make_settings(tmp_path, database_url, redis_url, queue_name, models_dir)
+    shared = tmp_path / "adapters"  # the volume the front and vLLM share
+    upstream_app = create_inference_app(settings.model_copy(update={"inference_max_new_tokens": 8}))
+    with serving(upstream_app) as upstream, serving(create_front_app(upstream, shared, settings)) as front:
+        with TestClient(create_app(settings.model_copy(update={"inference_url": front}))) as client:
+            model, _ = trained_job(client, tmp_path, tiny_model_dir)
+            sdk = openai.OpenAI(api_key="key-a", base_url="http://testserver/v1", http_client=client, max_retries=0,
+                                _strict_response_validation=True)
+            reply = sdk.chat.completions.create(model=model, messages=HELLO, temperature=0, max_tokens=6)
+            engine = upstream_app.state.engine
+            loaded_from = engine.keys[model]
+            assert loaded_from.startswith(str(shared)) and (shared / loaded_from.split("/")[-1] / "adapter_config.json").is_file()
+            assert reply.model == model and reply.choices[0].message.content
+            assert reply.choices[0].message.content != sdk.chat.completions.create(
+                model=MODEL, messages=HELLO, temperature=0, max_tokens=6).choices[0].message.content
+            chunks = list(sdk.chat.completions.create(model=model, messages=HELLO, temperature=0, max_tokens=6, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+
+            assert sdk.models.delete(model).deleted  # the API unloads through the front, which deletes the copy
+            assert model not in engine.served and not any(shared.iterdir())
