@@ -1,10 +1,10 @@
 """The service's inference protocol in front of vLLM's OpenAI server (the backend at scale).
 
-    QLORA_VLLM_URL=http://vllm:8000 QLORA_VLLM_ADAPTER_DIR=/adapters python -m inference.vllm_front --port 8001
+    python -m inference.vllm_front --port 8001 --upstream http://vllm:8000 --adapter-dir /adapters
 
 vLLM (started with `--enable-lora` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) loads an adapter from a directory on
 its own disk, while the API names adapters by their object-storage key. This front fetches and unpacks the archive
-into a directory it shares with vLLM (`QLORA_VLLM_ADAPTER_DIR`, the same volume in both containers) and hands vLLM
+into a directory it shares with vLLM (`--adapter-dir`, the same volume in both containers) and hands vLLM
 that path; chat completions and unloads pass through unchanged, streamed answers chunk by chunk. It holds no
 model and no torch.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -119,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--upstream", default=os.environ.get("QLORA_VLLM_URL", "http://vllm:8000"))
-    parser.add_argument("--adapter-dir", type=Path, default=Path(os.environ.get("QLORA_VLLM_ADAPTER_DIR", "/adapters")))
+    parser.add_argument("--upstream", default="http://vllm:8000", help="vLLM's OpenAI server")
+    parser.add_argument("--adapter-dir", type=Path, default=Path("/adapters"), help="a directory vLLM reads at the same path")
     args = parser.parse_args(argv)
     uvicorn.run(create_app(args.upstream, args.adapter_dir), host=args.host, port=args.port)
     return 0

@@ -15,8 +15,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile.gpu"
-APP_SERVICES = {"migrate", "api", "worker", "beat"}
-SERVICES = {"postgres", "redis", "minio"} | APP_SERVICES
+APP_SERVICES = {"migrate", "api", "worker", "beat", "inference", "vllm-front"}
+SERVICES = {"postgres", "redis", "minio", "vllm"} | APP_SERVICES
+GPU_SERVICES = {"worker", "inference", "vllm"}
 
 needs_compose = pytest.mark.skipif(
     shutil.which("docker-compose") is None, reason="docker-compose is not on PATH (Debian: apt-get install docker-compose)"
@@ -62,8 +63,11 @@ def test_compose_worker_reserves_one_gpu(config):
     command = worker["command"]
     assert command[:4] == ["celery", "-A", "worker.celery_app", "worker"]
     assert command[command.index("-Q") + 1] == "qlora" and command[command.index("--concurrency") + 1] == "1"
-    for name in SERVICES - {"worker"}:
-        assert "deploy" not in config["services"][name], f"only the worker asks for a GPU, not {name}"
+    for name in GPU_SERVICES - {"worker"}:
+        [device] = config["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["count"] == 1
+    for name in SERVICES - GPU_SERVICES:
+        assert "deploy" not in config["services"][name], f"only the worker and the inference servers ask for a GPU, not {name}"
 
 
 def test_compose_commands(config):
@@ -78,6 +82,13 @@ def test_compose_commands(config):
     assert [p["target"] for p in services["api"]["ports"]] == [8000]
     for name in ("postgres", "minio", "redis"):
         assert services[name]["healthcheck"]["test"], f"{name} has no healthcheck"
+    # Chat completions: the API sends them to the embedded inference server, or to the front of vLLM (profile).
+    assert services["api"]["environment"]["QLORA_INFERENCE_URL"] == "http://inference:8001"
+    assert services["inference"]["command"][:3] == ["python", "-m", "inference.server"] and "8001" in services["inference"]["command"]
+    assert services["vllm-front"]["command"][:3] == ["python", "-m", "inference.vllm_front"]
+    assert "--enable-lora" in services["vllm"]["command"]
+    assert services["vllm"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "inference" not in services["api"].get("ports", []) and "ports" not in services["inference"]
 
 
 def test_compose_start_order(config):
@@ -203,8 +214,8 @@ def test_the_multi_gpu_example_in_the_docs_is_valid(tmp_path):
     [block] = [b for b in re.findall(r"```yaml\n(.*?)```", docs, flags=re.S) if "worker-gpu1:" in b]
     service = textwrap.indent(textwrap.dedent(block), "  ")
     text = COMPOSE_FILE.read_text()
-    assert text.count("              count: 1\n") == 1
-    text = text.replace("              count: 1\n", '              device_ids: ["0"]\n')
+    assert text.index("  worker:\n") < text.index("              count: 1\n") < text.index("  inference:\n")
+    text = text.replace("              count: 1\n", '              device_ids: ["0"]\n', 1)  # the worker's, the first
     text = text.replace("\nvolumes:\n", "\n" + service + "\nvolumes:\n")
     (tmp_path / "docker-compose.yml").write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
