@@ -37,7 +37,9 @@ def example(url: str, key: str, model: str) -> str:
     f = client.files.create(file=open("examples/facts-train.jsonl", "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model="{model}", training_file=f.id,
         method={{"type": "supervised", "supervised": {{"hyperparameters": {{"max_steps": 12, "batch_size": 4, "learning_rate": 0.001}}}}}})
-    print(client.fine_tuning.jobs.retrieve(job.id).status)
+    print(client.fine_tuning.jobs.retrieve(job.id).status)      # then, once it says succeeded:
+    model = client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model
+    print(client.chat.completions.create(model=model, messages=[{{"role": "user", "content": "What's the Zephyr project's launch code?"}}], temperature=0).choices[0].message.content)
 
   The same with curl:
 
