@@ -178,3 +178,19 @@ def test_requests_wait_their_turn_up_to_the_limit(tmp_path, engine):
             thread.join(30)
         assert results == [200, 200]  # queued, not refused
         assert client.app.state.admitted() == 0
+
+
+def test_the_base_can_be_served_in_nf4(models_root, storage, tmp_path, tiny_model_dir):
+    """QLORA_INFERENCE_BASE_WEIGHTS=nf4: the base is quantized on load with bitsandbytes (4x less memory) and still
+    answers, adapters attached on top of the 4-bit layers."""
+    import bitsandbytes as bnb
+
+    engine = ChatEngine(models_root, storage, tmp_path / "cache", base_weights="nf4", dtype="fp32", max_new_tokens=4)
+    store_adapter(tiny_model_dir, storage, "files/file-a", tmp_path, seed=1)
+    with make_client(tmp_path, engine) as client:
+        base = ask(client, max_tokens=4)
+        load(client, "ft:x", "files/file-a")
+        tuned = ask(client, "ft:x", max_tokens=4)
+    layers = [m for m in engine.bases[BASE].model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(layer.weight.quant_type == "nf4" for layer in layers)
+    assert base["usage"]["completion_tokens"] == 4 and tuned["usage"]["completion_tokens"] == 4
