@@ -24,7 +24,6 @@ AUTO_N_EPOCHS = 3
 AUTO_BATCH_SIZE = 8
 N_EPOCHS_RANGE = (1, 50)
 BATCH_SIZE_RANGE = (1, 256)
-OPENAI_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 def _is_auto(value: Any) -> bool:

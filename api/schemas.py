@@ -75,6 +75,8 @@ class FileDeleted(BaseModel):
 
 # --- fine-tuning jobs -----------------------------------------------------------------------------------------
 
+# OpenAI's list of job statuses, kept whole for its SDK; this service never reports "validating_files" (uploads are
+# validated before the upload returns, so a job starts "queued": core.jobs.JobStatus).
 JobStatusName = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 
 

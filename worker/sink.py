@@ -65,13 +65,13 @@ class DatabaseSink:
     """Implements worker.training.sinks.Sink for one job run by one worker."""
 
     def __init__(self, job_id: str, worker_id: str, session_factory: sessionmaker[Session], storage: ObjectStorage,
-                 on_lost: Callable[[], None], *, total_steps: int | None = None, retry_window_s: float = 120.0):
+                 on_lost: Callable[[], None], *, retry_window_s: float = 120.0):
         self.job_id = job_id
         self.worker_id = worker_id
         self.session_factory = session_factory
         self.storage = storage
         self.on_lost = on_lost
-        self.total_steps = total_steps
+        self.total_steps: int | None = None  # the engine reports it in an event once the model is loaded
         self.lost = False
         self.retry_window_s = retry_window_s  # how long a write is retried through an outage (worker/retry.py)
         self._model_name: str | None = None
@@ -84,7 +84,7 @@ class DatabaseSink:
         if level not in LEVELS:
             level = "info"
         if data and isinstance(data.get("total_steps"), int):
-            self.total_steps = data["total_steps"]  # the engine reports it once the model is loaded
+            self.total_steps = data["total_steps"]
         safe = json_safe(data) if data else None
         self._write(lambda session: add_event(session, self.job_id, level, message, data=safe))
 
