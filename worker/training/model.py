@@ -111,8 +111,7 @@ def resolve_checkpoint_plan(cfg: TrainingConfig, model_config: Any, device: torc
         budget = int(cfg.memory_budget_gb * 1024**3)
     else:
         free, _total = torch.cuda.mem_get_info(device)
-        # A margin for what the estimate does not model (allocator fragmentation, kernels' workspaces). The 9.8% it
-        # seemed to miss at 70B on the H200 was the bench's leftover 8B base; 85% stays until a GPU run confirms it.
+        # A margin for what the estimate does not model (allocator fragmentation, kernels' workspaces).
         budget = int(free * 0.85)
     try:
         return plan_checkpointing(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, budget_bytes=budget)
@@ -126,8 +125,7 @@ def selective_checkpoint_policy(lora_r: int):
     recompute the rest (norms, RoPE, SwiGLU, dropout, LoRA B, dequantization) in the backward pass.
 
     A 4-bit base layer's matmul is one bitsandbytes op (``bitsandbytes::gemm_4bit``, dequantize and matmul
-    together), not an aten matmul: it is matched by name. (The version of the H200 run of 2026-11-28 missed it,
-    so its selective layers recomputed every base matmul: slower than 'on', and only the attention outputs kept.)"""
+    together), not an aten matmul: it is matched by name."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten = torch.ops.aten
@@ -201,7 +199,7 @@ def check_target_modules(model_config: Any, cfg: TrainingConfig) -> None:
 def disable_cpu_inference_repacking(model: torch.nn.Module) -> int:
     """Keep bitsandbytes from repacking 4-bit weights for inference on AVX512-BF16 CPUs.
 
-    bitsandbytes 0.50 repacks a `Linear4bit` weight in place the first time the layer runs in eval mode
+    bitsandbytes repacks a `Linear4bit` weight in place the first time the layer runs in eval mode
     on such a CPU, and from then on every forward pass, training ones too, goes through `gemv_4bit`, which
     has no autograd kernel: after the first evaluation, gradients stop flowing back through the frozen
     base and the adapters of earlier layers train on wrong gradients (only a warning says so). We evaluate
