@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import to_jsonable_python
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,19 +38,13 @@ LEVELS = ("info", "warn", "error")
 
 
 def json_safe(value: Any) -> Any:
-    """A value PostgreSQL's JSON type accepts: NaN and infinities (a diverged loss) become null, unknown
-    objects their string."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return json_safe(value.item())
-    return str(value)
+    """A value PostgreSQL's JSON type accepts: NaN and infinities (a diverged loss) become null, numpy / torch
+    scalars their number, unknown objects their string."""
+    return to_jsonable_python(value, inf_nan_mode="null", fallback=_item_or_str)
+
+
+def _item_or_str(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def pack_directory(directory: Path, archive: Path) -> Path:
