@@ -33,6 +33,9 @@ from api.schemas import (
     Page,
     first_unstorable,
 )
+from contract.data_format import MIN_EXAMPLES
+from contract.memory import GIB, estimate_memory
+from contract.options import TrainingConfig
 from core import ids
 from core.jobs import TERMINAL, JobStatus, add_event, cancel_job, mark_enqueued
 from core.models import Checkpoint, Job, JobEvent, JobMetric, file_is_live, now
@@ -40,9 +43,6 @@ from core.models import File as FileRow
 from core.queue import send_training_task
 from core.settings import Settings
 from core.storage import ObjectNotFound
-from worker.training.config import TrainingConfig
-from worker.training.data import MIN_EXAMPLES
-from worker.training.memory import GIB, estimate_memory
 
 logger = logging.getLogger("api")
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-from worker.training.config import TrainingConfig
+from contract.options import TrainingConfig
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainingConfig) -> torch.optim.Optimizer:

@@ -205,25 +205,8 @@ def validate_combinations(cfg: TrainingConfig) -> None:
         raise ConfigError("use_dora is not supported with quantization='8bit'", param="use_dora")
 
 
-def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
-    """Device-dependent checks, run before the model is loaded."""
-    if cfg.attn_implementation == "flash_attention_2" and device_type != "cuda":
-        raise ConfigError("attn_implementation='flash_attention_2' needs a CUDA GPU", param="attn_implementation")
-    if cfg.attn_implementation == "flash_attention_2":
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError("attn_implementation='flash_attention_2' needs the flash-attn package", param="attn_implementation")
-    if cfg.compute_dtype == "fp16" and device_type == "cpu":
-        raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'auto', 'bf16' or 'fp32'", param="compute_dtype")
-    if cfg.attn_implementation == "flex_attention" and device_type != "cuda":
-        # torch's compiled CPU kernel for it reads past short sequences on AVX2 CPUs: losses vary run to run or are NaN.
-        raise ConfigError("attn_implementation='flex_attention' needs a CUDA GPU (its CPU kernel gives wrong results on some CPUs); "
-                          "use 'auto', 'varlen' or 'sdpa'", param="attn_implementation")
-
-
 def options_markdown() -> str:
-    """The options table of docs/training.md (a test keeps the two identical: `python -m worker.training.config`)."""
+    """The options table of docs/training.md (a test keeps the two identical: `python -m contract.options`)."""
 
     def show(value: Any) -> str:
         return "none" if value is None else f"`{str(value).lower() if isinstance(value, bool) else value}`"

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the module must import without pydantic's cost, and never torch
-    from worker.training.config import TrainingConfig
+    from contract.options import TrainingConfig
 
 LAYER_MODES = ("off", "selective", "on")  # checkpointing of one decoder layer, from most memory to least
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -153,6 +153,10 @@ def _read_shape(model_config: Any) -> _Shape:
         attention_bias=bool(get("attention_bias", False)),
         mlp_bias=bool(get("mlp_bias", False)),
     )
+
+
+def decoder_layer_count(model_config: Any) -> int:
+    return _read_shape(model_config).layers
 
 
 def linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
@@ -368,9 +372,9 @@ def estimate_memory(
     (every example at full length, the worst case). With packing the micro-batch is one row of that many tokens;
     without, rows of at most ``max_seq_length``.
     gradient_checkpointing: None takes it from ``cfg``: 'on' -> True, 'off' -> False, 'selective' -> every layer
-    selective, and 'auto' -> True (the least memory; the trainer decides 'auto' with ``plan_checkpointing``,
+    selective, and 'auto' -> True (the least memory; the trainer decides 'auto' with ``model.plan_checkpointing``,
     which passes layer_modes).
-    layer_modes: the checkpointing of each decoder layer ('off', 'selective' or 'on', see ``plan_checkpointing``);
+    layer_modes: the checkpointing of each decoder layer ('off', 'selective' or 'on', see ``model.plan_checkpointing``);
     overrides gradient_checkpointing.
     """
     s = _read_shape(model_config)
@@ -502,15 +506,3 @@ def selective_saved_bytes_per_token(model_config: Any, cfg: TrainingConfig) -> i
     lora_a_outputs = c * cfg.lora_r * len(targets)
     attention = c * s.heads * s.head_dim + 4 * s.heads
     return base_outputs + lora_a_outputs + attention
-
-
-def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, budget_bytes: int) -> tuple[str, ...]:
-    """The fastest checkpointing of the decoder layers whose estimate fits ``budget_bytes``: as many layers
-    'off' (nothing recomputed) as fit, the rest 'on'. When nothing fits, every layer is 'on' (the least memory).
-    'selective' layers are not planned: unmeasured on a GPU since their policy was fixed (docs/performance.md)."""
-    layers = _read_shape(model_config).layers
-    for n_off in range(layers, -1, -1):
-        modes = ["on"] * (layers - n_off) + ["off"] * n_off
-        if estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes).total <= budget_bytes:
-            return tuple(modes)
-    return tuple(["on"] * layers)
