@@ -1,88 +1,17 @@
-"""A job's hyperparameters: OpenAI's three keys plus every option of the engine's `TrainingConfig`.
+"""Where a job's hyperparameters come from in the create-job body, and the 400 a bad one gets.
 
-OpenAI's keys and what "auto" means here:
-- `n_epochs` 1..50, auto -> 3 (the engine's default);
-- `batch_size` 1..256, auto -> 8 (examples per optimizer step; the engine's default);
-- `learning_rate_multiplier` > 0, auto -> 1.0: the engine's learning_rate is multiplier x 2e-4 (its default).
-Every other key is an engine option (`lora_r`, `quant_type`, `max_steps`, ...), checked by `TrainingConfig`
-itself. A job stores and echoes the resolved values: the three OpenAI keys as numbers plus every engine option.
+The translation of OpenAI's keys and the options themselves are the contract's (contract.hyperparameters).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from api.errors import bad_request
 from api.schemas import JobCreate
-from worker.training.config import ConfigError, TrainingConfig
-
-BASE_LEARNING_RATE: float = TrainingConfig.model_fields["learning_rate"].default
-DEFAULT_MICRO_BATCH: int = TrainingConfig.model_fields["micro_batch_size"].default
-AUTO_N_EPOCHS = 3
-AUTO_BATCH_SIZE = 8
-N_EPOCHS_RANGE = (1, 50)
-BATCH_SIZE_RANGE = (1, 256)
-OPENAI_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-
-
-def _is_auto(value: Any) -> bool:
-    return value is None or value == "auto"
-
-
-def _openai_int(values: dict[str, Any], name: str, auto: int, bounds: tuple[int, int]) -> int:
-    value = values.pop(name, "auto")
-    if _is_auto(value):
-        return auto
-    low, high = bounds
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"'{name}' must be an integer from {low} to {high}, or 'auto' (got {value!r})", param=name)
-    return value
-
-
-def _micro_batch_for(batch_size: int) -> int:
-    """The largest divisor of batch_size that is at most the engine's default micro-batch."""
-    return max(d for d in range(1, DEFAULT_MICRO_BATCH + 1) if batch_size % d == 0)
-
-
-def resolve(given: Mapping[str, Any], *, seed: int) -> tuple[TrainingConfig, dict[str, Any]]:
-    """Build the engine config from a hyperparameters object and return it with the resolved values to echo.
-    Raises ConfigError whose `param` is a key of `given`."""
-    values = dict(given)
-    if "seed" in values:
-        raise ConfigError("Set the seed with the top-level 'seed' parameter, not in hyperparameters", param="seed")
-    n_epochs = _openai_int(values, "n_epochs", AUTO_N_EPOCHS, N_EPOCHS_RANGE)
-    batch_size = _openai_int(values, "batch_size", AUTO_BATCH_SIZE, BATCH_SIZE_RANGE)
-
-    multiplier = values.pop("learning_rate_multiplier", "auto")
-    if not _is_auto(multiplier):
-        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or not math.isfinite(multiplier) or multiplier <= 0:
-            raise ConfigError(
-                f"'learning_rate_multiplier' must be a number > 0, or 'auto' (got {multiplier!r})", param="learning_rate_multiplier"
-            )
-        if "learning_rate" in values:
-            raise ConfigError("Set either 'learning_rate' or 'learning_rate_multiplier', not both", param="learning_rate")
-        values["learning_rate"] = multiplier * BASE_LEARNING_RATE
-
-    values.update(n_epochs=n_epochs, batch_size=batch_size, seed=seed)
-    if "micro_batch_size" not in values and values.get("micro_batch_tokens") is None and batch_size % DEFAULT_MICRO_BATCH:
-        values["micro_batch_size"] = _micro_batch_for(batch_size)
-    try:
-        cfg = TrainingConfig.from_dict(values)
-    except ConfigError as err:
-        if err.param == "learning_rate" and not _is_auto(multiplier):
-            raise ConfigError(
-                f"{err.message} (learning_rate = learning_rate_multiplier x {BASE_LEARNING_RATE})",
-                param="learning_rate_multiplier",
-                code=err.code,
-            ) from None
-        raise
-
-    if _is_auto(multiplier):
-        multiplier = cfg.learning_rate / BASE_LEARNING_RATE
-    echoed = {"n_epochs": cfg.n_epochs, "batch_size": cfg.batch_size, "learning_rate_multiplier": float(multiplier)}
-    return cfg, echoed | {k: v for k, v in cfg.resolved().items() if k not in echoed}
+from contract.hyperparameters import resolve
+from contract.options import ConfigError, TrainingConfig
 
 
 def engine_config(body: JobCreate, seed: int) -> tuple[TrainingConfig, dict[str, Any]]:

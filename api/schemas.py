@@ -7,10 +7,11 @@ The `from_row` constructors are the one place that turns a database row into its
 from __future__ import annotations
 
 import math
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
+from contract.hyperparameters import Hyperparameters
 from core.models import Checkpoint, Export, File, Job, JobEvent
 
 T = TypeVar("T")
@@ -75,6 +76,8 @@ class FileDeleted(BaseModel):
 
 # --- fine-tuning jobs -----------------------------------------------------------------------------------------
 
+# OpenAI's list of job statuses, kept whole for its SDK; this service never reports "validating_files" (uploads are
+# validated before the upload returns, so a job starts "queued": core.jobs.JobStatus).
 JobStatusName = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -216,8 +219,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Received as the object it is: contract.hyperparameters.resolve validates it, so that every error names its key the
+# same way. The OpenAPI schema shows its typed shape, every option with its description and default.
+HyperparametersObject = Annotated[dict[str, Any], WithJsonSchema(Hyperparameters.model_json_schema())]
+
+
 class SupervisedMethod(_Strict):
-    hyperparameters: dict[str, Any] | None = None
+    hyperparameters: HyperparametersObject | None = None
 
 
 class Method(_Strict):
@@ -253,7 +261,7 @@ class JobCreate(_Strict):
     model: str = Field(min_length=1, max_length=255, description="A base model: a directory under the service's models directory.")
     training_file: str = Field(min_length=1, max_length=255)
     validation_file: str | None = Field(None, max_length=255)
-    hyperparameters: dict[str, Any] | None = Field(None, description="Deprecated form of method.supervised.hyperparameters.")
+    hyperparameters: HyperparametersObject | None = Field(None, description="Deprecated form of method.supervised.hyperparameters.")
     method: Method | None = None
     suffix: str | None = Field(None, min_length=1, max_length=64)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

@@ -95,7 +95,7 @@ def summarise(name: str, steps: list[tuple[int, float, float]], warm: int, **ext
 
 
 def run_engine(model_dir: Path, data: Path, args, workdir: Path, name: str = "engine defaults", **options) -> dict:
-    from worker.training.config import TrainingConfig
+    from contract.options import TrainingConfig
     from worker.training.trainer import TrainingJob, train
 
     cfg = TrainingConfig(batch_size=args.batch_size, micro_batch_size=args.batch_size, max_seq_length=args.max_seq_length,
@@ -112,7 +112,8 @@ def run_plain(model_dir: Path, data: Path, args, dtype_name: str, checkpointing:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from worker.training.data import collate_padded, load_examples, tokenize_examples
+    from contract.data_format import load_examples
+    from worker.training.data import collate_padded, tokenize_examples
     from worker.training.model import DTYPES
     from worker.training.trainer import load_tokenizer
 

@@ -255,7 +255,7 @@ def run_recipe(recipe, shape: str, cases: dict[str, list[dict]], warm: int, step
 # --- the engine ------------------------------------------------------------------------------------------
 
 def engine_config(**options):
-    from worker.training.config import TrainingConfig
+    from contract.options import TrainingConfig
 
     return TrainingConfig(**{**COMMON, **options})
 
@@ -282,9 +282,9 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
                profile: bool = False):
     """One engine variant on `base`: adapters, plan and options from `cfg`, the trainer's loss and optimizer.
     Returns (result, base with the adapters removed)."""
+    from contract.memory import LAYER_MODES, estimate_memory
     from worker.training import lean
     from worker.training.data import collate_packed
-    from worker.training.memory import LAYER_MODES, estimate_memory
     from worker.training.model import add_adapters, resolve_checkpoint_plan
     from worker.training.optim import build_optimizer
     from worker.training.trainer import autocast_dtype, clip_and_norm, forward_loss

@@ -9,10 +9,10 @@ import os
 import secrets
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from sqlalchemy import text
+from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from core.db import make_engine
 from core.settings import Settings
@@ -21,18 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_for_database(url: str, timeout_s: float = 60.0) -> None:
+    """Try `SELECT 1` once a second until it works; after `timeout_s` the last error is raised."""
     engine = make_engine(url)
-    deadline = time.monotonic() + timeout_s
     try:
-        while True:
-            try:
-                with engine.connect() as conn:
-                    conn.execute(text("SELECT 1"))
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+        for attempt in Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(1), reraise=True):
+            with attempt, engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
     finally:
         engine.dispose()
 

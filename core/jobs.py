@@ -1,9 +1,9 @@
 """The job state machine: the one place that changes a job's status.
 
-    validating_files ──> queued ──> running ──> succeeded
-           │               │  ^        │
-           │               │  └────────┤ (worker lost, a checkpoint to resume from, attempts left)
-           └───────────────┴───────────┴──> failed | cancelled
+    queued ──> running ──> succeeded
+      │  ^        │
+      │  └────────┤ (worker lost, a checkpoint to resume from, attempts left)
+      └───────────┴──> failed | cancelled
 
 Every change is one conditional UPDATE (`... WHERE id = :id AND status IN (:allowed)`), so two processes
 can never both move a job: a worker claims a queued job only if it is still queued, a cancel wins over a
@@ -17,7 +17,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
 from core import ids
@@ -25,7 +25,6 @@ from core.models import Checkpoint, Job, JobEvent, JobMetric, now
 
 
 class JobStatus(StrEnum):
-    VALIDATING_FILES = "validating_files"
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -37,7 +36,6 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 
 # Allowed moves: from -> to. RUNNING -> QUEUED is the requeue of a job whose worker died.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
     JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}),
     JobStatus.SUCCEEDED: frozenset(),
@@ -51,9 +49,10 @@ def sources_of(target: JobStatus) -> list[str]:
 
 
 def transition(session: Session, job_id: str, to: JobStatus, *, only_from: set[JobStatus] | None = None,
-               owner: str | None = None, **fields: Any) -> bool:
-    """Move job `job_id` to `to` if its current status allows it (and, when given, only from `only_from`
-    and only if worker `owner` still holds it). Returns whether it moved. Sets `finished_at` on terminal states."""
+               owner: str | None = None, when: ColumnElement[bool] | None = None, **fields: Any) -> bool:
+    """Move job `job_id` to `to` if its current status allows it (and, when given, only from `only_from`,
+    only if worker `owner` still holds it and only if `when` holds for the row). Returns whether it moved.
+    Sets `finished_at` on terminal states."""
     allowed = set(sources_of(to))
     if only_from is not None:
         allowed &= {s.value for s in only_from}
@@ -63,6 +62,8 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: set[J
     stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
     if owner is not None:
         stmt = stmt.where(Job.worker_id == owner)
+    if when is not None:
+        stmt = stmt.where(when)
     result = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
     return result.rowcount == 1
 
@@ -123,11 +124,6 @@ def forget_steps_after(session: Session, job_id: str, step: int) -> None:
                                            JobEvent.data["step"].as_integer() > step))
 
 
-def still_owns(session: Session, job_id: str, worker_id: str) -> bool:
-    row = session.execute(select(Job.status, Job.worker_id).where(Job.id == job_id)).one_or_none()
-    return row is not None and row.status == JobStatus.RUNNING.value and row.worker_id == worker_id
-
-
 def succeed_job(session: Session, job_id: str, worker_id: str, *, fine_tuned_model: str, trained_tokens: int,
                 result_files: list[str]) -> bool:
     return transition(session, job_id, JobStatus.SUCCEEDED, only_from={JobStatus.RUNNING}, owner=worker_id,
@@ -166,29 +162,18 @@ def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempt
         ).scalar_one_or_none()
         still_stale = Job.heartbeat_at < stale_before  # re-checked inside the UPDATE: a late heartbeat wins
         if last is not None and attempt < max_attempts:
-            moved = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, still_stale)
-                .values(status=JobStatus.QUEUED.value, worker_id=None, heartbeat_at=None, resume_checkpoint=last.id)
-                .execution_options(synchronize_session=False)
-            ).rowcount == 1
-            if moved:
+            if transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.RUNNING}, when=still_stale,
+                          worker_id=None, heartbeat_at=None, resume_checkpoint=last.id):
                 # Metrics past the checkpoint will be produced again by the resumed run.
                 forget_steps_after(session, job_id, last.step)
                 add_event(session, job_id, "warn", f"Worker {worker_id} stopped responding; resuming from the checkpoint at step {last.step}")
                 outcome.append((job_id, "requeued"))
         else:
             reason = "no checkpoint to resume from" if last is None else f"{attempt} attempts made"
-            moved = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, still_stale)
-                .values(status=JobStatus.FAILED.value, finished_at=now(),
-                        error={"code": "worker_lost", "param": None,
-                               "message": f"The worker running this job stopped responding ({reason})."})
-                .execution_options(synchronize_session=False)
-            ).rowcount == 1
-            if moved:
-                add_event(session, job_id, "error", f"The worker running this job stopped responding ({reason}).")
+            message = f"The worker running this job stopped responding ({reason})."
+            if transition(session, job_id, JobStatus.FAILED, only_from={JobStatus.RUNNING}, when=still_stale,
+                          error={"code": "worker_lost", "param": None, "message": message}):
+                add_event(session, job_id, "error", message)
                 outcome.append((job_id, "failed"))
     return outcome
 

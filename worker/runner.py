@@ -29,6 +29,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.data_format import DataValidationError
+from contract.options import ConfigError, TrainingConfig
 from core import ids
 from core.db import session_scope
 from core.jobs import (
@@ -46,8 +48,6 @@ from core.storage import ObjectNotFound, ObjectStorage, delete_quietly
 from worker.retry import Outage, outlast
 from worker.sink import DatabaseSink, pack_directory
 from worker.training.checkpoint import CheckpointError
-from worker.training.config import ConfigError, TrainingConfig
-from worker.training.data import DataValidationError
 from worker.training.model import pick_device, resolve_compute_dtype
 from worker.training.trainer import NonFiniteLossError, TrainingJob, train
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import to_jsonable_python
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,19 +38,13 @@ LEVELS = ("info", "warn", "error")
 
 
 def json_safe(value: Any) -> Any:
-    """A value PostgreSQL's JSON type accepts: NaN and infinities (a diverged loss) become null, unknown
-    objects their string."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return json_safe(value.item())
-    return str(value)
+    """A value PostgreSQL's JSON type accepts: NaN and infinities (a diverged loss) become null, numpy / torch
+    scalars their number, unknown objects their string."""
+    return to_jsonable_python(value, inf_nan_mode="null", fallback=_item_or_str)
+
+
+def _item_or_str(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def pack_directory(directory: Path, archive: Path) -> Path:
@@ -65,13 +60,13 @@ class DatabaseSink:
     """Implements worker.training.sinks.Sink for one job run by one worker."""
 
     def __init__(self, job_id: str, worker_id: str, session_factory: sessionmaker[Session], storage: ObjectStorage,
-                 on_lost: Callable[[], None], *, total_steps: int | None = None, retry_window_s: float = 120.0):
+                 on_lost: Callable[[], None], *, retry_window_s: float = 120.0):
         self.job_id = job_id
         self.worker_id = worker_id
         self.session_factory = session_factory
         self.storage = storage
         self.on_lost = on_lost
-        self.total_steps = total_steps
+        self.total_steps: int | None = None  # the engine reports it in an event once the model is loaded
         self.lost = False
         self.retry_window_s = retry_window_s  # how long a write is retried through an outage (worker/retry.py)
         self._model_name: str | None = None
@@ -84,7 +79,7 @@ class DatabaseSink:
         if level not in LEVELS:
             level = "info"
         if data and isinstance(data.get("total_steps"), int):
-            self.total_steps = data["total_steps"]  # the engine reports it once the model is loaded
+            self.total_steps = data["total_steps"]
         safe = json_safe(data) if data else None
         self._write(lambda session: add_event(session, self.job_id, level, message, data=safe))
 

@@ -26,12 +26,12 @@ from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import CursorPage, FileDeleted, FileObject
+from contract.data_format import ValidationReport, validate_file
 from core import ids
 from core.models import File as FileRow
 from core.models import file_is_live, now
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectTooLarge, delete_quietly, spool_stream
-from worker.training.data import ValidationReport, validate_file
 
 UPLOAD_PURPOSES = ("fine-tune",)
 # Room for the multipart framing around the file: boundaries, part headers (filename), the purpose and

@@ -34,6 +34,9 @@ from api.schemas import (
     Page,
     first_unstorable,
 )
+from contract.data_format import MIN_EXAMPLES
+from contract.memory import GIB, estimate_memory
+from contract.options import TrainingConfig
 from core import ids
 from core.exports import ACTIVE, ExportStatus, lock_live_model_job, mark_export_enqueued
 from core.jobs import TERMINAL, JobStatus, add_event, cancel_job, mark_enqueued
@@ -42,9 +45,6 @@ from core.models import File as FileRow
 from core.queue import send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectNotFound
-from worker.training.config import TrainingConfig
-from worker.training.data import MIN_EXAMPLES
-from worker.training.memory import GIB, estimate_memory
 
 logger = logging.getLogger("api")
 

@@ -97,6 +97,24 @@ def test_docs_and_openapi(client):
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
 
 
+def test_openapi_types_every_training_option(client):
+    """Swagger lists every option of a job's hyperparameters, in both places they may be given, with its
+    description and default."""
+    from contract.options import TrainingConfig
+
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    supervised = schemas["SupervisedMethod"]["properties"]["hyperparameters"]["anyOf"][0]
+    deprecated = schemas["JobCreate"]["properties"]["hyperparameters"]["anyOf"][0]
+    assert supervised == deprecated
+    options = supervised["properties"]
+    assert set(options) == set(TrainingConfig.model_fields) - {"seed"} | {"learning_rate_multiplier"}
+    assert all(option["description"] for option in options.values())
+    # FastAPI leaves out a null default; every other default is shown.
+    assert {name for name, option in options.items() if "default" not in option} == {
+        name for name, field in TrainingConfig.model_fields.items() if field.default is None}
+    assert options["lora_r"]["default"] == 16 and options["n_epochs"]["default"] == "auto"
+
+
 def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from api.hyperparameters import resolve
-from worker.training.config import ConfigError, TrainingConfig
+from contract.hyperparameters import resolve
+from contract.options import ConfigError, TrainingConfig
 
 
 def test_auto_resolves_to_numbers():

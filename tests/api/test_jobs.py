@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.main import create_app
+from contract.options import TrainingConfig
 from core.jobs import claim_job
 from core.models import File, Job, JobEvent
 from core.queue import TRAIN_TASK
@@ -25,7 +26,6 @@ from tests.api.helpers import (
     upload_ok,
 )
 from tests.conftest import free_port
-from worker.training.config import TrainingConfig
 
 JOB_FIELDS = {
     "id",

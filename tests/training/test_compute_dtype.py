@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
+from contract.options import TrainingConfig
 from worker.training import model as model_module
-from worker.training.config import TrainingConfig
 from worker.training.model import build_model, resolve_compute_dtype, resolve_for_device
 from worker.training.trainer import TrainingJob, train
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from worker.training.config import ConfigError, TrainingConfig, check_runtime
+from contract.options import ConfigError, TrainingConfig
+from worker.training.model import check_runtime
 from worker.training.optim import lr_factor, warmup_steps
 
 

@@ -11,22 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.training.data import (
-    IGNORE_INDEX,
+from contract.data_format import (
     MAX_LINE_BYTES,
     MAX_REPORTED_FAULTS,
     MIN_EXAMPLES,
     DataFault,
     DataValidationError,
     Example,
+    load_examples,
+    validate_file,
+)
+from worker.training.data import (
+    IGNORE_INDEX,
     TokenizedExample,
     collate_packed,
     collate_padded,
-    load_examples,
     token_stats,
     tokenize_example,
     tokenize_examples,
-    validate_file,
 )
 
 EOS_ID = 2  # <|im_end|>
@@ -573,7 +575,7 @@ def test_pack_by_tokens_best_fit_decreasing():
 def test_fault_messages_quote_hostile_content_only_in_part(tmp_path):
     """Keys and roles of megabytes are quoted by a few hundred characters at most, so that the faults of a hostile
     file stay small wherever they are shown (status_details, the job's error)."""
-    from worker.training.data import MAX_FAULT_MESSAGE_CHARS
+    from contract.data_format import MAX_FAULT_MESSAGE_CHARS
 
     huge = "k" * 1_000_000
     rows = [{huge: 1}, {"messages": [{"role": huge, "content": "x"}]}, {"text": "ok", **{f"{huge[:1000]}{i}": 1 for i in range(500)}}]

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from worker.training.config import TrainingConfig, options_markdown
+from contract.options import TrainingConfig, options_markdown
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "training.md"
 
 
 def test_training_doc_has_the_generated_options_table():
     text = DOC.read_text()
-    assert options_markdown() in text, "regenerate the table with `python -m worker.training.config`"
+    assert options_markdown() in text, "regenerate the table with `python -m contract.options`"
 
 
 def test_every_option_is_documented_with_a_meaning():

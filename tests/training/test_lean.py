@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contract.data_format import load_examples
+from contract.options import TrainingConfig
 from worker.training import lean
-from worker.training.config import TrainingConfig
-from worker.training.data import collate_packed, load_examples, tokenize_examples
+from worker.training.data import collate_packed, tokenize_examples
 from worker.training.model import build_model
 from worker.training.trainer import forward_loss
 

@@ -10,16 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from worker.training.config import TrainingConfig
-from worker.training.memory import (
-    FIXED_OVERHEAD_BYTES,
-    GIB,
-    LINEAR_NAMES,
-    bits_per_weight,
-    estimate_memory,
-    linear_shapes,
-    optimizer_state_bytes,
-)
+from contract.memory import FIXED_OVERHEAD_BYTES, GIB, LINEAR_NAMES, bits_per_weight, estimate_memory, linear_shapes, optimizer_state_bytes
+from contract.options import TrainingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -345,7 +337,7 @@ def test_missing_config_fields_are_reported():
 
 
 def test_import_does_not_pull_in_torch():
-    code = "import sys, worker.training.memory; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, contract.memory; print('torch' in sys.modules, 'transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
 

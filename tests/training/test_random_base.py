@@ -9,7 +9,7 @@ import gc
 import pytest
 import torch
 
-from worker.training.config import ConfigError, TrainingConfig
+from contract.options import ConfigError, TrainingConfig
 from worker.training.model import disable_cpu_inference_repacking, quantization_config
 from worker.training.random_base import build_random_base
 
@@ -198,7 +198,7 @@ def test_the_estimates_static_terms_are_the_bytes_of_the_built_model(tied, quant
     constant per quantized matrix (bitsandbytes' 16-entry 4-bit code, the 256-entry code of the nested absmax
     and its offset), the rotary buffers and the optimizer's two 256-entry quantization maps; anything that grows
     with the weights (an fp32 absmax, fp32 embeddings, a head counted once) would be far above that."""
-    from worker.training.memory import estimate_memory
+    from contract.memory import estimate_memory
     from worker.training.model import add_adapters
     from worker.training.optim import build_optimizer
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.training.config import TrainingConfig
-from worker.training.data import load_examples, tokenize_examples
+from contract.data_format import load_examples
+from contract.options import TrainingConfig
+from worker.training.data import tokenize_examples
 from worker.training.model import build_model
 from worker.training.sinks import NullSink
 from worker.training.trainer import TrainingJob, evaluate, load_tokenizer, train

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.training.config import ConfigError, TrainingConfig
-from worker.training.data import collate_packed, load_examples, tokenize_examples
-from worker.training.memory import estimate_memory, plan_checkpointing
-from worker.training.model import build_model, read_model_config
+from contract.data_format import load_examples
+from contract.memory import estimate_memory
+from contract.options import ConfigError, TrainingConfig
+from worker.training.data import collate_packed, tokenize_examples
+from worker.training.model import build_model, plan_checkpointing, read_model_config
 from worker.training.trainer import forward_loss
 
 from .test_trainer import write_chat_file
@@ -198,7 +199,7 @@ def test_estimate_counts_what_the_selective_policy_keeps(tiny_model_dir, example
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.checkpoint import CheckpointPolicy
 
-    from worker.training.memory import selective_saved_bytes_per_token
+    from contract.memory import selective_saved_bytes_per_token
     from worker.training.model import decoder_layers, selective_checkpoint_policy
 
     cfg = TrainingConfig(gradient_checkpointing="off", compute_dtype="bf16")  # the count is of bf16 bytes; varlen, r=16
@@ -243,7 +244,7 @@ def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples,
     varlen attention, LoRA with dropout on every linear), counted once per storage, weights excluded. Without
     lean activations the CPU stores peft's dropout masks in the input dtype (2 bytes) where CUDA stores bool (1
     byte, what the estimate counts); lean layers keep no mask at all."""
-    from worker.training.memory import estimate_memory, linear_shapes
+    from contract.memory import estimate_memory, linear_shapes
     from worker.training.model import decoder_layers
 
     cfg = TrainingConfig(gradient_checkpointing="off", lean_activations=lean, compute_dtype="bf16")  # the count is of bf16 bytes

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from contract.data_format import DataValidationError, load_examples
+from contract.options import ConfigError, TrainingConfig
 from worker.training.checkpoint import CheckpointError, verify_adapter
-from worker.training.config import ConfigError, TrainingConfig
-from worker.training.data import DataValidationError, collate_packed, collate_padded, load_examples, tokenize_examples
+from worker.training.data import collate_packed, collate_padded, tokenize_examples
 from worker.training.model import build_model
 from worker.training.sinks import JsonlSink
 from worker.training.trainer import TrainingJob, forward_loss, train

@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.options import TrainingConfig
 from core import ids
 from core.db import session_scope
 from core.models import Checkpoint, File, Job, JobEvent, JobMetric, Project, now
 from core.storage import ObjectStorage
-from worker.training.config import TrainingConfig
 
 PROJECT = "proj-test"
 MODEL = "tiny-llama"

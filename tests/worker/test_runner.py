@@ -440,7 +440,7 @@ def test_a_job_resumes_on_a_worker_where_auto_decides_lean_activations_otherwise
                                                                                   monkeypatch):
     """lean_activations stays 'auto' in the job: checkpointed where auto means lean (as on a GPU, injected), the job
     resumes where it does not (this CPU) instead of failing on changed options."""
-    from worker.training.config import TrainingConfig
+    from contract.options import TrainingConfig
 
     settings = make_settings(heartbeat_timeout_s=60)
     job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=4, checkpoint_every=2))

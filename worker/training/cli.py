@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, help="resume from this checkpoint directory")
     args = parser.parse_args(argv)
 
-    from worker.training.config import ConfigError, TrainingConfig
-    from worker.training.data import DataValidationError
+    from contract.data_format import DataValidationError
+    from contract.options import ConfigError, TrainingConfig
     from worker.training.sinks import JsonlSink, MultiSink
     from worker.training.trainer import TrainingJob, train
 

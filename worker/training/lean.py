@@ -15,7 +15,7 @@ functions keep only what is expensive to rebuild (or kept anyway) and redo the r
   silu redone in backward by the same kernels autograd uses (bitwise the same gradients).
 
 For Llama-3-8B (LoRA r=16 on all seven linears, dropout 0.05, bf16) that is 256,360 -> 94,568 bytes per token
-and layer (`memory.py` models both). More layers then fit without checkpointing under the same memory budget
+and layer (`contract/memory.py` models both). More layers then fit without checkpointing under the same memory budget
 (`gradient_checkpointing=auto`), which is where the speed comes from: no layer is recomputed that fits.
 
 Redoing work costs memory traffic, so the rest is about moving fewer bytes (``bench/traffic.py`` counts them):

@@ -1,7 +1,7 @@
 """Chunked, fused output head + cross-entropy: the loss without the full [tokens x vocab] logits.
 
 The plain path (`logits = lm_head(hidden)`, `.float()`, `cross_entropy`) holds about 12 bytes per logit at
-the start of backward (see memory.py): for a 128k vocabulary and 4,096 tokens that is 6 GiB, often more than
+the start of backward (see contract/memory.py): for a 128k vocabulary and 4,096 tokens that is 6 GiB, often more than
 the LoRA activations of the whole model. Here the rows go through the head `chunk_tokens` at a time, and
 while a chunk's logits are alive the forward also computes its gradient (softmax - onehot) and reduces it
 at once to the gradient of `hidden` (and of the head's weight when it is trained). Backward then only
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from worker.training.memory import LOSS_CHUNK_TOKENS, fused_loss_chunk_bytes
+from contract.memory import LOSS_CHUNK_TOKENS, fused_loss_chunk_bytes
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
@@ -59,7 +59,7 @@ def logits_peak_bytes(chunk_tokens: int, vocab_size: int) -> int:
     head both copies are the fp32 buffer itself and the peak is 4 bytes per logit; this returns the larger
     value. Not counted: [chunk, H] and [chunk] temporaries (a few percent when H << V), and, only when the
     head itself is trained, its fp32 gradient accumulator (V * H * 4 bytes) and the cast of it in backward.
-    The figure lives in memory.py (which must not import torch), where the estimate uses it."""
+    The figure lives in contract/memory.py (torch-free), where the API's estimate uses it too."""
     return fused_loss_chunk_bytes(chunk_tokens, vocab_size)
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from contract.memory import LAYER_MODES, decoder_layer_count, estimate_memory
+from contract.options import ALL_LINEAR, ConfigError, TrainingConfig
 from worker.training import attention, lean
-from worker.training.config import ALL_LINEAR, ConfigError, TrainingConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -94,8 +95,37 @@ def pick_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
+    """Device-dependent checks, run before the model is loaded."""
+    if cfg.attn_implementation == "flash_attention_2" and device_type != "cuda":
+        raise ConfigError("attn_implementation='flash_attention_2' needs a CUDA GPU", param="attn_implementation")
+    if cfg.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("attn_implementation='flash_attention_2' needs the flash-attn package", param="attn_implementation")
+    if cfg.compute_dtype == "fp16" and device_type == "cpu":
+        raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'auto', 'bf16' or 'fp32'", param="compute_dtype")
+    if cfg.attn_implementation == "flex_attention" and device_type != "cuda":
+        # torch's compiled CPU kernel for it reads past short sequences on AVX2 CPUs: losses vary run to run or are NaN.
+        raise ConfigError("attn_implementation='flex_attention' needs a CUDA GPU (its CPU kernel gives wrong results on some CPUs); "
+                          "use 'auto', 'varlen' or 'sdpa'", param="attn_implementation")
+
+
+def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, budget_bytes: int) -> tuple[str, ...]:
+    """The fastest checkpointing of the decoder layers whose estimate fits ``budget_bytes``: as many layers
+    'off' (nothing recomputed) as fit, the rest 'on'. When nothing fits, every layer is 'on' (the least memory).
+    'selective' layers are not planned: unmeasured on a GPU since their policy was fixed (docs/performance.md)."""
+    layers = decoder_layer_count(model_config)
+    for n_off in range(layers, -1, -1):
+        modes = ["on"] * (layers - n_off) + ["off"] * n_off
+        if estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes).total <= budget_bytes:
+            return tuple(modes)
+    return tuple(["on"] * layers)
+
+
 def resolve_checkpoint_plan(cfg: TrainingConfig, model_config: Any, device: torch.device, tokens_per_micro_batch: int) -> tuple[str, ...]:
-    """The checkpointing of each decoder layer: 'off', 'selective' or 'on' (see memory.plan_checkpointing).
+    """The checkpointing of each decoder layer: 'off', 'selective' or 'on' (see plan_checkpointing).
 
     'auto' on a GPU plans the fastest mix that the memory estimate fits into ``memory_budget_gb`` (default: 85%
     of the memory free now, before the weights are loaded); on the CPU memory is rarely the limit and
@@ -105,14 +135,11 @@ def resolve_checkpoint_plan(cfg: TrainingConfig, model_config: Any, device: torc
         return (cfg.gradient_checkpointing,) * n_layers
     if device.type != "cuda":
         return ("off",) * n_layers
-    from worker.training.memory import plan_checkpointing
-
     if cfg.memory_budget_gb is not None:
         budget = int(cfg.memory_budget_gb * 1024**3)
     else:
         free, _total = torch.cuda.mem_get_info(device)
-        # A margin for what the estimate does not model (allocator fragmentation, kernels' workspaces). The 9.8% it
-        # seemed to miss at 70B on the H200 was the bench's leftover 8B base; 85% stays until a GPU run confirms it.
+        # A margin for what the estimate does not model (allocator fragmentation, kernels' workspaces).
         budget = int(free * 0.85)
     try:
         return plan_checkpointing(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, budget_bytes=budget)
@@ -126,8 +153,7 @@ def selective_checkpoint_policy(lora_r: int):
     recompute the rest (norms, RoPE, SwiGLU, dropout, LoRA B, dequantization) in the backward pass.
 
     A 4-bit base layer's matmul is one bitsandbytes op (``bitsandbytes::gemm_4bit``, dequantize and matmul
-    together), not an aten matmul: it is matched by name. (The version of the H200 run of 2026-11-28 missed it,
-    so its selective layers recomputed every base matmul: slower than 'on', and only the attention outputs kept.)"""
+    together), not an aten matmul: it is matched by name."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten = torch.ops.aten
@@ -201,7 +227,7 @@ def check_target_modules(model_config: Any, cfg: TrainingConfig) -> None:
 def disable_cpu_inference_repacking(model: torch.nn.Module) -> int:
     """Keep bitsandbytes from repacking 4-bit weights for inference on AVX512-BF16 CPUs.
 
-    bitsandbytes 0.50 repacks a `Linear4bit` weight in place the first time the layer runs in eval mode
+    bitsandbytes repacks a `Linear4bit` weight in place the first time the layer runs in eval mode
     on such a CPU, and from then on every forward pass, training ones too, goes through `gemv_4bit`, which
     has no autograd kernel: after the first evaluation, gradients stop flowing back through the frozen
     base and the adapters of earlier layers train on wrong gradients (only a warning says so). We evaluate
@@ -229,8 +255,6 @@ class BuiltModel:
         return any(mode != "off" for mode in self.checkpoint_plan)
 
     def plan_summary(self) -> str:
-        from worker.training.memory import LAYER_MODES
-
         counts = {mode: self.checkpoint_plan.count(mode) for mode in LAYER_MODES}
         return ", ".join(f"{n} {mode}" for mode, n in counts.items() if n)
 

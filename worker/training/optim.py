@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-from worker.training.config import TrainingConfig
+from contract.options import TrainingConfig
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -36,7 +36,8 @@ def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
 
 
 def lr_factor(step: int, *, total_steps: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak learning rate for the optimizer step `step` (0-based)."""
+    """Multiplier of the peak learning rate for the optimizer step `step` (0-based). Hand-written rather than
+    `transformers.get_scheduler`, whose warm-up starts at 0: the decay is the same, the warm-up is not."""
     if warmup and step < warmup:
         return (step + 1) / (warmup + 1)  # never 0: a step at lr 0 would be wasted
     if kind == "constant":

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from contract.options import ConfigError, TrainingConfig
 from worker.training import attention
-from worker.training.config import ConfigError, TrainingConfig
 from worker.training.model import compute_dtype, decoder_layers, disable_cpu_inference_repacking, quantization_config
 
 # bitsandbytes' (and transformers') default; Params4bit would pick it too, but the size of the absmax

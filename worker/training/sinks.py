@@ -1,17 +1,16 @@
 """Where the engine reports what happens: events, per-step metrics and checkpoints.
 
 The engine only knows the `Sink` protocol. The service implements it to write events and metrics to the
-database and checkpoints to object storage; here are the ones the engine needs alone: JSONL, stdout, and
-a fan-out to several sinks.
+database and checkpoints to object storage; here are the ones the engine needs alone: JSONL, a fan-out to
+several sinks, and none (the CLI's progress bar is in cli.py).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Level = Literal["info", "warn", "error"]
 
@@ -61,23 +60,6 @@ class JsonlSink:
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         self._write({"kind": "checkpoint", "step": step, "path": str(path), "metrics": metrics})
-
-
-class StdoutSink:
-    """Plain lines for a terminal or a log file."""
-
-    def __init__(self, stream: IO[str] | None = None):
-        self.stream = stream or sys.stdout
-
-    def event(self, level: Level, message: str, data: dict[str, Any] | None = None) -> None:
-        print(f"[{level}] {message}", file=self.stream, flush=True)
-
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)) and k != "step")
-        print(f"step {step}: {shown}", file=self.stream, flush=True)
-
-    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        print(f"checkpoint step {step}: {path}", file=self.stream, flush=True)
 
 
 class MultiSink:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from contract.data_format import load_examples
+from contract.options import ConfigError, TrainingConfig
 from worker.training import attention, lean
 from worker.training.checkpoint import (
     TrainerPosition,
@@ -36,22 +38,19 @@ from worker.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from worker.training.config import ConfigError, TrainingConfig, check_runtime
 from worker.training.data import (
+    IGNORE_INDEX,
     TokenizedExample,
     TokenStats,
     collate_packed,
     collate_padded,
-    load_examples,
     pack_by_tokens,
     tokenize_examples,
 )
 from worker.training.losses import linear_cross_entropy
-from worker.training.model import BuiltModel, build_model, compute_dtype, pick_device, read_model_config, resolve_for_device
+from worker.training.model import BuiltModel, build_model, check_runtime, compute_dtype, pick_device, read_model_config, resolve_for_device
 from worker.training.optim import build_optimizer, build_scheduler
 from worker.training.sinks import CHECKPOINT_METRIC_KEYS, NullSink, Sink
-
-IGNORE_INDEX = -100
 
 
 class NonFiniteLossError(RuntimeError):

@@ -55,8 +55,8 @@ class TrainingConfig(BaseModel):
     quantization: QuantizationMode = Field("4bit", description="How the frozen base is stored: 4-bit (QLoRA), 8-bit LLM.int8, or none (plain LoRA).")
     quant_type: QuantType = Field("nf4", description="4-bit data type: NormalFloat4 or FP4. Only with quantization=4bit.")
     double_quant: bool = Field(True, description="Quantize the 4-bit absmax constants again (~0.37 bits/weight saved). Only with quantization=4bit.")
-    compute_dtype: ComputeDtype = Field("auto", description="Dtype of the matmuls through the dequantized base (and of unquantized base weights). auto: the fast one for the device: bf16 on a CUDA card that has it (else fp16), bf16 on a CPU that computes it natively, else fp32. A job records the choice.")
-    attn_implementation: AttnImplementation = Field("auto", description="Attention kernel. varlen: variable-length attention over the examples of a packed row (FlashAttention varlen on CUDA, one SDPA call per example elsewhere), no dense mask; needs packing. auto: varlen with packing, else sdpa. The others are transformers' own implementations.")
+    compute_dtype: ComputeDtype = Field("auto", description="Dtype of the matmuls through the dequantized base. auto: bf16 where the device computes it fast (CUDA falls back to fp16), else fp32; a job records the choice.")
+    attn_implementation: AttnImplementation = Field("auto", description="Attention kernel. varlen: per-example attention over a packed row with no dense mask (needs packing). auto: varlen with packing, else sdpa. The others are transformers' own.")
 
     # --- model: LoRA ------------------------------------------------------------------------------
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
@@ -65,7 +65,7 @@ class TrainingConfig(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = Field(ALL_LINEAR, description="Module names to adapt, or 'all-linear' (every linear layer but the output head).")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    gradient_checkpointing: GradientCheckpointing = Field("auto", description="Activation checkpointing per decoder layer. on: recompute each layer in the backward pass (least memory). off: keep everything. auto (GPU): as many layers off as the memory estimate fits into memory_budget_gb, the rest on; auto on the CPU: off. selective (experimental, never chosen by auto): keep only the large matmul and attention outputs, recompute the rest; with lean_activations an unchecked layer keeps less than that, so it buys nothing then (docs/performance.md).")
+    gradient_checkpointing: GradientCheckpointing = Field("auto", description="Activation checkpointing per decoder layer. on: recompute each layer in the backward pass (least memory). off: keep everything. auto: on a GPU as many layers off as fit into memory_budget_gb, the rest on; off on the CPU. selective (experimental, never chosen by auto): keep only the large matmul and attention outputs.")
     memory_budget_gb: float | None = Field(None, gt=0, le=10000, description="GiB of GPU memory gradient_checkpointing=auto plans for. None: 85% of the GPU memory free when the job starts.")
 
     # --- optimizer and schedule -------------------------------------------------------------------
@@ -78,12 +78,12 @@ class TrainingConfig(BaseModel):
     max_grad_norm: float = Field(0.3, ge=0.0, description="Clip the global gradient norm to this; 0 disables clipping.")
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per optimizer step.")
     micro_batch_size: int = Field(4, ge=1, le=4096, description="Examples per forward/backward pass; batch_size must be a multiple of it (gradient accumulation = batch_size / micro_batch_size).")
-    micro_batch_tokens: int | None = Field(None, ge=16, le=1048576, description="Tokens per forward/backward pass instead of a count of examples: each step's batch_size examples are packed into rows of at most this many tokens (best fit, longest first), one row per pass, so every pass is nearly full and memory is planned for exactly this many tokens. Needs packing; at least max_seq_length; replaces micro_batch_size (set one). None: micro_batch_size examples per pass.")
+    micro_batch_tokens: int | None = Field(None, ge=16, le=1048576, description="Tokens per forward/backward pass instead of a count of examples: each step's examples are packed into rows of at most this many tokens, one row per pass. Needs packing and at least max_seq_length; replaces micro_batch_size. None: micro_batch_size examples per pass.")
     n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs).")
-    fused_cross_entropy: bool = Field(True, description="Compute the loss from the hidden states chunk by chunk, never holding the [tokens x vocabulary] logits (about 6 GiB for 4,096 tokens of a 128k vocabulary). False: the plain head + cross-entropy.")
-    lean_activations: bool | Literal["auto"] = Field("auto", description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean.py): the LoRA branch replays its dropout mask instead of keeping the dropped input, RMSNorm keeps its input in the compute dtype instead of fp32, SwiGLU recomputes silu, and LoRA inputs are rebuilt from what the norms and SwiGLU keep. Same results, fewer bytes per unchecked layer, so gradient_checkpointing=auto leaves more layers unchecked. auto: on with CUDA, off on the CPU (where memory is rarely the limit and the extra work costs time); true / false.")
-    fused_kernels: FusedKernels = Field("auto", description="Compile the elementwise math of lean_activations (RMSNorm forward and backward, SwiGLU forward and backward, and the rebuilds of their outputs) with torch.compile into fused kernels: one pass over memory where the eager math makes several. on / off; auto: on with CUDA (Triton), off on the CPU (compiling there needs a C++ compiler and adds seconds). The first step pays the compilation; if compiling fails, the eager math runs (logged). Needs lean_activations.")
+    fused_cross_entropy: bool = Field(True, description="Compute the loss from the hidden states chunk by chunk, never holding the whole [tokens x vocabulary] logits. False: the plain head + cross-entropy.")
+    lean_activations: bool | Literal["auto"] = Field("auto", description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean.py); same results, so gradient_checkpointing=auto leaves more layers unchecked. auto: on with CUDA, off on the CPU.")
+    fused_kernels: FusedKernels = Field("auto", description="Compile the elementwise math of lean_activations into fused kernels with torch.compile (the eager math runs if compiling fails, logged). auto: on with CUDA, off on the CPU. Needs lean_activations.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seeds data order, LoRA init and dropout.")
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------------
@@ -205,25 +205,8 @@ def validate_combinations(cfg: TrainingConfig) -> None:
         raise ConfigError("use_dora is not supported with quantization='8bit'", param="use_dora")
 
 
-def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
-    """Device-dependent checks, run before the model is loaded."""
-    if cfg.attn_implementation == "flash_attention_2" and device_type != "cuda":
-        raise ConfigError("attn_implementation='flash_attention_2' needs a CUDA GPU", param="attn_implementation")
-    if cfg.attn_implementation == "flash_attention_2":
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError("attn_implementation='flash_attention_2' needs the flash-attn package", param="attn_implementation")
-    if cfg.compute_dtype == "fp16" and device_type == "cpu":
-        raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'auto', 'bf16' or 'fp32'", param="compute_dtype")
-    if cfg.attn_implementation == "flex_attention" and device_type != "cuda":
-        # torch's compiled CPU kernel for it reads past short sequences on AVX2 CPUs: losses vary run to run or are NaN.
-        raise ConfigError("attn_implementation='flex_attention' needs a CUDA GPU (its CPU kernel gives wrong results on some CPUs); "
-                          "use 'auto', 'varlen' or 'sdpa'", param="attn_implementation")
-
-
 def options_markdown() -> str:
-    """The options table of docs/training.md (a test keeps the two identical: `python -m worker.training.config`)."""
+    """The options table of docs/training.md (a test keeps the two identical: `python -m contract.options`)."""
 
     def show(value: Any) -> str:
         return "none" if value is None else f"`{str(value).lower() if isinstance(value, bool) else value}`"

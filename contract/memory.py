@@ -3,57 +3,8 @@
 Pure arithmetic on the model's config (a transformers ``PretrainedConfig`` or the dict of a Llama-family
 ``config.json``) and the job's ``TrainingConfig``: no torch import, so the API and the scheduler can call it.
 
-What is modelled, and what the numbers were checked against
------------------------------------------------------------
-The training step the engine runs: a Llama decoder (``LlamaDecoderLayer``: RMSNorm, q/k/v/o, SDPA, RMSNorm,
-SwiGLU MLP) with a frozen, optionally quantized base, peft LoRA adapters kept in fp32 (peft's default
-``autocast_adapter_dtype=True``), the forward pass under ``torch.autocast`` in the compute dtype when that is
-bf16/fp16 (as HF Trainer and the standard recipe do; fp32 compute runs without autocast), the loss from
-transformers' ``ForCausalLMLoss`` (``logits.float()`` then ``cross_entropy``) and an AdamW optimizer.
-
-The per-layer activation count is the set of tensors autograd saves, read off the code of transformers 5.17,
-peft 0.21 and bitsandbytes 0.50 and checked by counting the saved tensors of one decoder layer with
-``torch.autograd.graph.saved_tensors_hooks`` on a tiny NF4 model on the CPU: the formula below matched the
-count to the byte (with the CPU's dropout mask, which is stored in the input dtype where CUDA stores bool).
-The logits term was checked the same way (peak of live memory through forward and backward). The static terms
-(base weights with their quantization state, LoRA weights and gradients, 8-bit optimizer state) equal the bytes of
-the tensors that ``random_base.build_random_base``, peft and the optimizer create, but for bitsandbytes' fixed
-code tables (about 1.1 KB per quantized matrix) and the rotary buffers: tests/training/test_random_base.py on
-70B proportions, and by hand at the real 8B and 70B widths with the 128,256 vocabulary. (The H200 run's 70B
-peak, 9.8% above the estimate, held the bench's 8B base too: docs/performance.md.)
-
-Facts from those libraries that the formula rests on:
-- bitsandbytes' ``MatMul4Bit`` saves only the packed weight (already resident), not its input: the input
-  gradient needs only the dequantized weight, which is rebuilt transiently for each matmul. So the 4-bit base
-  layers save nothing per token; the per-token saves of a LoRA layer come from the adapter path.
-- ``MatMul8bitLt`` (LLM.int8) does save its input ``A``.
-- A frozen ``nn.Linear`` (quantization='none') saves no input either: autograd saves ``input`` of a matmul
-  only when the weight needs a gradient.
-- peft's LoRA forward is ``lora_B(lora_A(dropout(x)))``: ``lora_A`` saves the dropout output, dropout saves
-  its bool mask (CUDA's fused dropout), ``lora_B`` saves the rank-r output of ``lora_A``. With dropout 0 the
-  dropout is ``nn.Identity`` and ``lora_A`` saves ``x`` itself, shared by the modules that read the same input
-  (q/k/v, gate/up) -- except with quantization='none', where peft casts ``x`` to fp32 and autocast casts it
-  back to a fresh bf16 copy per module.
-- Under autocast the fp32 LoRA weights are cast to the compute dtype and those copies are saved for backward:
-  a per-layer constant, ``r * (in + out) * compute bytes`` per adapted module.
-
-Approximations (named here so nobody mistakes them for measurements):
-- Attention kernels: 'sdpa' is modelled as SDPA's flash or memory-efficient kernel (no s^2 score matrix saved;
-  q, k, v, output and a fp32 logsumexp saved). When an attention mask is present (packing, or padded batches)
-  transformers repeats k/v to all heads before SDPA and the kernel keeps the mask converted to the compute dtype
-  (one s^2 bias per layer); 'flash_attention_2' and 'flex_attention' take no dense mask and read k/v at
-  their kv-head width. 'eager' saves the s^2 probabilities (fp32 softmax output and its compute-dtype copy).
-- DoRA is modelled roughly: two extra per-token tensors per adapted module (the base and the LoRA results,
-  saved by the magnitude multiplications), fp32 SwiGLU tensors and residual stream (peft's DoRA output is fp32
-  under autocast), and the transient full-size weights of the weight-norm computation. Checked on the CPU for
-  the first layer only (within the CPU's dropout-mask difference); later layers see an fp32 stream, for which
-  the base result is counted at 4 bytes throughout.
-- Gradient-flow temporaries inside one layer's backward (a few ``tokens * intermediate`` tensors) are not
-  counted; nor is the optimizer step's transient working memory (it runs after the activations are freed).
-- ``total`` adds every term. Under gradient checkpointing the logits peak (start of backward) and the recompute
-  of one layer (later) do not happen at the same time, so ``total`` overstates that case by about the smaller
-  of the two; without checkpointing all activations are alive at the logits peak and the sum is the peak.
-- LLM.int8's outlier columns (data dependent, small) are not counted.
+What is modelled, the library facts the formula rests on and its approximations: docs/performance.md
+("How the memory estimate is modelled").
 """
 
 from __future__ import annotations
@@ -64,19 +15,16 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the module must import without pydantic's cost, and never torch
-    from worker.training.config import TrainingConfig
+    from contract.options import TrainingConfig
 
 LAYER_MODES = ("off", "selective", "on")  # checkpointing of one decoder layer, from most memory to least
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 GIB = 1024**3
 
-# A fixed allowance, counted by torch's allocator but not modelled term by term: the cuBLAS workspace that
-# torch allocates through its caching allocator (32 MiB on Hopper with the default CUBLAS_WORKSPACE_CONFIG
-# ":4096:8") and the cuBLASLt workspace, input ids / labels / position ids, loss scalars, RoPE tables and the
-# allocator's rounding of every block to 512 bytes. 128 MiB covers those with room to spare; it is not
-# calibrated to any measured peak. The CUDA context (about 0.5 GiB) is not included: torch does not count it
-# in max_memory_allocated; the default budget of gradient_checkpointing='auto' leaves headroom for it.
+# A fixed allowance for what torch's allocator counts but the estimate does not model term by term (cuBLAS
+# workspaces, input ids, RoPE tables, the allocator's rounding); not calibrated to a measured peak. The CUDA
+# context is not included (max_memory_allocated does not count it).
 FIXED_OVERHEAD_BYTES = 128 * 1024**2
 
 # bitsandbytes' 8-bit optimizers keep fp32 state for tensors below this many elements (``min_8bit_size``)
@@ -99,11 +47,8 @@ _INPUT_OF = {
 }
 
 # The fused loss (losses.py) works on this many tokens at a time, holding this many bytes per logit of a chunk:
-# the fp32 logits (softmax and gradient in place) and a bf16/fp16 copy (see losses.logits_peak_bytes). With a
-# 128k vocabulary a chunk of 512 tokens is 0.37 GiB: at the end of the forward pass it sits on top of every kept
-# activation, so half of 1,024 tokens lets gradient_checkpointing=auto leave one more Llama-3-8B layer unchecked
-# at the standard recipe's peak (28 of 32 instead of 27), and a [512 x 4096] x [4096 x 128256] matmul is still
-# large enough to keep the GPU busy.
+# the fp32 logits (softmax and gradient in place) and a bf16/fp16 copy (see losses.logits_peak_bytes). Small
+# enough to leave room for kept activations, large enough to keep the GPU busy (docs/performance.md).
 LOSS_CHUNK_TOKENS = 512
 FUSED_LOSS_BYTES_PER_LOGIT = 4 + 2
 
@@ -208,6 +153,10 @@ def _read_shape(model_config: Any) -> _Shape:
         attention_bias=bool(get("attention_bias", False)),
         mlp_bias=bool(get("mlp_bias", False)),
     )
+
+
+def decoder_layer_count(model_config: Any) -> int:
+    return _read_shape(model_config).layers
 
 
 def linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
@@ -423,9 +372,9 @@ def estimate_memory(
     (every example at full length, the worst case). With packing the micro-batch is one row of that many tokens;
     without, rows of at most ``max_seq_length``.
     gradient_checkpointing: None takes it from ``cfg``: 'on' -> True, 'off' -> False, 'selective' -> every layer
-    selective, and 'auto' -> True (the least memory; the trainer decides 'auto' with ``plan_checkpointing``,
+    selective, and 'auto' -> True (the least memory; the trainer decides 'auto' with ``model.plan_checkpointing``,
     which passes layer_modes).
-    layer_modes: the checkpointing of each decoder layer ('off', 'selective' or 'on', see ``plan_checkpointing``);
+    layer_modes: the checkpointing of each decoder layer ('off', 'selective' or 'on', see ``model.plan_checkpointing``);
     overrides gradient_checkpointing.
     """
     s = _read_shape(model_config)
@@ -557,17 +506,3 @@ def selective_saved_bytes_per_token(model_config: Any, cfg: TrainingConfig) -> i
     lora_a_outputs = c * cfg.lora_r * len(targets)
     attention = c * s.heads * s.head_dim + 4 * s.heads
     return base_outputs + lora_a_outputs + attention
-
-
-def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, budget_bytes: int) -> tuple[str, ...]:
-    """The fastest checkpointing of the decoder layers whose estimate fits ``budget_bytes``: as many layers
-    'off' (nothing recomputed) as fit, the rest 'on'. When nothing fits, every layer is 'on' (the least memory).
-
-    'selective' layers are not used: on the H200 (bench/results/2026-11-28-nvidia-h200.json) a selective layer
-    ran slower than a fully recomputed one and kept far less than it should have, so it buys nothing yet."""
-    layers = _read_shape(model_config).layers
-    for n_off in range(layers, -1, -1):
-        modes = ["on"] * (layers - n_off) + ["off"] * n_off
-        if estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes).total <= budget_bytes:
-            return tuple(modes)
-    return tuple(["on"] * layers)

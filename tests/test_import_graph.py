@@ -1,0 +1,76 @@
+"""The import rules between our packages (docs/architecture.md), checked by parsing every import statement of
+the source, lazy and TYPE_CHECKING ones included:
+
+- `api/` imports nothing from `worker`; `core/` neither (but for the one listed exception);
+- `contract/` imports nothing of ours but itself, and no torch, database, web or queue library;
+- the engine, `worker/training/`, imports only itself and `contract` of ours, and no web, database, queue or
+  object-storage library, so it runs and tests alone.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OURS = ("api", "core", "worker", "contract", "migrations", "bench", "tests")
+SERVICE_LIBRARIES = ("fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic", "psycopg", "celery", "kombu", "redis", "boto3",
+                     "botocore", "prometheus_client")
+TORCH_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "triton")
+
+# core/embedded.py is a launcher (API + worker in one process for `make run`) that imports the engine's demo model;
+# it is to move out of core/.
+EXCEPTIONS = {"core/embedded.py": {"worker.training.demo_model"}}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module `path` imports, as a dotted name (relative imports resolved)."""
+    package = path.relative_to(REPO).with_suffix("").parts[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            found.add(module)
+    return found
+
+
+def sources(package: str) -> list[Path]:
+    return sorted((REPO / package).rglob("*.py"))
+
+
+def under(module: str, roots: tuple[str, ...]) -> bool:
+    return any(module == root or module.startswith(root + ".") for root in roots)
+
+
+def violations(package: str, forbidden) -> list[str]:  # noqa: ANN001
+    found = []
+    for path in sources(package):
+        rel = path.relative_to(REPO).as_posix()
+        allowed = EXCEPTIONS.get(rel, set())
+        found += [f"{rel} imports {module}" for module in sorted(imports_of(path)) if forbidden(module) and module not in allowed]
+    return found
+
+
+@pytest.mark.parametrize("package", ["api", "core"])
+def test_api_and_core_import_nothing_from_the_worker(package):
+    assert violations(package, lambda m: under(m, ("worker",))) == []
+
+
+def test_the_contract_imports_only_itself_and_plain_libraries():
+    ours_but_contract = tuple(p for p in OURS if p != "contract")
+    assert violations("contract", lambda m: under(m, ours_but_contract + SERVICE_LIBRARIES + TORCH_LIBRARIES)) == []
+
+
+def test_the_engine_imports_no_web_database_queue_or_storage_code():
+    assert violations("worker/training", lambda m: under(m, SERVICE_LIBRARIES) or (
+        under(m, OURS) and not under(m, ("worker.training", "contract")))) == []
+
+
+def test_the_checker_sees_lazy_imports_and_the_listed_exception():
+    assert "worker.training.demo_model" in imports_of(REPO / "core" / "embedded.py")
+    assert "contract.options" in imports_of(REPO / "worker" / "training" / "model.py")
