@@ -179,10 +179,11 @@ def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempt
 
 
 def expired_queued_jobs(session: Session, *, expires_s: float) -> list[str]:
-    """Queued jobs whose task was sent longer ago than its expiry (no worker took it): send them again."""
+    """Queued jobs whose task was sent longer ago than its expiry (no worker took it): send them again. Jobs never
+    sent are not here: they wait their turn (core/dispatch.py)."""
     cutoff = time.time() - expires_s
     return list(session.execute(
-        select(Job.id).where(Job.status == JobStatus.QUEUED.value, (Job.enqueued_at.is_(None)) | (Job.enqueued_at < cutoff))
+        select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_not(None), Job.enqueued_at < cutoff)
     ).scalars())
 
 

@@ -136,16 +136,20 @@ class Heartbeat(threading.Thread):
 
 
 def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
-            worker_id: str | None = None) -> str:
-    """Run job `job_id` to its end on this worker. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, STOPPED."""
+            worker_id: str | None = None, dispatch_next: Callable[[str], object] | None = None) -> str:
+    """Run job `job_id` to its end on this worker. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, STOPPED.
+    `dispatch_next(project)` is called once the job is claimed and again when it ends, so that the project's next
+    queued job is sent (core/dispatch.py)."""
     worker_id = worker_id or default_worker_id()
     with session_scope(session_factory) as session:
         if not claim_job(session, job_id, worker_id):
             log.info("job %s not claimed by %s: it is not queued", job_id, worker_id)
             return NOT_CLAIMED
-        attempt = session.execute(select(Job.attempt).where(Job.id == job_id)).scalar_one()
+        attempt, project = session.execute(select(Job.attempt, Job.project).where(Job.id == job_id)).one()
         add_event(session, job_id, "info", "Fine-tuning job started" if attempt == 1 else f"Fine-tuning job started (attempt {attempt})")
     log.info("job %s claimed by %s (attempt %d)", job_id, worker_id, attempt)
+    if dispatch_next is not None:
+        dispatch_next(project)
 
     stop = threading.Event()
     beat = Heartbeat(job_id, worker_id, session_factory, settings.heartbeat_interval_s, on_lost=stop.set)
@@ -171,6 +175,8 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
         beat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     log.info("job %s on %s: %s", job_id, worker_id, outcome)
+    if dispatch_next is not None:
+        dispatch_next(project)
     return outcome
 
 

@@ -3,9 +3,9 @@
 - A running job whose heartbeat stopped (its worker died or lost the database) is requeued to resume from its
   newest checkpoint when it has one and attempts left, and failed with `worker_lost` otherwise
   (`core.jobs.sweep_lost_jobs` makes both moves).
-- A queued job whose task message was never sent (the broker was down when the API tried), expired before a
-  worker took it, or is no longer in the broker's queue (Redis restarted without persistence; checked on Redis
-  only, for jobs sent more than QLORA_LOST_MESSAGE_AFTER_S ago) is sent again.
+- A queued job whose task message expired before a worker took it, or is no longer in the broker's queue (Redis restarted without persistence; checked on Redis
+  only, for jobs sent more than QLORA_LOST_MESSAGE_AFTER_S ago) is sent again; queued jobs never sent (waiting
+  their project's turn, or refused by a broker that was down) are dispatched (core/dispatch.py).
 - A queued merged export whose task was never sent (the broker was down) or expired unconsumed is sent again; a
   running one whose heartbeat stopped is failed with `worker_lost` (a new POST .../export merges again).
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
@@ -25,6 +25,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
+from core.dispatch import dispatch_quietly, projects_with_unsent_jobs
 from core.exports import fail_lost_exports, mark_export_enqueued, unsent_queued_exports
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
 from core.models import File, now
@@ -113,6 +114,13 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
             mark_enqueued(session, job_id)
         sent.append(job_id)
         log.info("sent the training task of job %s", job_id)
+    with session_scope(session_factory) as session:
+        projects = projects_with_unsent_jobs(session)
+    for project in projects:  # the jobs waiting their turn, and those the broker refused when they were created
+        dispatched = dispatch_quietly(session_factory, celery_app, settings, project)
+        sent += dispatched
+        for job_id in dispatched:
+            log.info("sent the training task of job %s", job_id)
     with session_scope(session_factory) as session:
         failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s)
     result = {"requeued": requeued, "failed": failed, "sent": sent, "failed_exports": failed_exports,

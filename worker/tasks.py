@@ -16,6 +16,7 @@ from functools import lru_cache
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, make_session_factory
+from core.dispatch import dispatch_quietly
 from core.queue import EXPORT_TASK, SWEEP_TASK, TRAIN_TASK
 from core.settings import Settings, get_settings
 from core.storage import ObjectStorage, make_storage
@@ -39,7 +40,8 @@ def storage() -> ObjectStorage:
 
 @app.task(name=TRAIN_TASK, bind=True)
 def train(self, job_id: str) -> str:  # noqa: ANN001
-    return runner.run_job(job_id, settings(), session_factory(), storage(), worker_id=runner.default_worker_id(self.request.id))
+    return runner.run_job(job_id, settings(), session_factory(), storage(), worker_id=runner.default_worker_id(self.request.id),
+                          dispatch_next=lambda project: dispatch_quietly(session_factory(), app, settings(), project))
 
 
 @app.task(name=EXPORT_TASK, bind=True)

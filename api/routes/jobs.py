@@ -38,11 +38,12 @@ from contract.data_format import MIN_EXAMPLES
 from contract.memory import GIB, estimate_memory
 from contract.options import TrainingConfig
 from core import ids
+from core.dispatch import DispatchError, dispatch
 from core.exports import ACTIVE, ExportStatus, lock_live_model_job, mark_export_enqueued
-from core.jobs import TERMINAL, JobStatus, add_event, cancel_job, mark_enqueued
+from core.jobs import TERMINAL, JobStatus, add_event, cancel_job
 from core.models import Checkpoint, Export, Job, JobEvent, JobMetric, file_is_live, now
 from core.models import File as FileRow
-from core.queue import send_export_task, send_training_task
+from core.queue import send_export_task
 from core.settings import Settings
 from core.storage import ObjectNotFound
 
@@ -97,22 +98,21 @@ def _add_memory_estimate(session: Session, job_id: str, model_dir: Path, cfg: Tr
     )
 
 
-def _enqueue(session: Session, celery_app: Celery, settings: Settings, job_id: str) -> None:
+def _enqueue(session: Session, celery_app: Celery, settings: Settings, project: str, job_id: str) -> None:
+    """Send the project's next jobs, this one if its turn has come (core/dispatch.py: the others wait unsent)."""
     try:
-        send_training_task(celery_app, settings, job_id)
-    except Exception as exc:  # any failure to send: the job is committed, the sweeper sends it again
+        dispatch(session, celery_app, settings, project)
+    except DispatchError as exc:  # the job is committed: the sweeper sends it later
         logger.warning("could not send the training task of %s", job_id, exc_info=exc)
         # Only the exception's type in the event: its text may hold the broker URL and its password.
         add_event(
             session,
             job_id,
             "warn",
-            f"The job could not be sent to the training queue ({type(exc).__name__}); it stays queued "
+            f"The job could not be sent to the training queue ({type(exc.__cause__).__name__}); it stays queued "
             "and will be sent again automatically.",
         )
-    else:
-        mark_enqueued(session, job_id)
-    session.commit()
+        session.commit()
 
 
 def _check_step_limit(body: JobCreate, cfg: TrainingConfig, n_examples: int, limit: int) -> None:
@@ -182,7 +182,7 @@ def create_job(
     add_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
     _add_memory_estimate(session, job.id, model_dir, cfg)
     session.commit()
-    _enqueue(session, celery_app, settings, job.id)
+    _enqueue(session, celery_app, settings, project, job.id)
     return FineTuningJob.from_row(job)
 
 
@@ -213,7 +213,7 @@ def retrieve_job(job_id: str, project: CurrentProject, session: SessionDep) -> F
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob, summary="Cancel a fine-tuning job")
-def cancel(job_id: str, project: CurrentProject, session: SessionDep) -> FineTuningJob:
+def cancel(job_id: str, project: CurrentProject, session: SessionDep, celery_app: CeleryDep, settings: SettingsDep) -> FineTuningJob:
     """A queued job never starts; a running one stops at its worker's next heartbeat."""
     job = get_job_row(session, project, job_id)
     moved = cancel_job(session, job.id)
@@ -221,6 +221,10 @@ def cancel(job_id: str, project: CurrentProject, session: SessionDep) -> FineTun
     session.refresh(job)
     if not moved:
         raise bad_request(f"Job {job_id} is already {job.status} and cannot be cancelled.", param="job_id", code="invalid_job_status")
+    try:  # its turn passes to the project's next job (a failure is left to the sweeper)
+        dispatch(session, celery_app, settings, project)
+    except DispatchError:
+        logger.warning("could not dispatch project %s after a cancel", project, exc_info=True)
     return FineTuningJob.from_row(job)
 
 

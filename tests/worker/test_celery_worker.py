@@ -184,7 +184,8 @@ def test_embedded_broker_accepts_the_configured_transport_options(tmp_path):
 
 
 def test_a_busy_worker_leaves_the_next_job_in_the_queue(postgres_url, redis_url, models_dir, tmp_path):
-    """While a worker trains, the next job's message stays in Redis for the first idle worker (no prefetch)."""
+    """While a worker trains, the next job's message (sent by the worker's own claim of the first) stays in Redis for
+    the first idle worker (no prefetch)."""
     import redis
 
     from core.jobs import cancel_job
@@ -206,7 +207,10 @@ def test_a_busy_worker_leaves_the_next_job_in_the_queue(postgres_url, redis_url,
             while get_job(factory, long_id).status != "running":
                 assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()[-5000:]
                 time.sleep(0.2)
-            send_training_task(celery_app, settings, next_id)
+            # The worker's claim of the first job sent the project's next one (core/dispatch.py).
+            while get_job(factory, next_id).enqueued_at is None:
+                assert time.monotonic() < deadline, log_path.read_text()[-5000:]
+                time.sleep(0.2)
             time.sleep(3)  # a prefetching worker takes the message within milliseconds
             assert client.llen(settings.task_queue) == 1, "the busy worker reserved the next job's message"
             assert get_job(factory, next_id).status == "queued"

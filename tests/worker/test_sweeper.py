@@ -61,7 +61,9 @@ def test_lost_job_out_of_attempts_fails_even_with_a_checkpoint(make_settings, se
 
 
 def test_expired_queued_job_gets_a_new_task_message(make_settings, session_factory, storage, redis_url):
-    settings = make_settings(broker_url=redis_url, task_queue=f"qlora-sweep-test-{secrets.token_hex(4)}", task_expires_s=60)
+    # Room for three messages of the project, so that the never-sent job's turn has come (core/dispatch.py).
+    settings = make_settings(broker_url=redis_url, task_queue=f"qlora-sweep-test-{secrets.token_hex(4)}", task_expires_s=60,
+                             queued_messages_per_project=3)
     expired = create_job(session_factory, storage, enqueued_at=time.time() - 3600)
     never_sent = create_job(session_factory, storage)  # enqueued_at NULL: the API could not reach the broker
     fresh = create_job(session_factory, storage, enqueued_at=time.time())
@@ -100,9 +102,10 @@ def test_a_failed_send_leaves_the_job_for_the_next_sweep(make_settings, session_
     unlucky = create_job(session_factory, storage)
     other = create_job(session_factory, storage)
     celery = RecordingCelery(fail_for={unlucky})
-    assert sweep(settings, session_factory, celery)["sent"] == [other]
+    assert sweep(settings, session_factory, celery)["sent"] == []  # the project's next job is unlucky: the broker refuses it
     assert get_job(session_factory, unlucky).enqueued_at is None and get_job(session_factory, unlucky).status == "queued"
-    assert sweep(settings, session_factory, RecordingCelery())["sent"] == [unlucky]  # the next pass sends it
+    assert sweep(settings, session_factory, RecordingCelery())["sent"] == [unlucky]  # the next pass sends it ...
+    assert get_job(session_factory, other).enqueued_at is None  # ... and the other waits its turn behind it
 
 
 def test_expired_files_are_deleted_row_first_then_object(make_settings, session_factory, storage, tmp_path):
