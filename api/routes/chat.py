@@ -97,19 +97,19 @@ class InferenceClient:
         """Send the chat request; the response is open (streamed) and succeeded, or an APIError is raised."""
         if not self.settings.inference_url:
             raise backend_unavailable("No inference backend is configured (QLORA_INFERENCE_URL).")
-        for attempt in (1, 2):
-            response = await self._send("POST", "/v1/chat/completions", {**body, "model": served.name})
-            if response.status_code == 200:
-                return response
-            content = await response.aread()
+        request = {**body, "model": served.name}
+        response = await self._send("POST", "/v1/chat/completions", request)
+        if response.status_code == 404 and served.adapter_key is not None:
             await response.aclose()
-            if response.status_code == 404 and served.adapter_key is not None and attempt == 1:
-                await self._load(served)
-                continue
-            if response.status_code == 404:
-                raise model_not_found(served.name)
-            raise _backend_error(response, content)
-        raise AssertionError("unreachable")
+            await self._load(served)
+            response = await self._send("POST", "/v1/chat/completions", request)
+        if response.status_code == 200:
+            return response
+        content = await response.aread()
+        await response.aclose()
+        if response.status_code == 404:
+            raise model_not_found(served.name)
+        raise _backend_error(response, content)
 
     async def unload(self, name: str) -> None:
         """Best effort: the backend drops a deleted model's adapter (the API refuses the model anyway)."""
