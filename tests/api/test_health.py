@@ -39,3 +39,29 @@ def test_prometheus_metrics_count_requests_by_route_and_read_jobs_and_the_queue(
     assert 'qlora_api_request_seconds_count{method="POST",route="/v1/fine_tuning/jobs"} 1.0' in text
     assert 'qlora_jobs{status="queued"} 1.0' in text
     assert "qlora_queue_depth 1.0" in text  # the job's message waits in this test's Redis queue
+
+
+def test_readiness_answers_within_seconds_when_the_object_store_hangs(tmp_path, sqlite_url, redis_url, aws_test_credentials):
+    """An S3 endpoint that accepts connections and never answers: /readyz says 503 in seconds, not after boto3's
+    minute-long timeouts and retries."""
+    import socket
+    import time
+
+    import httpx
+
+    from tests.api.processes import api_env, uvicorn_api
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # the kernel completes the handshakes; nobody ever reads or answers
+        env = api_env(home=str(tmp_path / "home"), database_url=sqlite_url, broker_url=redis_url, storage="s3",
+                      s3_endpoint=f"http://127.0.0.1:{hung.getsockname()[1]}", s3_bucket="hung", s3_region="us-east-1",
+                      api_keys="sk-test")
+        with uvicorn_api(env, tmp_path / "api.log") as url:
+            started = time.monotonic()
+            ready = httpx.get(f"{url}/readyz", timeout=30)
+            elapsed = time.monotonic() - started
+    assert ready.status_code == 503 and elapsed < 10, (ready.status_code, elapsed)
+    checks = ready.json()["checks"]
+    assert checks["storage"].startswith("error: ") and checks["database"] == "ok" and checks["broker"] == "ok"
+
