@@ -117,6 +117,7 @@ def test_compose_environment(config):
         assert env["QLORA_BROKER_URL"] == "redis://redis:6379/0"
         assert env["QLORA_S3_ENDPOINT"] == "http://minio:9000" and env["QLORA_S3_BUCKET"]
         assert env["QLORA_HOME"] == "/data" and env["QLORA_MODELS_DIR"] == "/data/models"
+        assert env["QLORA_LOG_FORMAT"] == "json", "one JSON object a log line, for a log collector"
         # Empty unless set in the environment: then `migrate` generates the key into the shared /data volume.
         assert env["QLORA_API_KEYS"] == ""
         assert env["AWS_ACCESS_KEY_ID"] == config["services"]["minio"]["environment"]["MINIO_ROOT_USER"]

@@ -112,6 +112,7 @@ def _enqueue(session: Session, celery_app: Celery, settings: Settings, job_id: s
         )
     else:
         mark_enqueued(session, job_id)
+        logger.info("job %s sent to the training queue %s", job_id, settings.task_queue)
     session.commit()
 
 
