@@ -23,8 +23,9 @@ from typing import Any, TextIO
 
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("qlora_log_context", default={})  # noqa: B039 (never mutated)
 
-# A LogRecord's own attributes: anything else on a record was passed with `extra=` and goes into the JSON object.
-_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# A LogRecord's own attributes: anything else on a record was passed with `extra=` and goes into the JSON object
+# (but uvicorn's `color_message`, the message again with terminal colour codes).
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName", "color_message"}
 # Uvicorn's access line: '%s - "%s %s HTTP/%s" %d' with these arguments, also given as fields of their own.
 _ACCESS_FIELDS = ("client_addr", "method", "path", "http_version", "status_code")
 

@@ -50,3 +50,19 @@ def test_text_lines_are_readable_and_name_the_context():
     inside, outside = stream.getvalue().splitlines()
     assert inside.endswith("WARNING api: something happened [request_id=req-1 job_id=ftjob-1]")
     assert outside.endswith("WARNING api: outside")
+
+
+def test_json_lines_carry_extras_but_not_terminal_colours():
+    stream = io.StringIO()
+    handler = configure_logging("json", stream=stream)
+    try:
+        logging.getLogger("uvicorn.error").info("Started %d", 7, extra={"color_message": "Started \x1b[36m%d\x1b[0m", "attempt": 2})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("api").exception("failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    started, failed = (json.loads(line) for line in stream.getvalue().splitlines())  # the traceback inside its line
+    assert started["message"] == "Started 7" and started["attempt"] == 2 and "color_message" not in started
+    assert failed["level"] == "ERROR" and failed["exception"].startswith("Traceback") and "ValueError: boom" in failed["exception"]
