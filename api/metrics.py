@@ -26,6 +26,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class ServiceCollector(Collector):
     """Values read when Prometheus scrapes: they live in the database and the broker, not in this process."""
 
+    # Gauges of each running job, from the values of its newest step: (name, help, key in the step's values).
+    JOB_GAUGES = (
+        ("qlora_job_step", "The running job's latest optimizer step", "step"),
+        ("qlora_job_total_steps", "Optimizer steps the running job trains in all", "total_steps"),
+        ("qlora_job_step_seconds", "Wall-clock seconds of the running job's latest step", "step_seconds"),
+        ("qlora_job_tokens_per_second", "Tokens per second of the running job's latest step", "tokens_per_second"),
+        ("qlora_job_peak_memory_bytes", "Peak accelerator memory of the running job's run so far (CPU: 0)", "peak_memory_bytes"),
+    )
+
     def __init__(self, session_factory: Any, celery_app: Any, settings: Settings):
         self.session_factory, self.celery_app, self.settings = session_factory, celery_app, settings
 
@@ -43,16 +52,6 @@ class ServiceCollector(Collector):
             waiting = None
         if waiting is not None:
             yield GaugeMetricFamily("qlora_queue_depth", "Training messages waiting in the broker's queue", value=len(waiting))
-
-
-    # Gauges of each running job, from the values of its newest step: (name, help, key in the step's values).
-    JOB_GAUGES = (
-        ("qlora_job_step", "The running job's latest optimizer step", "step"),
-        ("qlora_job_total_steps", "Optimizer steps the running job trains in all", "total_steps"),
-        ("qlora_job_step_seconds", "Wall-clock seconds of the running job's latest step", "step_seconds"),
-        ("qlora_job_tokens_per_second", "Tokens per second of the running job's latest step", "tokens_per_second"),
-        ("qlora_job_peak_memory_bytes", "Peak accelerator memory of the running job's run so far (CPU: 0)", "peak_memory_bytes"),
-    )
 
     def _running_jobs(self):  # noqa: ANN202
         """One sample per running job (so the label values stay as few as the GPUs), from its newest metrics event:
