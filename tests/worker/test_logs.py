@@ -71,3 +71,31 @@ def test_every_line_of_an_export_carries_its_id_and_its_jobs(make_settings, sess
     assert outcome == [export_worker.FAILED]
     assert any(r["message"].startswith(f"export {export_id} failed") for r in records)
     assert all(r.get("export_id") == export_id and r.get("job_id") == job_id for r in records), records
+
+
+def test_a_celery_worker_logs_json_lines(tmp_path):
+    """A real `celery worker` under QLORA_LOG_FORMAT=json: its log lines (stderr) are ours, not Celery's text format."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    env.update(QLORA_HOME=str(tmp_path / "home"), QLORA_LOG_FORMAT="json", QLORA_TASK_QUEUE=f"logs-{os.getpid()}", PYTHONUNBUFFERED="1")
+    err = tmp_path / "stderr"
+    with err.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", env["QLORA_TASK_QUEUE"],
+                                 "--concurrency", "1", "--loglevel", "INFO"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        wait_until(lambda: "ready." in err.read_text(), timeout_s=60, interval_s=0.2, message="the worker to be ready")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    time.sleep(0.1)
+    records = [json.loads(line) for line in err.read_text().splitlines() if line.startswith("{")]
+    assert any(r["logger"] == "celery.apps.worker" and r["message"].endswith("ready.") for r in records)
+    # Anything else is what Python prints before logging is set up (the warning about running as root), never a log line.
+    others = [line for line in err.read_text().splitlines() if not line.startswith("{")]
+    assert not any("INFO/MainProcess" in line or "ready." in line for line in others), others
