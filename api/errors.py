@@ -21,6 +21,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core import logs
+
 logger = logging.getLogger("api")
 
 INVALID_REQUEST = "invalid_request_error"
@@ -171,6 +173,10 @@ class RequestIdMiddleware:
         sent = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
         request_id = sent if _CLIENT_REQUEST_ID.match(sent) else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
+        # Every line logged while the request is handled carries the id. Not unbound: the server runs each request in
+        # a task of its own, whose context ends with it, and the lines logged outside this middleware (the access
+        # line, the 500 handler's) must carry it too.
+        logs.bind(request_id=request_id)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -21,6 +21,7 @@ from api.guard import RequestGuard
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import chat, files, health, jobs, models
 from core.db import make_engine, make_session_factory
+from core.logs import configure_logging
 from core.queue import make_celery
 from core.settings import Settings, get_settings
 from core.storage import make_storage
@@ -28,6 +29,8 @@ from core.storage import make_storage
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Here, for `uvicorn --factory` builds the app after configuring its own loggers: ours replace them.
+    configure_logging(settings.log_format)
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     celery_app = make_celery(settings)
 

@@ -143,3 +143,13 @@ class Export(Base):
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (Index("ix_exports_job_seq", "job_id", "seq"),)
+
+
+class SweeperAction(Base):
+    """What the sweeper did since the database was made, one row per action (the migration makes them): `sweeps`
+    counts passes (its `updated_at`: the last one), the others the jobs, exports and files it acted on."""
+
+    __tablename__ = "sweeper_actions"
+    action: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[float | None] = mapped_column(Float, nullable=True)

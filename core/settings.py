@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     inference_base_weights: Literal["16bit", "nf4"] = Field("16bit", description="Embedded inference server: serve base models in 16 bits or quantized to 4-bit NF4 (bitsandbytes).")
     inference_max_new_tokens: int = Field(512, ge=1, description="Embedded inference server: tokens generated when a request sets no max_tokens.")
     inference_max_waiting: int = Field(32, ge=1, description="Embedded inference server: requests waiting or generating at once; more get 503 with x-should-retry.")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines of every process: 'text' (readable) or 'json' (one object a line, with request_id and job_id).")
     outage_retry_s: float = Field(120.0, gt=0, description="How long a running job's writes are retried through a database or storage outage before the run stops and the sweeper takes the job over.")
 
     @model_validator(mode="after")

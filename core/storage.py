@@ -139,7 +139,25 @@ class S3Storage:
         import boto3
 
         self.bucket = bucket
+        self.endpoint_url, self.region = endpoint_url, region
         self.client = client or boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+        self._probe_client = None
+
+    def probe(self, timeout_s: float) -> None:
+        """One cheap request with short timeouts and no retries, for readiness checks: boto3's defaults (60 s reads,
+        several attempts) would keep a probe of a hung endpoint waiting for minutes. Raises when the store does not
+        answer in time."""
+        if self._probe_client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"total_max_attempts": 1, "mode": "standard"})
+            self._probe_client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+        try:
+            self._probe_client.head_object(Bucket=self.bucket, Key="readyz-probe")
+        except Exception as exc:
+            if not self._missing(exc):  # an answer, even "no such key", means the store is there
+                raise
 
     def ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from api.errors import APIError, RequestIdMiddleware, register_error_handlers
 from core import chat
+from core.logs import configure_logging
 from core.settings import Settings, get_settings
 from core.storage import make_storage
 from inference.engine import AdapterError, ChatEngine, ChatRequest, InvalidRequest, ModelNotFound
@@ -188,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    uvicorn.run(create_app(), host=args.host, port=args.port)
+    configure_logging(get_settings().log_format)
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None)  # uvicorn's loggers through ours
     return 0
 
 

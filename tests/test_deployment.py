@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile.gpu"
 APP_SERVICES = {"migrate", "api", "worker", "beat", "inference", "vllm-front"}
-SERVICES = {"postgres", "redis", "minio", "vllm"} | APP_SERVICES
+SERVICES = {"postgres", "redis", "minio", "vllm", "prometheus"} | APP_SERVICES
 GPU_SERVICES = {"worker", "inference", "vllm"}
 
 needs_compose = pytest.mark.skipif(
@@ -91,6 +91,17 @@ def test_compose_commands(config):
     assert "inference" not in services["api"].get("ports", []) and "ports" not in services["inference"]
 
 
+def test_compose_prometheus_scrapes_the_api_behind_a_profile(config):
+    prometheus = config["services"]["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus") and prometheus["profiles"] == ["metrics"]
+    [mount] = [v for v in prometheus["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro")]
+    source = Path(mount.split(":")[0])
+    assert source == REPO / "deploy" / "prometheus.yml"
+    scrape = yaml.safe_load(source.read_text())["scrape_configs"]
+    assert [(s["metrics_path"], s["static_configs"][0]["targets"]) for s in scrape] == [("/metrics", ["api:8000"])]
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090/tcp"], "the UI on the host's loopback only"
+
+
 def test_compose_start_order(config):
     services = config["services"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -106,6 +117,7 @@ def test_compose_environment(config):
         assert env["QLORA_BROKER_URL"] == "redis://redis:6379/0"
         assert env["QLORA_S3_ENDPOINT"] == "http://minio:9000" and env["QLORA_S3_BUCKET"]
         assert env["QLORA_HOME"] == "/data" and env["QLORA_MODELS_DIR"] == "/data/models"
+        assert env["QLORA_LOG_FORMAT"] == "json", "one JSON object a log line, for a log collector"
         # Empty unless set in the environment: then `migrate` generates the key into the shared /data volume.
         assert env["QLORA_API_KEYS"] == ""
         assert env["AWS_ACCESS_KEY_ID"] == config["services"]["minio"]["environment"]["MINIO_ROOT_USER"]

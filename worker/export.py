@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import ids
+from core import ids, logs
 from core.db import session_scope
 from core.exports import (
     adapter_filename,
@@ -107,6 +107,7 @@ class ExportHeartbeat(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
+        logs.bind(export_id=self.export_id)  # a thread starts with an empty context
         while not self._done.wait(self.interval_s):
             try:
                 with session_scope(self.session_factory) as session:
@@ -123,7 +124,21 @@ class ExportHeartbeat(threading.Thread):
 def run_export(export_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
                worker_id: str | None = None) -> str:
     """Run export `export_id` to its end. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, DISCARDED."""
-    worker_id = worker_id or default_worker_id()
+    job_id = _job_of(session_factory, export_id)
+    with logs.bound(export_id=export_id, job_id=job_id):  # every line logged meanwhile carries both ids
+        return _run_export(export_id, settings, session_factory, storage, worker_id or default_worker_id())
+
+
+def _job_of(session_factory: sessionmaker[Session], export_id: str) -> str | None:
+    try:
+        with session_scope(session_factory) as session:
+            return session.execute(select(Export.job_id).where(Export.id == export_id)).scalar_one_or_none()
+    except Exception:  # the database is down: the claim below meets it too and says so
+        return None
+
+
+def _run_export(export_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
+                worker_id: str) -> str:
     with session_scope(session_factory) as session:
         if not claim_export(session, export_id, worker_id):
             log.info("export %s not claimed by %s: it is not queued", export_id, worker_id)

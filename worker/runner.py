@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from contract.data_format import DataValidationError
 from contract.options import ConfigError, TrainingConfig
-from core import ids
+from core import ids, logs
 from core.db import session_scope
 from core.jobs import (
     add_event,
@@ -115,6 +115,7 @@ class Heartbeat(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
+        logs.bind(job_id=self.job_id)  # a thread starts with an empty context
         while not self._done.wait(self.interval_s):
             try:
                 with session_scope(self.session_factory) as session:
@@ -140,7 +141,12 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
     """Run job `job_id` to its end on this worker. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, STOPPED.
     `dispatch_next(project)` is called once the job is claimed and again when it ends, so that the project's next
     queued job is sent (core/dispatch.py)."""
-    worker_id = worker_id or default_worker_id()
+    with logs.bound(job_id=job_id):  # every line logged meanwhile carries the job's id
+        return _run_job(job_id, settings, session_factory, storage, worker_id or default_worker_id(), dispatch_next)
+
+
+def _run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage, worker_id: str,
+             dispatch_next: Callable[[str], object] | None) -> str:
     with session_scope(session_factory) as session:
         if not claim_job(session, job_id, worker_id):
             log.info("job %s not claimed by %s: it is not queued", job_id, worker_id)

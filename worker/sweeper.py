@@ -21,14 +21,14 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
 from core.dispatch import dispatch_quietly, projects_with_unsent_jobs
 from core.exports import fail_lost_exports, mark_export_enqueued, unsent_queued_exports
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
-from core.models import File, now
+from core.models import File, SweeperAction, now
 from core.queue import queued_training_jobs, send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly
@@ -127,4 +127,22 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
               "sent_exports": send_unsent_exports(settings, session_factory, celery_app)}
     if storage is not None:
         result["expired_files"] = expire_files(session_factory, storage)
+    count_actions(session_factory, {"sweeps": 1, "requeued": len(requeued), "failed": len(failed), "resent": len(set(sent) - set(requeued)),
+                                    "failed_exports": len(failed_exports), "resent_exports": len(result["sent_exports"]),
+                                    "expired_files": len(result.get("expired_files", []))})
     return result
+
+
+def count_actions(session_factory: sessionmaker[Session], counts: dict[str, int]) -> None:
+    """Add this pass's actions to the counters the API's /metrics reads. Counting never fails a sweep: its moves are
+    committed already."""
+    at = time.time()
+    try:
+        with session_scope(session_factory) as session:
+            for action, n in counts.items():
+                moved = session.execute(update(SweeperAction).where(SweeperAction.action == action)
+                                        .values(count=SweeperAction.count + n, updated_at=at)).rowcount
+                if not moved:  # an action newer than the migration that made the rows
+                    session.execute(insert(SweeperAction).values(action=action, count=n, updated_at=at))
+    except Exception:
+        log.warning("could not count the sweep's actions", exc_info=True)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from api.base_models import find_base_model
 from api.deps import CurrentProject, SessionDep, SettingsDep
 from api.errors import APIError, not_found
+from core import logs
 from core.chat import ChatCompletionCreate
 from core.exports import adapter_filename
 from core.jobs import JobStatus
@@ -131,7 +132,10 @@ class InferenceClient:
 
     async def _send(self, method: str, path: str, body: dict[str, Any]) -> httpx.Response:
         try:
-            return await self.http.send(self.http.build_request(method, path, json=body), stream=True)
+            # The caller's request id goes on, so that the backend's log lines for it carry the same id.
+            request_id = logs.context().get("request_id")
+            headers = {"x-request-id": request_id} if request_id else None
+            return await self.http.send(self.http.build_request(method, path, json=body, headers=headers), stream=True)
         except httpx.TimeoutException:
             raise backend_unavailable("The inference backend did not answer in time; retry shortly.") from None
         except httpx.TransportError:

@@ -63,7 +63,7 @@ def _storage(storage: Any) -> str:
     if root is not None:
         return "ok" if Path(root).is_dir() and os.access(root, os.W_OK) else "error: not a writable directory"
     try:
-        storage.exists("readyz-probe")  # S3: a cheap request that needs the bucket, whatever the answer
+        storage.probe(CHECK_TIMEOUT_S)  # S3: one short request, so a hung endpoint costs seconds, not minutes
         return "ok"
     except Exception as exc:
         return f"error: {type(exc).__name__}"

@@ -101,7 +101,8 @@ def _add_memory_estimate(session: Session, job_id: str, model_dir: Path, cfg: Tr
 def _enqueue(session: Session, celery_app: Celery, settings: Settings, project: str, job_id: str) -> None:
     """Send the project's next jobs, this one if its turn has come (core/dispatch.py: the others wait unsent)."""
     try:
-        dispatch(session, celery_app, settings, project)
+        for sent in dispatch(session, celery_app, settings, project):
+            logger.info("job %s sent to the training queue %s", sent, settings.task_queue)
     except DispatchError as exc:  # the job is committed: the sweeper sends it later
         logger.warning("could not send the training task of %s", job_id, exc_info=exc)
         # Only the exception's type in the event: its text may hold the broker URL and its password.

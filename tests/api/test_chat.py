@@ -194,3 +194,21 @@ def test_the_vllm_front_hands_vllm_an_unpacked_directory(tmp_path, database_url,
 
             assert sdk.models.delete(model).deleted  # the API unloads through the front, which deletes the copy
             assert model not in engine.served and not any(shared.iterdir())
+
+
+def test_the_request_id_goes_on_to_the_backend(tmp_path, database_url, redis_url, queue_name, models_dir, settings):
+    """The backend (the real inference server, its requests recorded on the way in) gets the caller's x-request-id, so
+    its log lines for the request carry the same id as the API's."""
+    seen: list[tuple[str, str]] = []
+    inner = create_inference_app(settings.model_copy(update={"inference_max_new_tokens": 2}))
+
+    async def recording(scope, receive, send):  # noqa: ANN001, ANN202
+        if scope["type"] == "http":
+            seen.append((scope["path"], dict(scope["headers"]).get(b"x-request-id", b"").decode()))
+        await inner(scope, receive, send)
+
+    with serving(recording) as url, api_client(tmp_path, database_url, redis_url, queue_name, models_dir, url) as client:
+        answer = client.post("/v1/chat/completions", headers={**KEY_A, "x-request-id": "req-chat-1"},
+                             json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        assert answer.status_code == 200, answer.text
+    assert ("/v1/chat/completions", "req-chat-1") in seen

@@ -39,3 +39,73 @@ def test_prometheus_metrics_count_requests_by_route_and_read_jobs_and_the_queue(
     assert 'qlora_api_request_seconds_count{method="POST",route="/v1/fine_tuning/jobs"} 1.0' in text
     assert 'qlora_jobs{status="queued"} 1.0' in text
     assert "qlora_queue_depth 1.0" in text  # the job's message waits in this test's Redis queue
+
+
+def test_readiness_answers_within_seconds_when_the_object_store_hangs(tmp_path, sqlite_url, redis_url, aws_test_credentials):
+    """An S3 endpoint that accepts connections and never answers: /readyz says 503 in seconds, not after boto3's
+    minute-long timeouts and retries."""
+    import socket
+    import time
+
+    import httpx
+
+    from tests.api.processes import api_env, uvicorn_api
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # the kernel completes the handshakes; nobody ever reads or answers
+        env = api_env(home=str(tmp_path / "home"), database_url=sqlite_url, broker_url=redis_url, storage="s3",
+                      s3_endpoint=f"http://127.0.0.1:{hung.getsockname()[1]}", s3_bucket="hung", s3_region="us-east-1",
+                      api_keys="sk-test")
+        with uvicorn_api(env, tmp_path / "api.log") as url:
+            started = time.monotonic()
+            ready = httpx.get(f"{url}/readyz", timeout=30)
+            elapsed = time.monotonic() - started
+    assert ready.status_code == 503 and elapsed < 10, (ready.status_code, elapsed)
+    checks = ready.json()["checks"]
+    assert checks["storage"].startswith("error: ") and checks["database"] == "ok" and checks["broker"] == "ok"
+
+
+def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client, settings):
+    """What the workers and the sweeper write to the database, read at scrape time: a real sink's steps, a real sweep."""
+    import time
+
+    from sqlalchemy import update
+
+    from core.db import session_scope
+    from core.jobs import claim_job
+    from core.models import Job
+    from tests.api.helpers import create_job_ok, upload_ok
+    from worker.sink import DatabaseSink
+    from worker.sweeper import sweep
+
+    state = client.app.state
+    file_id = upload_ok(client)["id"]
+    running, lost = create_job_ok(client, file_id)["id"], create_job_ok(client, file_id)["id"]
+    with session_scope(state.session_factory) as session:
+        assert claim_job(session, running, "gpu-a:4242:task-1") and claim_job(session, lost, "gpu-b:77:task-2")
+        session.execute(update(Job).where(Job.id == lost).values(heartbeat_at=time.time() - 3600))  # its worker died
+    sink = DatabaseSink(running, "gpu-a:4242:task-1", state.session_factory, state.storage, on_lost=lambda: None)
+    sink.event("info", "Training 10 steps", {"total_steps": 10})
+    for step, seconds in ((1, 0.5), (2, 0.25)):
+        sink.metrics(step, {"train_loss": 2.0 / step, "tokens": 100, "tokens_per_second": 100 / seconds, "step_seconds": seconds,
+                            "peak_memory_bytes": 3 << 30})
+
+    text = client.get("/metrics").text
+    labels = f'job_id="{running}",worker="gpu-a:4242"'
+    assert f"qlora_job_step{{{labels}}} 2.0" in text
+    assert f"qlora_job_total_steps{{{labels}}} 10.0" in text
+    assert f"qlora_job_step_seconds{{{labels}}} 0.25" in text
+    assert f"qlora_job_tokens_per_second{{{labels}}} 400.0" in text
+    assert f"qlora_job_peak_memory_bytes{{{labels}}} 3.221225472e+09" in text  # 3 GiB
+    assert f'job_id="{lost}"' not in text, "no step written yet: no samples"
+    assert 'qlora_sweeper_actions_total{action="failed"} 0.0' in text and "qlora_sweeper_last_sweep_timestamp_seconds" not in text
+
+    assert sweep(settings, state.session_factory, state.celery)["failed"] == [lost]
+    text = client.get("/metrics").text
+    assert 'qlora_sweeper_actions_total{action="sweeps"} 1.0' in text
+    assert 'qlora_sweeper_actions_total{action="failed"} 1.0' in text
+    assert 'qlora_sweeper_actions_total{action="requeued"} 0.0' in text and 'qlora_sweeper_actions_total{action="resent"} 0.0' in text
+    [last] = [line for line in text.splitlines() if line.startswith("qlora_sweeper_last_sweep_timestamp_seconds ")]
+    assert abs(float(last.split()[1]) - time.time()) < 60
+    assert 'qlora_jobs{status="failed"} 1.0' in text and 'qlora_jobs{status="running"} 1.0' in text

@@ -85,3 +85,9 @@ def test_checkpoint_archive_from_s3(s3_client):
         code="checkpoint_not_found",
         param="checkpoint_id",
     )
+
+
+def test_readiness_on_s3(s3_client):
+    """The short-timeout probe reaches a store that answers: ready (a missing probe object is an answer)."""
+    ready = s3_client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["storage"] == "ok"
