@@ -1,0 +1,87 @@
+"""200 job creations at once against a real API process (uvicorn) on PostgreSQL and Redis: 200 rows, 200 task
+messages, none lost or duplicated; then 200 cancels at once, all cancelled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from core.db import make_engine, make_session_factory, session_scope
+from core.models import Job
+from tests.api.helpers import API_KEYS, KEY_A, MODEL, chat_jsonl, queued_tasks
+from tests.conftest import free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parents[2]
+N_JOBS = 200
+
+
+@pytest.fixture
+def api_process(tmp_path, postgres_url, redis_url, queue_name, models_dir):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    env.update({"QLORA_HOME": str(tmp_path / "home"), "QLORA_DATABASE_URL": postgres_url, "QLORA_BROKER_URL": redis_url,
+                "QLORA_TASK_QUEUE": queue_name, "QLORA_API_KEYS": API_KEYS, "QLORA_MODELS_DIR": str(models_dir),
+                "QLORA_STORAGE": "local", "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT": str(2 * N_JOBS)})
+    log = tmp_path / "api.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
+                                 "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, timeout_s=60)
+        yield f"http://127.0.0.1:{port}"
+    except BaseException:
+        print(log.read_text()[-10000:])
+        raise
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_200_concurrent_creations_make_200_rows_and_200_messages_then_200_cancels(api_process, postgres_url, redis_url, queue_name):
+    with httpx.Client(base_url=api_process, headers=KEY_A, timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+        uploaded = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", chat_jsonl(), "application/jsonl")})
+        assert uploaded.status_code == 200, uploaded.text
+        file_id = uploaded.json()["id"]
+        deadline = time.monotonic() + 30
+        while client.get(f"/v1/files/{file_id}").json()["status"] != "processed":
+            assert time.monotonic() < deadline, "the file was not processed"
+            time.sleep(0.1)
+
+        def create(i: int) -> httpx.Response:
+            return client.post("/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": file_id, "suffix": f"c{i}",
+                                                              "hyperparameters": {"n_epochs": 1}})
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            created = list(pool.map(create, range(N_JOBS)))
+        assert [r.status_code for r in created] == [200] * N_JOBS, next(r.text for r in created if r.status_code != 200)
+        ids = [r.json()["id"] for r in created]
+        assert len(set(ids)) == N_JOBS
+
+        engine = make_engine(postgres_url)
+        factory = make_session_factory(engine)
+        with session_scope(factory) as session:
+            rows = dict(session.execute(select(Job.id, Job.enqueued_at)).all())
+        assert set(rows) == set(ids) and all(rows.values())  # every row, each marked as sent
+        messages = Counter(args[0] for task, args in queued_tasks(redis_url, queue_name) if task == "qlora.train")
+        assert set(messages) == set(ids) and set(messages.values()) == {1}  # one message a job: none lost, none twice
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            cancelled = list(pool.map(lambda job_id: client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), ids))
+        assert [(r.status_code, r.json()["status"]) for r in cancelled] == [(200, "cancelled")] * N_JOBS
+        with session_scope(factory) as session:
+            statuses = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        assert statuses == {"cancelled": N_JOBS}
+        engine.dispose()
