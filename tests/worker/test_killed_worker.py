@@ -38,9 +38,10 @@ def test_a_sigkilled_training_process_is_resumed_by_a_new_worker(postgres_url, r
             with session_scope(factory) as session:
                 mark_enqueued(session, job_id)
             deadline = time.monotonic() + 120
-            while not checkpoints(factory, job_id):
+            # Killed once a step past the first checkpoint is recorded: the resumed run produces that step again.
+            while not (saved := checkpoints(factory, job_id)) or max(metric_steps(factory, job_id)) <= saved[0].step:
                 assert time.monotonic() < deadline and proc.poll() is None, first_log.read_text()[-5000:]
-                time.sleep(0.1)
+                time.sleep(0.05)
             # The worker id is host:pid:task: the pid of the prefork child that runs the job.
             trainer_pid = int(get_job(factory, job_id).worker_id.split(":")[1])
             assert trainer_pid != proc.pid
@@ -61,6 +62,7 @@ def test_a_sigkilled_training_process_is_resumed_by_a_new_worker(postgres_url, r
         resumed = [e.message for e in evs if e.message.startswith("Resumed from")]
         assert len(resumed) == 1, [e.message for e in evs]
         resume_step = int(resumed[0].rsplit(" ", 1)[1])
+        assert killed_at > resume_step  # steps past the checkpoint were recorded by the killed run, and again after
         assert any(e.level == "warn" and f"resuming from the checkpoint at step {resume_step}" in e.message for e in evs)
         steps = [c.step for c in checkpoints(factory, job_id)]
         assert steps == sorted(set(steps)) and steps[-1] == 8 and resume_step in steps
