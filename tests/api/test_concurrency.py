@@ -1,5 +1,6 @@
 """200 job creations at once against a real API process (uvicorn) on PostgreSQL and Redis: 200 rows, 200 task
-messages, none lost or duplicated; then 200 cancels at once, all cancelled."""
+messages, none lost or duplicated; then 200 cancels at once, all cancelled. And creations racing past a project's
+active-jobs limit: exactly the limit is created."""
 
 from __future__ import annotations
 
@@ -25,12 +26,17 @@ N_JOBS = 200
 
 
 @pytest.fixture
-def api_process(tmp_path, postgres_url, redis_url, queue_name, models_dir):
+def max_active_jobs() -> int:
+    return 2 * N_JOBS
+
+
+@pytest.fixture
+def api_process(tmp_path, postgres_url, redis_url, queue_name, models_dir, max_active_jobs):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
     env.update({"QLORA_HOME": str(tmp_path / "home"), "QLORA_DATABASE_URL": postgres_url, "QLORA_BROKER_URL": redis_url,
                 "QLORA_TASK_QUEUE": queue_name, "QLORA_API_KEYS": API_KEYS, "QLORA_MODELS_DIR": str(models_dir),
-                "QLORA_STORAGE": "local", "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT": str(2 * N_JOBS)})
+                "QLORA_STORAGE": "local", "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT": str(max_active_jobs)})
     log = tmp_path / "api.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
@@ -49,23 +55,31 @@ def api_process(tmp_path, postgres_url, redis_url, queue_name, models_dir):
             proc.kill()
 
 
+def training_file(client: httpx.Client) -> str:
+    uploaded = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", chat_jsonl(), "application/jsonl")})
+    assert uploaded.status_code == 200, uploaded.text
+    file_id = uploaded.json()["id"]
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/files/{file_id}").json()["status"] != "processed":
+        assert time.monotonic() < deadline, "the file was not processed"
+        time.sleep(0.1)
+    return file_id
+
+
+def create_at_once(client: httpx.Client, file_id: str, n: int) -> list[httpx.Response]:
+    def create(i: int) -> httpx.Response:
+        return client.post("/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": file_id, "suffix": f"c{i}",
+                                                          "hyperparameters": {"n_epochs": 1}})
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        return list(pool.map(create, range(n)))
+
+
 @pytest.mark.timeout(120)
 def test_200_concurrent_creations_make_200_rows_and_200_messages_then_200_cancels(api_process, postgres_url, redis_url, queue_name):
     with httpx.Client(base_url=api_process, headers=KEY_A, timeout=60, limits=httpx.Limits(max_connections=64)) as client:
-        uploaded = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", chat_jsonl(), "application/jsonl")})
-        assert uploaded.status_code == 200, uploaded.text
-        file_id = uploaded.json()["id"]
-        deadline = time.monotonic() + 30
-        while client.get(f"/v1/files/{file_id}").json()["status"] != "processed":
-            assert time.monotonic() < deadline, "the file was not processed"
-            time.sleep(0.1)
-
-        def create(i: int) -> httpx.Response:
-            return client.post("/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": file_id, "suffix": f"c{i}",
-                                                              "hyperparameters": {"n_epochs": 1}})
-
-        with ThreadPoolExecutor(max_workers=32) as pool:
-            created = list(pool.map(create, range(N_JOBS)))
+        file_id = training_file(client)
+        created = create_at_once(client, file_id, N_JOBS)
         assert [r.status_code for r in created] == [200] * N_JOBS, next(r.text for r in created if r.status_code != 200)
         ids = [r.json()["id"] for r in created]
         assert len(set(ids)) == N_JOBS
@@ -85,3 +99,20 @@ def test_200_concurrent_creations_make_200_rows_and_200_messages_then_200_cancel
             statuses = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
         assert statuses == {"cancelled": N_JOBS}
         engine.dispose()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("max_active_jobs", [20])
+def test_concurrent_creations_never_pass_the_active_jobs_limit(api_process, postgres_url, redis_url, queue_name, max_active_jobs):
+    """Counting a project's active jobs and adding one must not interleave between requests: 60 creations at once
+    against a limit of 20 make exactly 20 jobs (and messages); the other 40 get 429 quota_exceeded."""
+    with httpx.Client(base_url=api_process, headers=KEY_A, timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+        created = create_at_once(client, training_file(client), 3 * max_active_jobs)
+    codes = Counter(r.status_code for r in created)
+    assert codes == {200: max_active_jobs, 429: 2 * max_active_jobs}, codes
+    assert {r.json()["error"]["code"] for r in created if r.status_code == 429} == {"quota_exceeded"}
+    engine = make_engine(postgres_url)
+    with session_scope(make_session_factory(engine)) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == max_active_jobs
+    engine.dispose()
+    assert len(queued_tasks(redis_url, queue_name)) == max_active_jobs
