@@ -155,7 +155,7 @@ def test_a_full_local_disk_stops_the_run_without_failing_the_job(postgres_url, m
         settings = Settings(home=tmp_path, database_url=postgres_url, storage="local", storage_dir=disk / "objects",
                             models_dir=models_dir, heartbeat_interval_s=0.2, heartbeat_timeout_s=1, outage_retry_s=2)
         storage = LocalStorage(settings.storage_dir)
-        job_id = create_job(factory, storage, hyper=hyperparameters(max_steps=8, checkpoint_every=2))
+        job_id = create_job(factory, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=2))
         filler: list = []
 
         def fill_after_the_first_checkpoint() -> None:
@@ -179,5 +179,5 @@ def test_a_full_local_disk_stops_the_run_without_failing_the_job(postgres_url, m
 
         wait_until(lambda: sweep(settings, factory, Sent())["requeued"] == [job_id], 30, interval_s=0.5, message="the requeue")
         assert runner.run_job(job_id, settings, factory, storage) == runner.SUCCEEDED
-        assert metric_steps(factory, job_id) == list(range(1, 9))
-        assert [c.step for c in checkpoints(factory, job_id)] == [2, 4, 6, 8]
+        assert metric_steps(factory, job_id) == list(range(1, 7))
+        assert [c.step for c in checkpoints(factory, job_id)] == [2, 4, 6]
