@@ -1,6 +1,6 @@
 """200 job creations at once against a real API process (uvicorn) on PostgreSQL and Redis: 200 rows, 200 task
 messages, none lost or duplicated; then 200 cancels at once, all cancelled. And creations racing past a project's
-active-jobs limit: exactly the limit is created."""
+active-jobs limit, and uploads racing past its stored-bytes limit: exactly the limit is created."""
 
 from __future__ import annotations
 
@@ -31,12 +31,18 @@ def max_active_jobs() -> int:
 
 
 @pytest.fixture
-def api_process(tmp_path, postgres_url, redis_url, queue_name, models_dir, max_active_jobs):
+def max_stored_bytes() -> int:
+    return 1 << 30
+
+
+@pytest.fixture
+def api_process(tmp_path, postgres_url, redis_url, queue_name, models_dir, max_active_jobs, max_stored_bytes):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
     env.update({"QLORA_HOME": str(tmp_path / "home"), "QLORA_DATABASE_URL": postgres_url, "QLORA_BROKER_URL": redis_url,
                 "QLORA_TASK_QUEUE": queue_name, "QLORA_API_KEYS": API_KEYS, "QLORA_MODELS_DIR": str(models_dir),
-                "QLORA_STORAGE": "local", "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT": str(max_active_jobs)})
+                "QLORA_STORAGE": "local", "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT": str(max_active_jobs),
+                "QLORA_MAX_STORED_BYTES_PER_PROJECT": str(max_stored_bytes)})
     log = tmp_path / "api.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
@@ -116,3 +122,21 @@ def test_concurrent_creations_never_pass_the_active_jobs_limit(api_process, post
         assert session.scalar(select(func.count()).select_from(Job)) == max_active_jobs
     engine.dispose()
     assert len(queued_tasks(redis_url, queue_name)) == max_active_jobs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("max_stored_bytes", [10 * len(chat_jsonl())])
+def test_concurrent_uploads_never_pass_the_stored_bytes_limit(api_process, tmp_path, max_stored_bytes):
+    """30 uploads at once against room for 10: exactly 10 stored (rows and objects), 20 refused with 429."""
+    def upload(i: int) -> httpx.Response:
+        return client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (f"t{i}.jsonl", chat_jsonl(), "application/jsonl")})
+
+    with httpx.Client(base_url=api_process, headers=KEY_A, timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+        with ThreadPoolExecutor(max_workers=30) as pool:
+            uploads = list(pool.map(upload, range(30)))
+        codes = Counter(r.status_code for r in uploads)
+        assert codes == {200: 10, 429: 20}, codes
+        listed = client.get("/v1/files", params={"limit": 100}).json()["data"]
+    assert len(listed) == 10 and sum(f["bytes"] for f in listed) <= max_stored_bytes
+    objects = [p for p in (tmp_path / "home" / "objects").rglob("*") if p.is_file()]
+    assert len(objects) == 10  # a refused upload's object was deleted
