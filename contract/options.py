@@ -90,7 +90,7 @@ class TrainingConfig(BaseModel):
     eval_every: int | None = Field(None, ge=1, description="Evaluate on the validation file every N steps (always at the end). None: only at the end.")
     eval_batch_size: int | None = Field(None, ge=1, le=4096, description="Examples per evaluation forward pass. None: as in training (micro_batch_tokens rows, else micro_batch_size examples), so evaluation never needs more memory than training.")
     checkpoint_every: int | None = Field(None, ge=1, description="Save an adapter checkpoint every N steps (always at the end). None: at the end of each epoch.")
-    keep_checkpoints: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints on disk (the final one always stays). None: keep all.")
+    keep_checkpoints: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints on disk, and in the service's object storage (the final one always stays; so does the one a job resumed from). None: keep all.")
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainingConfig:

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import BinaryIO, Protocol
 from core.settings import Settings
 
 CHUNK = 1024 * 1024
+PARTIAL_SUFFIX = ".partial"  # the local backend's object being written
+STALE_PARTIAL_S = 15 * 60  # a partial file untouched this long was left by a killed writer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,15 @@ def spool_stream(stream: BinaryIO, directory: Path | None = None, max_bytes: int
     return path, size, digest.hexdigest()
 
 
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX: the directory entry is only on disk once the directory is synced)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -93,12 +105,37 @@ class LocalStorage:
         return path
 
     def put_file(self, key: str, path: Path) -> StoredObject:
+        """Copy to `KEY.partial`, fsync it, rename it over the key, fsync the directory: once this returns, the
+        object survives a power loss (a row committed after it never names a missing or truncated file). A
+        failed write (a full disk) removes its partial file and raises."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".partial")
-        shutil.copyfile(path, tmp)
-        tmp.replace(target)
+        tmp = target.with_name(target.name + PARTIAL_SUFFIX)
+        try:
+            with Path(path).open("rb") as source, tmp.open("wb") as out:
+                shutil.copyfileobj(source, out, CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_directory(target.parent)
         return StoredObject(key, target.stat().st_size, sha256_of(target))
+
+    def remove_stale_partials(self, older_than_s: float = STALE_PARTIAL_S) -> list[Path]:
+        """Delete the `*.partial` files that writers killed mid-copy left behind: those untouched for
+        `older_than_s` (a write in progress keeps its file's mtime fresh). Returns what was removed."""
+        cutoff = time.time() - older_than_s
+        removed = []
+        for path in self.root.rglob(f"*{PARTIAL_SUFFIX}"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # finished or removed meanwhile
+                continue
+        return removed
 
     def download(self, key: str, path: Path) -> None:
         source = self._path(key)
@@ -226,6 +263,14 @@ def delete_quietly(storage: ObjectStorage, *keys: str) -> None:
             storage.delete(key)
         except Exception:
             log.exception("could not delete object %s; it is orphaned", key)
+
+
+def remove_stale_partials(storage: ObjectStorage, older_than_s: float = STALE_PARTIAL_S) -> list[str]:
+    """The local backend's leftovers of killed writes (see LocalStorage.remove_stale_partials), as paths; nothing
+    on S3, which never shows an incomplete upload as an object."""
+    if not isinstance(storage, LocalStorage):
+        return []
+    return [str(path) for path in storage.remove_stale_partials(older_than_s)]
 
 
 def make_storage(settings: Settings) -> ObjectStorage:

@@ -1,11 +1,16 @@
 """Fault injection for tests: a TCP proxy on loopback whose link to a real server (PostgreSQL, the S3-compatible
 server) can be cut and restored. While cut, every open connection is closed and new ones are refused, as when
-the server goes away; restored, it forwards again on the same port."""
+the server goes away; restored, it forwards again on the same port. And a small disk (a tmpfs) to fill up."""
 
 from __future__ import annotations
 
+import errno
 import socket
+import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class TcpProxy:
@@ -78,3 +83,33 @@ class TcpProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+@contextmanager
+def small_disk(path: Path, size: str = "1m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path`: a disk that fills up for real. Needs root (CI runs as root); the test
+    is skipped where mounting is not permitted."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file in `directory` until its disk is full; returns it (delete it to free the space)."""
+    filler = directory / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return filler

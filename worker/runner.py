@@ -233,7 +233,8 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
         archive.unlink()
         log.info("job %s resumes from the checkpoint at step %s", job_id, spec.resume_step)
 
-    sink = DatabaseSink(job_id, worker_id, session_factory, storage, on_lost=stop.set, retry_window_s=settings.outage_retry_s)
+    sink = DatabaseSink(job_id, worker_id, session_factory, storage, on_lost=stop.set, retry_window_s=settings.outage_retry_s,
+                        keep_checkpoints=config.keep_checkpoints)
     job = TrainingJob(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",
                       config=config, validation_file=valid_path)
     deadline = time.monotonic() + settings.max_job_seconds

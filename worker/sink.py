@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic_core import to_jsonable_python
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import ids
@@ -60,7 +60,7 @@ class DatabaseSink:
     """Implements worker.training.sinks.Sink for one job run by one worker."""
 
     def __init__(self, job_id: str, worker_id: str, session_factory: sessionmaker[Session], storage: ObjectStorage,
-                 on_lost: Callable[[], None], *, retry_window_s: float = 120.0):
+                 on_lost: Callable[[], None], *, retry_window_s: float = 120.0, keep_checkpoints: int | None = None):
         self.job_id = job_id
         self.worker_id = worker_id
         self.session_factory = session_factory
@@ -69,6 +69,7 @@ class DatabaseSink:
         self.total_steps: int | None = None  # the engine reports it in an event once the model is loaded
         self.lost = False
         self.retry_window_s = retry_window_s  # how long a write is retried through an outage (worker/retry.py)
+        self.keep_checkpoints = keep_checkpoints  # the engine option: older checkpoints are deleted from storage too
         self._model_name: str | None = None
         self._rate_origin: tuple[int, float] | None = None  # (step, time) of this run's first step
 
@@ -127,13 +128,34 @@ class DatabaseSink:
             archive.unlink(missing_ok=True)
         floats = {k: float(metrics[k]) for k in CHECKPOINT_METRIC_KEYS if k in metrics and math.isfinite(float(metrics[k]))}
 
+        superseded: list[str] = []
+
         def write(session: Session) -> None:
             model = self._fine_tuned_model(session)
             session.add(Checkpoint(id=checkpoint_id, job_id=self.job_id, step=step, metrics=floats, storage_key=key,
                                    fine_tuned_model_checkpoint=checkpoint_model_name(model, step), created_at=now()))
             add_event(session, self.job_id, "info", f"Checkpoint saved at step {step}")
+            superseded[:] = self._forget_old_checkpoints(session)
 
-        self._write(write, uploaded=key)
+        if self._write(write, uploaded=key):
+            # After the commit: a crash in between orphans objects, never leaves a row pointing at nothing.
+            delete_quietly(self.storage, *superseded)
+
+    def _forget_old_checkpoints(self, session: Session) -> list[str]:
+        """Delete the rows of this job's checkpoints beyond the newest `keep_checkpoints` (the one just added
+        included), in the write's transaction; returns their object keys. The checkpoint this run resumed from
+        stays: it is what the job falls back to until a newer one is safely stored, and deleting the object under
+        a run still downloading it would fail that run."""
+        if self.keep_checkpoints is None:
+            return []
+        session.flush()
+        resume_from = session.execute(select(Job.resume_checkpoint).where(Job.id == self.job_id)).scalar_one()
+        rows = session.execute(select(Checkpoint.id, Checkpoint.storage_key).where(Checkpoint.job_id == self.job_id)
+                               .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())).all()
+        old = [(checkpoint_id, key) for checkpoint_id, key in rows[self.keep_checkpoints:] if checkpoint_id != resume_from]
+        if old:
+            session.execute(delete(Checkpoint).where(Checkpoint.id.in_([checkpoint_id for checkpoint_id, _ in old])))
+        return [key for _, key in old]
 
     # --- helpers -----------------------------------------------------------------------------------------
 

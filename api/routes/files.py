@@ -29,7 +29,7 @@ from api.schemas import CursorPage, FileDeleted, FileObject
 from contract.data_format import ValidationReport, validate_file
 from core import ids
 from core.models import File as FileRow
-from core.models import file_is_live, now
+from core.models import Project, file_is_live, now
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectTooLarge, delete_quietly, spool_stream
 
@@ -122,6 +122,14 @@ def get_file_row(session: Session, project: str, file_id: str) -> FileRow:
     return row
 
 
+def _check_stored_bytes(session: Session, settings: Settings, project: str, size: int) -> None:
+    """429 when `size` more bytes would pass the project's stored-bytes limit."""
+    stored = session.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.project == project, file_is_live()))
+    if stored + size > settings.max_stored_bytes_per_project:
+        raise quota_exceeded(f"This project stores {stored} bytes of files; {size} more would pass its limit of "
+                             f"{settings.max_stored_bytes_per_project}", "QLORA_MAX_STORED_BYTES_PER_PROJECT")
+
+
 @router.post("", response_model=FileObject, summary="Upload a file")
 def upload_file(
     project: CurrentProject,
@@ -152,10 +160,7 @@ def upload_file(
     except ObjectTooLarge:
         raise file_too_large(settings.max_upload_bytes) from None
     try:
-        stored = session.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.project == project, file_is_live()))
-        if stored + size > settings.max_stored_bytes_per_project:
-            raise quota_exceeded(f"This project stores {stored} bytes of files; {size} more would pass its limit of "
-                                 f"{settings.max_stored_bytes_per_project}", "QLORA_MAX_STORED_BYTES_PER_PROJECT")
+        _check_stored_bytes(session, settings, project, size)  # early, before the work; again under the lock below
         # One example is enough here: the file may serve as a small validation file. The engine's minimum for
         # a training file (MIN_EXAMPLES) is checked when a job trains on it.
         report = validate_file(path, min_examples=1)
@@ -175,6 +180,10 @@ def upload_file(
         row.storage_key = f"files/{row.id}"
         storage.put_file(row.storage_key, path)
         try:
+            # The project's row lock (PostgreSQL) orders concurrent uploads of one project from the count to the
+            # commit: without it two uploads could both fit under the limit and together pass it.
+            session.execute(select(Project.name).where(Project.name == project).with_for_update())
+            _check_stored_bytes(session, settings, project, size)
             session.add(row)
             session.commit()
         except BaseException:

@@ -41,7 +41,7 @@ from core import ids
 from core.dispatch import DispatchError, dispatch
 from core.exports import ACTIVE, ExportStatus, lock_live_model_job, mark_export_enqueued
 from core.jobs import TERMINAL, JobStatus, add_event, cancel_job
-from core.models import Checkpoint, Export, Job, JobEvent, JobMetric, file_is_live, now
+from core.models import Checkpoint, Export, Job, JobEvent, JobMetric, Project, file_is_live, now
 from core.models import File as FileRow
 from core.queue import send_export_task
 from core.settings import Settings
@@ -151,6 +151,9 @@ def create_job(
         _usable_file(session, project, body.validation_file, "validation_file")
     if body.integrations:
         raise bad_request("Integrations are not supported by this service.", param="integrations", code="unsupported_parameter")
+    # The project's row lock (PostgreSQL) orders concurrent creations of one project: without it two requests
+    # could both count N-1 active jobs and both add one, passing the limit.
+    session.execute(select(Project.name).where(Project.name == project).with_for_update())
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.project == project, Job.status.not_in([status.value for status in TERMINAL])))
     if active >= settings.max_active_jobs_per_project:

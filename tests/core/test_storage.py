@@ -187,3 +187,60 @@ def test_s3_bucket_from_the_environment(no_qlora_env, tmp_path, s3_endpoint, aws
     storage.ensure_bucket()
     storage.put_file("files/x", write(tmp_path / "x", b"hello"))
     assert storage.size("files/x") == 5
+
+
+def test_local_writes_are_synced_before_the_rename_and_the_rename_after(local_storage, tmp_path, monkeypatch):
+    """A power loss cannot be caused here; what makes a write survive one can be watched: the data is fsynced
+    while it is still the partial file, and the directory (the rename) after the object has its name."""
+    real_fsync = os.fsync
+    synced: list[tuple[str, bool]] = []
+
+    def watching_fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, (local_storage.root / "files" / "a").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watching_fsync)
+    local_storage.put_file("files/a", write(tmp_path / "f", b"abc"))
+    directory = str((local_storage.root / "files").resolve())
+    assert synced == [(directory + "/a.partial", False), (directory, True)]
+
+
+def test_stale_partial_files_of_killed_writers_are_removed(local_storage, tmp_path):
+    from core.storage import STALE_PARTIAL_S, remove_stale_partials
+
+    local_storage.put_file("files/kept", write(tmp_path / "f", b"abc"))
+    stale = local_storage.root / "checkpoints" / "ftjob-x" / "step-000002-ckpt.tar.gz.partial"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
+    old = os.stat(stale).st_mtime - STALE_PARTIAL_S - 60
+    os.utime(stale, (old, old))
+    fresh = local_storage.root / "files" / "being-written.partial"  # a write in progress: left alone
+    fresh.write_bytes(b"half")
+    assert remove_stale_partials(local_storage) == [str(stale)]
+    assert not stale.exists() and fresh.exists() and local_storage.exists("files/kept")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    from tests.faults import small_disk
+
+    with small_disk(tmp_path / "small-disk", "1m") as mount:
+        yield mount
+
+
+def test_a_write_to_a_full_disk_leaves_nothing_and_counts_as_an_outage(small_disk, tmp_path):
+    import errno
+
+    from worker.retry import Outage, is_transient, outlast
+
+    storage = LocalStorage(small_disk / "objects")
+    storage.put_file("files/small", write(tmp_path / "small", b"x" * 1000))
+    big = write(tmp_path / "big", os.urandom(2 << 20))
+    with pytest.raises(OSError) as failed:
+        storage.put_file("files/big", big)
+    assert failed.value.errno == errno.ENOSPC and is_transient(failed.value)  # retried, then left to the sweeper
+    assert sorted(p.name for p in (storage.root / "files").iterdir()) == ["small"]  # no partial, no object
+    with pytest.raises(Outage):
+        outlast(lambda: storage.put_file("files/big", big), 1.0, "upload")
+    assert not storage.exists("files/big") and storage.exists("files/small")

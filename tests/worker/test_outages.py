@@ -141,3 +141,43 @@ def test_the_object_store_unreachable_during_uploads_costs_time_not_the_job(post
     proxy.close()
     assert outcome == [runner.SUCCEEDED]
     assert [c.step for c in checkpoints(direct, job_id)] == [3, 6] and len(get_job(direct, job_id).result_files) == 2
+
+
+@pytest.mark.timeout(180)
+def test_a_full_local_disk_stops_the_run_without_failing_the_job(postgres_url, models_dir, tmp_path, slow_steps):
+    """The local backend's disk fills up after the first checkpoint: the next checkpoint's write fails and leaves
+    nothing, is retried for QLORA_OUTAGE_RETRY_S, then the run stops with the job still running (an outage, not the
+    job's fault). With the space back, the sweeper resumes it from its checkpoint and it succeeds."""
+    from tests.faults import fill, small_disk
+
+    factory = make_session_factory(make_engine(postgres_url))
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        settings = Settings(home=tmp_path, database_url=postgres_url, storage="local", storage_dir=disk / "objects",
+                            models_dir=models_dir, heartbeat_interval_s=0.2, heartbeat_timeout_s=1, outage_retry_s=2)
+        storage = LocalStorage(settings.storage_dir)
+        job_id = create_job(factory, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=2))
+        filler: list = []
+
+        def fill_after_the_first_checkpoint() -> None:
+            wait_until(lambda: len(checkpoints(factory, job_id)) >= 1, 60, message="the first checkpoint")
+            filler.append(fill(disk))
+
+        filling = threading.Thread(target=fill_after_the_first_checkpoint, daemon=True)
+        filling.start()
+        assert runner.run_job(job_id, settings, factory, storage) == runner.STOPPED
+        filling.join(5)
+        job = get_job(factory, job_id)
+        assert job.status == "running" and job.error is None  # left to the sweeper, not failed
+        assert [c.step for c in checkpoints(factory, job_id)] == [2]
+        assert not list(disk.rglob("*.partial"))  # the failed writes left nothing behind
+
+        filler[0].unlink()  # the space is back
+
+        class Sent:
+            def send_task(self, *args, **kwargs):  # noqa: ANN002, ANN003
+                pass
+
+        wait_until(lambda: sweep(settings, factory, Sent())["requeued"] == [job_id], 30, interval_s=0.5, message="the requeue")
+        assert runner.run_job(job_id, settings, factory, storage) == runner.SUCCEEDED
+        assert metric_steps(factory, job_id) == list(range(1, 7))
+        assert [c.step for c in checkpoints(factory, job_id)] == [2, 4, 6]

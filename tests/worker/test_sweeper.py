@@ -133,3 +133,17 @@ def test_expired_files_are_deleted_row_first_then_object(make_settings, session_
     assert left == {rows["live"], rows["forever"]}
     assert not storage.exists(f"files/{rows['expired']}")
     assert storage.exists(f"files/{rows['live']}") and storage.exists(f"files/{rows['forever']}")
+
+
+def test_the_sweep_removes_partial_objects_that_killed_writers_left(make_settings, session_factory, storage):
+    import os
+
+    from core.storage import STALE_PARTIAL_S
+
+    leftover = storage.root / "files" / "file-killed.partial"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half an upload")
+    old = time.time() - STALE_PARTIAL_S - 60
+    os.utime(leftover, (old, old))
+    assert sweep(make_settings(), session_factory, RecordingCelery(), storage)["stale_partials"] == [str(leftover)]
+    assert not leftover.exists()
