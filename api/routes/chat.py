@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from api.base_models import find_base_model
 from api.deps import CurrentProject, SessionDep, SettingsDep
 from api.errors import APIError, not_found
+from api.openapi import error_responses
 from core.chat import ChatCompletionCreate
 from core.exports import adapter_filename
 from core.jobs import JobStatus
@@ -138,7 +139,11 @@ class InferenceClient:
             raise backend_unavailable("The inference backend cannot be reached; retry shortly.") from None
 
 
-@router.post("/chat/completions", summary="Create a chat completion")
+# The backend's own refusals (a 4xx naming the parameter) pass through with their status; its 5xx become a 503.
+@router.post("/chat/completions", summary="Create a chat completion", responses={
+    200: {"content": {"text/event-stream": {}}, "description": "The completion; with `stream: true`, server-sent events."},
+    **error_responses(404, 500, 503, _500="The model's adapter could not be loaded by the backend (`adapter_load_failed`).",
+    _503="No inference backend is configured, or it is unreachable, busy or failing (`inference_unavailable`); retry shortly.")})
 async def create_chat_completion(body: ChatCompletionCreate, project: CurrentProject, session: SessionDep,
                                  settings: SettingsDep, request: Request) -> Any:
     served = await run_in_threadpool(find_served_model, session, settings, project, body.model)

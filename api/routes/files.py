@@ -24,6 +24,7 @@ from starlette.types import Message
 from api.auth import bearer_scheme, project_for_key
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
+from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import CursorPage, FileDeleted, FileObject
 from contract.data_format import ValidationReport, validate_file
@@ -122,7 +123,7 @@ def get_file_row(session: Session, project: str, file_id: str) -> FileRow:
     return row
 
 
-@router.post("", response_model=FileObject, summary="Upload a file")
+@router.post("", response_model=FileObject, summary="Upload a file", responses=error_responses(429))
 def upload_file(
     project: CurrentProject,
     session: SessionDep,
@@ -207,7 +208,7 @@ def list_files(
     )
 
 
-@router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file")
+@router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file", responses=error_responses(404))
 def retrieve_file(file_id: str, project: CurrentProject, session: SessionDep) -> FileObject:
     return FileObject.from_row(get_file_row(session, project, file_id))
 
@@ -216,7 +217,7 @@ def retrieve_file(file_id: str, project: CurrentProject, session: SessionDep) ->
     "/{file_id}/content",
     summary="Download a file's content",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
 )
 def file_content(file_id: str, project: CurrentProject, session: SessionDep, storage: StorageDep) -> StreamingResponse:
     row = get_file_row(session, project, file_id)
@@ -230,7 +231,7 @@ def file_content(file_id: str, project: CurrentProject, session: SessionDep, sto
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")
+@router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file", responses=error_responses(404))
 def delete_file(file_id: str, project: CurrentProject, session: SessionDep, storage: StorageDep) -> FileDeleted:
     row = get_file_row(session, project, file_id)
     session.delete(row)
