@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session
 
 from api.base_models import find_base_model
 from api.deps import CurrentProject, SessionDep, SettingsDep
-from api.errors import APIError, not_found
+from api.errors import APIError, bad_request, not_found
 from api.openapi import error_responses
+from api.schemas import first_unstorable
 from core.chat import ChatCompletionCreate
 from core.exports import adapter_filename
 from core.jobs import JobStatus
@@ -146,6 +147,11 @@ class InferenceClient:
     _503="No inference backend is configured, or it is unreachable, busy or failing (`inference_unavailable`); retry shortly.")})
 async def create_chat_completion(body: ChatCompletionCreate, project: CurrentProject, session: SessionDep,
                                  settings: SettingsDep, request: Request) -> Any:
+    # The model is looked up in the database (no NUL there); the whole body is sent on as UTF-8 JSON (no lone
+    # surrogates): either fault is the caller's 400, not a 500 from the database or the encoder.
+    if unsendable := first_unstorable({"model": body.model}) or first_unstorable(body.model_dump(exclude_none=True), nul_ok=True):
+        param, reason = unsendable
+        raise bad_request(f"Invalid '{param}': {reason}.", param=param or None, code="invalid_value")
     served = await run_in_threadpool(find_served_model, session, settings, project, body.model)
     session.close()  # the database is done with; a long generation holds no connection
     client: InferenceClient = request.app.state.inference

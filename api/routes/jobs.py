@@ -49,6 +49,8 @@ from core.storage import ObjectNotFound
 
 logger = logging.getLogger("api")
 
+MAX_STEP = 2**31 - 1  # jobs' step numbers are 32-bit integer columns
+
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 
@@ -269,7 +271,8 @@ def list_metrics(
     job_id: str,
     project: CurrentProject,
     session: SessionDep,
-    after: Annotated[int | None, Query(ge=0, description="A step number: only later steps are listed.")] = None,
+    # Bounded by the step column's range: a larger integer would reach the database and fail there (a 500).
+    after: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="A step number: only later steps are listed.")] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> Page[dict[str, Any]]:
     """One row per logged step, ascending: `{"step", "train_loss", ...}` as the worker recorded them."""
