@@ -129,7 +129,9 @@ def upload_file(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
-    purpose: Annotated[str, Form(description="Only 'fine-tune' is accepted.")],
+    # Typed as any string, so that another purpose gets the handler's own answer (`unsupported_value`), but
+    # documented as the one value accepted.
+    purpose: Annotated[str, Form(description="Only 'fine-tune' is accepted.", json_schema_extra={"enum": list(UPLOAD_PURPOSES)})],
     file: Annotated[UploadFile, File(description="JSONL training data, one example a line.")],
     expires_after_anchor: Annotated[Literal["created_at"] | None, Form(alias="expires_after[anchor]")] = None,
     expires_after_seconds: Annotated[

@@ -64,3 +64,8 @@ def test_the_envelope_schema(spec):
     schemas = spec["components"]["schemas"]
     assert schemas["ErrorResponse"]["required"] == ["error"]
     assert set(schemas["ErrorObject"]["required"]) == {"message", "type", "param", "code"}
+
+
+def test_an_upload_documents_the_one_purpose_it_accepts(spec):
+    form = spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert spec["components"]["schemas"][form]["properties"]["purpose"]["enum"] == ["fine-tune"]
