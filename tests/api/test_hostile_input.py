@@ -116,3 +116,8 @@ def test_chat_input_that_cannot_be_looked_up_or_sent_on_is_a_400(unreachable_bac
     fine = {"model": MODEL, "messages": [{"role": "user", "content": "a\x00b"}]}
     response = unreachable_backend_client.post("/v1/chat/completions", headers=KEY_A, json=fine)
     assert_error(response, 503, code="inference_unavailable", type="server_error")
+
+
+def test_a_body_that_cannot_be_parsed_at_all_has_a_code(client):
+    response = client.post(JOBS, headers={**KEY_A, "Content-Type": "application/json"}, content=b'{"model": "\xff"}')
+    assert_error(response, 400, code="invalid_body")
