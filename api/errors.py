@@ -125,6 +125,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         body = error_body(exc.message, exc.type, exc.param, exc.code)
     elif exc.status_code == 404:
         body = error_body(f"Invalid URL ({request.method} {request.url.path})", INVALID_REQUEST, None, "unknown_url")
+    elif exc.status_code == 400:
+        # FastAPI's own 400: a body it could not parse at all (JSON that is not UTF-8, a broken multipart form).
+        body = error_body("We could not parse the body of your request.", INVALID_REQUEST, None, "invalid_body")
     elif exc.status_code == 405:
         body = error_body(f"Method {request.method} is not allowed for {request.url.path}", INVALID_REQUEST, None, "method_not_allowed")
     else:

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from api.errors import RequestIdMiddleware, register_error_handlers
 from api.guard import RequestGuard
 from api.metrics import Metrics, MetricsMiddleware
+from api.openapi import V1_ERRORS, drop_422
 from api.routes import chat, files, health, jobs, models
 from core.db import make_engine, make_session_factory
 from core.logs import configure_logging
@@ -59,8 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)  # outside the guard, so the guard's answers get the ids too
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: every answer is counted
     for router in (files.router, jobs.router, models.router, chat.router):
-        app.include_router(router, prefix="/v1")
+        app.include_router(router, prefix="/v1", responses=V1_ERRORS)
     app.include_router(health.router)
+    drop_422(app)  # the document lists the 400 envelopes the API sends instead
     return app
 
 

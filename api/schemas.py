@@ -236,24 +236,36 @@ class Method(_Strict):
     reinforcement: dict[str, Any] | None = None
 
 
-def first_unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
-    """(dotted path, reason) of the first value in a JSON body that the database cannot store: a string or key with
-    a NUL character (PostgreSQL's text and JSON refuse it) or a non-finite number (JSON has none). None if all is well."""
+def first_unstorable(value: Any, path: str = "", *, nul_ok: bool = False) -> tuple[str, str] | None:
+    """(dotted path, reason) of the first value in a JSON body that cannot be stored or sent on: a string or key with
+    a NUL character (PostgreSQL's text and JSON refuse it; allowed with `nul_ok`), with a lone surrogate (JSON's
+    "\\ud800" escape is not Unicode: no UTF-8 encoder takes it) or a non-finite number (JSON has none). None if all
+    is well."""
     if isinstance(value, str):
-        return (path, "contains a NUL character") if "\x00" in value else None
+        return (path, reason) if (reason := _text_fault(value, nul_ok)) else None
     if isinstance(value, float):
         return None if math.isfinite(value) else (path, "must be a finite number")
     if isinstance(value, dict):
         for key, item in value.items():
-            if "\x00" in str(key):
-                return path, "has a key with a NUL character"
-            found = first_unstorable(item, f"{path}.{key}" if path else str(key))
+            if reason := _text_fault(str(key), nul_ok):
+                return path, f"has a key that {reason}"
+            found = first_unstorable(item, f"{path}.{key}" if path else str(key), nul_ok=nul_ok)
             if found:
                 return found
     if isinstance(value, (list, tuple)):
         for item in value:
-            if found := first_unstorable(item, path):
+            if found := first_unstorable(item, path, nul_ok=nul_ok):
                 return found
+    return None
+
+
+def _text_fault(text: str, nul_ok: bool) -> str | None:
+    if "\x00" in text and not nul_ok:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (\\ud800-\\udfff), which is not valid Unicode"
     return None
 
 

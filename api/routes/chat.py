@@ -21,7 +21,9 @@ from sqlalchemy.orm import Session
 
 from api.base_models import find_base_model
 from api.deps import CurrentProject, SessionDep, SettingsDep
-from api.errors import APIError, not_found
+from api.errors import APIError, bad_request, not_found
+from api.openapi import error_responses
+from api.schemas import first_unstorable
 from core import logs
 from core.chat import ChatCompletionCreate
 from core.exports import adapter_filename
@@ -142,9 +144,18 @@ class InferenceClient:
             raise backend_unavailable("The inference backend cannot be reached; retry shortly.") from None
 
 
-@router.post("/chat/completions", summary="Create a chat completion")
+# The backend's own refusals (a 4xx naming the parameter) pass through with their status; its 5xx become a 503.
+@router.post("/chat/completions", summary="Create a chat completion", responses={
+    200: {"content": {"text/event-stream": {}}, "description": "The completion; with `stream: true`, server-sent events."},
+    **error_responses(404, 500, 503, _500="The model's adapter could not be loaded by the backend (`adapter_load_failed`).",
+    _503="No inference backend is configured, or it is unreachable, busy or failing (`inference_unavailable`); retry shortly.")})
 async def create_chat_completion(body: ChatCompletionCreate, project: CurrentProject, session: SessionDep,
                                  settings: SettingsDep, request: Request) -> Any:
+    # The model is looked up in the database (no NUL there); the whole body is sent on as UTF-8 JSON (no lone
+    # surrogates): either fault is the caller's 400, not a 500 from the database or the encoder.
+    if unsendable := first_unstorable({"model": body.model}) or first_unstorable(body.model_dump(exclude_none=True), nul_ok=True):
+        param, reason = unsendable
+        raise bad_request(f"Invalid '{param}': {reason}.", param=param or None, code="invalid_value")
     served = await run_in_threadpool(find_served_model, session, settings, project, body.model)
     session.close()  # the database is done with; a long generation holds no connection
     client: InferenceClient = request.app.state.inference

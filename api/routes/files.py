@@ -24,6 +24,7 @@ from starlette.types import Message
 from api.auth import bearer_scheme, project_for_key
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
+from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import CursorPage, FileDeleted, FileObject
 from contract.data_format import ValidationReport, validate_file
@@ -130,13 +131,15 @@ def _check_stored_bytes(session: Session, settings: Settings, project: str, size
                              f"{settings.max_stored_bytes_per_project}", "QLORA_MAX_STORED_BYTES_PER_PROJECT")
 
 
-@router.post("", response_model=FileObject, summary="Upload a file")
+@router.post("", response_model=FileObject, summary="Upload a file", responses=error_responses(429))
 def upload_file(
     project: CurrentProject,
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
-    purpose: Annotated[str, Form(description="Only 'fine-tune' is accepted.")],
+    # Typed as any string, so that another purpose gets the handler's own answer (`unsupported_value`), but
+    # documented as the one value accepted.
+    purpose: Annotated[str, Form(description="Only 'fine-tune' is accepted.", json_schema_extra={"enum": list(UPLOAD_PURPOSES)})],
     file: Annotated[UploadFile, File(description="JSONL training data, one example a line.")],
     expires_after_anchor: Annotated[Literal["created_at"] | None, Form(alias="expires_after[anchor]")] = None,
     expires_after_seconds: Annotated[
@@ -216,7 +219,7 @@ def list_files(
     )
 
 
-@router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file")
+@router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file", responses=error_responses(404))
 def retrieve_file(file_id: str, project: CurrentProject, session: SessionDep) -> FileObject:
     return FileObject.from_row(get_file_row(session, project, file_id))
 
@@ -225,7 +228,7 @@ def retrieve_file(file_id: str, project: CurrentProject, session: SessionDep) ->
     "/{file_id}/content",
     summary="Download a file's content",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)},
 )
 def file_content(file_id: str, project: CurrentProject, session: SessionDep, storage: StorageDep) -> StreamingResponse:
     row = get_file_row(session, project, file_id)
@@ -239,7 +242,7 @@ def file_content(file_id: str, project: CurrentProject, session: SessionDep, sto
     )
 
 
-@router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file")
+@router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file", responses=error_responses(404))
 def delete_file(file_id: str, project: CurrentProject, session: SessionDep, storage: StorageDep) -> FileDeleted:
     row = get_file_row(session, project, file_id)
     session.delete(row)

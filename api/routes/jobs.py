@@ -22,6 +22,7 @@ from api.base_models import find_base_model, read_model_config
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
 from api.hyperparameters import engine_config
+from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import (
     MAX_SEED,
@@ -48,6 +49,8 @@ from core.settings import Settings
 from core.storage import ObjectNotFound
 
 logger = logging.getLogger("api")
+
+MAX_STEP = 2**31 - 1  # jobs' step numbers are 32-bit integer columns
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -126,7 +129,7 @@ def _check_step_limit(body: JobCreate, cfg: TrainingConfig, n_examples: int, lim
                           param=f"{where}.{key}", code="invalid_value")
 
 
-@router.post("", response_model=FineTuningJob, summary="Create a fine-tuning job")
+@router.post("", response_model=FineTuningJob, summary="Create a fine-tuning job", responses=error_responses(429))
 def create_job(
     body: JobCreate, project: CurrentProject, session: SessionDep, settings: SettingsDep, celery_app: CeleryDep
 ) -> FineTuningJob:
@@ -211,12 +214,12 @@ def list_jobs(
     return Page[FineTuningJob](data=[FineTuningJob.from_row(r) for r in rows], has_more=has_more)
 
 
-@router.get("/{job_id}", response_model=FineTuningJob, summary="Retrieve a fine-tuning job")
+@router.get("/{job_id}", response_model=FineTuningJob, summary="Retrieve a fine-tuning job", responses=error_responses(404))
 def retrieve_job(job_id: str, project: CurrentProject, session: SessionDep) -> FineTuningJob:
     return FineTuningJob.from_row(get_job_row(session, project, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=FineTuningJob, summary="Cancel a fine-tuning job")
+@router.post("/{job_id}/cancel", response_model=FineTuningJob, summary="Cancel a fine-tuning job", responses=error_responses(404))
 def cancel(job_id: str, project: CurrentProject, session: SessionDep, celery_app: CeleryDep, settings: SettingsDep) -> FineTuningJob:
     """A queued job never starts; a running one stops at its worker's next heartbeat."""
     job = get_job_row(session, project, job_id)
@@ -232,7 +235,7 @@ def cancel(job_id: str, project: CurrentProject, session: SessionDep, celery_app
     return FineTuningJob.from_row(job)
 
 
-@router.get("/{job_id}/events", response_model=Page[FineTuningJobEvent], summary="List a job's events")
+@router.get("/{job_id}/events", response_model=Page[FineTuningJobEvent], summary="List a job's events", responses=error_responses(404))
 def list_events(
     job_id: str,
     project: CurrentProject,
@@ -248,7 +251,8 @@ def list_events(
     return Page[FineTuningJobEvent](data=[FineTuningJobEvent.from_row(r) for r in rows], has_more=has_more)
 
 
-@router.get("/{job_id}/checkpoints", response_model=CursorPage[FineTuningJobCheckpoint], summary="List a job's checkpoints")
+@router.get("/{job_id}/checkpoints", response_model=CursorPage[FineTuningJobCheckpoint], summary="List a job's checkpoints",
+             responses=error_responses(404))
 def list_checkpoints(
     job_id: str,
     project: CurrentProject,
@@ -269,12 +273,14 @@ def list_checkpoints(
     )
 
 
-@router.get("/{job_id}/metrics", response_model=Page[dict[str, Any]], summary="List a job's training metrics (extension)")
+@router.get("/{job_id}/metrics", response_model=Page[dict[str, Any]], summary="List a job's training metrics (extension)",
+             responses=error_responses(404))
 def list_metrics(
     job_id: str,
     project: CurrentProject,
     session: SessionDep,
-    after: Annotated[int | None, Query(ge=0, description="A step number: only later steps are listed.")] = None,
+    # Bounded by the step column's range: a larger integer would reach the database and fail there (a 500).
+    after: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="A step number: only later steps are listed.")] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> Page[dict[str, Any]]:
     """One row per logged step, ascending: `{"step", "train_loss", ...}` as the worker recorded them."""
@@ -291,7 +297,7 @@ def list_metrics(
     "/{job_id}/checkpoints/{checkpoint_id}/content",
     summary="Download a checkpoint (extension)",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/gzip": {}}}},
+    responses={200: {"content": {"application/gzip": {}}}, **error_responses(404)},
 )
 def checkpoint_content(
     job_id: str, checkpoint_id: str, project: CurrentProject, session: SessionDep, storage: StorageDep
@@ -319,7 +325,8 @@ def _export_conflict(message: str, code: str) -> APIError:
     return APIError(409, message, param="job_id", code=code)
 
 
-@router.post("/{job_id}/export", response_model=FineTuningJobExport, summary="Export the merged model (extension)")
+@router.post("/{job_id}/export", response_model=FineTuningJobExport, summary="Export the merged model (extension)",
+              responses=error_responses(404, 409, 429))
 def create_export(
     job_id: str, project: CurrentProject, session: SessionDep, settings: SettingsDep, celery_app: CeleryDep
 ) -> FineTuningJobExport:
@@ -354,7 +361,8 @@ def create_export(
     return FineTuningJobExport.from_row(export)
 
 
-@router.get("/{job_id}/exports", response_model=Page[FineTuningJobExport], summary="List a job's merged exports (extension)")
+@router.get("/{job_id}/exports", response_model=Page[FineTuningJobExport], summary="List a job's merged exports (extension)",
+             responses=error_responses(404))
 def list_exports(
     job_id: str,
     project: CurrentProject,
@@ -370,7 +378,8 @@ def list_exports(
     return Page[FineTuningJobExport](data=[FineTuningJobExport.from_row(r) for r in rows], has_more=has_more)
 
 
-@router.get("/{job_id}/exports/{export_id}", response_model=FineTuningJobExport, summary="Retrieve a merged export (extension)")
+@router.get("/{job_id}/exports/{export_id}", response_model=FineTuningJobExport, summary="Retrieve a merged export (extension)",
+             responses=error_responses(404))
 def retrieve_export(job_id: str, export_id: str, project: CurrentProject, session: SessionDep) -> FineTuningJobExport:
     job = get_job_row(session, project, job_id)
     export = session.scalar(select(Export).where(Export.id == export_id, Export.job_id == job.id))

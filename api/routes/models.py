@@ -12,6 +12,7 @@ from sqlalchemy import Select, select
 from api.base_models import find_base_model, list_base_models
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
+from api.openapi import error_responses
 from api.schemas import Model, ModelDeleted, Page
 from core.exports import delete_model_rows, lock_live_model_job
 from core.jobs import JobStatus
@@ -47,7 +48,7 @@ def list_models(project: CurrentProject, session: SessionDep, settings: Settings
     return Page[Model](data=base + fine_tuned, has_more=False)
 
 
-@router.get("/{model_id:path}", response_model=Model, summary="Retrieve a model")
+@router.get("/{model_id:path}", response_model=Model, summary="Retrieve a model", responses=error_responses(404))
 def retrieve_model(model_id: str, project: CurrentProject, session: SessionDep, settings: SettingsDep) -> Model:
     path = find_base_model(settings, model_id)
     if path is not None:
@@ -58,7 +59,8 @@ def retrieve_model(model_id: str, project: CurrentProject, session: SessionDep, 
     return _fine_tuned_model(job)
 
 
-@router.delete("/{model_id:path}", response_model=ModelDeleted, summary="Delete a fine-tuned model")
+@router.delete("/{model_id:path}", response_model=ModelDeleted, summary="Delete a fine-tuned model",
+                responses=error_responses(403, 404))
 def delete_model(model_id: str, project: CurrentProject, session: SessionDep, settings: SettingsDep,
                  storage: StorageDep, request: Request) -> ModelDeleted:
     """The job stays (with its `fine_tuned_model` and metrics CSV); the adapter result file, the checkpoints and the

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from tests.api.conftest import make_settings
 from tests.api.helpers import KEY_A, MODEL, assert_error, create_job, upload_ok
 
 JOBS = "/v1/fine_tuning/jobs"
@@ -61,3 +66,58 @@ def test_any_metadata_filter_key_is_answered_without_a_500(client, training_file
     assert response.status_code in (200, 400), response.text
     if response.status_code == 200:
         assert len(response.json()["data"]) == 1
+
+
+# Found by the schemathesis test (test_schemathesis.py) and the probes around it.
+
+
+def test_a_metrics_cursor_past_the_step_column_is_a_400(client, training_file):
+    job_id = create_job(client, training_file).json()["id"]
+    response = client.get(f"{JOBS}/{job_id}/metrics", headers=KEY_A, params={"after": 2**70})
+    assert_error(response, 400, code="invalid_value", param="after")
+    assert client.get(f"{JOBS}/{job_id}/metrics", headers=KEY_A, params={"after": 2**31 - 1}).status_code == 200
+
+
+@pytest.mark.parametrize("fragment, param", [
+    ('"metadata": {"k": "\\udfff"}', "metadata.k"),
+    ('"metadata": {"\\ud800": "v"}', "metadata"),
+    ('"hyperparameters": {"target_modules": ["q_proj\\ud800"]}', "hyperparameters.target_modules"),
+])
+def test_a_lone_surrogate_in_a_job_body_is_a_400_and_no_job(client, training_file, fragment, param):
+    """JSON's "\\ud800" escape decodes to a string no UTF-8 encoder takes: it used to be stored (the job queued) and
+    the answer then failed to encode, a 500 for a job that exists."""
+    body = f'{{"model": "{MODEL}", "training_file": "{training_file}", {fragment}}}'
+    response = client.post(JOBS, headers={**KEY_A, "Content-Type": "application/json"}, content=body)
+    error = assert_error(response, 400, code="invalid_value", param=param)
+    assert "surrogate" in error["message"]
+    assert client.get(JOBS, headers=KEY_A).json()["data"] == []
+
+
+@pytest.fixture
+def unreachable_backend_client(tmp_path, database_url, redis_url, queue_name, models_dir):
+    settings = make_settings(tmp_path, database_url, redis_url, queue_name, models_dir, inference_url="http://127.0.0.1:9")
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}]}, "messages.content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]}, "messages.content.text"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]}, "stop"),
+    ({"model": "tiny\x00llama", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+])
+def test_chat_input_that_cannot_be_looked_up_or_sent_on_is_a_400(unreachable_backend_client, body, param):
+    """A lone surrogate cannot be encoded for the backend, and a NUL in the model cannot be looked up in PostgreSQL:
+    both were 500s. A NUL in the messages is fine (JSON carries it)."""
+    content = json.dumps(body).encode()  # ASCII escapes: the surrogates travel as JSON "\\ud800"
+    response = unreachable_backend_client.post("/v1/chat/completions", headers={**KEY_A, "Content-Type": "application/json"},
+                                               content=content)
+    assert_error(response, 400, code="invalid_value", param=param)
+    fine = {"model": MODEL, "messages": [{"role": "user", "content": "a\x00b"}]}
+    response = unreachable_backend_client.post("/v1/chat/completions", headers=KEY_A, json=fine)
+    assert_error(response, 503, code="inference_unavailable", type="server_error")
+
+
+def test_a_body_that_cannot_be_parsed_at_all_has_a_code(client):
+    response = client.post(JOBS, headers={**KEY_A, "Content-Type": "application/json"}, content=b'{"model": "\xff"}')
+    assert_error(response, 400, code="invalid_body")
