@@ -119,10 +119,15 @@ def test_worker_with_redis_and_postgres_runs_jobs_and_the_sweeper(postgres_url, 
     client = redis.Redis.from_url(redis_url)
     try:
         with celery_worker(settings, "worker.celery_app", log_path) as proc:
-            send_training_task(make_celery(settings), settings, job_id)  # by name, as the API does
+            for _ in range(5):  # the same task delivered five times (by name, as the API does): one run
+                send_training_task(make_celery(settings), settings, job_id)
             with session_scope(factory) as session:
                 mark_enqueued(session, job_id)
             assert wait_for_status(factory, job_id, proc, log_path) == "succeeded"
+            wait_until(lambda: log_path.read_text().count(f"job {job_id} not claimed") == 4, 60, interval_s=0.25,
+                       message="the four extra deliveries")
+            assert get_job(factory, job_id).attempt == 1
+            assert [e.message for e in events(factory, job_id)].count("Fine-tuning job started") == 1
             assert wait_for_status(factory, lost_id, proc, log_path, timeout_s=30) == "failed"
             job, lost = get_job(factory, job_id), get_job(factory, lost_id)
             assert job.fine_tuned_model and job.trained_tokens and len(job.result_files) == 2
