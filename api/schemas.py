@@ -11,7 +11,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from contract.hyperparameters import Hyperparameters
+from contract.hyperparameters import Hyperparameters, echo
 from core.models import Checkpoint, Export, File, Job, JobEvent
 
 T = TypeVar("T")
@@ -111,6 +111,7 @@ class FineTuningJob(BaseModel):
 
     @classmethod
     def from_row(cls, row: Job) -> FineTuningJob:
+        hyperparameters = echo(row.hyperparameters, row.training_config)
         return cls(
             id=row.id,
             created_at=row.created_at,
@@ -119,10 +120,10 @@ class FineTuningJob(BaseModel):
             status=row.status,
             training_file=row.training_file,
             validation_file=row.validation_file,
-            hyperparameters=row.hyperparameters,
-            method=row.method,
+            hyperparameters=hyperparameters,
+            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
             result_files=list(row.result_files or []),
-            seed=row.seed,
+            seed=row.training_config["seed"],
             error=JobError(**row.error) if row.error else None,
             fine_tuned_model=row.fine_tuned_model,
             finished_at=row.finished_at,

@@ -39,7 +39,7 @@ from core.jobs import (
     fail_job,
     fine_tuned_model_name,
     heartbeat,
-    record_resolved_hyperparameters,
+    record_resolved_options,
     succeed_job,
 )
 from core.models import Checkpoint, File, Job, JobMetric, now
@@ -59,9 +59,6 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 STOPPED = "stopped"  # the job stopped being ours (cancelled or taken over) while we ran it: nothing more written
 
-# OpenAI's hyperparameters that are not engine options (n_epochs and batch_size are both).
-OPENAI_ONLY_KEYS = frozenset({"n_epochs", "batch_size", "learning_rate_multiplier"}) - set(TrainingConfig.model_fields)
-
 CSV_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 CSV_SOURCES = {"train_accuracy": "train_mean_token_accuracy"}
 
@@ -69,14 +66,6 @@ CSV_SOURCES = {"train_accuracy": "train_mean_token_accuracy"}
 def default_worker_id(tag: str | None = None) -> str:
     """Unique per run: a claim is owned by one run, so a redelivered task in the same process is another owner."""
     return f"{socket.gethostname()}:{os.getpid()}:{tag or secrets.token_hex(4)}"
-
-
-def training_config(hyperparameters: dict[str, Any], seed: int) -> TrainingConfig:
-    """The engine's options from the job row: every key but OpenAI's own that the engine does not know.
-    Any other unknown key is rejected by the engine (ConfigError naming it)."""
-    values = {k: v for k, v in hyperparameters.items() if k not in OPENAI_ONLY_KEYS}
-    values.setdefault("seed", seed)
-    return TrainingConfig.from_resolved(values)
 
 
 @dataclass(frozen=True)
@@ -87,9 +76,8 @@ class JobSpec:
     project: str
     model: str
     suffix: str | None
-    seed: int
     attempt: int
-    hyperparameters: dict[str, Any]
+    training_config: dict[str, Any]
     training_key: str
     validation_key: str | None
     resume_key: str | None
@@ -197,13 +185,13 @@ def remove_dead_workdirs(tmp: Path | None = None) -> list[Path]:
 def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factory: sessionmaker[Session],
                  storage: ObjectStorage, workdir: Path, stop: threading.Event) -> str:
     spec = _load_spec(session_factory, job_id)
-    config = training_config(spec.hyperparameters, spec.seed)
+    config = TrainingConfig.from_dict(spec.training_config)  # the row's resolved options, as the API accepted them
     if config.compute_dtype == "auto":
         # Decided once, on the machine that first runs the job, and stored: a resumed run keeps the same dtype.
         # Only the dtype: lean_activations stays 'auto', decided by each run for its own device.
         config = config.model_copy(update={"compute_dtype": resolve_compute_dtype("auto", pick_device())})
         with session_scope(session_factory) as session:
-            record_resolved_hyperparameters(session, job_id, worker_id, {"compute_dtype": config.compute_dtype})
+            record_resolved_options(session, job_id, worker_id, {"compute_dtype": config.compute_dtype})
     assert settings.models_dir is not None
     # Lexically inside models_dir (a model directory may be a symlink to shared storage, so no resolve()).
     models_dir = Path(os.path.normpath(settings.models_dir.absolute()))
@@ -260,8 +248,8 @@ def _load_spec(session_factory: sessionmaker[Session], job_id: str) -> JobSpec:
             if checkpoint is None:
                 raise JobFailure("checkpoint_error", f"Checkpoint {job.resume_checkpoint} to resume from does not exist")
             resume_key, resume_step = checkpoint.storage_key, checkpoint.step
-        return JobSpec(id=job.id, project=job.project, model=job.model, suffix=job.suffix, seed=job.seed, attempt=job.attempt,
-                       hyperparameters=dict(job.hyperparameters or {}), training_key=training.storage_key,
+        return JobSpec(id=job.id, project=job.project, model=job.model, suffix=job.suffix, attempt=job.attempt,
+                       training_config=dict(job.training_config), training_key=training.storage_key,
                        validation_key=validation_key, resume_key=resume_key, resume_step=resume_step)
 
 

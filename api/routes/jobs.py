@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from api.base_models import find_base_model, read_model_config
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
-from api.hyperparameters import engine_config
+from api.hyperparameters import job_options
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import (
     MAX_SEED,
@@ -156,7 +156,7 @@ def create_job(
         raise quota_exceeded(f"This project has {active} queued or running jobs, the most it may have at once",
                              "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    cfg, resolved = engine_config(body, seed)
+    given, cfg = job_options(body, seed)
     _check_step_limit(body, cfg, training.n_examples or 0, settings.max_steps_per_job)
 
     # Files were validated at upload, so the job starts queued.
@@ -166,10 +166,9 @@ def create_job(
         model=body.model,
         training_file=body.training_file,
         validation_file=body.validation_file,
-        hyperparameters=resolved,
-        method={"type": "supervised", "supervised": {"hyperparameters": resolved}},
+        hyperparameters=given,
+        training_config=cfg.resolved(),
         suffix=body.suffix,
-        seed=seed,
         metadata_=body.metadata,
         integrations=body.integrations,
         status=JobStatus.QUEUED.value,
