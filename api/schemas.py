@@ -12,6 +12,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from contract.hyperparameters import Hyperparameters, echo
+from contract.metrics import finite_floats
 from core.models import Checkpoint, Export, File, Job, JobEvent
 
 T = TypeVar("T")
@@ -167,12 +168,8 @@ class FineTuningJobCheckpoint(BaseModel):
             fine_tuning_job_id=row.job_id,
             step_number=row.step,
             # Floats only, as the SDK's type says: a missing (null) or non-finite metric is left out.
-            metrics={k: float(v) for k, v in (row.metrics or {}).items() if _is_finite_number(v)},
+            metrics=finite_floats(row.metrics or {}),
         )
-
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Model(BaseModel):

@@ -36,6 +36,7 @@ from api.schemas import (
 )
 from contract.data_format import MIN_EXAMPLES
 from contract.memory import GIB, estimate_memory
+from contract.metrics import StepMetrics
 from contract.options import TrainingConfig
 from core import ids
 from core.exports import ACTIVE, ExportStatus, lock_live_model_job, mark_export_enqueued
@@ -260,22 +261,23 @@ def list_checkpoints(
     )
 
 
-@router.get("/{job_id}/metrics", response_model=Page[dict[str, Any]], summary="List a job's training metrics (extension)")
+@router.get("/{job_id}/metrics", response_model=Page[StepMetrics], response_model_exclude_unset=True,
+            summary="List a job's training metrics (extension)")
 def list_metrics(
     job_id: str,
     project: CurrentProject,
     session: SessionDep,
     after: Annotated[int | None, Query(ge=0, description="A step number: only later steps are listed.")] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-) -> Page[dict[str, Any]]:
-    """One row per logged step, ascending: `{"step", "train_loss", ...}` as the worker recorded them."""
+) -> Page[StepMetrics]:
+    """One row per logged step, ascending: the fields of `StepMetrics` that the step reported."""
     job = get_job_row(session, project, job_id)
     query = select(JobMetric).where(JobMetric.job_id == job.id)
     if after is not None:
         query = query.where(JobMetric.step > after)
     rows = list(session.scalars(query.order_by(JobMetric.step).limit(limit + 1)))
-    data = [{**row.values, "step": row.step} for row in rows[:limit]]
-    return Page[dict[str, Any]](data=data, has_more=len(rows) > limit)
+    data = [StepMetrics(**{**row.values, "step": row.step}) for row in rows[:limit]]
+    return Page[StepMetrics](object="list", data=data, has_more=len(rows) > limit)  # `object` set: it is not left out
 
 
 @router.get(

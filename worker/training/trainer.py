@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.data_format import load_examples
+from contract.metrics import StepMetrics
 from contract.options import ConfigError, TrainingConfig
 from worker.training import attention, lean
 from worker.training.checkpoint import (
@@ -50,7 +51,7 @@ from worker.training.data import (
 from worker.training.losses import linear_cross_entropy
 from worker.training.model import BuiltModel, build_model, check_runtime, compute_dtype, pick_device, read_model_config, resolve_for_device
 from worker.training.optim import build_optimizer, build_scheduler
-from worker.training.sinks import CHECKPOINT_METRIC_KEYS, NullSink, Sink
+from worker.training.sinks import NullSink, Sink
 
 
 class NonFiniteLossError(RuntimeError):
@@ -296,6 +297,7 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
         restore_rng(state["rng"])
         sink.event("info", f"Resumed from {resume_from} at step {position.step}")
     fused = cfg.resolved_fused_kernels(device.type)
+    sink.start(n_total_steps)
     sink.event("info", f"Model loaded: {built.trainable_parameters:,} trainable of {built.total_parameters:,} parameters, "
                f"quantization={cfg.quantization}, compute_dtype={cfg.compute_dtype}, attention={cfg.resolved_attn_implementation}, "
                f"lean activations={'on' if cfg.lean_activations else 'off'}, fused kernels={'on' if fused else 'off'}, "
@@ -310,9 +312,9 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     checkpoints: list[Path] = []
     extra = {"base_model": str(job.base_model_dir), "versions": versions()}
 
-    def write_checkpoint(metrics: dict[str, float]) -> Path:
+    def write_checkpoint(metrics: StepMetrics) -> Path:
         path = save_checkpoint(model, optimizer, scheduler, position, output_dir / "checkpoints" / checkpoint_name(position.step),
-                               config=cfg.resolved(), extra={**extra, "metrics": metrics})
+                               config=cfg.resolved(), extra={**extra, "metrics": metrics.checkpoint_metrics()})
         if path not in checkpoints:
             checkpoints.append(path)
         sink.checkpoint(position.step, path, metrics)
@@ -328,8 +330,9 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     model.train()
     pad_id = tokenizer.pad_token_id
     # A resumed run starts from the checkpoint's metrics, so that a run with no step left still reports them.
-    last_metrics: dict[str, float] = dict(resumed_state.get("metrics") or {})
-    last_valid: dict[str, float] = {k: v for k, v in last_metrics.items() if k.startswith("valid_")}
+    resumed_metrics: dict[str, float] = dict(resumed_state.get("metrics") or {})
+    last: StepMetrics | None = StepMetrics(**resumed_metrics) if resumed_metrics else None
+    last_valid: dict[str, float] = {k: v for k, v in resumed_metrics.items() if k.startswith("valid_")}
     resumed_at_end = resume_from is not None and position.step >= n_total_steps
     n_steps_per_epoch = cfg.steps_per_epoch(len(train_tok))
     stopped = False
@@ -371,26 +374,28 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
             position.step += 1
             position.batch_in_epoch += 1
             position.trained_tokens += step_tokens
-            last_metrics = {
-                "step": position.step,
-                "epoch": position.epoch + position.batch_in_epoch / n_steps_per_epoch,
-                "train_loss": loss_total / max(step_targets, 1),
-                "train_mean_token_accuracy": correct / max(step_targets, 1),
-                "learning_rate": lr,
-                "grad_norm": grad_norm,
-                "tokens": step_tokens,
-                "target_tokens": step_targets,
-                "tokens_per_second": step_tokens / seconds,
-                "step_seconds": seconds,
-                "peak_memory_bytes": peak_memory_bytes(device),
-            }
             end_of_epoch = position.batch_in_epoch == n_steps_per_epoch
             last_step = position.step == n_total_steps
+            peak = peak_memory_bytes(device)  # of the step, before any evaluation
+            valid: dict[str, float] = {}
             if valid_tok and ((cfg.eval_every and position.step % cfg.eval_every == 0) or last_step):
-                last_valid = evaluate(model, valid_tok, cfg, device, pad_id)
-                last_metrics.update(last_valid)
+                valid = last_valid = evaluate(model, valid_tok, cfg, device, pad_id)
                 sink.event("info", f"Step {position.step}: valid_loss={last_valid['valid_loss']:.4f}", last_valid)
-            sink.metrics(position.step, last_metrics)
+            last = StepMetrics(
+                step=position.step,
+                epoch=position.epoch + position.batch_in_epoch / n_steps_per_epoch,
+                train_loss=loss_total / max(step_targets, 1),
+                train_mean_token_accuracy=correct / max(step_targets, 1),
+                learning_rate=lr,
+                grad_norm=grad_norm,
+                tokens=step_tokens,
+                target_tokens=step_targets,
+                tokens_per_second=step_tokens / seconds,
+                step_seconds=seconds,
+                peak_memory_bytes=peak,
+                **valid,
+            )
+            sink.metrics(position.step, last)
             if fused and position.step == 1 and (fallbacks := lean.fused_fallbacks()):
                 sink.event("warn", f"fused_kernels: {', '.join(fallbacks)} did not compile and run the eager math "
                            "(same results, slower); the worker log says why", {"fused_kernels_fallbacks": fallbacks})
@@ -399,7 +404,7 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
             else:
                 wants_checkpoint = end_of_epoch
             if wants_checkpoint and not last_step:  # the last step's checkpoint is written below
-                write_checkpoint(checkpoint_metrics(last_metrics))
+                write_checkpoint(last)
             if should_stop():
                 stopped = True
                 break
@@ -408,18 +413,19 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
             position.batch_in_epoch = 0
 
     # 4. Finish: the final checkpoint is the job's adapter.
+    final_train_loss = last.train_loss if last else None
     if stopped:
         sink.event("info", f"Stopped at step {position.step}")
-        return TrainResult("stopped", position.step, n_total_steps, position.trained_tokens, last_metrics.get("train_loss"),
+        return TrainResult("stopped", position.step, n_total_steps, position.trained_tokens, final_train_loss,
                            last_valid.get("valid_loss"), None, checkpoints, train_stats.to_dict(),
                            valid_stats.to_dict() if valid_stats else None, time.time() - started)
     # Resumed from the final checkpoint (the worker died before the job was marked done): it is the adapter, and it
     # is not written or reported again.
-    final = Path(resume_from) if resumed_at_end else write_checkpoint(checkpoint_metrics(last_metrics))
+    final = Path(resume_from) if resumed_at_end else write_checkpoint(last or StepMetrics(step=position.step))
     adapter_dir = output_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(final, adapter_dir, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    result = TrainResult("succeeded", position.step, n_total_steps, position.trained_tokens, last_metrics.get("train_loss"),
+    result = TrainResult("succeeded", position.step, n_total_steps, position.trained_tokens, final_train_loss,
                          last_valid.get("valid_loss"), adapter_dir, checkpoints, train_stats.to_dict(),
                          valid_stats.to_dict() if valid_stats else None, time.time() - started)
     (output_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
@@ -430,11 +436,6 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def checkpoint_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The metric names of an OpenAI checkpoint object, from a step's metrics."""
-    return {k: float(metrics[k]) for k in CHECKPOINT_METRIC_KEYS if k in metrics}
 
 
 def clip_and_norm(model: Any, max_norm: float) -> float:
