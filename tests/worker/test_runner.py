@@ -34,6 +34,7 @@ from tests.worker.helpers import (
     wait_until,
 )
 from worker import runner
+from worker.runner import results as runner_results
 from worker.sink import DatabaseSink
 from worker.sweeper import sweep
 
@@ -294,14 +295,14 @@ def test_lost_worker_is_resumed_from_its_checkpoint(make_settings, session_facto
 
 def test_cancel_while_results_upload_discards_them(make_settings, session_factory, storage, monkeypatch):
     job_id = create_job(session_factory, storage)
-    original = runner.pack_directory
+    original = runner_results.pack_directory
 
     def cancel_then_pack(directory, archive):  # noqa: ANN001
         with session_scope(session_factory) as session:  # the cancel lands after training, before the results commit
             assert cancel_job(session, job_id)
         return original(directory, archive)
 
-    monkeypatch.setattr(runner, "pack_directory", cancel_then_pack)
+    monkeypatch.setattr(runner_results, "pack_directory", cancel_then_pack)
     assert runner.run_job(job_id, make_settings(), session_factory, storage) == runner.STOPPED
     job = get_job(session_factory, job_id)
     assert job.status == "cancelled" and job.result_files == [] and job.fine_tuned_model is None
