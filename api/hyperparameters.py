@@ -14,9 +14,10 @@ from contract.hyperparameters import resolve
 from contract.options import ConfigError, TrainingConfig
 
 
-def engine_config(body: JobCreate, seed: int) -> tuple[TrainingConfig, dict[str, Any]]:
+def job_options(body: JobCreate, seed: int) -> tuple[dict[str, Any], TrainingConfig]:
     """Take the hyperparameters from `method.supervised.hyperparameters` or the deprecated top-level
-    `hyperparameters`, and resolve them; every error is a 400 whose `param` is the dotted path of the key."""
+    `hyperparameters` and resolve them: the object as given and its config, what the job row stores. Every error
+    is a 400 whose `param` is the dotted path of the key."""
     given: Mapping[str, Any] | None = None
     where = "method.supervised.hyperparameters"
     if body.method is not None:
@@ -35,7 +36,9 @@ def engine_config(body: JobCreate, seed: int) -> tuple[TrainingConfig, dict[str,
                 code="invalid_value",
             )
         given, where = body.hyperparameters, "hyperparameters"
+    options = dict(given or {})
     try:
-        return resolve(given or {}, seed=seed)
+        cfg, _ = resolve(options, seed=seed)
     except ConfigError as err:
         raise bad_request(err.message, param=f"{where}.{err.param}" if err.param else where, code=err.code) from None
+    return options, cfg

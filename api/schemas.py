@@ -11,7 +11,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from contract.hyperparameters import Hyperparameters
+from contract.hyperparameters import Hyperparameters, echo
+from contract.metrics import finite_floats
 from core.models import Checkpoint, Export, File, Job, JobEvent
 
 T = TypeVar("T")
@@ -111,6 +112,7 @@ class FineTuningJob(BaseModel):
 
     @classmethod
     def from_row(cls, row: Job) -> FineTuningJob:
+        hyperparameters = echo(row.hyperparameters, row.training_config)
         return cls(
             id=row.id,
             created_at=row.created_at,
@@ -119,10 +121,10 @@ class FineTuningJob(BaseModel):
             status=row.status,
             training_file=row.training_file,
             validation_file=row.validation_file,
-            hyperparameters=row.hyperparameters,
-            method=row.method,
+            hyperparameters=hyperparameters,
+            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
             result_files=list(row.result_files or []),
-            seed=row.seed,
+            seed=row.training_config["seed"],
             error=JobError(**row.error) if row.error else None,
             fine_tuned_model=row.fine_tuned_model,
             finished_at=row.finished_at,
@@ -166,12 +168,8 @@ class FineTuningJobCheckpoint(BaseModel):
             fine_tuning_job_id=row.job_id,
             step_number=row.step,
             # Floats only, as the SDK's type says: a missing (null) or non-finite metric is left out.
-            metrics={k: float(v) for k, v in (row.metrics or {}).items() if _is_finite_number(v)},
+            metrics=finite_floats(row.metrics or {}),
         )
-
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Model(BaseModel):

@@ -77,11 +77,14 @@ class StepTimes:
         self.steps: list[tuple[int, float, float]] = []
         self.events: list[str] = []
 
+    def start(self, total_steps):  # noqa: ANN001
+        pass
+
     def event(self, level, message, data=None):  # noqa: ANN001
         self.events.append(message)
 
     def metrics(self, step, values):  # noqa: ANN001
-        self.steps.append((int(values["tokens"]), float(values["step_seconds"]), float(values["train_loss"])))
+        self.steps.append((int(values.tokens), float(values.step_seconds), float(values.train_loss)))
 
     def checkpoint(self, step, path, metrics):  # noqa: ANN001
         pass

@@ -5,8 +5,9 @@ OpenAI's keys and what "auto" means here:
 - `batch_size` 1..256, auto -> 8 (examples per optimizer step; the engine's default);
 - `learning_rate_multiplier` > 0, auto -> 1.0: the engine's learning_rate is multiplier x 2e-4 (its default).
 Every other key is an engine option (`lora_r`, `quant_type`, `max_steps`, ...), checked by `TrainingConfig`
-itself. A job stores and echoes the resolved values: the three OpenAI keys as numbers plus every engine option.
-`Hyperparameters` is the typed shape of the object for the OpenAPI schema; `resolve` validates it.
+itself. `resolve` validates the object once, at the request; a job stores the object as given and the resolved
+`TrainingConfig` (`resolved()`), and `echo` renders what the wire shows from those two: the three OpenAI keys as
+numbers plus every engine option. `Hyperparameters` is the typed shape of the object for the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, create_model
 
-from contract.options import ConfigError, TrainingConfig
+from contract.options import ConfigError, TrainingConfig, unused_options
 
 BASE_LEARNING_RATE: float = TrainingConfig.model_fields["learning_rate"].default
 DEFAULT_MICRO_BATCH: int = TrainingConfig.model_fields["micro_batch_size"].default
@@ -46,9 +47,13 @@ def _micro_batch_for(batch_size: int) -> int:
     return max(d for d in range(1, DEFAULT_MICRO_BATCH + 1) if batch_size % d == 0)
 
 
+OPENAI_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
 def resolve(given: Mapping[str, Any], *, seed: int) -> tuple[TrainingConfig, dict[str, Any]]:
-    """Build the engine config from a hyperparameters object and return it with the resolved values to echo.
-    Raises ConfigError whose `param` is a key of `given`."""
+    """Build the engine config from a hyperparameters object and return it with the values to echo (`echo`).
+    Raises ConfigError whose `param` is a key of `given`; naming an option that has no effect with the others is
+    an error too."""
     values = dict(given)
     if "seed" in values:
         raise ConfigError("Set the seed with the top-level 'seed' parameter, not in hyperparameters", param="seed")
@@ -78,11 +83,22 @@ def resolve(given: Mapping[str, Any], *, seed: int) -> tuple[TrainingConfig, dic
                 code=err.code,
             ) from None
         raise
+    unused = unused_options(cfg)
+    for name in given:
+        if name in unused:
+            param, message = unused[name]
+            raise ConfigError(message, param=param)
+    return cfg, echo(given, cfg.resolved())
 
+
+def echo(given: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """A job's hyperparameters as the wire shows them, from what it stores: the object as given and the resolved
+    config. OpenAI's three keys come first, as numbers; the seed is the job's top-level `seed` too."""
+    multiplier = given.get("learning_rate_multiplier", "auto")
     if _is_auto(multiplier):
-        multiplier = cfg.learning_rate / BASE_LEARNING_RATE
-    echoed = {"n_epochs": cfg.n_epochs, "batch_size": cfg.batch_size, "learning_rate_multiplier": float(multiplier)}
-    return cfg, echoed | {k: v for k, v in cfg.resolved().items() if k not in echoed}
+        multiplier = config["learning_rate"] / BASE_LEARNING_RATE
+    echoed = {"n_epochs": config["n_epochs"], "batch_size": config["batch_size"], "learning_rate_multiplier": float(multiplier)}
+    return echoed | {k: v for k, v in config.items() if k not in echoed}
 
 
 def _schema_fields() -> dict[str, Any]:

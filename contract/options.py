@@ -150,30 +150,32 @@ class TrainingConfig(BaseModel):
             raise ConfigError(f"Invalid value for {param!r}: {message}", param=param) from None
 
     def resolved(self) -> dict[str, Any]:
-        """All options with their resolved values (what a job echoes back)."""
+        """All options with their resolved values: what a job stores and echoes, and what `from_dict` rebuilds."""
         return self.model_dump()
 
-    @classmethod
-    def from_resolved(cls, values: dict[str, Any]) -> TrainingConfig:
-        """Rebuild a config from its `resolved()` values (a job row). Values equal to their option's default are
-        left out first: `resolved()` lists every option, and some checks reject an option that was *set*
-        alongside another (quant_type with quantization=8bit, warmup_ratio with warmup_steps, micro_batch_size
-        with micro_batch_tokens), so the full list would fail them although the job was accepted."""
-        fields = cls.model_fields
-        return cls.from_dict({k: v for k, v in values.items() if k not in fields or v != fields[k].default})
+
+def unused_options(cfg: TrainingConfig) -> dict[str, tuple[str, str]]:
+    """The options that have no effect given the values of the others: name -> (param to blame, message)."""
+    unused: dict[str, tuple[str, str]] = {}
+    if cfg.quantization != "4bit":
+        for name in ("quant_type", "double_quant"):
+            unused[name] = (name, f"{name!r} applies only to quantization='4bit' (got quantization={cfg.quantization!r})")
+    if cfg.micro_batch_tokens is not None:
+        unused["micro_batch_size"] = ("micro_batch_tokens", "set either micro_batch_size (examples per pass) or "
+                                      "micro_batch_tokens (tokens per pass), not both")
+    if cfg.warmup_steps is not None:
+        unused["warmup_ratio"] = ("warmup_steps", "set either warmup_steps or warmup_ratio, not both")
+    return unused
 
 
 def validate_combinations(cfg: TrainingConfig) -> None:
-    """Reject option combinations that cannot work, before any model is loaded."""
-    explicitly_set = cfg.model_fields_set
-    if cfg.quantization != "4bit":
-        for name in ("quant_type", "double_quant"):
-            if name in explicitly_set:
-                raise ConfigError(f"{name!r} applies only to quantization='4bit' (got quantization={cfg.quantization!r})", param=name)
+    """Reject option combinations that cannot work, before any model is loaded. Only values are tested, so a
+    config rebuilt from its own `resolved()` passes: an option without effect must keep its default value (a
+    changed one would be silently ignored)."""
+    for name, (param, message) in unused_options(cfg).items():
+        if getattr(cfg, name) != TrainingConfig.model_fields[name].default:
+            raise ConfigError(message, param=param)
     if cfg.micro_batch_tokens is not None:
-        if "micro_batch_size" in explicitly_set:
-            raise ConfigError("set either micro_batch_size (examples per pass) or micro_batch_tokens (tokens per pass), not both",
-                              param="micro_batch_tokens")
         if not cfg.packing:
             raise ConfigError("micro_batch_tokens packs examples into rows: it needs packing=true", param="micro_batch_tokens")
         if cfg.micro_batch_tokens < cfg.max_seq_length:
@@ -184,8 +186,6 @@ def validate_combinations(cfg: TrainingConfig) -> None:
             f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({cfg.micro_batch_size})",
             param="micro_batch_size",
         )
-    if cfg.warmup_steps is not None and "warmup_ratio" in explicitly_set:
-        raise ConfigError("set either warmup_steps or warmup_ratio, not both", param="warmup_steps")
     if cfg.warmup_steps is not None and cfg.max_steps is not None and cfg.warmup_steps > cfg.max_steps:
         raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) exceeds max_steps ({cfg.max_steps})", param="warmup_steps")
     if isinstance(cfg.target_modules, list):

@@ -101,18 +101,15 @@ def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
     return result.rowcount == 1
 
 
-def record_resolved_hyperparameters(session: Session, job_id: str, worker_id: str, resolved: dict[str, Any]) -> bool:
-    """Write what a worker decided for the job's 'auto' options (compute_dtype) into its stored hyperparameters,
-    both copies (`hyperparameters` and `method`), while the worker still runs it. Returns whether it did."""
+def record_resolved_options(session: Session, job_id: str, worker_id: str, resolved: dict[str, Any]) -> bool:
+    """Write what a worker decided for the job's 'auto' options (compute_dtype) into its stored config, while the
+    worker still runs it. Returns whether it did."""
     job = session.execute(
         select(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id).with_for_update()
     ).scalar_one_or_none()
     if job is None:
         return False
-    job.hyperparameters = {**job.hyperparameters, **resolved}
-    if job.method and isinstance(job.method.get("supervised"), dict):
-        supervised = job.method["supervised"]
-        job.method = {**job.method, "supervised": {**supervised, "hyperparameters": {**supervised.get("hyperparameters", {}), **resolved}}}
+    job.training_config = {**job.training_config, **resolved}
     return True
 
 

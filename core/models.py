@@ -59,10 +59,12 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(256))
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # resolved: every engine option
-    method: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The hyperparameters object as the request gave it, and the options resolved from it once, at the request
+    # (`TrainingConfig.resolved()`: every option, the seed included). The wire's `hyperparameters`, `method` and
+    # `seed` are rendered from these two (contract.hyperparameters.echo); the worker builds its config from the second.
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    training_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    seed: Mapped[int] = mapped_column(BigInteger)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     integrations: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(32), index=True)

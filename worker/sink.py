@@ -11,7 +11,6 @@ deleted, and `on_lost()` tells the runner to stop the engine.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tarfile
 import tempfile
@@ -24,13 +23,13 @@ from pydantic_core import to_jsonable_python
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.metrics import StepMetrics
 from core import ids
 from core.db import session_scope
 from core.jobs import add_event, checkpoint_model_name, fine_tuned_model_name, heartbeat
 from core.models import Checkpoint, Job, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
 from worker.retry import outlast
-from worker.training.sinks import CHECKPOINT_METRIC_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class DatabaseSink:
         self.session_factory = session_factory
         self.storage = storage
         self.on_lost = on_lost
-        self.total_steps: int | None = None  # the engine reports it in an event once the model is loaded
+        self.total_steps: int | None = None  # from start(), once the model is loaded
         self.lost = False
         self.retry_window_s = retry_window_s  # how long a write is retried through an outage (worker/retry.py)
         self.keep_checkpoints = keep_checkpoints  # the engine option: older checkpoints are deleted from storage too
@@ -75,19 +74,19 @@ class DatabaseSink:
 
     # --- the Sink protocol -----------------------------------------------------------------------------
 
+    def start(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
     def event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
         level = {"warning": "warn"}.get(level, level)
         if level not in LEVELS:
             level = "info"
-        if data and isinstance(data.get("total_steps"), int):
-            self.total_steps = data["total_steps"]
         safe = json_safe(data) if data else None
         self._write(lambda session: add_event(session, self.job_id, level, message, data=safe))
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        values = json_safe({**values, "step": step})
-        data: dict[str, Any] = {k: values[k] for k in CHECKPOINT_METRIC_KEYS if k in values}
-        data.update({k: v for k, v in values.items() if k not in data})
+    def metrics(self, step: int, metrics: StepMetrics) -> None:
+        values = metrics.to_dict()  # the checkpoint object's metrics first; non-finite numbers are None already
+        data: dict[str, Any] = dict(values)
         if self.total_steps is not None:
             data["total_steps"] = self.total_steps
         message = f"Step {step}/{self.total_steps or '?'}: training loss={_fmt(values.get('train_loss'))}"
@@ -111,7 +110,7 @@ class DatabaseSink:
 
         self._write(write)
 
-    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+    def checkpoint(self, step: int, path: Path, metrics: StepMetrics) -> None:
         if self.lost:
             return
         checkpoint_id = ids.checkpoint_id()
@@ -126,13 +125,12 @@ class DatabaseSink:
             outlast(lambda: self.storage.put_file(key, archive), self.retry_window_s, f"job {self.job_id}: checkpoint upload")
         finally:
             archive.unlink(missing_ok=True)
-        floats = {k: float(metrics[k]) for k in CHECKPOINT_METRIC_KEYS if k in metrics and math.isfinite(float(metrics[k]))}
 
         superseded: list[str] = []
 
         def write(session: Session) -> None:
             model = self._fine_tuned_model(session)
-            session.add(Checkpoint(id=checkpoint_id, job_id=self.job_id, step=step, metrics=floats, storage_key=key,
+            session.add(Checkpoint(id=checkpoint_id, job_id=self.job_id, step=step, metrics=metrics.checkpoint_metrics(), storage_key=key,
                                    fine_tuned_model_checkpoint=checkpoint_model_name(model, step), created_at=now()))
             add_event(session, self.job_id, "info", f"Checkpoint saved at step {step}")
             superseded[:] = self._forget_old_checkpoints(session)

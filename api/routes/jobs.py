@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from api.base_models import find_base_model, read_model_config
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
-from api.hyperparameters import engine_config
+from api.hyperparameters import job_options
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import (
@@ -37,6 +37,7 @@ from api.schemas import (
 )
 from contract.data_format import MIN_EXAMPLES
 from contract.memory import GIB, estimate_memory
+from contract.metrics import StepMetrics
 from contract.options import TrainingConfig
 from core import ids
 from core.dispatch import DispatchError, dispatch
@@ -163,7 +164,7 @@ def create_job(
         raise quota_exceeded(f"This project has {active} queued or running jobs, the most it may have at once",
                              "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    cfg, resolved = engine_config(body, seed)
+    given, cfg = job_options(body, seed)
     _check_step_limit(body, cfg, training.n_examples or 0, settings.max_steps_per_job)
 
     # Files were validated at upload, so the job starts queued.
@@ -173,10 +174,9 @@ def create_job(
         model=body.model,
         training_file=body.training_file,
         validation_file=body.validation_file,
-        hyperparameters=resolved,
-        method={"type": "supervised", "supervised": {"hyperparameters": resolved}},
+        hyperparameters=given,
+        training_config=cfg.resolved(),
         suffix=body.suffix,
-        seed=seed,
         metadata_=body.metadata,
         integrations=body.integrations,
         status=JobStatus.QUEUED.value,
@@ -273,8 +273,8 @@ def list_checkpoints(
     )
 
 
-@router.get("/{job_id}/metrics", response_model=Page[dict[str, Any]], summary="List a job's training metrics (extension)",
-             responses=error_responses(404))
+@router.get("/{job_id}/metrics", response_model=Page[StepMetrics], response_model_exclude_unset=True,
+            summary="List a job's training metrics (extension)", responses=error_responses(404))
 def list_metrics(
     job_id: str,
     project: CurrentProject,
@@ -282,15 +282,15 @@ def list_metrics(
     # Bounded by the step column's range: a larger integer would reach the database and fail there (a 500).
     after: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="A step number: only later steps are listed.")] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-) -> Page[dict[str, Any]]:
-    """One row per logged step, ascending: `{"step", "train_loss", ...}` as the worker recorded them."""
+) -> Page[StepMetrics]:
+    """One row per logged step, ascending: the fields of `StepMetrics` that the step reported."""
     job = get_job_row(session, project, job_id)
     query = select(JobMetric).where(JobMetric.job_id == job.id)
     if after is not None:
         query = query.where(JobMetric.step > after)
     rows = list(session.scalars(query.order_by(JobMetric.step).limit(limit + 1)))
-    data = [{**row.values, "step": row.step} for row in rows[:limit]]
-    return Page[dict[str, Any]](data=data, has_more=len(rows) > limit)
+    data = [StepMetrics(**{**row.values, "step": row.step}) for row in rows[:limit]]
+    return Page[StepMetrics](object="list", data=data, has_more=len(rows) > limit)  # `object` set: it is not left out
 
 
 @router.get(

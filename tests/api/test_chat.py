@@ -64,7 +64,7 @@ def trained_job(client: TestClient, tmp_path, tiny_model_dir, *, project: str = 
     store_adapter(tiny_model_dir, storage, f"checkpoints/{job_id}/{ckpt_id}.tar.gz", tmp_path, seed=2)
     model = f"ft:{MODEL}:{project}:t:{job_id.removeprefix('ftjob-')}"
     with db(client) as session:
-        session.add(Job(id=job_id, project=project, model=MODEL, training_file="file-x", hyperparameters={}, seed=1,
+        session.add(Job(id=job_id, project=project, model=MODEL, training_file="file-x", hyperparameters={}, training_config={"seed": 1},
                         status="succeeded", fine_tuned_model=model, result_files=[file_id], created_at=now(), finished_at=now()))
         session.flush()
         session.add(File(id=file_id, project=project, filename=f"{job_id}-adapter.tar.gz", purpose="fine-tune-results", bytes=1,

@@ -100,7 +100,7 @@ def test_create_job_with_lora_hyperparameters(client, training_file, settings, r
     with db(client) as session:
         row = session.scalar(select(Job).where(Job.id == job["id"]))
         assert row.enqueued_at is not None and row.project == "proj-a"
-        assert TrainingConfig.from_dict({k: v for k, v in row.hyperparameters.items() if k in TrainingConfig.model_fields})
+        assert TrainingConfig.from_dict(row.training_config)
 
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=KEY_A).json()["data"]
     assert [e["level"] for e in events] == ["info", "info"]

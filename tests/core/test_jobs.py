@@ -58,7 +58,7 @@ def make_job(factory: sessionmaker[Session], status: JobStatus = JobStatus.QUEUE
             model="SmolLM2-135M-Instruct",
             training_file=ids.file_id(),
             hyperparameters={"n_epochs": 1},
-            seed=42,
+            training_config={"n_epochs": 1, "seed": 42},
             status=status.value,
             **fields,
         )

@@ -102,7 +102,7 @@ def test_micro_batch_tokens_sets_the_tokens_per_pass():
     assert TrainingConfig().max_tokens_per_micro_batch == 4 * 2048
     cfg = TrainingConfig(micro_batch_tokens=4096, batch_size=6)  # no divisibility rule: rows are made per step
     assert cfg.max_tokens_per_micro_batch == 4096 and cfg.gradient_accumulation_steps == 6
-    assert TrainingConfig.from_resolved(cfg.resolved()) == cfg
+    assert TrainingConfig.from_dict(cfg.resolved()) == cfg
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])

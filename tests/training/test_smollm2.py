@@ -28,8 +28,8 @@ class ValidLosses(NullSink):
         self.valid: dict[int, float] = {}
 
     def metrics(self, step, values):
-        if "valid_loss" in values:
-            self.valid[step] = values["valid_loss"]
+        if values.valid_loss is not None:
+            self.valid[step] = values.valid_loss
 
 
 def greedy_answer(model, tokenizer, question: str) -> str:

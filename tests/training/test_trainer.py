@@ -39,14 +39,17 @@ class RecordingSink:
     def __init__(self):
         self.events, self.steps, self.checkpoints = [], [], []
 
+    def start(self, total_steps):
+        pass
+
     def event(self, level, message, data=None):
         self.events.append((level, message, data))
 
     def metrics(self, step, values):
-        self.steps.append(dict(values))
+        self.steps.append(values.to_dict())
 
     def checkpoint(self, step, path, metrics):
-        self.checkpoints.append((step, Path(path), dict(metrics)))
+        self.checkpoints.append((step, Path(path), metrics.checkpoint_metrics()))
 
 
 @pytest.fixture

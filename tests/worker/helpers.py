@@ -48,12 +48,12 @@ def put_jsonl(session_factory: sessionmaker[Session], storage: ObjectStorage, li
     return file_id
 
 
-def hyperparameters(**options: Any) -> dict[str, Any]:
-    """What the API stores: OpenAI's three keys plus every engine option resolved."""
+def stored_config(**options: Any) -> dict[str, Any]:
+    """What the API stores as a job's `training_config`: every option resolved."""
     defaults: dict[str, Any] = dict(max_steps=4, batch_size=2, micro_batch_size=2, checkpoint_every=2, max_seq_length=64,
                                     lora_r=4, learning_rate=1e-3, warmup_ratio=0.0)
     cfg = TrainingConfig(**{**defaults, **options})
-    return {"n_epochs": cfg.n_epochs, "batch_size": cfg.batch_size, "learning_rate_multiplier": 1.0, **cfg.resolved()}
+    return cfg.resolved()
 
 
 def create_job(session_factory: sessionmaker[Session], storage: ObjectStorage | None = None, *, training_file: str | None = None,
@@ -63,12 +63,12 @@ def create_job(session_factory: sessionmaker[Session], storage: ObjectStorage | 
     if training_file is None:
         assert storage is not None
         training_file = put_jsonl(session_factory, storage, chat_lines(n_examples))
-    hyper = hyper if hyper is not None else hyperparameters()
+    hyper = hyper if hyper is not None else stored_config()
     job_id = ids.job_id()
     with session_scope(session_factory) as session:
         ensure_project(session)
         session.add(Job(id=job_id, project=PROJECT, model=MODEL, training_file=training_file, validation_file=validation_file,
-                        hyperparameters=hyper, suffix=suffix, seed=hyper.get("seed", 42), status=status, result_files=[],
+                        hyperparameters={}, training_config=hyper, suffix=suffix, status=status, result_files=[],
                         created_at=now(), **fields))
     return job_id
 

@@ -194,13 +194,13 @@ def test_a_busy_worker_leaves_the_next_job_in_the_queue(postgres_url, redis_url,
     import redis
 
     from core.jobs import cancel_job
-    from tests.worker.helpers import hyperparameters
+    from tests.worker.helpers import stored_config
 
     settings = make_worker_settings(tmp_path, models_dir, postgres_url, redis_url)
     engine = make_engine(postgres_url)
     factory = make_session_factory(engine)
     storage = LocalStorage(settings.storage_dir)
-    long_id = create_job(factory, storage, hyper=hyperparameters(max_steps=100_000, checkpoint_every=100_000))
+    long_id = create_job(factory, storage, hyper=stored_config(max_steps=100_000, checkpoint_every=100_000))
     next_id = create_job(factory, storage)
     celery_app = make_celery(settings)
     log_path = tmp_path / "worker.log"

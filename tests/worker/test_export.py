@@ -18,7 +18,7 @@ from core import ids
 from core.db import session_scope
 from core.exports import delete_model_rows, lock_live_model_job
 from core.models import Export, File, Job, now
-from tests.worker.helpers import MODEL, PROJECT, create_job, events, get_job, hyperparameters, local_objects, wait_until
+from tests.worker.helpers import MODEL, PROJECT, create_job, events, get_job, local_objects, stored_config, wait_until
 from tests.worker.test_runner import RecordingCelery
 from worker import export as export_worker
 from worker import runner
@@ -61,7 +61,7 @@ def test_merged_export_loads_with_transformers_and_answers_as_base_plus_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = make_settings()
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=6, learning_rate=3e-2))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=6, learning_rate=3e-2))
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.SUCCEEDED
     export_id = add_export(session_factory, job_id)
 

@@ -4,7 +4,7 @@ ones beyond the newest N lose their rows and objects, except the checkpoint the 
 from __future__ import annotations
 
 from core.storage import LocalStorage
-from tests.worker.helpers import checkpoints, create_job, get_job, hyperparameters, local_objects
+from tests.worker.helpers import checkpoints, create_job, get_job, local_objects, stored_config
 from tests.worker.test_runner import RecordingCelery, worker_dies_after
 from worker import runner
 from worker.sweeper import sweep
@@ -15,7 +15,7 @@ def checkpoint_objects(storage: LocalStorage) -> set[str]:
 
 
 def test_only_the_newest_checkpoints_stay_in_storage(make_settings, session_factory, storage):
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=8, checkpoint_every=2, keep_checkpoints=2))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=8, checkpoint_every=2, keep_checkpoints=2))
     assert runner.run_job(job_id, make_settings(), session_factory, storage) == runner.SUCCEEDED
     kept = checkpoints(session_factory, job_id)
     assert [c.step for c in kept] == [6, 8]
@@ -24,7 +24,7 @@ def test_only_the_newest_checkpoints_stay_in_storage(make_settings, session_fact
 
 def test_the_checkpoint_a_job_resumed_from_is_kept(make_settings, session_factory, storage, monkeypatch):
     settings = make_settings(heartbeat_timeout_s=60)
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=8, checkpoint_every=2, keep_checkpoints=2))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=8, checkpoint_every=2, keep_checkpoints=2))
     worker_dies_after(monkeypatch, session_factory, job_id, "checkpoint", 4)
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
     monkeypatch.undo()

@@ -16,7 +16,7 @@ from core.jobs import mark_enqueued
 from core.models import Job
 from core.queue import make_celery, send_training_task
 from core.storage import LocalStorage
-from tests.worker.helpers import checkpoints, create_job, events, get_job, hyperparameters, metric_steps
+from tests.worker.helpers import checkpoints, create_job, events, get_job, metric_steps, stored_config
 from tests.worker.test_celery_worker import celery_worker, make_worker_settings, wait_for_status
 
 SLOW_APP = "tests.worker.slow_celery_app"  # the real app, each step 0.5 s
@@ -29,7 +29,7 @@ def test_a_sigkilled_training_process_is_resumed_by_a_new_worker(postgres_url, r
     engine = make_engine(postgres_url)
     factory = make_session_factory(engine)
     storage = LocalStorage(settings.storage_dir)
-    job_id = create_job(factory, storage, hyper=hyperparameters(max_steps=8, checkpoint_every=2))
+    job_id = create_job(factory, storage, hyper=stored_config(max_steps=8, checkpoint_every=2))
     client = redis.Redis.from_url(redis_url)
     try:
         first_log = tmp_path / "worker-1.log"

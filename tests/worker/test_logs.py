@@ -13,7 +13,7 @@ from core.db import session_scope
 from core.jobs import cancel_job
 from core.logs import configure_logging
 from core.models import Export, now
-from tests.worker.helpers import create_job, hyperparameters, metric_steps, wait_until
+from tests.worker.helpers import create_job, metric_steps, stored_config, wait_until
 from worker import export as export_worker
 from worker import runner
 
@@ -42,7 +42,7 @@ def test_every_line_of_a_job_carries_its_id(make_settings, session_factory, stor
 
 def test_the_heartbeat_threads_lines_carry_the_job_id(make_settings, session_factory, storage):
     """The heartbeat thread finds the job cancelled and says so: in its own thread, with the job's id."""
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=100000, checkpoint_every=1000))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=100000, checkpoint_every=1000))
 
     def cancel_when_training():
         wait_until(lambda: len(metric_steps(session_factory, job_id)) >= 1, timeout_s=60, interval_s=0.02, message="a step")

@@ -15,7 +15,7 @@ from core.models import JobEvent
 from core.settings import Settings
 from core.storage import LocalStorage, S3Storage
 from tests.faults import TcpProxy
-from tests.worker.helpers import checkpoints, create_job, events, get_job, hyperparameters, metric_steps, wait_until
+from tests.worker.helpers import checkpoints, create_job, events, get_job, metric_steps, stored_config, wait_until
 from worker import runner
 from worker.sweeper import sweep
 
@@ -72,7 +72,7 @@ def behind_proxy(postgres_url: str, proxy: TcpProxy, models_dir, tmp_path, **ove
 def test_the_database_refusing_connections_for_20_s_mid_job_costs_time_not_the_job(postgres_url, pg_proxy, models_dir, tmp_path,
                                                                                    slow_steps):
     direct, worker_engine, settings, storage = behind_proxy(postgres_url, pg_proxy, models_dir, tmp_path, outage_retry_s=60)
-    job_id = create_job(direct, storage, hyper=hyperparameters(max_steps=12, checkpoint_every=4))
+    job_id = create_job(direct, storage, hyper=stored_config(max_steps=12, checkpoint_every=4))
     thread, outcome = run_in_thread(job_id, settings, make_session_factory(worker_engine), storage)
     wait_until(lambda: len(metric_steps(direct, job_id)) >= 2, 60, message="step 2")
     pg_proxy.cut()
@@ -96,7 +96,7 @@ def test_a_lasting_database_outage_leaves_the_job_to_the_sweeper_which_resumes_i
                                                                                   slow_steps):
     direct, worker_engine, settings, storage = behind_proxy(postgres_url, pg_proxy, models_dir, tmp_path, outage_retry_s=3,
                                                             heartbeat_timeout_s=2)
-    job_id = create_job(direct, storage, hyper=hyperparameters(max_steps=8, checkpoint_every=2))
+    job_id = create_job(direct, storage, hyper=stored_config(max_steps=8, checkpoint_every=2))
     thread, outcome = run_in_thread(job_id, settings, make_session_factory(worker_engine), storage)
     wait_until(lambda: len(checkpoints(direct, job_id)) >= 1, 60, message="the first checkpoint")
     pg_proxy.cut()
@@ -129,7 +129,7 @@ def test_the_object_store_unreachable_during_uploads_costs_time_not_the_job(post
                         outage_retry_s=60)
     storage = S3Storage(settings.s3_bucket, settings.s3_endpoint, settings.s3_region)
     storage.ensure_bucket()
-    job_id = create_job(direct, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=3))
+    job_id = create_job(direct, storage, hyper=stored_config(max_steps=6, checkpoint_every=3))
     thread, outcome = run_in_thread(job_id, settings, direct, storage)
     wait_until(lambda: len(metric_steps(direct, job_id)) >= 1, 60, message="step 1")
     proxy.cut()  # from before the first upload (the step-3 checkpoint) ...
@@ -155,7 +155,7 @@ def test_a_full_local_disk_stops_the_run_without_failing_the_job(postgres_url, m
         settings = Settings(home=tmp_path, database_url=postgres_url, storage="local", storage_dir=disk / "objects",
                             models_dir=models_dir, heartbeat_interval_s=0.2, heartbeat_timeout_s=1, outage_retry_s=2)
         storage = LocalStorage(settings.storage_dir)
-        job_id = create_job(factory, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=2))
+        job_id = create_job(factory, storage, hyper=stored_config(max_steps=6, checkpoint_every=2))
         filler: list = []
 
         def fill_after_the_first_checkpoint() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
+from api.schemas import FineTuningJob
 from core.db import session_scope
 from core.jobs import cancel_job, fine_tuned_model_name
 from core.models import File, Job, JobMetric
@@ -26,13 +27,14 @@ from tests.worker.helpers import (
     create_job,
     events,
     get_job,
-    hyperparameters,
     local_objects,
     metric_steps,
     put_jsonl,
+    stored_config,
     wait_until,
 )
 from worker import runner
+from worker.runner import results as runner_results
 from worker.sink import DatabaseSink
 from worker.sweeper import sweep
 
@@ -67,7 +69,7 @@ def leftover_workdirs(job_id: str) -> list[Path]:
 def test_job_runs_to_succeeded_and_writes_everything(make_settings, session_factory, storage, models_dir, tmp_path):
     settings = make_settings()
     valid_file = put_jsonl(session_factory, storage, chat_lines(4), filename="valid.jsonl")
-    job_id = create_job(session_factory, storage, validation_file=valid_file, hyper=hyperparameters(eval_every=3))
+    job_id = create_job(session_factory, storage, validation_file=valid_file, hyper=stored_config(eval_every=3))
 
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.SUCCEEDED
 
@@ -180,7 +182,7 @@ def test_job_runs_with_s3_storage(postgres_url, s3_endpoint, aws_test_credential
 
 def test_cancel_stops_the_run_and_nothing_is_written_after_it(make_settings, session_factory, storage, tmp_path):
     settings = make_settings(heartbeat_interval_s=0.2)
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=100000, checkpoint_every=1))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=100000, checkpoint_every=1))
     at_cancel: dict = {}
 
     def cancel_when_training():
@@ -239,7 +241,7 @@ def test_invalid_validation_file_is_named(make_settings, session_factory, storag
     ({"lora_r": 0}, "invalid_hyperparameter", "lora_r"),
 ])
 def test_bad_hyperparameter_fails_with_param(make_settings, session_factory, storage, change, code, param):
-    job_id = create_job(session_factory, storage, hyper={**hyperparameters(), **change})
+    job_id = create_job(session_factory, storage, hyper={**stored_config(), **change})
     assert runner.run_job(job_id, make_settings(), session_factory, storage) == runner.FAILED
     job = get_job(session_factory, job_id)
     assert job.status == "failed"
@@ -262,7 +264,7 @@ def worker_dies_after(monkeypatch, session_factory, job_id: str, method: str, at
 
 def test_lost_worker_is_resumed_from_its_checkpoint(make_settings, session_factory, storage, monkeypatch):
     settings = make_settings(heartbeat_timeout_s=60)
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=2))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=6, checkpoint_every=2))
     worker_dies_after(monkeypatch, session_factory, job_id, "checkpoint", 4)
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
     monkeypatch.undo()
@@ -293,14 +295,14 @@ def test_lost_worker_is_resumed_from_its_checkpoint(make_settings, session_facto
 
 def test_cancel_while_results_upload_discards_them(make_settings, session_factory, storage, monkeypatch):
     job_id = create_job(session_factory, storage)
-    original = runner.pack_directory
+    original = runner_results.pack_directory
 
     def cancel_then_pack(directory, archive):  # noqa: ANN001
         with session_scope(session_factory) as session:  # the cancel lands after training, before the results commit
             assert cancel_job(session, job_id)
         return original(directory, archive)
 
-    monkeypatch.setattr(runner, "pack_directory", cancel_then_pack)
+    monkeypatch.setattr(runner_results, "pack_directory", cancel_then_pack)
     assert runner.run_job(job_id, make_settings(), session_factory, storage) == runner.STOPPED
     job = get_job(session_factory, job_id)
     assert job.status == "cancelled" and job.result_files == [] and job.fine_tuned_model is None
@@ -323,18 +325,19 @@ def test_unknown_base_model_fails_with_param_model(make_settings, session_factor
 
 def test_auto_compute_dtype_is_decided_by_the_worker_and_stored(make_settings, session_factory, storage, monkeypatch):
     """The worker resolves 'auto' for its device (here: a CPU without native bf16, injected) and records the choice
-    in both stored copies of the hyperparameters."""
+    in the stored config, which the wire's hyperparameters and method both show."""
     from worker.training import model as model_module
 
     monkeypatch.setattr(model_module, "cpu_bf16_is_fast", lambda: False)
-    hyper = hyperparameters()
+    hyper = stored_config()
     assert hyper["compute_dtype"] == "auto"
-    job_id = create_job(session_factory, storage, hyper=hyper, method={"type": "supervised", "supervised": {"hyperparameters": hyper}})
+    job_id = create_job(session_factory, storage, hyper=hyper)
     assert runner.run_job(job_id, make_settings(), session_factory, storage) == runner.SUCCEEDED
     job = get_job(session_factory, job_id)
-    assert job.hyperparameters["compute_dtype"] == "fp32"
-    assert job.method["supervised"]["hyperparameters"]["compute_dtype"] == "fp32"
-    assert job.hyperparameters["lora_r"] == hyper["lora_r"]  # the rest as stored
+    wire = FineTuningJob.from_row(job)
+    assert wire.hyperparameters["compute_dtype"] == "fp32"
+    assert wire.method["supervised"]["hyperparameters"]["compute_dtype"] == "fp32"
+    assert job.training_config["lora_r"] == hyper["lora_r"]  # the rest as stored
     loaded = next(e for e in events(session_factory, job_id) if e.message.startswith("Model loaded"))
     assert loaded.data["compute_dtype"] == "fp32"
 
@@ -363,7 +366,7 @@ def test_a_worker_lost_after_its_final_checkpoint_is_finished_cleanly(make_setti
     """The worker dies between the final checkpoint and 'succeeded': the resumed run trains nothing, publishes that
     checkpoint as the adapter, and the job succeeds with each step and checkpoint recorded once."""
     settings = make_settings(heartbeat_timeout_s=60)
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=4, checkpoint_every=2))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=4, checkpoint_every=2))
     worker_dies_after(monkeypatch, session_factory, job_id, "checkpoint", 4)
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
     monkeypatch.undo()
@@ -381,7 +384,7 @@ def test_steps_after_the_resume_checkpoint_are_listed_once(make_settings, sessio
     """The worker dies after step 5 with its last checkpoint at step 4: the resumed run trains step 5 again, and
     step 5's metrics (row and event) appear once, from the run that finished the job."""
     settings = make_settings(heartbeat_timeout_s=60)
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=6, checkpoint_every=2))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=6, checkpoint_every=2))
     worker_dies_after(monkeypatch, session_factory, job_id, "metrics", 5)
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
     monkeypatch.undo()
@@ -427,7 +430,7 @@ def test_a_job_past_its_wall_clock_limit_is_stopped_and_failed(make_settings, se
         original(self, step, values)
 
     monkeypatch.setattr(DatabaseSink, "metrics", slow_metrics)
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=200, checkpoint_every=1000))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=200, checkpoint_every=1000))
     started = time.monotonic()
     assert runner.run_job(job_id, make_settings(max_job_seconds=4.0), session_factory, storage) == runner.FAILED
     assert time.monotonic() - started < 30
@@ -443,7 +446,7 @@ def test_a_job_resumes_on_a_worker_where_auto_decides_lean_activations_otherwise
     from contract.options import TrainingConfig
 
     settings = make_settings(heartbeat_timeout_s=60)
-    job_id = create_job(session_factory, storage, hyper=hyperparameters(max_steps=4, checkpoint_every=2))
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=4, checkpoint_every=2))
     monkeypatch.setattr(TrainingConfig, "resolved_lean_activations", lambda self, device_type: self.lean_activations is not False)
     worker_dies_after(monkeypatch, session_factory, job_id, "checkpoint", 2)
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
@@ -452,4 +455,4 @@ def test_a_job_resumes_on_a_worker_where_auto_decides_lean_activations_otherwise
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.SUCCEEDED
     loaded = [e.data["lean_activations"] for e in events(session_factory, job_id) if e.message.startswith("Model loaded")]
     assert loaded == [True, False]
-    assert get_job(session_factory, job_id).hyperparameters["lean_activations"] == "auto"
+    assert get_job(session_factory, job_id).training_config["lean_activations"] == "auto"

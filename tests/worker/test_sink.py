@@ -8,6 +8,7 @@ import time
 
 from sqlalchemy import select
 
+from contract.metrics import StepMetrics
 from core.db import session_scope
 from core.jobs import cancel_job
 from core.models import JobMetric
@@ -25,12 +26,13 @@ def test_sink_writes_events_metrics_and_checkpoints(session_factory, storage, tm
     sink = DatabaseSink(job_id, "w1", session_factory, storage, on_lost=lambda: lost.append(True))
     before = get_job(session_factory, job_id).heartbeat_at
 
+    sink.start(total_steps=10)
     sink.event("info", "Model loaded", {"total_steps": 10, "nested": {"x": float("inf")}})
     sink.event("warning", "careful")  # the engine's levels are info/warn/error; anything else is mapped
-    sink.metrics(1, {"step": 1, "train_loss": 2.5, "train_mean_token_accuracy": 0.25, "learning_rate": 1e-4, "tokens": 40})
-    sink.metrics(2, {"step": 2, "train_loss": float("nan"), "train_mean_token_accuracy": 0.5, "valid_loss": 2.0,
-                     "valid_mean_token_accuracy": 0.5, "tokens": 40})
-    sink.metrics(2, {"step": 2, "train_loss": 1.5, "train_mean_token_accuracy": 0.5, "tokens": 40})  # a step produced again
+    sink.metrics(1, StepMetrics(step=1, train_loss=2.5, train_mean_token_accuracy=0.25, learning_rate=1e-4, tokens=40))
+    sink.metrics(2, StepMetrics(step=2, train_loss=float("nan"), train_mean_token_accuracy=0.5, valid_loss=2.0,
+                                valid_mean_token_accuracy=0.5, tokens=40))
+    sink.metrics(2, StepMetrics(step=2, train_loss=1.5, train_mean_token_accuracy=0.5, tokens=40))  # a step produced again
 
     evs = events(session_factory, job_id)
     assert [(e.level, e.type) for e in evs] == [("info", "message"), ("warn", "message")] + [("info", "metrics")] * 3
@@ -49,7 +51,7 @@ def test_sink_writes_events_metrics_and_checkpoints(session_factory, storage, tm
     ckpt_dir.mkdir()
     (ckpt_dir / "adapter_config.json").write_text("{}")
     (ckpt_dir / "trainer_state.pt").write_bytes(b"state")
-    sink.checkpoint(2, ckpt_dir, {"step": 2, "train_loss": 1.5, "learning_rate": 1e-4})
+    sink.checkpoint(2, ckpt_dir, StepMetrics(step=2, train_loss=1.5, learning_rate=1e-4))
     [ckpt] = checkpoints(session_factory, job_id)
     assert ckpt.step == 2 and ckpt.metrics == {"step": 2.0, "train_loss": 1.5}
     assert ckpt.fine_tuned_model_checkpoint.endswith(f":{job_id.removeprefix('ftjob-')}:ckpt-step-2")
@@ -71,9 +73,9 @@ def test_sink_writes_nothing_once_the_job_is_not_its_own(session_factory, storag
     ckpt_dir = tmp_path / "step-000001"
     ckpt_dir.mkdir()
     (ckpt_dir / "adapter_config.json").write_text("{}")
-    sink.checkpoint(1, ckpt_dir, {"step": 1})
+    sink.checkpoint(1, ckpt_dir, StepMetrics(step=1))
     assert lost == [True] and sink.lost
-    sink.metrics(1, {"step": 1, "train_loss": 1.0})
+    sink.metrics(1, StepMetrics(step=1, train_loss=1.0))
     sink.event("info", "after")
     assert counts(session_factory, job_id) == at_cancel
     assert local_objects(storage.root) == objects  # the checkpoint object uploaded for the failed write was deleted

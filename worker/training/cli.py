@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from contract.metrics import StepMetrics
+
 JOB_KEYS = {"base_model", "train_file", "validation_file", "output_dir", "hyperparameters"}
 
 
@@ -34,20 +36,21 @@ class ProgressSink:
 
         self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
 
+    def start(self, total_steps: int) -> None:
+        self.bar.total = total_steps
+        self.bar.refresh()
+
     def event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
-        if data and "total_steps" in data:
-            self.bar.total = data["total_steps"]
-            self.bar.refresh()
         self.bar.write(f"[{level}] {message}")
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
+    def metrics(self, step: int, values: StepMetrics) -> None:
         self.bar.update(step - self.bar.n)
-        shown = {"loss": f"{values['train_loss']:.4f}", "lr": f"{values['learning_rate']:.2e}", "tok/s": f"{values['tokens_per_second']:.0f}"}
-        if "valid_loss" in values:
-            shown["valid"] = f"{values['valid_loss']:.4f}"
+        shown = {"loss": f"{values.train_loss:.4f}", "lr": f"{values.learning_rate:.2e}", "tok/s": f"{values.tokens_per_second:.0f}"}
+        if values.valid_loss is not None:
+            shown["valid"] = f"{values.valid_loss:.4f}"
         self.bar.set_postfix(shown)
 
-    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+    def checkpoint(self, step: int, path: Path, metrics: StepMetrics) -> None:
         self.bar.write(f"[info] checkpoint at step {step}: {path}")
 
     def close(self) -> None:

@@ -12,31 +12,36 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-Level = Literal["info", "warn", "error"]
+from contract.metrics import StepMetrics
 
-# The metric names of an OpenAI checkpoint object (`FineTuningJobCheckpoint.metrics`), in that order.
-CHECKPOINT_METRIC_KEYS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+Level = Literal["info", "warn", "error"]
 
 
 class Sink(Protocol):
+    def start(self, total_steps: int) -> None:
+        """Training begins (the model is loaded): the job will run `total_steps` optimizer steps in all."""
+
     def event(self, level: Level, message: str, data: dict[str, Any] | None = None) -> None:
         """A human-readable event (job started, data stats, evaluation, ...)."""
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        """The metrics of one optimizer step or evaluation (keys in docs/training.md)."""
+    def metrics(self, step: int, values: StepMetrics) -> None:
+        """The metrics of one optimizer step (and its evaluation, if it ran one)."""
 
-    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        """A verified adapter checkpoint was written to `path` (a directory in peft layout)."""
+    def checkpoint(self, step: int, path: Path, metrics: StepMetrics) -> None:
+        """A verified adapter checkpoint was written to `path` (a directory in peft layout) after the step of `metrics`."""
 
 
 class NullSink:
+    def start(self, total_steps: int) -> None:
+        pass
+
     def event(self, level: Level, message: str, data: dict[str, Any] | None = None) -> None:
         pass
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
+    def metrics(self, step: int, values: StepMetrics) -> None:
         pass
 
-    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+    def checkpoint(self, step: int, path: Path, metrics: StepMetrics) -> None:
         pass
 
 
@@ -52,28 +57,35 @@ class JsonlSink:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def start(self, total_steps: int) -> None:
+        self._write({"kind": "start", "total_steps": total_steps})
+
     def event(self, level: Level, message: str, data: dict[str, Any] | None = None) -> None:
         self._write({"kind": "event", "level": level, "message": message, "data": data})
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        self._write({"kind": "metrics", "step": step, **values})
+    def metrics(self, step: int, values: StepMetrics) -> None:
+        self._write({"kind": "metrics", **values.to_dict()})
 
-    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        self._write({"kind": "checkpoint", "step": step, "path": str(path), "metrics": metrics})
+    def checkpoint(self, step: int, path: Path, metrics: StepMetrics) -> None:
+        self._write({"kind": "checkpoint", "step": step, "path": str(path), "metrics": metrics.checkpoint_metrics()})
 
 
 class MultiSink:
     def __init__(self, *sinks: Sink):
         self.sinks = sinks
 
+    def start(self, total_steps: int) -> None:
+        for sink in self.sinks:
+            sink.start(total_steps)
+
     def event(self, level: Level, message: str, data: dict[str, Any] | None = None) -> None:
         for sink in self.sinks:
             sink.event(level, message, data)
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
+    def metrics(self, step: int, values: StepMetrics) -> None:
         for sink in self.sinks:
             sink.metrics(step, values)
 
-    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+    def checkpoint(self, step: int, path: Path, metrics: StepMetrics) -> None:
         for sink in self.sinks:
             sink.checkpoint(step, path, metrics)

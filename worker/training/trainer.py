@@ -1,7 +1,8 @@
-"""The training loop: setup, train, evaluate, checkpoint. Read `train` top to bottom.
+"""The training loop as a recipe: setup, step, evaluate, checkpoint, finish. Read `train` top to bottom.
 
-One call of `train(job, sink)` runs a whole job: it validates the data and the options before loading
-anything, builds the quantized model with LoRA, then runs optimizer steps. Each optimizer step takes
+One call of `train(job, sink)` runs a whole job: `setup` validates the data and the options before loading
+anything and builds the quantized model with LoRA into a `TrainingRun`; the loop then runs optimizer steps
+(`train_step`), evaluates (`evaluate_step`) and checkpoints (`write_checkpoint`); `finish` writes the adapter. Each optimizer step takes
 `batch_size` examples in micro-batches (gradient accumulation) of `micro_batch_size` examples, or packed into
 rows of at most `micro_batch_tokens` tokens. The loss of a step
 is the mean over all target tokens of the whole step, not the mean of per-micro-batch means (which would
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.data_format import load_examples
+from contract.metrics import StepMetrics
 from contract.options import ConfigError, TrainingConfig
 from worker.training import attention, lean
 from worker.training.checkpoint import (
@@ -50,7 +52,7 @@ from worker.training.data import (
 from worker.training.losses import linear_cross_entropy
 from worker.training.model import BuiltModel, build_model, check_runtime, compute_dtype, pick_device, read_model_config, resolve_for_device
 from worker.training.optim import build_optimizer, build_scheduler
-from worker.training.sinks import CHECKPOINT_METRIC_KEYS, NullSink, Sink
+from worker.training.sinks import NullSink, Sink
 
 
 class NonFiniteLossError(RuntimeError):
@@ -243,15 +245,82 @@ def load_tokenizer(base_model_dir: Path) -> Any:
     return tokenizer
 
 
+# --- the recipe: setup, step, evaluate, checkpoint, finish ------------------------------------------
+
+@dataclass
+class TrainingRun:
+    """One job's training state, built by `setup` and advanced by `train_step`: what the loop reads and changes."""
+
+    job: TrainingJob
+    cfg: TrainingConfig  # the job's options decided for this device
+    device: torch.device
+    sink: Sink
+    should_stop: Callable[[], bool]
+    resume_from: Path | None
+    started: float
+    tokenizer: Any
+    train_tok: list[TokenizedExample]
+    train_stats: TokenStats
+    valid_tok: list[TokenizedExample]
+    valid_stats: TokenStats | None
+    built: BuiltModel
+    optimizer: Any
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    fused: bool  # the compiled kernels run
+    position: TrainerPosition
+    total_steps: int
+    steps_per_epoch: int
+    last: StepMetrics | None  # the newest step's metrics (a resumed run starts from its checkpoint's)
+    last_valid: dict[str, float]
+    resumed_at_end: bool  # resumed from the final checkpoint: no step left, the checkpoint is the adapter
+    checkpoints: list[Path] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def model(self) -> Any:
+        return self.built.model
+
+
 def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], bool] | None = None,
           resume_from: Path | None = None) -> TrainResult:
     """Run one training job to the end, or until `should_stop()` returns True (checked between micro-batches)."""
-    started = time.time()
-    sink = sink or NullSink()
-    should_stop = should_stop or (lambda: False)
-    output_dir = Path(job.output_dir)
+    run = setup(job, sink or NullSink(), should_stop or (lambda: False), resume_from)
+    cfg, position = run.cfg, run.position
+    while position.step < run.total_steps and not run.stopped:
+        order = epoch_order(len(run.train_tok), position.epoch, cfg)
+        while position.batch_in_epoch < run.steps_per_epoch and position.step < run.total_steps:
+            metrics = train_step(run, order)
+            if metrics is None:  # stopped within the step
+                break
+            last_step = position.step == run.total_steps
+            if run.valid_tok and ((cfg.eval_every and position.step % cfg.eval_every == 0) or last_step):
+                metrics = StepMetrics(**metrics.to_dict(), **evaluate_step(run))
+            run.last = metrics
+            run.sink.metrics(position.step, metrics)
+            if run.fused and position.step == 1 and (fallbacks := lean.fused_fallbacks()):
+                run.sink.event("warn", f"fused_kernels: {', '.join(fallbacks)} did not compile and run the eager math "
+                               "(same results, slower); the worker log says why", {"fused_kernels_fallbacks": fallbacks})
+            if cfg.checkpoint_every is not None:
+                wants_checkpoint = position.step % cfg.checkpoint_every == 0
+            else:
+                wants_checkpoint = position.batch_in_epoch == run.steps_per_epoch
+            if wants_checkpoint and not last_step:  # the last step's checkpoint is written by finish()
+                write_checkpoint(run, metrics)
+            if run.should_stop():
+                run.stopped = True
+                break
+        if not run.stopped and position.batch_in_epoch == run.steps_per_epoch:
+            position.epoch += 1
+            position.batch_in_epoch = 0
+    return finish(run)
 
-    # 1. Everything that can be checked without the model: options, device, data.
+
+def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_from: Path | None) -> TrainingRun:
+    """Check everything that can be checked without the model (options, device, data), then build the model,
+    optimizer and schedule, restored from `resume_from` if given."""
+    started = time.time()
     device = pick_device()
     cfg = resolve_for_device(job.config, device)
     check_runtime(cfg, device.type)
@@ -263,32 +332,23 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
                {"train_stats": train_stats.to_dict(), "validation_stats": valid_stats.to_dict() if valid_stats else None})
     if train_stats.n_truncated:
         sink.event("warn", f"{train_stats.n_truncated} training examples were longer than max_seq_length={cfg.max_seq_length} and were truncated")
-    n_total_steps = cfg.total_steps(len(train_tok))
+    total_steps = cfg.total_steps(len(train_tok))
     resumed_state = read_checkpoint_config(Path(resume_from)) if resume_from is not None else {}
     if resume_from is not None:
-        saved = resumed_state["config"]
-        if job.config.compute_dtype == "auto" and saved.get("compute_dtype") in ("bf16", "fp16", "fp32"):
-            cfg = cfg.model_copy(update={"compute_dtype": saved["compute_dtype"]})  # a resumed run keeps the dtype it began with
-            check_runtime(cfg, device.type)
-        if job.config.lean_activations == "auto":  # decided per device; the results are the same either way
-            saved = {**saved, "lean_activations": cfg.lean_activations}
-        if saved != cfg.resolved():
-            changed = sorted(k for k in saved if saved.get(k) != cfg.resolved().get(k))
-            raise ConfigError(f"cannot resume with different options: {changed}", param=changed[0] if changed else None)
+        cfg = _resumable_config(job.config, cfg, resumed_state["config"], device)
 
-    # 2. Model, optimizer, schedule. The seed is set before LoRA init so that adapters start the same.
+    # The seed is set before LoRA init so that adapters start the same.
     seed_everything(cfg.seed)
     longest = max(len(e.input_ids) for e in train_tok)
     # At most the configured tokens per pass, and no more than the pass's examples can hold at the longest length.
     examples_per_pass = cfg.batch_size if cfg.micro_batch_tokens is not None else cfg.micro_batch_size
     tokens_per_micro = min(cfg.max_tokens_per_micro_batch, examples_per_pass * longest)
     built: BuiltModel = build_model(job.base_model_dir, cfg, device=device, tokens_per_micro_batch=tokens_per_micro)
-    model = built.model
-    optimizer = build_optimizer(model.parameters(), cfg)
-    scheduler = build_scheduler(optimizer, cfg, n_total_steps)
+    optimizer = build_optimizer(built.model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
     position = TrainerPosition(step=0, epoch=0, batch_in_epoch=0, trained_tokens=0)
     if resume_from is not None:
-        load_adapter_weights(model, Path(resume_from))
+        load_adapter_weights(built.model, Path(resume_from))
         state = load_trainer_state(Path(resume_from))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -296,145 +356,154 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
         restore_rng(state["rng"])
         sink.event("info", f"Resumed from {resume_from} at step {position.step}")
     fused = cfg.resolved_fused_kernels(device.type)
+    sink.start(total_steps)
     sink.event("info", f"Model loaded: {built.trainable_parameters:,} trainable of {built.total_parameters:,} parameters, "
                f"quantization={cfg.quantization}, compute_dtype={cfg.compute_dtype}, attention={cfg.resolved_attn_implementation}, "
                f"lean activations={'on' if cfg.lean_activations else 'off'}, fused kernels={'on' if fused else 'off'}, "
                f"checkpointing per layer: {built.plan_summary()}, device={device.type}",
                {"trainable_parameters": built.trainable_parameters, "gradient_checkpointing": built.gradient_checkpointing,
                 "checkpoint_plan": list(built.checkpoint_plan), "compute_dtype": cfg.compute_dtype, "lean_activations": cfg.lean_activations,
-                "fused_kernels": fused, "total_steps": n_total_steps})
+                "fused_kernels": fused, "total_steps": total_steps})
     if device.type == "cuda":
         # Report the peak of training itself, not of loading (comparable with the memory estimate).
         torch.cuda.reset_peak_memory_stats(device)
 
-    checkpoints: list[Path] = []
-    extra = {"base_model": str(job.base_model_dir), "versions": versions()}
-
-    def write_checkpoint(metrics: dict[str, float]) -> Path:
-        path = save_checkpoint(model, optimizer, scheduler, position, output_dir / "checkpoints" / checkpoint_name(position.step),
-                               config=cfg.resolved(), extra={**extra, "metrics": metrics})
-        if path not in checkpoints:
-            checkpoints.append(path)
-        sink.checkpoint(position.step, path, metrics)
-        if cfg.keep_checkpoints is not None:
-            for old in checkpoints[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            del checkpoints[: -cfg.keep_checkpoints]
-        return path
-
-    # 3. The loop. fp16 needs loss scaling against gradient underflow; for bf16/fp32 the scaler is a no-op.
+    # fp16 needs loss scaling against gradient underflow; for bf16/fp32 the scaler is a no-op.
     amp_dtype = autocast_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.compute_dtype == "fp16")
-    model.train()
-    pad_id = tokenizer.pad_token_id
+    built.model.train()
     # A resumed run starts from the checkpoint's metrics, so that a run with no step left still reports them.
-    last_metrics: dict[str, float] = dict(resumed_state.get("metrics") or {})
-    last_valid: dict[str, float] = {k: v for k, v in last_metrics.items() if k.startswith("valid_")}
-    resumed_at_end = resume_from is not None and position.step >= n_total_steps
-    n_steps_per_epoch = cfg.steps_per_epoch(len(train_tok))
-    stopped = False
-    while position.step < n_total_steps and not stopped:
-        order = epoch_order(len(train_tok), position.epoch, cfg)
-        while position.batch_in_epoch < n_steps_per_epoch and position.step < n_total_steps:
-            start = position.batch_in_epoch * cfg.batch_size
-            step_examples = [train_tok[i] for i in order[start : start + cfg.batch_size]]
-            batches = list(micro_batches(step_examples, cfg, None, pad_id))
-            step_targets = sum(count_targets(b) for b in batches)
-            step_tokens = sum(count_tokens(b) for b in batches)
-            t0 = time.perf_counter()
-            loss_total, correct = 0.0, 0
-            for batch in batches:
-                if should_stop():
-                    stopped = True
-                    break
-                loss_sum, _n, c = forward_loss(model, batch, device, amp_dtype, cfg.fused_cross_entropy)
-                # Divide by the step's target count so accumulated gradients equal those of one big batch.
-                scaler.scale(loss_sum / max(step_targets, 1)).backward()
-                loss_total += float(loss_sum.detach())
-                correct += c
-            if stopped:
-                optimizer.zero_grad(set_to_none=True)
-                break
-            if not math.isfinite(loss_total):
-                raise NonFiniteLossError(position.step + 1, cfg.compute_dtype)
-            scaler.unscale_(optimizer)
-            grad_norm = clip_and_norm(model, cfg.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            scaler.step(optimizer)  # skips the step (and lowers the scale) if fp16 gradients overflowed
-            scaler.update()
-            scheduler.step()
+    resumed_metrics: dict[str, float] = dict(resumed_state.get("metrics") or {})
+    return TrainingRun(
+        job=job, cfg=cfg, device=device, sink=sink, should_stop=should_stop, resume_from=resume_from, started=started,
+        tokenizer=tokenizer, train_tok=train_tok, train_stats=train_stats, valid_tok=valid_tok, valid_stats=valid_stats,
+        built=built, optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, fused=fused,
+        position=position, total_steps=total_steps, steps_per_epoch=cfg.steps_per_epoch(len(train_tok)),
+        last=StepMetrics(**resumed_metrics) if resumed_metrics else None,
+        last_valid={k: v for k, v in resumed_metrics.items() if k.startswith("valid_")},
+        resumed_at_end=resume_from is not None and position.step >= total_steps,
+    )
+
+
+def _resumable_config(given: TrainingConfig, cfg: TrainingConfig, saved: dict[str, Any], device: torch.device) -> TrainingConfig:
+    """The config a resumed run continues with: the checkpoint's compute dtype where the job left it 'auto'.
+    Raises ConfigError if any other option differs from the checkpoint's."""
+    if given.compute_dtype == "auto" and saved.get("compute_dtype") in ("bf16", "fp16", "fp32"):
+        cfg = cfg.model_copy(update={"compute_dtype": saved["compute_dtype"]})  # a resumed run keeps the dtype it began with
+        check_runtime(cfg, device.type)
+    if given.lean_activations == "auto":  # decided per device; the results are the same either way
+        saved = {**saved, "lean_activations": cfg.lean_activations}
+    if saved != cfg.resolved():
+        changed = sorted(k for k in saved if saved.get(k) != cfg.resolved().get(k))
+        raise ConfigError(f"cannot resume with different options: {changed}", param=changed[0] if changed else None)
+    return cfg
+
+
+def train_step(run: TrainingRun, order: list[int]) -> StepMetrics | None:
+    """One optimizer step over the next `batch_size` examples of `order`, in micro-batches whose gradients add up
+    to those of one big batch. Returns its metrics, or None if `should_stop()` interrupted it (nothing applied)."""
+    cfg, position, optimizer, scaler = run.cfg, run.position, run.optimizer, run.scaler
+    start = position.batch_in_epoch * cfg.batch_size
+    step_examples = [run.train_tok[i] for i in order[start : start + cfg.batch_size]]
+    batches = list(micro_batches(step_examples, cfg, None, run.tokenizer.pad_token_id))
+    step_targets = sum(count_targets(b) for b in batches)
+    step_tokens = sum(count_tokens(b) for b in batches)
+    t0 = time.perf_counter()
+    loss_total, correct = 0.0, 0
+    for batch in batches:
+        if run.should_stop():
+            run.stopped = True
             optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
+            return None
+        loss_sum, _n, c = forward_loss(run.model, batch, run.device, run.amp_dtype, cfg.fused_cross_entropy)
+        # Divide by the step's target count so accumulated gradients equal those of one big batch.
+        scaler.scale(loss_sum / max(step_targets, 1)).backward()
+        loss_total += float(loss_sum.detach())
+        correct += c
+    if not math.isfinite(loss_total):
+        raise NonFiniteLossError(position.step + 1, cfg.compute_dtype)
+    scaler.unscale_(optimizer)
+    grad_norm = clip_and_norm(run.model, cfg.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    scaler.step(optimizer)  # skips the step (and lowers the scale) if fp16 gradients overflowed
+    scaler.update()
+    run.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - t0
 
-            position.step += 1
-            position.batch_in_epoch += 1
-            position.trained_tokens += step_tokens
-            last_metrics = {
-                "step": position.step,
-                "epoch": position.epoch + position.batch_in_epoch / n_steps_per_epoch,
-                "train_loss": loss_total / max(step_targets, 1),
-                "train_mean_token_accuracy": correct / max(step_targets, 1),
-                "learning_rate": lr,
-                "grad_norm": grad_norm,
-                "tokens": step_tokens,
-                "target_tokens": step_targets,
-                "tokens_per_second": step_tokens / seconds,
-                "step_seconds": seconds,
-                "peak_memory_bytes": peak_memory_bytes(device),
-            }
-            end_of_epoch = position.batch_in_epoch == n_steps_per_epoch
-            last_step = position.step == n_total_steps
-            if valid_tok and ((cfg.eval_every and position.step % cfg.eval_every == 0) or last_step):
-                last_valid = evaluate(model, valid_tok, cfg, device, pad_id)
-                last_metrics.update(last_valid)
-                sink.event("info", f"Step {position.step}: valid_loss={last_valid['valid_loss']:.4f}", last_valid)
-            sink.metrics(position.step, last_metrics)
-            if fused and position.step == 1 and (fallbacks := lean.fused_fallbacks()):
-                sink.event("warn", f"fused_kernels: {', '.join(fallbacks)} did not compile and run the eager math "
-                           "(same results, slower); the worker log says why", {"fused_kernels_fallbacks": fallbacks})
-            if cfg.checkpoint_every is not None:
-                wants_checkpoint = position.step % cfg.checkpoint_every == 0
-            else:
-                wants_checkpoint = end_of_epoch
-            if wants_checkpoint and not last_step:  # the last step's checkpoint is written below
-                write_checkpoint(checkpoint_metrics(last_metrics))
-            if should_stop():
-                stopped = True
-                break
-        if not stopped and position.batch_in_epoch == n_steps_per_epoch:
-            position.epoch += 1
-            position.batch_in_epoch = 0
+    position.step += 1
+    position.batch_in_epoch += 1
+    position.trained_tokens += step_tokens
+    return StepMetrics(
+        step=position.step,
+        epoch=position.epoch + position.batch_in_epoch / run.steps_per_epoch,
+        train_loss=loss_total / max(step_targets, 1),
+        train_mean_token_accuracy=correct / max(step_targets, 1),
+        learning_rate=lr,
+        grad_norm=grad_norm,
+        tokens=step_tokens,
+        target_tokens=step_targets,
+        tokens_per_second=step_tokens / seconds,
+        step_seconds=seconds,
+        peak_memory_bytes=peak_memory_bytes(run.device),  # of the step, before any evaluation
+    )
 
-    # 4. Finish: the final checkpoint is the job's adapter.
-    if stopped:
-        sink.event("info", f"Stopped at step {position.step}")
-        return TrainResult("stopped", position.step, n_total_steps, position.trained_tokens, last_metrics.get("train_loss"),
-                           last_valid.get("valid_loss"), None, checkpoints, train_stats.to_dict(),
-                           valid_stats.to_dict() if valid_stats else None, time.time() - started)
+
+def evaluate_step(run: TrainingRun) -> dict[str, float]:
+    """Evaluate on the validation file after the current step, and report it."""
+    run.last_valid = evaluate(run.model, run.valid_tok, run.cfg, run.device, run.tokenizer.pad_token_id)
+    run.sink.event("info", f"Step {run.position.step}: valid_loss={run.last_valid['valid_loss']:.4f}", run.last_valid)
+    return run.last_valid
+
+
+def write_checkpoint(run: TrainingRun, metrics: StepMetrics) -> Path:
+    """Save and verify a checkpoint of the current position, report it, and drop the oldest past keep_checkpoints."""
+    cfg = run.cfg
+    path = save_checkpoint(run.model, run.optimizer, run.scheduler, run.position,
+                           Path(run.job.output_dir) / "checkpoints" / checkpoint_name(run.position.step), config=cfg.resolved(),
+                           extra={"base_model": str(run.job.base_model_dir), "versions": versions(), "metrics": metrics.checkpoint_metrics()})
+    if path not in run.checkpoints:
+        run.checkpoints.append(path)
+    run.sink.checkpoint(run.position.step, path, metrics)
+    if cfg.keep_checkpoints is not None:
+        for old in run.checkpoints[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        del run.checkpoints[: -cfg.keep_checkpoints]
+    return path
+
+
+def finish(run: TrainingRun) -> TrainResult:
+    """The result of a stopped run, or: the final checkpoint, copied as the job's adapter, and the result file."""
+    position, output_dir = run.position, Path(run.job.output_dir)
+    final_train_loss = run.last.train_loss if run.last else None
+    final_valid_loss = run.last_valid.get("valid_loss")
+    valid_stats = run.valid_stats.to_dict() if run.valid_stats else None
+    if run.stopped:
+        run.sink.event("info", f"Stopped at step {position.step}")
+        return TrainResult("stopped", position.step, run.total_steps, position.trained_tokens, final_train_loss, final_valid_loss,
+                           None, run.checkpoints, run.train_stats.to_dict(), valid_stats, time.time() - run.started)
     # Resumed from the final checkpoint (the worker died before the job was marked done): it is the adapter, and it
     # is not written or reported again.
-    final = Path(resume_from) if resumed_at_end else write_checkpoint(checkpoint_metrics(last_metrics))
+    if run.resumed_at_end:
+        assert run.resume_from is not None
+        final = Path(run.resume_from)
+    else:
+        final = write_checkpoint(run, run.last or StepMetrics(step=position.step))
     adapter_dir = output_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(final, adapter_dir, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    result = TrainResult("succeeded", position.step, n_total_steps, position.trained_tokens, last_metrics.get("train_loss"),
-                         last_valid.get("valid_loss"), adapter_dir, checkpoints, train_stats.to_dict(),
-                         valid_stats.to_dict() if valid_stats else None, time.time() - started)
+    result = TrainResult("succeeded", position.step, run.total_steps, position.trained_tokens, final_train_loss, final_valid_loss,
+                         adapter_dir, run.checkpoints, run.train_stats.to_dict(), valid_stats, time.time() - run.started)
     (output_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
-    sink.event("info", f"Training finished: {position.step} steps, {position.trained_tokens} tokens, "
-               f"final train_loss={_fmt(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
+    run.sink.event("info", f"Training finished: {position.step} steps, {position.trained_tokens} tokens, "
+                   f"final train_loss={_fmt(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
     return result
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def checkpoint_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The metric names of an OpenAI checkpoint object, from a step's metrics."""
-    return {k: float(metrics[k]) for k in CHECKPOINT_METRIC_KEYS if k in metrics}
 
 
 def clip_and_norm(model: Any, max_norm: float) -> float:
