@@ -28,9 +28,9 @@ $(DEMO_MODEL)/model.safetensors: | $(VENV)/.installed
 demo-model: $(DEMO_MODEL)/model.safetensors
 
 # The embedded service: migrations on SQLite, an API key, the demo model, then one worker and the API on
-# http://127.0.0.1:$${PORT:-8000} (core/embedded.py). Ctrl-C stops both.
+# http://127.0.0.1:$${PORT:-8000} (launch/embedded.py). Ctrl-C stops them.
 run: venv
-	QLORA_HOME=$(QLORA_HOME) $(PY) -m core.embedded --port $${PORT:-8000}
+	QLORA_HOME=$(QLORA_HOME) $(PY) -m launch.embedded --port $${PORT:-8000}
 
 # The engine alone: train the example job with the command line, no service.
 train-example: venv demo-model

@@ -1,7 +1,7 @@
 """The running service, driven only through the official openai SDK with strict response validation.
 
 Two deployments, each as separate processes: (1) PostgreSQL + Redis + an S3-compatible server (moto) with
-the API under uvicorn and a Celery worker; (2) the embedded mode (`python -m core.embedded`: SQLite, local
+the API under uvicorn and a Celery worker; (2) the embedded mode (`python -m launch.embedded`: SQLite, local
 objects, Celery's SQLAlchemy transport on a SQLite file). A tiny random Llama is the base model.
 """
 
@@ -104,7 +104,7 @@ def service(request, tmp_path, tokenizer):
             [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1", "--port", str(port)],
         ]
     else:
-        cmds = [[sys.executable, "-m", "core.embedded", "--no-demo-model", "--port", str(port)]]
+        cmds = [[sys.executable, "-m", "launch.embedded", "--no-demo-model", "--port", str(port)]]
     svc = start(cmds, env, home, port)
     svc.mode = request.param
     yield svc

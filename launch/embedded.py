@@ -1,6 +1,6 @@
 """The embedded mode: the whole service on one machine with nothing installed (what `make run` starts).
 
-    python -m core.embedded [--host 127.0.0.1] [--port 8000] [--no-demo-model]
+    python -m launch.embedded [--host 127.0.0.1] [--port 8000] [--no-demo-model]
 
 Runs the prestart (migrations on SQLite, the API key, the demo model under $QLORA_HOME/models), then three
 processes: one Celery worker with the sweeper on beat (`-B`), the inference server that answers chat completions

@@ -1,0 +1,1 @@
+"""Launchers: processes that start the service's parts together (`make run`'s embedded mode)."""
