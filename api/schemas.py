@@ -211,7 +211,7 @@ class FineTuningJobExport(BaseModel):
 # --- the create-job body ------------------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
+class _ClosedBody(BaseModel):
     # An unknown top-level key is a 400 naming it (a QLoRA knob put at the top level instead of in
     # hyperparameters would otherwise be silently ignored).
     model_config = ConfigDict(extra="forbid")
@@ -222,11 +222,11 @@ class _Strict(BaseModel):
 HyperparametersObject = Annotated[dict[str, Any], WithJsonSchema(Hyperparameters.model_json_schema())]
 
 
-class SupervisedMethod(_Strict):
+class SupervisedMethod(_ClosedBody):
     hyperparameters: HyperparametersObject | None = None
 
 
-class Method(_Strict):
+class Method(_ClosedBody):
     type: str = Field(description="Only 'supervised' is supported.")
     supervised: SupervisedMethod | None = None
     # Accepted here so that a 'dpo' or 'reinforcement' request gets the clear "not supported" answer.
@@ -267,7 +267,7 @@ def _text_fault(text: str, nul_ok: bool) -> str | None:
     return None
 
 
-class JobCreate(_Strict):
+class JobCreate(_ClosedBody):
     model: str = Field(min_length=1, max_length=255, description="A base model: a directory under the service's models directory.")
     training_file: str = Field(min_length=1, max_length=255)
     validation_file: str | None = Field(None, max_length=255)

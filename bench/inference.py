@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.settings import Settings
     from inference.server import create_app
     from tests.conftest import free_port, wait_for_port
-    from worker.sink import pack_directory
+    from worker.database_sink import pack_directory
     from worker.training.demo_model import import_demo_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

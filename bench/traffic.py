@@ -164,7 +164,7 @@ def kernel_times(widths: dict, tokens: int, repeats: int = 5) -> dict:
         times = {}
         for name, args in cases.items():
             row = {}
-            for kind, fn in (("eager_ms", getattr(lean.EAGER, name)), ("compiled_ms", getattr(lean.fused(), name))):
+            for kind, fn in (("eager_ms", getattr(lean.EAGER, name)), ("compiled_ms", getattr(lean.compiled_kernels(), name))):
                 fn(*args)  # compiles (once per process) and warms up
                 start = time.perf_counter()
                 for _ in range(repeats):

@@ -36,9 +36,9 @@ from core.jobs import JobStatus, add_event
 from core.models import Export, File, Job, now
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, StoredObject, delete_quietly
+from worker.database_sink import pack_directory
 from worker.retry import Outage, outlast
 from worker.runner import default_worker_id, remove_dead_workdirs, unpack_archive
-from worker.sink import pack_directory
 
 log = logging.getLogger(__name__)
 

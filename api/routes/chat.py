@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.base_models import find_base_model
 from api.deps import CurrentProject, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
+from api.model_dirs import find_base_model
 from api.openapi import error_responses
 from api.schemas import first_unstorable
 from core import logs

@@ -18,10 +18,10 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.base_models import find_base_model, read_model_config
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
 from api.hyperparameters import job_options
+from api.model_dirs import find_base_model, read_config_json
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import (
@@ -84,7 +84,7 @@ def _usable_file(session: Session, project: str, file_id: str, param: str) -> Fi
 def _add_memory_estimate(session: Session, job_id: str, model_dir: Path, cfg: TrainingConfig) -> None:
     """An info event with the estimated peak GPU memory. A config.json the estimate cannot read (not a
     Llama-family decoder, or broken) only means no estimate: it must not stop the job."""
-    model_config = read_model_config(model_dir)
+    model_config = read_config_json(model_dir)
     if model_config is None:
         return
     try:

@@ -9,9 +9,9 @@ import anyio
 from fastapi import APIRouter, Request
 from sqlalchemy import Select, select
 
-from api.base_models import find_base_model, list_base_models
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
+from api.model_dirs import find_base_model, list_base_models
 from api.openapi import error_responses
 from api.schemas import Model, ModelDeleted, Page
 from core.exports import delete_model_rows, lock_live_model_job

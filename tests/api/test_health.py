@@ -76,7 +76,7 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
     from core.jobs import claim_job
     from core.models import Job
     from tests.api.helpers import create_job_ok, upload_ok
-    from worker.sink import DatabaseSink
+    from worker.database_sink import DatabaseSink
     from worker.sweeper import sweep
 
     state = client.app.state

@@ -24,7 +24,7 @@ def store_adapter(base_dir: Path, storage: ObjectStorage, key: str, work: Path, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from worker.sink import pack_directory
+    from worker.database_sink import pack_directory
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))

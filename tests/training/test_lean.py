@@ -132,7 +132,7 @@ def test_apply_switches_a_built_model_both_ways(tiny_model_dir):
     assert kinds["LlamaRMSNorm"].forward.__func__ is lean.rmsnorm_forward
     assert "lean_kernels" not in kinds["LlamaRMSNorm"].__dict__  # the eager math
     lean.apply(model, True, fused_kernels=True)
-    assert kinds["LlamaRMSNorm"].lean_kernels is lean.fused() and kinds["LlamaMLP"].lean_kernels is lean.fused()
+    assert kinds["LlamaRMSNorm"].lean_kernels is lean.compiled_kernels() and kinds["LlamaMLP"].lean_kernels is lean.compiled_kernels()
     assert lean.apply(model, False) == {"norms": 0, "mlps": 0, "lora": 0}
     for kind in ("LlamaRMSNorm", "LlamaMLP"):
         assert "forward" not in kinds[kind].__dict__ and "lean_kernels" not in kinds[kind].__dict__
@@ -271,7 +271,7 @@ def test_fused_kernels_match_the_eager_math(dtype):
     """torch.compile's kernels (C++ on the CPU, Triton on CUDA) compute what the eager math does, to the rounding of the
     dtype (they keep fp32 between operations where eager rounds), and the compiled rebuild of a norm output is
     bitwise the compiled forward's output (the rebuilt LoRA input is the one the forward used)."""
-    fused, eager = lean.fused(), lean.EAGER
+    fused, eager = lean.compiled_kernels(), lean.EAGER
     torch.manual_seed(0)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton kernels on a GPU machine

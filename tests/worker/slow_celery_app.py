@@ -16,7 +16,7 @@ import shutil
 import time
 
 from worker.celery_app import app
-from worker.sink import DatabaseSink
+from worker.database_sink import DatabaseSink
 
 _metrics = DatabaseSink.metrics
 _delay_s = 0.5

@@ -111,7 +111,7 @@ def succeeded_job(session_factory, storage, tmp_path):
     adapter_id = ids.file_id()
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text("{}")
-    from worker.sink import pack_directory
+    from worker.database_sink import pack_directory
 
     obj = storage.put_file(f"files/{adapter_id}", pack_directory(tmp_path / "a", tmp_path / "a.tar.gz"))
     job_id = create_job(session_factory, storage, status="succeeded", fine_tuned_model="ft:x")

@@ -41,7 +41,7 @@ def run_in_thread(*args) -> tuple[threading.Thread, list[str]]:  # noqa: ANN002
 @pytest.fixture
 def slow_steps(monkeypatch):
     """A tiny model trains a step in milliseconds: 0.3 s a step, so that a cut lands in the middle of the job."""
-    from worker.sink import DatabaseSink
+    from worker.database_sink import DatabaseSink
 
     original = DatabaseSink.metrics
 

@@ -34,8 +34,8 @@ from tests.worker.helpers import (
     wait_until,
 )
 from worker import runner
+from worker.database_sink import DatabaseSink
 from worker.runner import results as runner_results
-from worker.sink import DatabaseSink
 from worker.sweeper import sweep
 
 CSV_HEADER = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]

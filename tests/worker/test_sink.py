@@ -13,7 +13,7 @@ from core.db import session_scope
 from core.jobs import cancel_job
 from core.models import JobMetric
 from tests.worker.helpers import checkpoints, counts, create_job, events, get_job, local_objects
-from worker.sink import DatabaseSink
+from worker.database_sink import DatabaseSink
 
 
 def running_job(session_factory, storage, worker_id="w1"):  # noqa: ANN001

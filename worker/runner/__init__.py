@@ -34,11 +34,11 @@ from core.jobs import add_event, claim_job, fail_job, record_resolved_options
 from core.models import Job
 from core.settings import Settings
 from core.storage import ObjectStorage
+from worker.database_sink import DatabaseSink
 from worker.retry import Outage
 from worker.runner.claim import Heartbeat, default_worker_id
 from worker.runner.inputs import JobFailure, download, load_spec, unpack_archive
 from worker.runner.results import store_results
-from worker.sink import DatabaseSink
 from worker.training.checkpoint import CheckpointError
 from worker.training.model import pick_device, resolve_compute_dtype
 from worker.training.trainer import NonFiniteLossError, TrainingJob, train

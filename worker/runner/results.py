@@ -16,9 +16,9 @@ from core.db import session_scope
 from core.jobs import add_event, fine_tuned_model_name, succeed_job
 from core.models import File, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
+from worker.database_sink import pack_directory
 from worker.retry import outlast
 from worker.runner.inputs import JobSpec
-from worker.sink import pack_directory
 
 log = logging.getLogger(__name__)
 

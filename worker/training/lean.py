@@ -19,11 +19,11 @@ and layer (`contract/memory.py` models both). More layers then fit without check
 (`gradient_checkpointing=auto`), which is where the speed comes from: no layer is recomputed that fits.
 
 Redoing work costs memory traffic, so the rest is about moving fewer bytes (``bench/traffic.py`` counts them):
-a norm or SwiGLU output feeding several branches is rebuilt once in backward, not once per branch (`_Source`);
+a norm or SwiGLU output feeding several branches is rebuilt once in backward, not once per branch (`_RebuiltOutput`);
 each branch adds itself to the base layer's output inside its matmul (``addmm``, the scaling folded into the
 small B); on a 4-bit base the branch runs the base layer itself and adds its input gradient into the base's in
 place; and with `fused_kernels` the norm's and SwiGLU's elementwise math runs as compiled kernels (`Kernels`,
-`fused()`), one pass over memory each.
+`compiled_kernels()`), one pass over memory each.
 
 `apply(model, enabled, fused_kernels)` switches a built model (after peft wrapped it) either way and can be called
 again (the bench reuses one base for several variants). Only modules whose code is known are changed: norms and MLPs whose
@@ -114,14 +114,14 @@ class _Compiled:
 
 
 @cache
-def fused() -> Kernels:
+def compiled_kernels() -> Kernels:
     """The compiled kernels, one set per process (compiled on first use)."""
     return Kernels(*(_Compiled(getattr(EAGER, f.name)) for f in dataclasses.fields(Kernels)))
 
 
 def fused_fallbacks() -> list[str]:
     """The compiled kernels that failed to compile in this process and run the eager math instead."""
-    kernels = fused()
+    kernels = compiled_kernels()
     return [f.name for f in dataclasses.fields(Kernels) if getattr(kernels, f.name).failed]
 
 
@@ -197,7 +197,7 @@ def _branch_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, a: torch.Ten
     return grad_x, grad_a, grad_b
 
 
-class _Source:
+class _RebuiltOutput:
     """How to rebuild the output of a lean norm or SwiGLU from what that function keeps anyway (the norm: its input,
     weight and scale; SwiGLU: gate and up), for the LoRA branches it feeds (q/k/v, gate/up, down). In backward the
     first branch to need the output rebuilds it, the others reuse it, the last one drops it."""
@@ -224,17 +224,17 @@ class _Source:
 
 
 # Outputs of lean norms and SwiGLUs still alive, by id. A LoRA branch fed by one keeps what rebuilds it instead.
-_SOURCES: dict[int, _Source] = {}
+_SOURCES: dict[int, _RebuiltOutput] = {}
 
 
 def _remember(output: torch.Tensor, inputs: tuple[torch.Tensor, ...], constants: tuple[torch.Tensor, ...], rebuild: Any) -> None:
     if len(_SOURCES) >= 256:
         for key in [k for k, source in _SOURCES.items() if source.output() is None]:
             del _SOURCES[key]
-    _SOURCES[id(output)] = _Source(output, inputs, constants, rebuild)
+    _SOURCES[id(output)] = _RebuiltOutput(output, inputs, constants, rebuild)
 
 
-def _source_of(t: torch.Tensor) -> tuple[_Source, tuple[torch.Tensor, ...]] | None:
+def _source_of(t: torch.Tensor) -> tuple[_RebuiltOutput, tuple[torch.Tensor, ...]] | None:
     """The source that made `t` and what rebuilds `t`, or None."""
     source = _SOURCES.get(id(t))
     if source is None or source.output() is not t:
@@ -397,7 +397,7 @@ def _silu(module: torch.nn.Module) -> bool:
 
 def apply(model: torch.nn.Module, enabled: bool, fused_kernels: bool = False) -> dict[str, int]:
     """Give every known norm, MLP and LoRA layer of `model` the lean forward (enabled) or its own (not); the norms
-    and MLPs run the compiled kernels (`fused()`) when `fused_kernels`, else the eager math. Returns how many
+    and MLPs run the compiled kernels (`compiled_kernels()`) when `fused_kernels`, else the eager math. Returns how many
     modules of each kind are lean now."""
     from peft.tuners.lora import LoraLayer
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
@@ -418,6 +418,6 @@ def apply(model: torch.nn.Module, enabled: bool, fused_kernels: bool = False) ->
         if enabled:
             module.forward = types.MethodType(forward, module)
             if fused_kernels and kind != "lora":
-                module.__dict__["lean_kernels"] = fused()
+                module.__dict__["lean_kernels"] = compiled_kernels()
             counts[kind] += 1
     return counts

@@ -34,7 +34,7 @@ def list_base_models(settings: Settings) -> list[Path]:
     return sorted(p for p in root.iterdir() if find_base_model(settings, p.name) is not None)
 
 
-def read_model_config(path: Path) -> dict[str, Any] | None:
+def read_config_json(path: Path) -> dict[str, Any] | None:
     """The model's config.json as a dict, or None when it cannot be read as a JSON object."""
     try:
         config = json.loads((path / "config.json").read_text())
