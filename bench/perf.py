@@ -263,7 +263,7 @@ def engine_config(**options):
 def build_base(shape: str, device: torch.device):
     from transformers import LlamaConfig
 
-    from worker.training.random_base import build_random_base
+    from bench.random_base import build_random_base
 
     t = time.time()
     config = LlamaConfig(**SHAPES[shape])

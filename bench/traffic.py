@@ -106,10 +106,10 @@ def one_pass_kernels(traffic: Traffic):
 def count(widths: dict, variant: str, tokens: int) -> dict:
     from transformers import LlamaConfig
 
+    from bench.random_base import build_random_base
     from worker.training import lean
     from worker.training.data import collate_packed
     from worker.training.model import add_adapters, decoder_layers
-    from worker.training.random_base import build_random_base
     from worker.training.trainer import forward_loss
 
     config = LlamaConfig(vocab_size=512, num_hidden_layers=2, max_position_embeddings=max(4096, tokens), **widths)

@@ -1,4 +1,4 @@
-"""The random base built layer by layer (worker/training/random_base.py) on tiny Llama shapes, on the CPU:
+"""The random base built layer by layer (bench/random_base.py) on tiny Llama shapes, on the CPU:
 it is the model that loading the same bf16 weights with our BitsAndBytesConfig gives, peft trains it, and no
 more than one decoder layer's linear weights ever exist in 16-bit."""
 
@@ -9,9 +9,9 @@ import gc
 import pytest
 import torch
 
+from bench.random_base import build_random_base
 from contract.options import ConfigError, TrainingConfig
 from worker.training.model import disable_cpu_inference_repacking, quantization_config
-from worker.training.random_base import build_random_base
 
 CPU = torch.device("cpu")
 VOCAB = 512
