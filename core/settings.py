@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, ge=1, description="Database connections each API process keeps open.")
     db_max_overflow: int = Field(10, ge=0, description="Extra database connections an API process may open under load, beyond db_pool_size.")
     max_active_jobs_per_project: int = Field(100, ge=1, description="Queued and running jobs a project may have at once (429 quota_exceeded above).")
+    max_queued_jobs_per_project: int = Field(100, ge=1, description="Queued jobs a project may have waiting at once (429 quota_exceeded above).")
     max_running_jobs_per_project: int = Field(100, ge=1, description="Jobs of one project that may run at once; its further queued jobs wait (in the database, not the broker) for one to end.")
     queued_messages_per_project: int = Field(1, ge=1, description="Task messages of one project waiting in the broker at once; the rest wait in the database, so another project's job waits behind at most this many.")
     max_stored_bytes_per_project: int = Field(100 << 30, ge=1, description="Bytes of files (uploads and results) a project may keep (an upload past it gets 429 quota_exceeded).")

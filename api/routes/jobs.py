@@ -158,11 +158,15 @@ def create_job(
     # The project's row lock (PostgreSQL) orders concurrent creations of one project: without it two requests
     # could both count N-1 active jobs and both add one, passing the limit.
     session.execute(select(Project.name).where(Project.name == project).with_for_update())
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.project == project, Job.status.not_in([status.value for status in TERMINAL])))
-    if active >= settings.max_active_jobs_per_project:
-        raise quota_exceeded(f"This project has {active} queued or running jobs, the most it may have at once",
+    active = dict(session.execute(select(Job.status, func.count()).where(
+        Job.project == project, Job.status.not_in([status.value for status in TERMINAL])).group_by(Job.status)).all())
+    if sum(active.values()) >= settings.max_active_jobs_per_project:
+        raise quota_exceeded(f"This project has {sum(active.values())} queued or running jobs, the most it may have at once",
                              "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT")
+    queued = active.get(JobStatus.QUEUED.value, 0)
+    if queued >= settings.max_queued_jobs_per_project:
+        raise quota_exceeded(f"This project has {queued} queued jobs, the most it may have waiting at once",
+                             "QLORA_MAX_QUEUED_JOBS_PER_PROJECT")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     given, cfg = job_options(body, seed)
     _check_step_limit(body, cfg, training.n_examples or 0, settings.max_steps_per_job)

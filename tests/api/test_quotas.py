@@ -29,6 +29,22 @@ def test_active_jobs_per_project(limited):
         assert create_job(client, file_a).status_code == 200  # a finished job frees its place
 
 
+def test_queued_jobs_per_project(limited):
+    """Queued, not running: a project with a job running may still queue up to the limit."""
+    from core.jobs import JobStatus
+    from core.models import Job
+    from tests.api.helpers import db
+
+    with limited(max_queued_jobs_per_project=1, max_active_jobs_per_project=10) as client:
+        file_a = upload_ok(client)["id"]
+        first = create_job(client, file_a).json()
+        error = assert_error(create_job(client, file_a), 429, code="quota_exceeded", type="quota_error")
+        assert "QLORA_MAX_QUEUED_JOBS_PER_PROJECT" in error["message"]
+        with db(client) as session:  # a worker takes the first job
+            session.get(Job, session.query(Job.seq).filter(Job.id == first["id"]).scalar()).status = JobStatus.RUNNING.value
+        assert create_job(client, file_a).status_code == 200
+
+
 def test_stored_bytes_per_project(limited):
     size = len(chat_jsonl())
     with limited(max_stored_bytes_per_project=int(size * 1.5)) as client:

@@ -36,8 +36,8 @@ from core.models import Checkpoint, Export, JobMetric, now
 from tests.api.conftest import make_settings
 from tests.api.helpers import KEY_A, MODEL, create_job_ok, db, upload_ok
 
-# A deeper search, e.g. before a release: QLORA_TEST_SCHEMATHESIS_EXAMPLES=200.
-MAX_EXAMPLES = int(os.environ.get("QLORA_TEST_SCHEMATHESIS_EXAMPLES", "8"))
+# A deeper search, e.g. before a release: SCHEMATHESIS_EXAMPLES=200.
+MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "8"))
 CONFORMANCE = [status_code_conformance, content_type_conformance, response_headers_conformance, response_schema_conformance]
 CHECKS = {GenerationMode.POSITIVE: [not_a_server_error, *CONFORMANCE],
           GenerationMode.NEGATIVE: [not_a_server_error, *CONFORMANCE, negative_data_rejection]}
