@@ -181,7 +181,10 @@ class ChatEngine:
         """Drop adapter `name` from the model; returns the key it came from (its unpacked copy stays cached)."""
         adapter = base.adapters.pop(name)
         self.served.pop(name, None)
-        base.model.delete_adapter(adapter)
+        if base.adapters:
+            base.model.delete_adapter(adapter)
+        else:  # the last one: peft cannot run with no adapter at all, so the base goes back to its plain modules
+            base.model = base.model.unload()
         log.info("dropped adapter %s from %s", name, base.name)
         return self.keys.pop(name)
 

@@ -72,6 +72,7 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
 
     from sqlalchemy import update
 
+    from contract.metrics import StepMetrics
     from core.db import session_scope
     from core.jobs import claim_job
     from core.models import Job
@@ -86,10 +87,10 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
         assert claim_job(session, running, "gpu-a:4242:task-1") and claim_job(session, lost, "gpu-b:77:task-2")
         session.execute(update(Job).where(Job.id == lost).values(heartbeat_at=time.time() - 3600))  # its worker died
     sink = DatabaseSink(running, "gpu-a:4242:task-1", state.session_factory, state.storage, on_lost=lambda: None)
-    sink.event("info", "Training 10 steps", {"total_steps": 10})
+    sink.start(total_steps=10)
     for step, seconds in ((1, 0.5), (2, 0.25)):
-        sink.metrics(step, {"train_loss": 2.0 / step, "tokens": 100, "tokens_per_second": 100 / seconds, "step_seconds": seconds,
-                            "peak_memory_bytes": 3 << 30})
+        sink.metrics(step, StepMetrics(step=step, train_loss=2.0 / step, tokens=100, tokens_per_second=100 / seconds,
+                                       step_seconds=seconds, peak_memory_bytes=3 << 30))
 
     text = client.get("/metrics").text
     labels = f'job_id="{running}",worker="gpu-a:4242"'

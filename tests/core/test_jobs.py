@@ -411,6 +411,14 @@ def test_sweep_ignores_jobs_that_are_not_running(session_factory):
     assert load(session_factory, cancelled).status == "cancelled"
 
 
+def unsent_job_ids(session) -> set[str]:  # noqa: ANN001
+    from sqlalchemy import select
+
+    from core.models import Job
+
+    return set(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))))
+
+
 def test_expired_queued_jobs(session_factory):
     expires_s = 3600.0
     never_sent = make_job(session_factory, JobStatus.QUEUED)
@@ -423,7 +431,9 @@ def test_expired_queued_jobs(session_factory):
     make_job(session_factory, JobStatus.CANCELLED, enqueued_at=time.time() - expires_s * 2)
 
     with session_factory() as session:
-        assert set(expired_queued_jobs(session, expires_s=expires_s)) == {never_sent, sent_long_ago}
+        # A job never sent is not expired: it waits its project's turn (core/dispatch.py sends it).
+        assert set(expired_queued_jobs(session, expires_s=expires_s)) == {sent_long_ago}
+        assert never_sent in unsent_job_ids(session)
     assert abs(load(session_factory, sent_now).enqueued_at - time.time()) < 60
 
 

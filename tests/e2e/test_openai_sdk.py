@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -43,14 +44,21 @@ class Service:
         return "\n".join(f"===== {p.name}\n{p.read_text()[-6000:]}" for p in self.logs if p.exists())
 
     def stop(self) -> None:
+        """SIGTERM to each process group, then SIGKILL to what is left after 20 s: a launcher's children (the worker,
+        the inference server) must not outlive the test, even when a clean stop hangs."""
         for proc in self.procs:
             if proc.poll() is None:
-                proc.terminate()
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
         for proc in self.procs:
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group may outlive its leader
+            except ProcessLookupError:
+                pass
 
 
 def start(cmds: list[list[str]], env: dict[str, str], home: Path, port: int) -> Service:
@@ -58,7 +66,8 @@ def start(cmds: list[list[str]], env: dict[str, str], home: Path, port: int) -> 
     for i, cmd in enumerate(cmds):
         log = home / f"proc-{i}.log"
         logs.append(log)
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2]))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                                      start_new_session=True))
     service = Service(home, env, logs, procs, port)
     try:
         wait_for_port(port, timeout_s=90)

@@ -97,6 +97,16 @@ def test_least_recently_used_adapter_is_dropped(client, engine, storage, tmp_pat
     assert (tmp_path / "cache" / "files_file-2").is_dir()  # ... the LRU keeps it, to attach it again fast
 
 
+def test_the_base_answers_as_before_once_its_last_adapter_is_unloaded(client, engine, storage, tmp_path, tiny_model_dir):
+    before = ask(client, max_tokens=6)["choices"][0]["message"]["content"]
+    store_adapter(tiny_model_dir, storage, "files/file-1", tmp_path, seed=1)
+    load(client, "m1", "files/file-1")
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "m1"}).status_code == 200
+    assert ask(client, max_tokens=6)["choices"][0]["message"]["content"] == before
+    load(client, "m1", "files/file-1")  # and an adapter attaches again
+    assert ask(client, "m1", max_tokens=6)["choices"][0]["message"]["content"] != before
+
+
 def test_bad_adapter_and_bad_requests(client, storage, tmp_path):
     response = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "files/none", "base_model_name": BASE})
     assert response.status_code == 400 and response.json()["error"]["param"] == "lora_path"

@@ -16,22 +16,25 @@ from core.models import File, Job
 from core.storage import LocalStorage
 from tests.worker.helpers import create_job, get_job, local_objects, wait_until
 from worker import runner
+from worker.runner.inputs import JobSpec, load_spec
+from worker.runner.results import store_results
 
 WORKER = "race-worker"
 
 
-def running_job(factory, storage) -> tuple[str, runner.JobSpec]:  # noqa: ANN001
+def running_job(factory, storage) -> tuple[str, JobSpec]:  # noqa: ANN001
     job_id = create_job(factory, storage, status="running", worker_id=WORKER, heartbeat_at=time.time(), attempt=1)
-    return job_id, runner._load_spec(factory, job_id)
+    return job_id, load_spec(factory, job_id)
 
 
-def store(spec: runner.JobSpec, factory, storage, tmp_path: Path) -> str:  # noqa: ANN001
+def store(spec: JobSpec, factory, storage, tmp_path: Path) -> str:  # noqa: ANN001
     workdir = tmp_path / f"work-{spec.id}"
     adapter = workdir / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
     (adapter / "adapter_config.json").write_text("{}")
-    return runner._store_results(spec, WORKER, factory, storage, workdir, adapter, 100, retry_window_s=5.0)
+    committed = store_results(spec, WORKER, factory, storage, workdir, adapter, 100, retry_window_s=5.0)
+    return runner.SUCCEEDED if committed else runner.STOPPED
 
 
 def assert_all_or_nothing(factory, storage, job_id: str, outcome: str, cancelled: bool) -> str:  # noqa: ANN001

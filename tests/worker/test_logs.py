@@ -13,7 +13,7 @@ from core.db import session_scope
 from core.jobs import cancel_job
 from core.logs import configure_logging
 from core.models import Export, now
-from tests.worker.helpers import create_job, metric_steps, stored_config, wait_until
+from tests.worker.helpers import create_job, wait_until
 from worker import export as export_worker
 from worker import runner
 
@@ -40,25 +40,27 @@ def test_every_line_of_a_job_carries_its_id(make_settings, session_factory, stor
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
 
 
-def test_the_heartbeat_threads_lines_carry_the_job_id(make_settings, session_factory, storage):
-    """The heartbeat thread finds the job cancelled and says so: in its own thread, with the job's id."""
-    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=100000, checkpoint_every=1000))
+def test_the_heartbeat_threads_lines_carry_the_job_id(session_factory, storage):
+    """The heartbeat thread finds its job cancelled and says so: in its own thread, which starts with an empty
+    logging context, with the job's id."""
+    from core.jobs import claim_job
+    from worker.runner.claim import Heartbeat
 
-    def cancel_when_training():
-        wait_until(lambda: len(metric_steps(session_factory, job_id)) >= 1, timeout_s=60, interval_s=0.02, message="a step")
-        with session_scope(session_factory) as session:
-            assert cancel_job(session, job_id)
+    job_id = create_job(session_factory, storage)
+    with session_scope(session_factory) as session:
+        assert claim_job(session, job_id, "w1")
+        assert cancel_job(session, job_id)
+    lost = threading.Event()
 
     def run():
-        canceller = threading.Thread(target=cancel_when_training)
-        canceller.start()
-        assert runner.run_job(job_id, make_settings(heartbeat_interval_s=0.2), session_factory, storage) == runner.STOPPED
-        canceller.join()
+        beat = Heartbeat(job_id, "w1", session_factory, interval_s=0.05, on_lost=lost.set)
+        beat.start()
+        assert lost.wait(10)
+        beat.stop()
 
     records = json_lines(run)
-    [lost] = [r for r in records if "is no longer run by" in r["message"] and r["logger"] == "worker.runner"]
-    assert lost["job_id"] == job_id and lost["level"] == "WARNING"
-    assert all(r.get("job_id") == job_id for r in records)
+    [line] = [r for r in records if "is no longer run by" in r["message"]]
+    assert line["logger"] == "worker.runner.claim" and line["job_id"] == job_id and line["level"] == "WARNING"
 
 
 def test_every_line_of_an_export_carries_its_id_and_its_jobs(make_settings, session_factory, storage):
