@@ -115,6 +115,7 @@ def test_only_the_callers_live_models(client, tmp_path, tiny_model_dir, backend)
     assert backend[0].state.engine.served == {}  # the backend dropped both on the delete
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the forwarding, not the database, is under test
 @pytest.mark.parametrize(("body", "param", "code"), [
     ({"frequency_penalty": 0.5}, "frequency_penalty", "unknown_parameter"),
     ({"logprobs": True}, "logprobs", "unknown_parameter"),
@@ -137,6 +138,7 @@ def test_unsupported_parameters_are_refused_by_name(client, body, param, code):
         assert error["param"] is None or error["param"].startswith("messages")
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the forwarding, not the database, is under test
 def test_a_backend_that_is_down_or_busy_is_a_503_to_retry(tmp_path, database_url, redis_url, queue_name, models_dir, backend):
     for url in (f"http://127.0.0.1:{free_port()}", ""):
         with api_client(tmp_path, database_url, redis_url, queue_name, models_dir, url) as down:
@@ -170,6 +172,7 @@ def test_a_backend_that_is_down_or_busy_is_a_503_to_retry(tmp_path, database_url
             thread.join(30)
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the forwarding, not the database, is under test
 def test_the_vllm_front_hands_vllm_an_unpacked_directory(tmp_path, database_url, redis_url, queue_name, models_dir, tiny_model_dir):
     """inference/vllm_front.py between the API and an OpenAI server that loads adapters from local directories, as
     vLLM does. vLLM needs a GPU; the embedded server stands in for it, taking the directory the front unpacked
@@ -196,6 +199,7 @@ def test_the_vllm_front_hands_vllm_an_unpacked_directory(tmp_path, database_url,
             assert model not in engine.served and not any(shared.iterdir())
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the forwarding, not the database, is under test
 def test_the_request_id_goes_on_to_the_backend(tmp_path, database_url, redis_url, queue_name, models_dir, settings):
     """The backend (the real inference server, its requests recorded on the way in) gets the caller's x-request-id, so
     its log lines for the request carry the same id as the API's."""

@@ -49,7 +49,8 @@ def api_process(tmp_path, postgres_url, redis_url, queue_name, models_dir, max_a
                 "QLORA_TASK_QUEUE": queue_name, "QLORA_API_KEYS": API_KEYS, "QLORA_MODELS_DIR": str(models_dir),
                 "QLORA_STORAGE": "local", "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT": str(max_active_jobs),
                 "QLORA_MAX_STORED_BYTES_PER_PROJECT": str(max_stored_bytes),
-                "QLORA_QUEUED_MESSAGES_PER_PROJECT": str(messages_per_project), "QLORA_MAX_RUNNING_JOBS_PER_PROJECT": str(messages_per_project)})
+                "QLORA_QUEUED_MESSAGES_PER_PROJECT": str(messages_per_project), "QLORA_MAX_RUNNING_JOBS_PER_PROJECT": str(messages_per_project),
+                "QLORA_MAX_QUEUED_JOBS_PER_PROJECT": str(max_active_jobs)})
     log = tmp_path / "api.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
