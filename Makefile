@@ -8,7 +8,7 @@ DEMO_MODEL := $(QLORA_HOME)/models/SmolLM2-135M-Instruct
 # The CPU build of torch that lies on this machine's disk; a looser pin would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo-model run train-example test test-fast lint clean
+.PHONY: venv demo-model run train-example test test-bench test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,10 +39,14 @@ train-example: venv demo-model
 # --durations: the slowest tests stay visible in every run (CI's log included).
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -m "not bench"
+
+# The CPU smoke runs of the GPU bench scripts (bench/perf.py, bench/traffic.py): run them before a GPU session.
+test-bench: venv
+	$(PY) -m pytest -q -ra -m bench
 
 test-fast: venv
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow and not bench"
 
 lint: venv
 	$(PY) -m ruff check .

@@ -6,6 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.bench  # make test-bench
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 
