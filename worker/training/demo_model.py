@@ -39,13 +39,22 @@ def find_gguf() -> Path:
 def import_demo_model(output_dir: str | Path, gguf_path: str | Path | None = None) -> Path:
     """Write SmolLM2-135M-Instruct as a safetensors model directory; returns the directory.
 
-    Idempotent: a directory that already holds a complete import is left alone."""
+    Idempotent: a directory that already holds a complete import is left alone. A lock file beside the directory
+    makes processes that import at the same time (parallel test workers, a launcher and a test) take turns."""
+    from filelock import FileLock
+
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.with_name(out.name + ".lock")):
+        if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
+            return out
+        return _import(out, gguf_path)
+
+
+def _import(out: Path, gguf_path: str | Path | None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = Path(output_dir)
-    if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
-        return out
     gguf = Path(gguf_path) if gguf_path else find_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
