@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         await _app.state.inference.aclose()
+        _app.state.database_probe.close()
         celery_app.close()
         engine.dispose()
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = celery_app
     app.state.inference = chat.InferenceClient(settings)
     app.state.metrics = Metrics(app.state.session_factory, celery_app, settings)
+    app.state.database_probe = health.DatabaseProbe(app.state.session_factory)
 
     register_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings)  # the key and the body cap, before any body is read

@@ -41,3 +41,8 @@ def read_config_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def weights_bytes(path: Path) -> int:
+    """The bytes of a model directory's weight files: about what a merged 16-bit copy of a 16-bit base stores."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern) if f.is_file())

@@ -7,9 +7,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from contract.adapter import ADAPTER_FILES
 from core.storage import ObjectNotFound, ObjectStorage
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class AdapterError(ValueError):

@@ -1,6 +1,7 @@
 """Fault injection for tests: a TCP proxy on loopback whose link to a real server (PostgreSQL, the S3-compatible
-server) can be cut and restored. While cut, every open connection is closed and new ones are refused, as when
-the server goes away; restored, it forwards again on the same port. And a small disk (a tmpfs) to fill up."""
+server) can be cut and restored, or frozen and thawed. While cut, every open connection is closed and new ones are refused,
+as when the server goes away; restored, it forwards again on the same port. While frozen, connections stay open and
+nothing comes back, as from a server that hangs; thawed, what was held flows on. And a small disk (a tmpfs) to fill up."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._listener: socket.socket | None = None
+        self._flowing = threading.Event()
+        self._flowing.set()
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -52,7 +55,15 @@ class TcpProxy:
                 sock.close()
             self._open.clear()
 
+    def freeze(self) -> None:
+        """Hold every byte in both directions; connections stay open (a server that accepts and never answers)."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
+        self.thaw()
         self.cut()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -74,6 +85,7 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

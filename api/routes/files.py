@@ -16,16 +16,17 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 from starlette.types import Message
 
 from api.auth import bearer_scheme, project_for_key
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
-from api.errors import APIError, bad_request, not_found, quota_exceeded
+from api.errors import APIError, bad_request, not_found
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
+from api.quotas import check_stored_bytes
 from api.schemas import CursorPage, FileDeleted, FileObject
 from contract.data_format import ValidationReport, validate_file
 from core import ids
@@ -123,14 +124,6 @@ def get_file_row(session: Session, project: str, file_id: str) -> FileRow:
     return row
 
 
-def _check_stored_bytes(session: Session, settings: Settings, project: str, size: int) -> None:
-    """429 when `size` more bytes would pass the project's stored-bytes limit."""
-    stored = session.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.project == project, file_is_live()))
-    if stored + size > settings.max_stored_bytes_per_project:
-        raise quota_exceeded(f"This project stores {stored} bytes of files; {size} more would pass its limit of "
-                             f"{settings.max_stored_bytes_per_project}", "QLORA_MAX_STORED_BYTES_PER_PROJECT")
-
-
 @router.post("", response_model=FileObject, summary="Upload a file", responses=error_responses(429))
 def upload_file(
     project: CurrentProject,
@@ -163,7 +156,7 @@ def upload_file(
     except ObjectTooLarge:
         raise file_too_large(settings.max_upload_bytes) from None
     try:
-        _check_stored_bytes(session, settings, project, size)  # early, before the work; again under the lock below
+        check_stored_bytes(session, settings, project, size)  # early, before the work; again under the lock below
         # One example is enough here: the file may serve as a small validation file. The engine's minimum for
         # a training file (MIN_EXAMPLES) is checked when a job trains on it.
         report = validate_file(path, min_examples=1)
@@ -186,7 +179,7 @@ def upload_file(
             # The project's row lock (PostgreSQL) orders concurrent uploads of one project from the count to the
             # commit: without it two uploads could both fit under the limit and together pass it.
             session.execute(select(Project.name).where(Project.name == project).with_for_update())
-            _check_stored_bytes(session, settings, project, size)
+            check_stored_bytes(session, settings, project, size)
             session.add(row)
             session.commit()
         except BaseException:

@@ -21,9 +21,10 @@ from sqlalchemy.orm import Session
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
 from api.hyperparameters import job_options
-from api.model_dirs import find_base_model, read_config_json
+from api.model_dirs import find_base_model, read_config_json, weights_bytes
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
+from api.quotas import check_stored_bytes
 from api.schemas import (
     MAX_SEED,
     CursorPage,
@@ -345,10 +346,8 @@ def create_export(
     active = session.scalar(select(Export).where(Export.job_id == job.id, Export.status.in_(ACTIVE)).order_by(Export.seq.desc()).limit(1))
     if active is not None:
         return FineTuningJobExport.from_row(active)
-    stored = session.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.project == project, file_is_live()))
-    if stored >= settings.max_stored_bytes_per_project:
-        raise quota_exceeded(f"This project stores {stored} bytes of files, its limit of {settings.max_stored_bytes_per_project}; "
-                             "a merged model would pass it", "QLORA_MAX_STORED_BYTES_PER_PROJECT")
+    base = find_base_model(settings, job.model)
+    check_stored_bytes(session, settings, project, weights_bytes(base) if base is not None else 0, "a merged model of about ")
     export = Export(id=ids.export_id(), job_id=job.id, status=ExportStatus.QUEUED.value, created_at=now())
     session.add(export)
     add_event(session, job.id, "info", f"Merged export queued: {export.id}")

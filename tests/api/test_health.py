@@ -66,6 +66,33 @@ def test_readiness_answers_within_seconds_when_the_object_store_hangs(tmp_path, 
     assert checks["storage"].startswith("error: ") and checks["database"] == "ok" and checks["broker"] == "ok"
 
 
+def test_readiness_answers_within_seconds_when_the_database_hangs(tmp_path, postgres_url, redis_url, queue_name, models_dir):
+    """PostgreSQL behind a proxy that freezes: connections stay open and nothing comes back. /readyz says 503 in
+    seconds (libpq alone would wait forever), a second call does not pile up another stuck check, and once the
+    server answers again so does /readyz."""
+    import time
+
+    from tests.faults import TcpProxy
+
+    port = int(postgres_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(port)
+    via_proxy = postgres_url.replace(f":{port}/", f":{proxy.port}/")
+    try:
+        with TestClient(create_app(make_settings(tmp_path, via_proxy, redis_url, queue_name, models_dir))) as client:
+            assert client.get("/readyz").json()["checks"]["database"] == "ok"
+            proxy.freeze()
+            for _ in range(2):
+                started = time.monotonic()
+                ready = client.get("/readyz")
+                assert ready.status_code == 503 and time.monotonic() - started < 10
+                checks = ready.json()["checks"]
+                assert checks["database"].startswith("error: ") and checks["broker"] == "ok", checks
+            proxy.thaw()
+            assert client.get("/readyz").status_code == 200
+    finally:
+        proxy.close()
+
+
 def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client, settings):
     """What the workers and the sweeper write to the database, read at scrape time: a real sink's steps, a real sweep."""
     import time

@@ -207,3 +207,24 @@ def test_an_export_is_refused_when_the_project_is_over_its_stored_bytes(tmp_path
         done = finished_job(client, tmp_path)
         error = assert_error(client.post(_export_url(done["job_id"]), headers=KEY_A), 429, code="quota_exceeded", type="quota_error")
         assert "QLORA_MAX_STORED_BYTES_PER_PROJECT" in error["message"]
+
+
+
+def test_an_export_is_refused_when_the_merged_model_would_pass_the_stored_bytes(tmp_path, database_url, redis_url, queue_name,
+                                                                                 models_dir):
+    """Under the limit, but not by the size of a merged model (the base's weight files): 429, as an upload of that size
+    would get; with room for it, the export is queued."""
+    from sqlalchemy import func
+
+    (models_dir / MODEL / "model.safetensors").write_bytes(b"\0" * 4096)
+    with TestClient(create_app(make_settings(tmp_path, database_url, redis_url, queue_name, models_dir))) as client:
+        done = finished_job(client, tmp_path)
+        with db(client) as session:
+            stored = session.scalar(select(func.sum(FileRow.bytes)))
+    for room, status in ((4095, 429), (4096, 200)):
+        settings = make_settings(tmp_path, database_url, redis_url, queue_name, models_dir, max_stored_bytes_per_project=stored + room)
+        with TestClient(create_app(settings)) as client:
+            answer = client.post(_export_url(done["job_id"]), headers=KEY_A)
+        assert answer.status_code == status, answer.json()
+        if status == 429:
+            assert "a merged model of about 4096 more" in answer.json()["error"]["message"]

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+from contract.adapter import ADAPTER_FILES
+
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 
