@@ -134,8 +134,7 @@ def cmd_files_upload(ctx: Context) -> int:
     if ctx.json:
         ctx.emit_json(uploaded)
     else:
-        examples = f", {uploaded['n_examples']} examples" if uploaded.get("n_examples") is not None else ""
-        ctx.print(f"{uploaded['id']}  {uploaded['filename']}  {uploaded['bytes']} bytes{examples}  {uploaded['status']}")
+        ctx.print(f"{uploaded['id']}  {uploaded['filename']}  {uploaded['bytes']} bytes  {uploaded['status']}")
     return EXIT_OK
 
 

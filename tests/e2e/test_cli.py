@@ -39,7 +39,7 @@ def training_file(embedded_service, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("cli-data") / "train.jsonl"
     path.write_bytes(chat_lines(12))
     uploaded = json_of(qlora(embedded_service, "files", "upload", str(path), "--json"))
-    assert uploaded["status"] == "processed" and uploaded["n_examples"] == 12
+    assert uploaded["status"] == "processed" and uploaded["bytes"] == len(chat_lines(12))
     return uploaded["id"]
 
 
