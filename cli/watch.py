@@ -78,12 +78,13 @@ class Display:
 
         total = data.get("total_steps")
         if self.bar is None:
+            # The metrics go in `desc`, placed after the bar: tqdm's {postfix} would start with ', '.
             self.bar = tqdm(total=total, file=self.ctx.out, dynamic_ncols=True, leave=True, unit="step",
-                            bar_format="step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| {postfix}")
+                            bar_format="step {n_fmt}/{total_fmt} {percentage:3.0f}%|{bar}| {desc}")
         if total is not None and self.bar.total != total:
             self.bar.total = total
         self.bar.n = data["step"]
-        self.bar.set_postfix_str(output.bar_postfix(data), refresh=False)
+        self.bar.set_description_str(output.bar_postfix(data), refresh=False)
         self.bar.refresh()
 
     def _write(self, line: str) -> None:
