@@ -4,7 +4,9 @@ the source, lazy and TYPE_CHECKING ones included:
 - `api/` imports nothing from `worker`; `core/` neither (but for the one listed exception);
 - `contract/` imports nothing of ours but itself, and no torch, database, web or queue library;
 - the engine, `worker/training/`, imports only itself and `contract` of ours, and no web, database, queue or
-  object-storage library, so it runs and tests alone.
+  object-storage library, so it runs and tests alone;
+- the `qlora` command line, `cli/`, imports only itself of ours and no torch or service library: a client of the
+  public API that installs on a laptop without either.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-OURS = ("api", "core", "worker", "contract", "inference", "launch", "migrations", "bench", "tests")
+OURS = ("api", "core", "worker", "contract", "inference", "launch", "migrations", "bench", "tests", "cli")
 SERVICE_LIBRARIES = ("fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic", "psycopg", "celery", "kombu", "redis", "boto3",
                      "botocore", "prometheus_client")
 TORCH_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "triton")
@@ -76,6 +78,11 @@ def test_the_engine_imports_no_web_database_queue_or_storage_code():
         under(m, OURS) and not under(m, ("worker.training", "contract")))) == []
 
 
+def test_the_command_line_is_a_plain_client():
+    assert violations("cli", lambda m: under(m, SERVICE_LIBRARIES + TORCH_LIBRARIES) or (under(m, OURS) and not under(m, ("cli",)))) == []
+
+
 def test_the_checker_sees_lazy_imports():
     assert "worker.training.demo_model" in imports_of(REPO / "launch" / "embedded.py")  # inside main()
     assert "contract.options" in imports_of(REPO / "worker" / "training" / "model.py")
+    assert "cli.watch" in imports_of(REPO / "cli" / "main.py")  # inside cmd_jobs_watch
