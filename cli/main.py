@@ -469,3 +469,6 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
         return EXIT_ERROR
     except KeyboardInterrupt:
         return output.EXIT_INTERRUPTED
+    except BrokenPipeError:  # `qlora jobs list | head`: the reader left; stop writing, quietly (Python's own advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # so the flush at exit does not fail again
+        return EXIT_OK

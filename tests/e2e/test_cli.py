@@ -116,6 +116,15 @@ def test_api_errors_are_one_readable_line(embedded_service, training_file, tmp_p
     refused = qlora(service, "--retries", "0", "models", "list", env={"QLORA_BASE_URL": f"http://127.0.0.1:{free_port()}/v1", "QLORA_API_KEY": "k"})
     assert refused.returncode == EXIT_ERROR and "cannot reach the service" in refused.stderr and "Connection refused" in refused.stderr
 
+    # A reader that leaves (`qlora models list | head -0`): no traceback, status 0.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "OPENAI_"))}
+    left = subprocess.run([sys.executable, "-m", "cli", "models", "list"], env=env | {"QLORA_BASE_URL": service.base_url, "QLORA_API_KEY": KEY_A},
+                          cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert left.returncode == 0 and left.stderr == "", left.stderr
+
     # OPENAI_* are the fallback for the URL and key; --json output parses.
     models = json_of(qlora(service, "models", "list", "--json", env={"OPENAI_BASE_URL": service.base_url, "OPENAI_API_KEY": KEY_A}))
     assert MODEL in [m["id"] for m in models]
