@@ -57,6 +57,12 @@ function fmtNum(x, digits = 4) {
   return Math.abs(x) < 1e-3 ? x.toExponential(2) : x.toPrecision(digits);
 }
 
+// An axis tick: three significant digits, exponent notation for small values (learning rates).
+function fmtTick(v) {
+  if (v === 0) return "0";
+  return Math.abs(v) < 0.01 ? v.toExponential(1) : String(Number(v.toPrecision(3)));
+}
+
 function fmtPercent(x) {
   return x === null || x === undefined ? "—" : `${(100 * x).toFixed(1)} %`;
 }
@@ -325,7 +331,7 @@ function lineChart(current, wrap, {title, yLabel, series}) {
     height: 220,
     scales: {x: {time: false}},
     series: [{label: "step"}, ...series.map((s) => ({label: s.label, stroke: s.color, width: 2, spanGaps: true, points: {show: true, size: 5}}))],
-    axes: [{label: "step"}, {label: yLabel, size: 60}],
+    axes: [{label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]}, {label: yLabel, size: 64, values: (u, ticks) => ticks.map(fmtTick)}],
   };
   const chart = new uPlot(opts, [[], ...series.map(() => [])], wrap);
   const observer = new ResizeObserver(() => chart.setSize({width: Math.max(200, wrap.clientWidth), height: 220}));
@@ -560,8 +566,19 @@ async function jobPage(current, jobId) {
     }, delay);
   }
 
-  const job = await refresh();
-  if (job && !TERMINAL.has(job.status)) schedule(POLL_MS);
+  try {
+    const job = await refresh();
+    if (job && !TERMINAL.has(job.status)) schedule(POLL_MS);
+  } catch (err) {
+    if (!current.alive) return;
+    errors.replaceChildren(errorBox(err));
+    if (err instanceof ApiError && (err.status === 404 || err.status === 401)) {
+      header.replaceChildren(h("h1", {}, "Job ", h("code", {}, jobId)));
+      for (const section of main.querySelectorAll("section")) section.hidden = true;
+    } else {
+      schedule(POLL_MS); // a passing outage: keep asking
+    }
+  }
 }
 
 // --- upload ----------------------------------------------------------------------------------------------------
@@ -842,4 +859,9 @@ async function chatPage(current) {
 document.getElementById("sign-out").addEventListener("click", signOut);
 document.getElementById("skip-link").addEventListener("click", (event) => { event.preventDefault(); main.focus(); });
 window.addEventListener("hashchange", route);
+// A link to the page already shown renders it afresh (a new empty form), as a hash change would.
+document.getElementById("nav").addEventListener("click", (event) => {
+  const link = event.target.closest("a");
+  if (link && link.getAttribute("href") === location.hash) route();
+});
 route();
