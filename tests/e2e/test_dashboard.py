@@ -131,14 +131,8 @@ def test_keyboard_reaches_sign_in_and_enter_submits(page):
 def test_dashboard_scenario(page, embedded_service, tmp_path):
     from playwright.sync_api import expect
 
-    t0 = time.monotonic()
-
-    def phase(name):
-        print(f"\n{time.monotonic() - t0:7.1f} s {name}", flush=True)
-
     sign_in(page, KEY_A)
 
-    phase('# Upload:')
     # Upload: a file with faults on lines 12 and 13 shows them; the two example files pass.
     page.get_by_role("link", name="Upload").click()
     upload(page, "bad.jsonl", chat_lines(11) + b'{"messages": [{"role": "robot", "content": "x"}]}\nnot json\n')
@@ -151,14 +145,12 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     upload(page, "valid.jsonl", chat_lines(2, "v"))
     expect(page.locator("#upload-result .ok")).to_contain_text("valid.jsonl is valid")
 
-    phase('# A bad option')
     # A bad option in the form is answered with the API's envelope, naming its param, and marks the field.
     fill_job_form(page, {"lora_r": "0"}, validation=False)
     page.get_by_role("button", name="Create job").click()
     expect(page.locator("#create-errors [role=alert]")).to_contain_text("method.supervised.hyperparameters.lora_r")
     expect(page.get_by_label("lora_r", exact=True)).to_have_attribute("aria-invalid", "true")
 
-    phase('# Two jobs')
     # Two jobs: a short one on the demo model, and another that waits behind it (one worker) and is cancelled.
     job_id = create_job(page, SHORT_JOB, validation=True)
     other_id = create_job(page, {"max_steps": "50", "max_seq_length": "32"}, validation=False)
@@ -167,7 +159,6 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     expect(page.locator("#job-status")).to_have_text("cancelled")
     expect(page.get_by_role("button", name="Cancel job")).to_have_count(0)
 
-    phase('# The jobs list')
     # The jobs list: newest first, and the status filter.
     page.get_by_role("link", name="Jobs").click()
     rows = page.locator("#jobs-table tbody tr")
@@ -180,7 +171,6 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     expect(rows).to_have_count(2)
     page.get_by_role("link", name=job_id).click()
 
-    phase('# The curve')
     # The loss curve gains points while the job trains, with no reload (a marker on `window` survives).
     page.evaluate("window.__sameDocument = true")
     seen: list[tuple[int, str]] = []
@@ -207,7 +197,6 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     expect(page.locator("#checkpoints tbody tr")).to_have_count(2)  # checkpoint_every=2: steps 3 (the end) and 2
     expect(page.locator("#checkpoints tbody tr").first).to_contain_text("ckpt-step-3")
 
-    phase('# Download the adapt')
     # Download the adapter: fetched with the key and handed over as a blob; a real peft archive.
     with page.expect_download() as info:
         page.locator("#result-files button[data-file$='.tar.gz']").click()
@@ -216,7 +205,6 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
         names = tar.getnames()
     assert any(n.endswith("adapter_config.json") for n in names) and any(n.endswith("adapter_model.safetensors") for n in names), names
 
-    phase('shots = tmp_path')
     shots = tmp_path / "screenshots"
     shots.mkdir()
     page.screenshot(path=shots / "job-1280.png", full_page=True)
@@ -229,7 +217,6 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     print(f"\nscreenshots of the job page: {shots / 'job-1280.png'} and {shots / 'job-375.png'}")
     page.set_viewport_size({"width": 1280, "height": 900})
 
-    phase('# Chat with')
     # Chat with the fine-tuned model from its job page.
     page.get_by_role("link", name="Try in chat").click()
     page.get_by_label("Max tokens").fill("4")
@@ -237,7 +224,6 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     page.get_by_role("button", name="Send").click()
     expect(page.locator("#chat-transcript .msg-assistant")).to_have_count(1, timeout=120_000)
 
-    phase('# A second project')
     # A second project's key sees none of it: an empty list, and the job's page answers 404 job_not_found.
     page.get_by_role("button", name="Sign out").click()
     assert page.evaluate("sessionStorage.getItem('qlora.apiKey')") is None
