@@ -18,10 +18,13 @@ import pytest
 from tests.e2e.conftest import DEMO
 from tests.e2e.test_openai_sdk import KEY_A, KEY_B, chat_lines
 
-pytestmark = pytest.mark.slow
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Checked here, not in a fixture: pytest sets the session's service up before a module fixture could skip.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable on PATH "
+                                                   "(Debian: apt-get install --no-install-recommends chromium)")]
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
+expect = sync_api.expect
 # The shortest job that still shows a curve, validation points and checkpoints: plain LoRA in fp32 (on the CPU,
 # 4-bit quantization and bf16 make loading and each step many times slower), one short example a step.
 SHORT_JOB = {"max_steps": "3", "max_seq_length": "64", "eval_every": "2", "eval_batch_size": "4", "checkpoint_every": "2", "lora_r": "4",
@@ -30,9 +33,6 @@ SHORT_JOB = {"max_steps": "3", "max_seq_length": "64", "eval_every": "2", "eval_
 
 @pytest.fixture(scope="module")
 def browser():
-    if CHROMIUM is None:
-        pytest.skip("no chromium executable on PATH (Debian: apt-get install --no-install-recommends chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM)
         yield browser
@@ -52,8 +52,6 @@ def page(browser, embedded_service):
 
 
 def sign_in(page, key: str) -> None:
-    from playwright.sync_api import expect
-
     page.goto("/ui/#/signin")
     page.get_by_label("API key").fill(key)
     page.get_by_role("button", name="Sign in").click()
@@ -85,8 +83,6 @@ def fill_job_form(page, hyperparameters: dict[str, str], validation: bool) -> No
 
 def create_job(page, hyperparameters: dict[str, str], validation: bool) -> str:
     """Create a job with the form and return its id (the page is then the job's)."""
-    from playwright.sync_api import expect
-
     fill_job_form(page, hyperparameters, validation)
     page.get_by_role("button", name="Create job").click()
     expect(page).to_have_url(re.compile(r"#/jobs/ftjob-"))
@@ -102,8 +98,6 @@ def job_status(page) -> str:
 
 
 def test_keyboard_reaches_sign_in_and_enter_submits(page):
-    from playwright.sync_api import expect
-
     page.goto("/ui/")
     expect(page.get_by_label("API key")).to_be_visible()
     focused = []
@@ -129,8 +123,6 @@ def test_keyboard_reaches_sign_in_and_enter_submits(page):
 
 
 def test_dashboard_scenario(page, embedded_service, tmp_path):
-    from playwright.sync_api import expect
-
     sign_in(page, KEY_A)
 
     # Upload: a file with faults on lines 12 and 13 shows them; the two example files pass.
