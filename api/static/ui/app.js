@@ -121,12 +121,12 @@ async function api(path, {method = "GET", json, form, raw = false, key} = {}) {
 }
 
 // Every page of a list (`after` = the last id), up to `max` items.
-async function listAll(path, max = 1000) {
+async function listAll(path, max = 1000, pageSize = 100) {
   const items = [];
   let after = null;
   for (;;) {
     const sep = path.includes("?") ? "&" : "?";
-    const page = await api(`${path}${sep}limit=100${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+    const page = await api(`${path}${sep}limit=${pageSize}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
     items.push(...page.data);
     if (!page.has_more || !page.data.length || items.length >= max) return items;
     after = page.data[page.data.length - 1].id;
@@ -397,7 +397,7 @@ async function jobPage(current, jobId) {
 
   async function findEstimate() {
     // The estimate is one of the job's first events (newest first, so near the end of the list).
-    const all = await listAll(`${base}/events`, 100000);
+    const all = await listAll(`${base}/events`, 1000000, 1000);
     const event = all.find((e) => e.data && typeof e.data.total === "number" && e.type === "message");
     return event ? event.data : null;
   }
