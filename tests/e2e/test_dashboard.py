@@ -220,8 +220,37 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     page.get_by_role("button", name="Sign out").click()
     assert page.evaluate("sessionStorage.getItem('qlora.apiKey')") is None
     sign_in(page, KEY_B)
-    expect(page.locator("#no-jobs")).to_be_visible()
+    expect(page.locator("#jobs-table, #no-jobs")).to_be_visible()
+    for hidden in (job_id, other_id):
+        expect(page.locator(f'[data-job="{hidden}"]')).to_have_count(0)
     page.goto(f"/ui/#/jobs/{job_id}")
     alert = page.locator("#job-errors [role=alert]")
     expect(alert).to_contain_text("job_not_found")
     expect(alert).to_contain_text("job_id")
+
+
+def test_jobs_list_pages(page, embedded_service):
+    """Pages of 20 with the API's `after`: Next shows the rest, Previous the first page again."""
+    import httpx
+
+    with httpx.Client(base_url=embedded_service.base_url, headers={"Authorization": f"Bearer {KEY_B}"}, timeout=30) as api:
+        training_file = api.post("/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", chat_lines(12))}).json()["id"]
+        created = []
+        for _ in range(21):  # each cancelled at once, so the worker trains none of them
+            job = api.post("/fine_tuning/jobs", json={"model": DEMO, "training_file": training_file, "hyperparameters": {"max_steps": 1}})
+            assert job.status_code == 200, job.text
+            created.append(job.json()["id"])
+            assert api.post(f"/fine_tuning/jobs/{created[-1]}/cancel").status_code == 200
+    sign_in(page, KEY_B)
+    page.get_by_label("Status").select_option("cancelled")
+    rows = page.locator("#jobs-table tbody tr")
+    expect(rows).to_have_count(20)
+    assert rows.first.get_attribute("data-job") == created[-1]
+    page.get_by_role("link", name="Next page").click()
+    expect(rows).to_have_count(1)  # 21 = 20 + 1 (no other test makes cancelled jobs for this key)
+    expect(rows.first).to_have_attribute("data-job", created[0])
+    page.get_by_role("link", name="Previous page").click()
+    expect(page.get_by_role("link", name="Previous page")).to_have_count(0)
+    expect(rows.first).to_have_attribute("data-job", created[-1])
+    expect(rows).to_have_count(20)
+
