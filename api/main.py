@@ -21,6 +21,7 @@ from api.guard import RequestGuard
 from api.metrics import Metrics, MetricsMiddleware
 from api.openapi import V1_ERRORS, drop_422
 from api.routes import chat, files, health, jobs, models
+from api.ui import mount_dashboard
 from core.db import make_engine, make_session_factory
 from core.logs import configure_logging
 from core.queue import make_celery
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (files.router, jobs.router, models.router, chat.router):
         app.include_router(router, prefix="/v1", responses=V1_ERRORS)
     app.include_router(health.router)
+    mount_dashboard(app)  # the dashboard's static files at /ui (it calls the /v1 routes with the signed-in key)
     drop_422(app)  # the document lists the 400 envelopes the API sends instead
     return app
 

@@ -29,6 +29,7 @@ def example(url: str, key: str, model: str) -> str:
     return f"""
   The API:      {url}/v1   (Swagger UI: {url}/docs)
   API key:      {key}
+  Dashboard:    {url}/ui   (sign in with the key above)
 
   A first job with the openai SDK (pip install openai):
 

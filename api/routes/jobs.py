@@ -205,9 +205,12 @@ def list_jobs(
     session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status: Annotated[JobStatus | None, Query(description="Extension: only the jobs with this status.")] = None,
 ) -> Page[FineTuningJob]:
     """Newest first. `metadata[KEY]=VALUE` query parameters keep only the jobs whose metadata has those pairs."""
     where: list[Any] = [Job.project == project]
+    if status is not None:
+        where.append(Job.status == status.value)
     for name, value in request.query_params.multi_items():
         if name.startswith("metadata[") and name.endswith("]"):
             key = name.removeprefix("metadata[").removesuffix("]")
