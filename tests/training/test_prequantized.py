@@ -1,0 +1,94 @@
+"""Pre-quantized bases (GPTQ, AWQ) through the engine: a tiny model quantized in the session with qlora-quantize's
+function (fixtures `gptq_model_dir`, `awq_model_dir`) trains, its adapter round-trips, and the LoRA gradient check
+passes with the engine's kernels and fails with gptqmodel's default CPU kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from contract.options import ConfigError, TrainingConfig
+from tests.training.gradient_check import check_lora_gradients, float_reference, randomize_adapters
+from tests.training.test_trainer import RecordingSink, write_chat_file
+from worker.training import prequantized
+from worker.training.model import build_model, compute_dtype, resolve_for_device
+from worker.training.trainer import TrainingJob, train
+
+# gptqmodel's default CPU kernels, which fix themselves in a forward-only mode on their first no-grad forward.
+BROKEN_BACKENDS = {"gptq": "gptq_torch_aten", "awq": "awq_torch_aten"}
+# bf16 compute against a float32 reference: the gradients agree to about 1%; the broken kernel is off by ~100%.
+TOLERANCE = 0.05
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _build(base: Path, cfg: TrainingConfig, monkeypatch: pytest.MonkeyPatch, backend: str | None = None):
+    """The engine's model for `base` with randomised adapters; `backend` swaps the kernel the engine would choose."""
+    if backend is not None:
+        monkeypatch.setitem(prequantized.TRAINING_BACKENDS, (cfg.quantization, "cpu"), backend)
+        monkeypatch.setattr(prequantized, "TRAINABLE_KERNELS", prequantized.TRAINABLE_KERNELS | {"TorchAtenLinear", "TorchAtenAwqLinear"})
+    built = build_model(base, cfg, device=torch.device("cpu"))
+    randomize_adapters(built.model)
+    return built.model
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_a_prequantized_base_trains_round_trips_its_adapter_and_passes_the_gradient_check(method, request, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    base = request.getfixturevalue(f"{method}_model_dir")
+    cpu = torch.device("cpu")
+
+    # trained through the engine, with an evaluation between the steps (the pass that breaks the default kernels)
+    cfg = TrainingConfig(quantization=method, max_steps=2, batch_size=2, micro_batch_size=2, eval_every=1, learning_rate=1e-2)
+    sink = RecordingSink()
+    result = train(TrainingJob(base, write_chat_file(tmp_path / "train.jsonl", 10), tmp_path / "out", cfg,
+                               write_chat_file(tmp_path / "valid.jsonl", 10, seed=1)), sink)
+    assert result.status == "succeeded" and result.steps == 2
+    assert all(torch.isfinite(torch.tensor(s["train_loss"])) for s in sink.steps)
+    [loaded] = [message for _level, message, _data in sink.events if message.startswith("Model loaded")]
+    assert f"quantization={method}" in loaded and "compute_dtype=bf16" in loaded
+
+    # the gradient check with the engine's kernel
+    check_cfg = resolve_for_device(TrainingConfig(quantization=method, lora_dropout=0.0, packing=False, attn_implementation="sdpa"), cpu)
+    model = _build(base, check_cfg, monkeypatch)
+    assert prequantized.quantization_kernels(model) <= prequantized.TRAINABLE_KERNELS
+    reference = float_reference(base, model)
+    passed = check_lora_gradients(model, reference, _batch(), autocast_dtype=compute_dtype(check_cfg, cpu))
+    assert passed.passed(TOLERANCE), passed
+
+    # the adapter saved and loaded onto a freshly loaded base gives the same outputs
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = prequantized.load_for_training(base, check_cfg, cpu, torch.bfloat16, "sdpa")
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    model.eval(), reloaded.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(**_batch(1)).logits, reloaded(**_batch(1)).logits)
+    # and the trained job's adapter loads the same way
+    PeftModel.from_pretrained(prequantized.load_for_training(base, check_cfg, cpu, torch.bfloat16, "sdpa"), result.adapter_dir)
+
+    # the same check bites when the kernel is gptqmodel's default one: right before an evaluation pass, wrong after
+    broken = _build(base, check_cfg, monkeypatch, backend=BROKEN_BACKENDS[method])
+    assert prequantized.quantization_kernels(broken) == {"gptq": {"TorchAtenLinear"}, "awq": {"TorchAtenAwqLinear"}}[method]
+    failed = check_lora_gradients(broken, float_reference(base, broken), _batch(), autocast_dtype=torch.bfloat16)
+    assert failed.before_eval <= TOLERANCE and failed.after_eval > 0.5, failed
+
+
+def test_the_engine_refuses_a_wrong_quantization_for_the_base(gptq_model_dir, tiny_model_dir):
+    with pytest.raises(ConfigError, match="pre-quantized with GPTQ") as err:
+        build_model(gptq_model_dir, TrainingConfig(), device=torch.device("cpu"))
+    assert err.value.param == "quantization"
+    with pytest.raises(ConfigError, match="qlora-quantize") as err:
+        build_model(tiny_model_dir, TrainingConfig(quantization="awq"), device=torch.device("cpu"))
+    assert err.value.param == "quantization"
+
+
+def test_the_engine_refuses_an_inference_only_kernel(gptq_model_dir, monkeypatch):
+    monkeypatch.setitem(prequantized.TRAINING_BACKENDS, ("gptq", "cpu"), BROKEN_BACKENDS["gptq"])
+    with pytest.raises(RuntimeError, match="TorchAtenLinear"):
+        build_model(gptq_model_dir, TrainingConfig(quantization="gptq"), device=torch.device("cpu"))
