@@ -70,6 +70,8 @@ def load_for_training(base_model_dir: str | Path, cfg: TrainingConfig, device: t
     loaded = gptqmodel.GPTQModel.load(str(base_model_dir), backend=chosen, device=str(device), dtype=dtype)
     model = loaded.model
     model.set_attn_implementation(attn_implementation)
+    if device.type == "cpu":
+        run_dequantization_eagerly(model)
     kernels = quantization_kernels(model)
     if not kernels:
         raise ConfigError(f"the {cfg.quantization.upper()} base at {str(base_model_dir)!r} loaded without any quantized layer", param="model")
@@ -77,6 +79,18 @@ def load_for_training(base_model_dir: str | Path, cfg: TrainingConfig, device: t
         raise RuntimeError(f"gptqmodel loaded the kernels {sorted(kernels - TRAINABLE_KERNELS)} for backend {chosen!r}: "
                            "they cannot train LoRA correctly")
     return model
+
+
+def run_dequantization_eagerly(model: torch.nn.Module) -> int:
+    """Undo the torch.compile that gptqmodel wraps around each GPTQ layer's dequantization on load: it compiles once
+    per layer and per train/eval mode, which costs seconds per layer on the CPU (minutes for a real model) before
+    the first steps. Returns the number of layers changed."""
+    changed = 0
+    for module in model.modules():
+        if "dequantize_weight" in vars(module):  # the compiled wrapper is set on the instance, over the class's method
+            del module.dequantize_weight
+            changed += 1
+    return changed
 
 
 def lora_targets(model: torch.nn.Module, cfg: TrainingConfig) -> list[str] | str:

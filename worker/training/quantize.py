@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,7 +116,15 @@ def quantize(base_dir: Path, calibration: Path, out_dir: Path, *, method: str = 
     # The packing kernel: gptqmodel's default AWQ one needs CUDA; on the CPU the torch kernels pack.
     backend = "auto" if device == "cuda" else {"gptq": "gptq_torch", "awq": "awq_torch"}[method]
     backend = gptqmodel.BACKEND(backend)
-    model.quantize(rows, tokenizer=tokenizer, backend=backend)
+    with tempfile.TemporaryDirectory() as logs:
+        # gptqmodel writes per-layer logs under ./logs of the working directory: here they go to a temporary one.
+        from gptqmodel.looper import loop_processor
+
+        cwd_logs, loop_processor._PROJECT_LOG_DIR = loop_processor._PROJECT_LOG_DIR, Path(logs)
+        try:
+            model.quantize(rows, tokenizer=tokenizer, backend=backend)
+        finally:
+            loop_processor._PROJECT_LOG_DIR = cwd_logs
     model.save(str(out_dir))
     progress(f"[3/3] wrote {out_dir} in {time.monotonic() - started:.0f} s")
     return out_dir
