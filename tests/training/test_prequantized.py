@@ -95,3 +95,50 @@ def test_the_engine_refuses_an_inference_only_kernel(gptq_model_dir, monkeypatch
     monkeypatch.setitem(prequantized.TRAINING_BACKENDS, ("gptq", "cpu"), BROKEN_BACKENDS["gptq"])
     with pytest.raises(RuntimeError, match="TorchAtenLinear"):
         build_model(gptq_model_dir, TrainingConfig(quantization="gptq"), device=torch.device("cpu"))
+
+
+# --- the command lines: the engine's (qlora-train) decides the quantization as the API does; qlora-quantize refuses
+# what it cannot quantize before loading anything -----------------------------------------------------------------
+
+def _config_only_model(path: Path, **config) -> Path:
+    import json
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                                  "num_attention_heads": 4, "num_key_value_heads": 2, **config}))
+    return path
+
+
+def test_the_engine_cli_refuses_on_the_fly_options_on_a_gptq_base(tmp_path, capsys):
+    from tests.training.test_cli import chat, write_job
+    from worker.training.cli import main
+
+    base = _config_only_model(tmp_path / "gptq", quantization_config={"quant_method": "gptq"})
+    assert main([str(write_job(tmp_path, base, [chat(i) for i in range(12)], quant_type="fp4"))]) == 2
+    assert "'quant_type' configures quantizing a float base on load" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("config", "args", "words"), [
+    ({}, ["--group-size", "48"], "--group-size 48 does not divide the model's hidden_size (64)"),
+    ({}, ["--method", "awq", "--group-size", "32"], "AWQ needs layer widths that are multiples of 64; the model's intermediate_size is 96"),
+    ({}, ["--method", "awq", "--bits", "8"], "--bits for awq must be one of 4"),
+    ({"quantization_config": {"quant_method": "gptq"}}, [], "is quantized already (gptq)"),
+])
+def test_qlora_quantize_refuses_what_it_cannot_quantize(tmp_path, capsys, config, args, words):
+    from worker.training.quantize import main
+
+    base = _config_only_model(tmp_path / "base", **{"intermediate_size": 96, **config})
+    calibration = write_chat_file(tmp_path / "calibration.jsonl", 2)
+    assert main([str(base), str(calibration), str(tmp_path / "out"), *args]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_quantize_refuses_a_missing_calibration_file_and_a_32_bit_dtype(tmp_path, capsys):
+    from worker.training.quantize import main
+
+    base = _config_only_model(tmp_path / "base")
+    assert main([str(base), str(tmp_path / "missing.jsonl"), str(tmp_path / "out")]) == 2
+    assert "calibration file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not one of the 16-bit choices
+        main([str(base), str(write_chat_file(tmp_path / "c.jsonl", 2)), str(tmp_path / "out"), "--dtype", "fp32"])
