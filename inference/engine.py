@@ -85,27 +85,6 @@ def _dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolved]
 
 
-def _prequantized_method(path: Path) -> str | None:
-    """'gptq' or 'awq' for a base stored pre-quantized that way (its config.json says so), else None."""
-    import json
-
-    quant = json.loads((path / "config.json").read_text()).get("quantization_config")
-    method = str(quant.get("quant_method", "")).lower() if isinstance(quant, dict) else ""
-    return method if method in ("gptq", "awq") else None
-
-
-def _load_prequantized(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
-    """A GPTQ/AWQ base as stored, with gptqmodel's fastest inference kernels (no gradients are taken here). Its
-    kernels compute in 16 bits: fp32 becomes bf16 on the CPU, fp16 on a GPU."""
-    from worker.training.prequantized import import_gptqmodel
-
-    if dtype == torch.float32:
-        dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    model = import_gptqmodel().GPTQModel.load(str(path), device=str(device), dtype=dtype).model
-    model.eval()
-    return model
-
-
 class ChatEngine:
     def __init__(self, models_dir: Path, storage: ObjectStorage, cache_dir: Path, *, max_adapters: int = 8,
                  base_weights: str = "16bit", dtype: str = "auto", max_new_tokens: int = 512):
@@ -142,13 +121,6 @@ class ChatEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         started = time.monotonic()
-        prequantized = _prequantized_method(path)
-        if prequantized is not None:
-            model = _load_prequantized(path, self.dtype, self.device)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-            log.info("loaded base %s (pre-quantized %s) in %.1fs", name, prequantized, time.monotonic() - started)
-            return LoadedBase(name, model, tokenizer, context)
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if self.base_weights == "nf4":
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
