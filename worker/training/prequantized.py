@@ -35,7 +35,7 @@ TRAINABLE_KERNELS = frozenset({"TorchLinear", "AwqTorchLinear", "TritonV2Linear"
 
 def import_gptqmodel() -> Any:
     """gptqmodel, with its CPU worker pool at two threads or more: it sizes the pool at import from
-    GPTQMODEL_CPU_WORKERS, and its default (one worker on a 2-core machine) is too few to run there (issue 13)."""
+    GPTQMODEL_CPU_WORKERS, whose default is one worker on a 2-core machine, where issue 13 found it needs two."""
     if "GPTQMODEL_CPU_WORKERS" not in os.environ:
         os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, min(12, ((os.cpu_count() or 1) + 1) // 2)))
     try:

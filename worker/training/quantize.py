@@ -68,8 +68,6 @@ def check_request(base_dir: Path, calibration: Path, method: str, bits: int, gro
                                 f"every layer width ({', '.join(f'{n} {w}' for n, w in widths.items())})")
         if method == "awq" and width % AWQ_WIDTH_MULTIPLE:
             raise QuantizeError(f"AWQ needs layer widths that are multiples of {AWQ_WIDTH_MULTIPLE}; the model's {name} is {width}")
-    if method == "awq" and group_size != -1 and group_size % AWQ_WIDTH_MULTIPLE and AWQ_WIDTH_MULTIPLE % group_size:
-        raise QuantizeError(f"AWQ needs a group size that divides or is a multiple of {AWQ_WIDTH_MULTIPLE} (got {group_size})")
     return config
 
 
