@@ -41,3 +41,6 @@ def test_a_prequantized_base_and_its_adapter_are_served(method, request, tmp_pat
     assert tuned.text != base.text
     assert engine.unload_adapter("ft:quantized")
     assert engine.complete(ChatRequest("tiny-quantized", QUESTION, temperature=0)).text == base.text
+    # QLORA_INFERENCE_BASE_WEIGHTS=nf4 quantizes float bases on load; a pre-quantized one is served as stored
+    nf4 = ChatEngine(models, LocalStorage(tmp_path / "objects"), tmp_path / "cache", base_weights="nf4", dtype="fp32", max_new_tokens=6)
+    assert nf4.complete(ChatRequest("tiny-quantized", QUESTION, temperature=0)).text == base.text
