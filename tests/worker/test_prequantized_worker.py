@@ -16,7 +16,10 @@ from tests.worker.test_celery_worker import celery_worker
 MODEL = "tiny-llama-gptq"
 
 
-def test_a_job_on_a_gptq_base_trains_through_the_api_and_a_celery_worker(gptq_model_dir, sqlite_url, tmp_path):
+def test_a_job_on_a_gptq_base_trains_through_the_api_and_a_celery_worker(gptq_model_dir, sqlite_url, tmp_path, monkeypatch):
+    # The worker decides compute_dtype 'auto' before the engine runs: without native bf16 (oneDNN held to AVX2, as on
+    # most CPUs) that would be fp32 for a float base; a GPTQ base must get bf16.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     models = tmp_path / "models"
     models.mkdir()
     (models / MODEL).symlink_to(gptq_model_dir)
@@ -43,4 +46,4 @@ def test_a_job_on_a_gptq_base_trains_through_the_api_and_a_celery_worker(gptq_mo
         assert job["status"] == "succeeded", (job["error"], (tmp_path / "worker.log").read_text()[-5000:])
         assert job["fine_tuned_model"] and job["trained_tokens"] > 0
         events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=KEY_A, params={"limit": 100}).json()["data"]
-        assert any(e["message"].startswith("Model loaded") and "quantization=gptq" in e["message"] for e in events)
+        assert any(e["message"].startswith("Model loaded") and "quantization=gptq, compute_dtype=bf16" in e["message"] for e in events)

@@ -48,10 +48,13 @@ def cpu_bf16_is_fast() -> bool:
     return seconds(a16, b16) < 2 * seconds(a32, b32)
 
 
-def resolve_compute_dtype(requested: str, device: torch.device, *, cpu_fast_bf16: bool | None = None) -> str:
-    """The compute dtype a job runs with: an explicit one as given; 'auto' the fast one for `device`."""
+def resolve_compute_dtype(requested: str, device: torch.device, *, cpu_fast_bf16: bool | None = None, quantization: str = "4bit") -> str:
+    """The compute dtype a job runs with: an explicit one as given; 'auto' the fast one for `device`, or for a
+    pre-quantized base (quantization 'gptq'/'awq') a 16-bit one, the only kind gptqmodel's kernels compute in."""
     if requested != "auto":
         return requested
+    if quantization in ("gptq", "awq") and (device.type == "cpu" or quantization == "awq"):
+        return "bf16" if device.type == "cpu" else "fp16"  # gptqmodel's AWQ CUDA kernels take fp16 only
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu":
@@ -62,11 +65,8 @@ def resolve_compute_dtype(requested: str, device: torch.device, *, cpu_fast_bf16
 def resolve_for_device(cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
     """`cfg` with its device-dependent 'auto' options (compute_dtype, lean_activations) decided for `device`."""
     update: dict[str, Any] = {}
-    if cfg.compute_dtype == "auto" and cfg.quantization in ("gptq", "awq"):
-        # gptqmodel's kernels compute in 16 bits only; its AWQ CUDA kernels in fp16 only.
-        update["compute_dtype"] = "bf16" if device.type == "cpu" else "fp16" if cfg.quantization == "awq" else resolve_compute_dtype("auto", device)
-    elif cfg.compute_dtype == "auto":
-        update["compute_dtype"] = resolve_compute_dtype("auto", device)
+    if cfg.compute_dtype == "auto":
+        update["compute_dtype"] = resolve_compute_dtype("auto", device, quantization=cfg.quantization)
     if cfg.lean_activations == "auto":
         update["lean_activations"] = cfg.resolved_lean_activations(device.type)
     return cfg.model_copy(update=update) if update else cfg
@@ -74,7 +74,7 @@ def resolve_for_device(cfg: TrainingConfig, device: torch.device) -> TrainingCon
 
 def compute_dtype(cfg: TrainingConfig, device: torch.device | None = None) -> torch.dtype:
     """The torch dtype of the job's matmuls ('auto' decided for `device`, default the device a job would use)."""
-    return DTYPES[resolve_compute_dtype(cfg.compute_dtype, device or pick_device())]
+    return DTYPES[resolve_compute_dtype(cfg.compute_dtype, device or pick_device(), quantization=cfg.quantization)]
 
 
 def quantization_config(cfg: TrainingConfig) -> Any:
