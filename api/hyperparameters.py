@@ -12,12 +12,14 @@ from api.errors import bad_request
 from api.schemas import JobCreate
 from contract.hyperparameters import resolve
 from contract.options import ConfigError, TrainingConfig
+from contract.prequantized import decide_quantization
 
 
-def job_options(body: JobCreate, seed: int) -> tuple[dict[str, Any], TrainingConfig]:
+def job_options(body: JobCreate, seed: int, model_config: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], TrainingConfig]:
     """Take the hyperparameters from `method.supervised.hyperparameters` or the deprecated top-level
-    `hyperparameters` and resolve them: the object as given and its config, what the job row stores. Every error
-    is a 400 whose `param` is the dotted path of the key."""
+    `hyperparameters` and resolve them for the base model whose config.json is `model_config` (a pre-quantized
+    base decides `quantization`: contract.prequantized): the object as given and its config, what the job row
+    stores. Every error is a 400 whose `param` is the dotted path of the key."""
     given: Mapping[str, Any] | None = None
     where = "method.supervised.hyperparameters"
     if body.method is not None:
@@ -38,7 +40,9 @@ def job_options(body: JobCreate, seed: int) -> tuple[dict[str, Any], TrainingCon
         given, where = body.hyperparameters, "hyperparameters"
     options = dict(given or {})
     try:
-        cfg, _ = resolve(options, seed=seed)
+        cfg, _ = resolve(decide_quantization(options, model_config), seed=seed)
     except ConfigError as err:
+        if err.param == "model":  # the base itself cannot be trained on
+            raise bad_request(err.message, param="model", code="invalid_value") from None
         raise bad_request(err.message, param=f"{where}.{err.param}" if err.param else where, code=err.code) from None
     return options, cfg

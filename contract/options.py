@@ -26,7 +26,7 @@ class ConfigError(ValueError):
         self.code = code
 
 
-QuantizationMode = Literal["4bit", "8bit", "none"]
+QuantizationMode = Literal["4bit", "8bit", "none", "gptq", "awq"]
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
 OptimizerName = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
@@ -52,7 +52,7 @@ class TrainingConfig(BaseModel):
     shuffle: bool = Field(True, description="Shuffle the training examples each epoch (seeded).")
 
     # --- model: quantization ----------------------------------------------------------------------
-    quantization: QuantizationMode = Field("4bit", description="How the frozen base is stored: 4-bit (QLoRA), 8-bit LLM.int8, or none (plain LoRA).")
+    quantization: QuantizationMode = Field("4bit", description="How the frozen base is stored: 4-bit (QLoRA), 8-bit LLM.int8, or none (plain LoRA), quantized on load; gptq or awq: the base is a pre-quantized checkpoint of that method (set from its config.json when a job is created; see docs/training.md).")
     quant_type: QuantType = Field("nf4", description="4-bit data type: NormalFloat4 or FP4. Only with quantization=4bit.")
     double_quant: bool = Field(True, description="Quantize the 4-bit absmax constants again (~0.37 bits/weight saved). Only with quantization=4bit.")
     compute_dtype: ComputeDtype = Field("auto", description="Dtype of the matmuls through the dequantized base. auto: bf16 where the device computes it fast (CUDA falls back to fp16), else fp32; a job records the choice.")
@@ -203,6 +203,8 @@ def validate_combinations(cfg: TrainingConfig) -> None:
     if cfg.use_dora and cfg.quantization == "8bit":
         # peft's DoRA needs the dequantized weight norm; with LLM.int8 this path is unsupported in peft.
         raise ConfigError("use_dora is not supported with quantization='8bit'", param="use_dora")
+    if cfg.use_dora and cfg.quantization in ("gptq", "awq"):
+        raise ConfigError(f"use_dora is not supported on a pre-quantized ({cfg.quantization}) base", param="use_dora")
 
 
 def options_markdown() -> str:

@@ -11,6 +11,7 @@ arrival order. The server (inference/server.py) bounds how many may wait.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -122,11 +123,13 @@ class ChatEngine:
 
         started = time.monotonic()
         kwargs: dict[str, Any] = {"dtype": self.dtype}
-        if self.base_weights == "nf4":
+        # A base stored quantized (GPTQ, AWQ: its config.json says how) loads as stored; nf4 applies to float bases.
+        quantize_on_load = self.base_weights == "nf4" and "quantization_config" not in json.loads((path / "config.json").read_text())
+        if quantize_on_load:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=self.dtype)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        if self.base_weights != "nf4":
+        if not quantize_on_load:
             model.to(self.device)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -202,3 +202,28 @@ def aws_test_credentials(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "qlora-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "qlora-test-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+# --- pre-quantized (GPTQ, AWQ) tiny bases, made in the test session with the service's own qlora-quantize ------
+
+CALIBRATION = REPO / "examples" / "facts-train.jsonl"
+
+
+def make_prequantized(root: Path, tokenizer, method: str) -> Path:
+    """A tiny random Llama quantized with `method` by worker.training.quantize on 8 calibration examples. AWQ needs
+    layer widths that are multiples of 64 (hidden 128, intermediate 256, head_dim 32); GPTQ takes the usual tiny one."""
+    from worker.training.quantize import quantize
+
+    hidden, group_size = (128, 64) if method == "awq" else (64, 32)
+    source = make_tiny_llama(root / "float", tokenizer, hidden_size=hidden)
+    return quantize(source, CALIBRATION, root / method, method=method, group_size=group_size, max_examples=8, progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def gptq_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return make_prequantized(tmp_path_factory.mktemp("gptq"), tokenizer, "gptq")
+
+
+@pytest.fixture(scope="session")
+def awq_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return make_prequantized(tmp_path_factory.mktemp("awq"), tokenizer, "awq")

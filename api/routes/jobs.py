@@ -169,7 +169,7 @@ def create_job(
         raise quota_exceeded(f"This project has {queued} queued jobs, the most it may have waiting at once",
                              "QLORA_MAX_QUEUED_JOBS_PER_PROJECT")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    given, cfg = job_options(body, seed)
+    given, cfg = job_options(body, seed, read_config_json(model_dir))
     _check_step_limit(body, cfg, training.n_examples or 0, settings.max_steps_per_job)
 
     # Files were validated at upload, so the job starts queued.

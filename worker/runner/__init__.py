@@ -132,7 +132,7 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     if config.compute_dtype == "auto":
         # Decided once, on the machine that first runs the job, and stored: a resumed run keeps the same dtype.
         # Only the dtype: lean_activations stays 'auto', decided by each run for its own device.
-        config = config.model_copy(update={"compute_dtype": resolve_compute_dtype("auto", pick_device())})
+        config = config.model_copy(update={"compute_dtype": resolve_compute_dtype("auto", pick_device(), quantization=config.quantization)})
         with session_scope(session_factory) as session:
             record_resolved_options(session, job_id, worker_id, {"compute_dtype": config.compute_dtype})
     assert settings.models_dir is not None

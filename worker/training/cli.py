@@ -73,6 +73,12 @@ def read_job_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def base_config_json(base_model: Path) -> dict[str, Any] | None:
+    """The base model's config.json, or None when it has none (the engine reports that with param='model')."""
+    path = base_model / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job_file", type=Path, help="YAML or JSON job file")
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from contract.data_format import DataValidationError
     from contract.options import ConfigError, TrainingConfig
+    from contract.prequantized import decide_quantization
     from worker.training.sinks import JsonlSink, MultiSink
     from worker.training.trainer import TrainingJob, train
 
@@ -100,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in (("base_model", base_model), ("train_file", train_file), ("output_dir", output_dir)):
             if value is None:
                 raise ValueError(f"{args.job_file}: {key} is required")
-        config = TrainingConfig.from_dict(spec.get("hyperparameters") or {})
+        # A pre-quantized base decides the quantization; the options as given are checked against it.
+        config = TrainingConfig.from_dict(decide_quantization(spec.get("hyperparameters") or {}, base_config_json(base_model)))
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

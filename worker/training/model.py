@@ -49,10 +49,13 @@ def cpu_bf16_is_fast() -> bool:
     return min(t16 for t16, _ in tries) < 2 * min(t32 for _, t32 in tries)
 
 
-def resolve_compute_dtype(requested: str, device: torch.device, *, cpu_fast_bf16: bool | None = None) -> str:
-    """The compute dtype a job runs with: an explicit one as given; 'auto' the fast one for `device`."""
+def resolve_compute_dtype(requested: str, device: torch.device, *, cpu_fast_bf16: bool | None = None, quantization: str = "4bit") -> str:
+    """The compute dtype a job runs with: an explicit one as given; 'auto' the fast one for `device`, or for a
+    pre-quantized base (quantization 'gptq'/'awq') a 16-bit one, the only kind gptqmodel's kernels compute in."""
     if requested != "auto":
         return requested
+    if quantization in ("gptq", "awq") and (device.type == "cpu" or quantization == "awq"):
+        return "bf16" if device.type == "cpu" else "fp16"  # gptqmodel's AWQ CUDA kernels take fp16 only
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu":
@@ -64,7 +67,7 @@ def resolve_for_device(cfg: TrainingConfig, device: torch.device) -> TrainingCon
     """`cfg` with its device-dependent 'auto' options (compute_dtype, lean_activations) decided for `device`."""
     update: dict[str, Any] = {}
     if cfg.compute_dtype == "auto":
-        update["compute_dtype"] = resolve_compute_dtype("auto", device)
+        update["compute_dtype"] = resolve_compute_dtype("auto", device, quantization=cfg.quantization)
     if cfg.lean_activations == "auto":
         update["lean_activations"] = cfg.resolved_lean_activations(device.type)
     return cfg.model_copy(update=update) if update else cfg
@@ -72,7 +75,7 @@ def resolve_for_device(cfg: TrainingConfig, device: torch.device) -> TrainingCon
 
 def compute_dtype(cfg: TrainingConfig, device: torch.device | None = None) -> torch.dtype:
     """The torch dtype of the job's matmuls ('auto' decided for `device`, default the device a job would use)."""
-    return DTYPES[resolve_compute_dtype(cfg.compute_dtype, device or pick_device())]
+    return DTYPES[resolve_compute_dtype(cfg.compute_dtype, device or pick_device(), quantization=cfg.quantization)]
 
 
 def quantization_config(cfg: TrainingConfig) -> Any:
@@ -105,6 +108,9 @@ def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
 
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("attn_implementation='flash_attention_2' needs the flash-attn package", param="attn_implementation")
+    if cfg.compute_dtype == "fp32" and cfg.quantization in ("gptq", "awq"):
+        raise ConfigError(f"{cfg.quantization.upper()} kernels compute in 16 bits: use compute_dtype 'auto' or 'bf16' "
+                          f"(or 'fp16' on a GPU) on a {cfg.quantization.upper()} base", param="compute_dtype")
     if cfg.compute_dtype == "fp16" and device_type == "cpu":
         raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'auto', 'bf16' or 'fp32'", param="compute_dtype")
     if cfg.attn_implementation == "flex_attention" and device_type != "cuda":
@@ -271,6 +277,11 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
     check_target_modules(model_config, cfg)
     plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.max_tokens_per_micro_batch)
     attn = attention.use(cfg.resolved_attn_implementation)
+    if check_base_quantization(base_model_dir, cfg) is not None:
+        from worker.training import prequantized
+
+        model = prequantized.load_for_training(base_model_dir, cfg, device, compute_dtype(cfg, device), attn)
+        return add_adapters(model, cfg, device, plan, target_modules=prequantized.lora_targets(model, cfg))
     model = AutoModelForCausalLM.from_pretrained(
         base_model_dir,
         quantization_config=quantization_config(cfg),
@@ -282,8 +293,27 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
     return add_adapters(model, cfg, device, plan)
 
 
-def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tuple[str, ...]) -> BuiltModel:
-    """Freeze a loaded base, set its checkpointing plan, and wrap it with fresh LoRA adapters."""
+def check_base_quantization(base_model_dir: str | Path, cfg: TrainingConfig) -> str | None:
+    """The method the base is pre-quantized with (None: a float base), checked against cfg.quantization: a job's
+    quantization is decided from the base when it is created (contract.prequantized.decide_quantization)."""
+    import json
+
+    from contract.prequantized import PREQUANTIZED_METHODS, QUANTIZE_HINT, base_quantization
+
+    method = base_quantization(json.loads((Path(base_model_dir) / "config.json").read_text()))
+    if method is not None and cfg.quantization != method:
+        raise ConfigError(f"the base model is pre-quantized with {method.upper()}: train it with quantization={method!r}, "
+                          f"not {cfg.quantization!r}", param="quantization")
+    if method is None and cfg.quantization in PREQUANTIZED_METHODS:
+        raise ConfigError(f"quantization={cfg.quantization!r} needs a base pre-quantized with {cfg.quantization.upper()}; "
+                          + QUANTIZE_HINT.format(method=cfg.quantization), param="quantization")
+    return method
+
+
+def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tuple[str, ...], *,
+                 target_modules: list[str] | str | None = None) -> BuiltModel:
+    """Freeze a loaded base, set its checkpointing plan, and wrap it with fresh LoRA adapters (on `target_modules`
+    when given, else cfg.target_modules)."""
     from peft import LoraConfig, get_peft_model
 
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
@@ -297,7 +327,7 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
+        target_modules=target_modules or cfg.target_modules,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         bias="none",
