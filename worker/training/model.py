@@ -1,4 +1,4 @@
-"""Build the model a job trains: the frozen base, quantized on load by bitsandbytes, with LoRA adapters.
+"""Build the model a job trains: the frozen base, quantized on load (bitsandbytes, or hqq), with LoRA adapters.
 
 `build_model` is the one entry point. The base is loaded from a local HF-format directory (no hub is
 reachable from our machines) with an explicit `BitsAndBytesConfig`: transformers' own defaults are fp4,
@@ -262,15 +262,26 @@ class BuiltModel:
 def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torch.device | None = None,
                 tokens_per_micro_batch: int | None = None) -> BuiltModel:
     """Load the base quantized on load, freeze it, and wrap it with fresh LoRA adapters."""
-    from transformers import AutoModelForCausalLM
-
     device = device or pick_device()
     cfg = resolve_for_device(cfg, device)
     model_config = read_model_config(base_model_dir)
     check_target_modules(model_config, cfg)
     plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.max_tokens_per_micro_batch)
     attn = attention.use(cfg.resolved_attn_implementation)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = load_base(base_model_dir, model_config, cfg, device, attn)
+    return add_adapters(model, cfg, device, plan)
+
+
+def load_base(base_model_dir: str | Path, model_config: Any, cfg: TrainingConfig, device: torch.device, attn: str) -> Any:
+    """The job's base on `device`, stored as its quantization route says: bitsandbytes 4-bit/8-bit or 16/32-bit
+    (quantized on load by transformers), or HQQ (worker/training/hqq.py)."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.quantization == "hqq":
+        from worker.training import hqq
+
+        return hqq.load_base(base_model_dir, model_config, cfg, device, compute_dtype(cfg, device), attn)
+    return AutoModelForCausalLM.from_pretrained(
         base_model_dir,
         quantization_config=quantization_config(cfg),
         dtype=compute_dtype(cfg, device),
@@ -278,7 +289,6 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
         attn_implementation=attn,
         low_cpu_mem_usage=True,
     )
-    return add_adapters(model, cfg, device, plan)
 
 
 def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tuple[str, ...]) -> BuiltModel:
@@ -292,11 +302,16 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
 
     if device.type == "cpu":
         disable_cpu_inference_repacking(model)
+    targets = cfg.target_modules
+    if cfg.quantization == "hqq":
+        from worker.training import hqq
+
+        targets = hqq.target_modules(model, cfg)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         bias="none",
