@@ -137,11 +137,22 @@ def test_the_gradient_check_catches_a_backend_that_locks_into_inference_after_a_
         assert_lora_gradients_match(built.model, reference, batch)
 
 
+def test_the_memory_estimate_gives_the_real_size_of_the_hqq_weights(hqq_pair):
+    from contract.memory import bits_per_weight
+    from worker.training.hqq import quantized_weight_bytes
+
+    built, _ = hqq_pair
+    weights = sum(math.prod(m.meta["shape"]) for m in built.model.modules() if isinstance(m, HQQLinear))
+    estimate = weights * bits_per_weight("hqq", compute_dtype="fp32", hqq_bits=4, hqq_group_size=64) / 8
+    assert estimate == pytest.approx(quantized_weight_bytes(built.model), rel=0.01)
+
+
 # --- through the engine ---------------------------------------------------------------------------------
 
 def test_hqq_trains_through_the_engine_and_its_adapter_reloads(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
+    from contract.memory import bits_per_weight
     from worker.training import hqq
     from worker.training.model import read_model_config
 
@@ -165,6 +176,9 @@ def test_hqq_trains_through_the_engine_and_its_adapter_reloads(tiny_model_dir, t
     reloaded = PeftModel.from_pretrained(base, result.adapter_dir)
     layer = reloaded.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer.base_layer, HQQLinear) and layer.base_layer.meta["nbits"] == 3
+    weights = sum(math.prod(m.meta["shape"]) for m in base.modules() if isinstance(m, HQQLinear))
+    assert weights * bits_per_weight("hqq", compute_dtype="fp32", hqq_bits=3, hqq_group_size=32) / 8 == \
+        pytest.approx(hqq.quantized_weight_bytes(base), rel=0.02), "3-bit: ten weights per int32 word"
     reloaded_loss = evaluate(reloaded, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
     assert reloaded_loss == pytest.approx(result.final_valid_loss, rel=1e-5)
 
