@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from contract.memory import base_quantization
 from core.settings import Settings
 
 
@@ -41,3 +42,11 @@ def read_config_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def stored_quantization(path: Path) -> dict[str, Any] | None:
+    """How base model `path` is stored already, from its config.json's `quantization_config`
+    (`{"method", "bits", "group_size"}`), or None: a plain 16/32-bit base (jobs quantize it on load) or a config.json
+    that cannot be read."""
+    config = read_config_json(path)
+    return base_quantization(config) if config is not None else None
