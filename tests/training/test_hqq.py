@@ -182,6 +182,14 @@ def test_hqq_trains_through_the_engine_and_its_adapter_reloads(tiny_model_dir, t
     reloaded_loss = evaluate(reloaded, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
     assert reloaded_loss == pytest.approx(result.final_valid_loss, rel=1e-5)
 
+    # The inference server serves such an adapter on the 16-bit base (or NF4): it loads there (same module names),
+    # and differs only by the base's quantization error.
+    from transformers import AutoModelForCausalLM
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), result.adapter_dir)
+    plain_loss = evaluate(plain, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
+    assert plain_loss == pytest.approx(result.final_valid_loss, rel=0.05) and plain_loss != reloaded_loss
+
 
 def test_hqq_options_are_checked(tiny_model_dir):
     with pytest.raises(ConfigError) as err:
