@@ -84,6 +84,10 @@ def test_hqq_bits_per_weight():
     assert bits_per_weight("hqq", hqq_bits=3, hqq_group_size=128, compute_dtype="fp32") == pytest.approx(3.2 + 64 / 128)
     with pytest.raises(ValueError):
         bits_per_weight("hqq", hqq_bits=5)
+    cfg = TrainingConfig(quantization="hqq", hqq_bits=2, hqq_group_size=32, compute_dtype="bf16")
+    linears = sum(i * o for i, o in linear_shapes(SHAPE).values())
+    unquantized = 256 * 256 + 3 * 256  # tied embeddings, norms, bf16
+    assert estimate_memory(SHAPE, cfg).base_weights == math.ceil(linears * (2 + 32 / 32) / 8) + 2 * unquantized
 
 
 # --- a pre-quantized base: config.json's quantization_config ------------------------------------------------
