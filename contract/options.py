@@ -42,7 +42,8 @@ ALL_LINEAR = "all-linear"
 EETQ_REFUSED = (
     "quantization='eetq' is not supported: the eetq package has no build for this service's torch, and "
     "transformers' EETQ path fetches its kernels from a model hub at run time, which a self-hosted service cannot "
-    "rely on. Use quantization='8bit' (bitsandbytes LLM.int8: 8-bit weights, as EETQ), 'hqq' (quantized on load without calibration data, as EETQ) or '4bit' (QLoRA NF4)."
+    "rely on. Use quantization='8bit' (bitsandbytes LLM.int8: 8-bit weights, as EETQ), 'hqq' (quantized on load "
+    "without calibration data, as EETQ) or '4bit' (QLoRA NF4)."
 )
 
 
@@ -63,7 +64,7 @@ class TrainingConfig(BaseModel):
     quantization: QuantizationMode = Field("4bit", description="How the frozen base is stored: 4-bit (QLoRA, bitsandbytes), 8-bit LLM.int8, hqq (HQQ, quantized on load, see hqq_bits), or none (plain LoRA). eetq is refused (docs/training.md).")
     quant_type: QuantType = Field("nf4", description="4-bit data type: NormalFloat4 or FP4. Only with quantization=4bit.")
     double_quant: bool = Field(True, description="Quantize the 4-bit absmax constants again (~0.37 bits/weight saved). Only with quantization=4bit.")
-    hqq_bits: HqqBits = Field(4, description="Bits per weight of an HQQ base (plus a 16-bit scale and zero per group). Only with quantization=hqq.")
+    hqq_bits: HqqBits = Field(4, description="Bits per weight of an HQQ base (plus a scale and a zero per group, in the compute dtype). Only with quantization=hqq.")
     hqq_group_size: int = Field(64, ge=8, le=1024, multiple_of=8, description="Weights per HQQ scale/zero group, along a layer's input; must divide every quantized layer's input width. Only with quantization=hqq.")
     compute_dtype: ComputeDtype = Field("auto", description="Dtype of the matmuls through the dequantized base. auto: bf16 where the device computes it fast (CUDA falls back to fp16), else fp32; a job records the choice.")
     attn_implementation: AttnImplementation = Field("auto", description="Attention kernel. varlen: per-example attention over a packed row with no dense mask (needs packing). auto: varlen with packing, else sdpa. The others are transformers' own.")

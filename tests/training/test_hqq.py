@@ -207,6 +207,19 @@ def test_hqq_options_are_checked(tiny_model_dir):
     assert err.value.param == "hqq_group_size" and "48" in err.value.message
 
 
+def test_a_worker_without_the_hqq_extra_refuses_the_job_before_loading(monkeypatch):
+    import importlib.util
+
+    from worker.training.model import check_runtime
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hqq" else find_spec(name, *a))
+    with pytest.raises(ConfigError) as err:
+        check_runtime(hqq_cfg(), "cpu")
+    assert err.value.param == "quantization" and "DISABLE_CUDA=1" in err.value.message
+    check_runtime(hqq_cfg(quantization="4bit", hqq_bits=4), "cpu")  # the other routes do not need it
+
+
 def test_eetq_is_refused_with_the_reason_and_the_alternatives():
     with pytest.raises(ConfigError) as err:
         TrainingConfig.from_dict({"quantization": "eetq"})

@@ -104,6 +104,12 @@ def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
 
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("attn_implementation='flash_attention_2' needs the flash-attn package", param="attn_implementation")
+    if cfg.quantization == "hqq":
+        import importlib.util
+
+        if importlib.util.find_spec("hqq") is None:
+            raise ConfigError("quantization='hqq' needs the hqq package: install the extra with "
+                              "DISABLE_CUDA=1 pip install '.[hqq]' (make venv does)", param="quantization")
     if cfg.compute_dtype == "fp16" and device_type == "cpu":
         raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'auto', 'bf16' or 'fp32'", param="compute_dtype")
     if cfg.attn_implementation == "flex_attention" and device_type != "cuda":
