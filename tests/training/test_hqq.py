@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from hqq.core.quantize import HQQBackend, HQQLinear  # the .[hqq] extra, which make venv installs
 
 from contract.data_format import load_examples
 from contract.options import ConfigError, TrainingConfig
@@ -15,10 +16,6 @@ from tests.training.test_trainer import RecordingSink, write_chat_file
 from worker.training.data import tokenize_examples
 from worker.training.model import build_model
 from worker.training.trainer import TrainingJob, evaluate, train
-
-pytest.importorskip("hqq", reason="the hqq extra (make venv installs it)")
-
-from hqq.core.quantize import HQQBackend, HQQLinear  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
