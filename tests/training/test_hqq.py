@@ -188,6 +188,21 @@ def test_hqq_trains_through_the_engine_and_its_adapter_reloads(tiny_model_dir, t
     assert plain_loss == pytest.approx(result.final_valid_loss, rel=0.05) and plain_loss != reloaded_loss
 
 
+def test_hqq_keeps_the_rotary_frequencies_in_fp32():
+    """hqq casts what it does not quantize to the compute dtype; RoPE's inverse frequencies stay fp32, as on every
+    other route."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from worker.training import hqq
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.float()  # as from_pretrained leaves it
+    hqq.quantize(model, hqq_cfg(), torch.device("cpu"), torch.bfloat16)
+    assert isinstance(model.model.layers[0].mlp.up_proj, HQQLinear) and model.model.norm.weight.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
 def test_hqq_options_are_checked(tiny_model_dir):
     with pytest.raises(ConfigError) as err:
         TrainingConfig.from_dict({"hqq_bits": 3})

@@ -47,7 +47,14 @@ def quantize(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device, 
     # The backend is a class attribute of HQQLinear (process-wide): set the trainable one before any layer exists.
     HQQLinear.set_backend(HQQBackend.PYTORCH)
     quant_config = BaseQuantizeConfig(nbits=cfg.hqq_bits, group_size=cfg.hqq_group_size, axis=1)
+    # hqq casts every module it does not quantize to the compute dtype, buffers included; fp32 buffers (RoPE's inverse
+    # frequencies) stay fp32, as transformers loads them on the other routes: in bf16 the rotary phases drift with
+    # the position.
+    fp32_buffers = {name: buf for name, buf in model.named_buffers() if buf.dtype == torch.float32}
     AutoHQQHFModel.quantize_model(model, quant_config=quant_config, compute_dtype=dtype, device=str(device))
+    for name, buf in fp32_buffers.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = buf.to(device)
     return model
 
 
