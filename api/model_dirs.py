@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from contract.memory import stored_format
 from core.settings import Settings
 
 
@@ -46,3 +47,11 @@ def read_config_json(path: Path) -> dict[str, Any] | None:
 def weights_bytes(path: Path) -> int:
     """The bytes of a model directory's weight files: about what a merged 16-bit copy of a 16-bit base stores."""
     return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in path.glob(pattern) if f.is_file())
+
+
+def stored_quantization(path: Path) -> dict[str, Any] | None:
+    """How base model `path` is stored already, from its config.json's `quantization_config`
+    (`{"method", "bits", "group_size"}`), or None: a plain 16/32-bit base (jobs quantize it on load) or a config.json
+    that cannot be read."""
+    config = read_config_json(path)
+    return stored_format(config) if config is not None else None

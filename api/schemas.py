@@ -172,11 +172,24 @@ class FineTuningJobCheckpoint(BaseModel):
         )
 
 
+class ModelQuantization(BaseModel):
+    """Our extension: how a base model directory is stored already (its config.json's `quantization_config`)."""
+
+    method: str = Field(description="The config's quant_method: gptq or awq (jobs train on these weights as stored), or another "
+                        "method transformers knows, such as bitsandbytes.")
+    bits: int | None = Field(description="Bits per stored weight, where the config says.")
+    group_size: int | None = Field(description="Weights per scale group along a layer's input (-1: one group per column), where "
+                                   "the config says.")
+
+
 class Model(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    quantization: ModelQuantization | None = Field(None, description="Our extension, for base models: how the directory's "
+                                                   "weights are stored. null: a plain 16/32-bit base, which jobs quantize on "
+                                                   "load as their `quantization` option says; always null for fine-tuned models.")
 
 
 class ModelDeleted(BaseModel):

@@ -56,6 +56,11 @@ FUSED_LOSS_BYTES_PER_LOGIT = 4 + 2
 _COMPUTE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}
 _OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
 
+# hqq's packed storage per weight: 3-bit weights go ten to an int32 word (hqq's "3bit_32" packing).
+HQQ_PACKED_BITS = {2: 2.0, 3: 3.2, 4: 4.0, 8: 8.0}
+# Base directories stored pre-quantized whose storage the estimate models (config.json's quant_method).
+PREQUANTIZED_METHODS = ("gptq", "awq")
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -175,13 +180,16 @@ def linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
 
 
 def bits_per_weight(
-    quantization: str, quant_type: str = "nf4", double_quant: bool = True, *, compute_dtype: str = "bf16"
+    quantization: str, quant_type: str = "nf4", double_quant: bool = True, *, compute_dtype: str = "bf16",
+    hqq_bits: int = 4, hqq_group_size: int = 64,
 ) -> float:
-    """Storage bits per weight of a frozen base linear layer.
+    """Storage bits per weight of a frozen base linear layer quantized on load (the job's `quantization`).
 
     4bit: 4 bits + one absmax per block of 64. Without double quantization the absmax is fp32 (32/64 = 0.5);
     with it, an 8-bit code per block plus one fp32 absmax per 256 blocks: 8/64 + 32/(64*256) = 0.127.
     8bit: 8.0; LLM.int8's fp32 scale per output row (32/in_features bits) is added by ``estimate_memory``.
+    hqq: ``hqq_bits`` packed (3 bits: ten values per int32 word, 3.2) + a scale and a zero per group of
+    ``hqq_group_size`` weights along the input, both in the compute dtype (4.5 for 4-bit, groups of 64, bf16).
     none: the compute dtype's width. NF4 and FP4 take the same space.
     """
     if quantization == "4bit":
@@ -191,9 +199,75 @@ def bits_per_weight(
         return 4 + absmax_bits
     if quantization == "8bit":
         return 8.0
+    if quantization == "hqq":
+        if hqq_bits not in HQQ_PACKED_BITS:
+            raise ValueError(f"unknown hqq_bits {hqq_bits!r}")
+        return HQQ_PACKED_BITS[hqq_bits] + 2 * 8 * _compute_bytes(compute_dtype) / hqq_group_size
     if quantization == "none":
         return 8.0 * _compute_bytes(compute_dtype)
     raise ValueError(f"unknown quantization {quantization!r}")
+
+
+def stored_format(model_config: Any) -> dict[str, Any] | None:
+    """How a base model directory is stored already, from its config's ``quantization_config``:
+    ``{"method": ..., "bits": ..., "group_size": ...}`` (bits and group_size None where the method does not say), or
+    None for a plain 16/32-bit base, which jobs quantize on load. ``model_config`` is a config.json dict or a
+    PretrainedConfig."""
+    if isinstance(model_config, Mapping):
+        qc = model_config.get("quantization_config")
+    else:
+        qc = getattr(model_config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, Mapping):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else None
+    if not qc or not isinstance(qc.get("quant_method"), str):
+        return None
+    method = qc["quant_method"].lower()
+    bits = qc.get("bits")
+    if method == "bitsandbytes":
+        bits = 4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else None
+    group_size = qc.get("group_size")
+    return {"method": method,
+            "bits": bits if isinstance(bits, int) and not isinstance(bits, bool) else None,
+            "group_size": group_size if isinstance(group_size, int) and not isinstance(group_size, bool) else None}
+
+
+def prequantized_bits_per_weight(method: str, bits: int, group_size: int, fan_in: int, fan_out: int) -> float:
+    """Storage bits per weight of one linear layer of a GPTQ or AWQ base (a ``fan_in`` x ``fan_out`` layer).
+
+    Both pack ``bits`` per weight into int32 words, and keep per group of ``group_size`` input weights and per output
+    column an fp16 scale and a ``bits``-bit zero (packed too): ``bits + (16 + bits) / group_size``. GPTQ also keeps an
+    int32 group index per input row (``g_idx``): ``32 / fan_out``. group_size -1 means one group per column (the
+    whole input). 4-bit, groups of 128: 4.156 (AWQ), 4.156 + 32/fan_out (GPTQ).
+    """
+    if method not in PREQUANTIZED_METHODS:
+        raise ValueError(f"unknown pre-quantized method {method!r}")
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"unsupported {method} bits {bits!r}")
+    group = fan_in if group_size in (-1, None) else group_size
+    if group <= 0:
+        raise ValueError(f"invalid {method} group_size {group_size!r}")
+    total = bits + (16 + bits) / group
+    if method == "gptq":
+        total += 32 / fan_out
+    return total
+
+
+def _base_linear_bytes(model_config: Any, cfg: TrainingConfig, shapes: dict[str, tuple[int, int]]) -> float:
+    """Bytes of one decoder layer's frozen linear weights, as the base directory stores them (GPTQ/AWQ) or as the
+    job quantizes them on load."""
+    stored = stored_format(model_config)
+    if stored is not None and stored["method"] in PREQUANTIZED_METHODS:
+        if stored["bits"] is None:
+            raise ValueError(f"the base's {stored['method']} quantization_config does not say its bits")
+        return sum(fan_in * fan_out * prequantized_bits_per_weight(stored["method"], stored["bits"], stored["group_size"],
+                                                                   fan_in, fan_out)
+                   for fan_in, fan_out in shapes.values()) / 8
+    bits = bits_per_weight(cfg.quantization, cfg.quant_type, cfg.double_quant, compute_dtype=cfg.compute_dtype,
+                           hqq_bits=cfg.hqq_bits, hqq_group_size=cfg.hqq_group_size)
+    base = sum(fan_in * fan_out for fan_in, fan_out in shapes.values()) * bits / 8
+    if cfg.quantization == "8bit":
+        base += 4 * sum(fan_out for _, fan_out in shapes.values())  # LLM.int8: fp32 scale per output row
+    return base
 
 
 def _compute_bytes(compute_dtype: str) -> int:
@@ -396,12 +470,7 @@ def estimate_memory(
     targets = _target_names(cfg.target_modules)
 
     # --- frozen base -----------------------------------------------------------------------------------
-    bits = bits_per_weight(cfg.quantization, cfg.quant_type, cfg.double_quant, compute_dtype=cfg.compute_dtype)
-    linear_weights = sum(fan_in * fan_out for fan_in, fan_out in shapes.values())
-    base = linear_weights * bits / 8
-    if cfg.quantization == "8bit":
-        base += 4 * sum(fan_out for _, fan_out in shapes.values())  # LLM.int8: fp32 scale per output row
-    base *= s.layers
+    base = _base_linear_bytes(model_config, cfg, shapes) * s.layers
     unquantized = s.vocab * s.hidden * (1 if s.tied else 2)  # embeddings (+ untied head: never quantized)
     unquantized += (2 * s.layers + 1) * s.hidden  # RMSNorm weights
     if s.attention_bias:

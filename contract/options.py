@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,8 @@ class ConfigError(ValueError):
         self.code = code
 
 
-QuantizationMode = Literal["4bit", "8bit", "none", "gptq", "awq"]
+QuantizationMode = Literal["4bit", "8bit", "hqq", "none", "gptq", "awq"]
+HqqBits = Literal[2, 3, 4, 8]
 QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
 OptimizerName = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
@@ -36,6 +37,14 @@ AttnImplementation = Literal["auto", "varlen", "sdpa", "eager", "flex_attention"
 FusedKernels = Literal["auto", "on", "off"]
 
 ALL_LINEAR = "all-linear"
+
+# Why quantization='eetq' is refused, and what to use instead (docs/training.md, "Quantization routes").
+EETQ_REFUSED = (
+    "quantization='eetq' is not supported: the eetq package has no build for this service's torch, and "
+    "transformers' EETQ path fetches its kernels from a model hub at run time, which a self-hosted service cannot "
+    "rely on. Use quantization='8bit' (bitsandbytes LLM.int8: 8-bit weights, as EETQ), 'hqq' (quantized on load "
+    "without calibration data, as EETQ) or '4bit' (QLoRA NF4)."
+)
 
 
 class TrainingConfig(BaseModel):
@@ -52,9 +61,11 @@ class TrainingConfig(BaseModel):
     shuffle: bool = Field(True, description="Shuffle the training examples each epoch (seeded).")
 
     # --- model: quantization ----------------------------------------------------------------------
-    quantization: QuantizationMode = Field("4bit", description="How the frozen base is stored: 4-bit (QLoRA), 8-bit LLM.int8, or none (plain LoRA), quantized on load; gptq or awq: the base is a pre-quantized checkpoint of that method (set from its config.json when a job is created; see docs/training.md).")
+    quantization: QuantizationMode = Field("4bit", description="How the frozen base is stored: 4-bit (QLoRA, bitsandbytes), 8-bit LLM.int8, hqq (HQQ, see hqq_bits) or none (plain LoRA), quantized on load; gptq or awq: the base is a pre-quantized checkpoint of that method (set from its config.json when a job is created). eetq is refused. See docs/training.md.")
     quant_type: QuantType = Field("nf4", description="4-bit data type: NormalFloat4 or FP4. Only with quantization=4bit.")
     double_quant: bool = Field(True, description="Quantize the 4-bit absmax constants again (~0.37 bits/weight saved). Only with quantization=4bit.")
+    hqq_bits: HqqBits = Field(4, description="Bits per weight of an HQQ base (plus a scale and a zero per group, in the compute dtype). Only with quantization=hqq.")
+    hqq_group_size: int = Field(64, ge=8, le=1024, multiple_of=8, description="Weights per HQQ scale/zero group, along a layer's input; must divide every quantized layer's input width. Only with quantization=hqq.")
     compute_dtype: ComputeDtype = Field("auto", description="Dtype of the matmuls through the dequantized base. auto: bf16 where the device computes it fast (CUDA falls back to fp16), else fp32; a job records the choice.")
     attn_implementation: AttnImplementation = Field("auto", description="Attention kernel. varlen: per-example attention over a packed row with no dense mask (needs packing). auto: varlen with packing, else sdpa. The others are transformers' own.")
 
@@ -91,6 +102,13 @@ class TrainingConfig(BaseModel):
     eval_batch_size: int | None = Field(None, ge=1, le=4096, description="Examples per evaluation forward pass. None: as in training (micro_batch_tokens rows, else micro_batch_size examples), so evaluation never needs more memory than training.")
     checkpoint_every: int | None = Field(None, ge=1, description="Save an adapter checkpoint every N steps (always at the end). None: at the end of each epoch.")
     keep_checkpoints: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints on disk, and in the service's object storage (the final one always stays; so does the one a job resumed from). None: keep all.")
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _refuse_eetq(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() == "eetq":
+            raise ConfigError(EETQ_REFUSED, param="quantization", code="unsupported_value")
+        return value
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainingConfig:
@@ -160,6 +178,9 @@ def unused_options(cfg: TrainingConfig) -> dict[str, tuple[str, str]]:
     if cfg.quantization != "4bit":
         for name in ("quant_type", "double_quant"):
             unused[name] = (name, f"{name!r} applies only to quantization='4bit' (got quantization={cfg.quantization!r})")
+    if cfg.quantization != "hqq":
+        for name in ("hqq_bits", "hqq_group_size"):
+            unused[name] = (name, f"{name!r} applies only to quantization='hqq' (got quantization={cfg.quantization!r})")
     if cfg.micro_batch_tokens is not None:
         unused["micro_batch_size"] = ("micro_batch_tokens", "set either micro_batch_size (examples per pass) or "
                                       "micro_batch_tokens (tokens per pass), not both")

@@ -1,5 +1,6 @@
 """/v1/models: the base models the service can train (directories under `settings.models_dir`) and the caller's
-fine-tuned models (those of its succeeded jobs whose model was not deleted); DELETE removes a fine-tuned model."""
+fine-tuned models (those of its succeeded jobs whose model was not deleted); DELETE removes a fine-tuned model.
+A base model says how its directory is stored (`quantization`, our extension: GPTQ/AWQ as read from config.json)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from sqlalchemy import Select, select
 
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, not_found
-from api.model_dirs import find_base_model, list_base_models
+from api.model_dirs import find_base_model, list_base_models, stored_quantization
 from api.openapi import error_responses
-from api.schemas import Model, ModelDeleted, Page
+from api.schemas import Model, ModelDeleted, ModelQuantization, Page
 from core.exports import delete_model_rows, lock_live_model_job
 from core.jobs import JobStatus
 from core.models import Job
@@ -23,7 +24,9 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 
 def _base_model(path: Path) -> Model:
-    return Model(id=path.name, created=int(path.stat().st_mtime), owned_by="system")
+    quantization = stored_quantization(path)
+    return Model(id=path.name, created=int(path.stat().st_mtime), owned_by="system",
+                 quantization=ModelQuantization(**quantization) if quantization is not None else None)
 
 
 def _fine_tuned_model(job: Job) -> Model:

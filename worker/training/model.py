@@ -1,4 +1,4 @@
-"""Build the model a job trains: the frozen base, quantized on load by bitsandbytes, with LoRA adapters.
+"""Build the model a job trains: the frozen base, quantized on load (bitsandbytes, or hqq), with LoRA adapters.
 
 `build_model` is the one entry point. The base is loaded from a local HF-format directory (no hub is
 reachable from our machines) with an explicit `BitsAndBytesConfig`: transformers' own defaults are fp4,
@@ -111,6 +111,12 @@ def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
     if cfg.compute_dtype == "fp32" and cfg.quantization in ("gptq", "awq"):
         raise ConfigError(f"{cfg.quantization.upper()} kernels compute in 16 bits: use compute_dtype 'auto' or 'bf16' "
                           f"(or 'fp16' on a GPU) on a {cfg.quantization.upper()} base", param="compute_dtype")
+    if cfg.quantization == "hqq":
+        import importlib.util
+
+        if importlib.util.find_spec("hqq") is None:
+            raise ConfigError("quantization='hqq' needs the hqq package: install the extra with "
+                              "DISABLE_CUDA=1 pip install '.[hqq]' (make venv does)", param="quantization")
     if cfg.compute_dtype == "fp16" and device_type == "cpu":
         raise ConfigError("compute_dtype='fp16' is not supported on the CPU; use 'auto', 'bf16' or 'fp32'", param="compute_dtype")
     if cfg.attn_implementation == "flex_attention" and device_type != "cuda":
@@ -268,21 +274,33 @@ class BuiltModel:
 
 def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torch.device | None = None,
                 tokens_per_micro_batch: int | None = None) -> BuiltModel:
-    """Load the base quantized on load, freeze it, and wrap it with fresh LoRA adapters."""
-    from transformers import AutoModelForCausalLM
-
+    """Load the base by its quantization route, freeze it, and wrap it with fresh LoRA adapters."""
     device = device or pick_device()
     cfg = resolve_for_device(cfg, device)
     model_config = read_model_config(base_model_dir)
     check_target_modules(model_config, cfg)
     plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.max_tokens_per_micro_batch)
     attn = attention.use(cfg.resolved_attn_implementation)
-    if check_base_quantization(base_model_dir, cfg) is not None:
+    check_base_quantization(base_model_dir, cfg)
+    model = load_base(base_model_dir, model_config, cfg, device, attn)
+    return add_adapters(model, cfg, device, plan)
+
+
+def load_base(base_model_dir: str | Path, model_config: Any, cfg: TrainingConfig, device: torch.device, attn: str) -> Any:
+    """The job's base on `device`, stored as its quantization route says: bitsandbytes 4-bit/8-bit or 16/32-bit
+    (quantized on load by transformers), HQQ (worker/training/hqq.py), or a GPTQ/AWQ pre-quantized base loaded with
+    a trainable kernel (worker/training/prequantized.py)."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.quantization in ("gptq", "awq"):
         from worker.training import prequantized
 
-        model = prequantized.load_for_training(base_model_dir, cfg, device, compute_dtype(cfg, device), attn)
-        return add_adapters(model, cfg, device, plan, target_modules=prequantized.lora_targets(model, cfg))
-    model = AutoModelForCausalLM.from_pretrained(
+        return prequantized.load_for_training(base_model_dir, cfg, device, compute_dtype(cfg, device), attn)
+    if cfg.quantization == "hqq":
+        from worker.training import hqq
+
+        return hqq.load_base(base_model_dir, model_config, cfg, device, compute_dtype(cfg, device), attn)
+    return AutoModelForCausalLM.from_pretrained(
         base_model_dir,
         quantization_config=quantization_config(cfg),
         dtype=compute_dtype(cfg, device),
@@ -290,7 +308,6 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
         attn_implementation=attn,
         low_cpu_mem_usage=True,
     )
-    return add_adapters(model, cfg, device, plan)
 
 
 def check_base_quantization(base_model_dir: str | Path, cfg: TrainingConfig) -> str | None:
@@ -310,10 +327,22 @@ def check_base_quantization(base_model_dir: str | Path, cfg: TrainingConfig) -> 
     return method
 
 
-def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tuple[str, ...], *,
-                 target_modules: list[str] | str | None = None) -> BuiltModel:
-    """Freeze a loaded base, set its checkpointing plan, and wrap it with fresh LoRA adapters (on `target_modules`
-    when given, else cfg.target_modules)."""
+def lora_targets(model: Any, cfg: TrainingConfig) -> list[str] | str:
+    """cfg.target_modules, with 'all-linear' spelled out as layer names on the HQQ and GPTQ/AWQ routes: peft's
+    'all-linear' finds only torch Linear layers."""
+    if cfg.quantization == "hqq":
+        from worker.training import hqq
+
+        return hqq.target_modules(model, cfg)
+    if cfg.quantization in ("gptq", "awq"):
+        from worker.training import prequantized
+
+        return prequantized.lora_targets(model, cfg)
+    return cfg.target_modules
+
+
+def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tuple[str, ...]) -> BuiltModel:
+    """Freeze a loaded base, set its checkpointing plan, and wrap it with fresh LoRA adapters."""
     from peft import LoraConfig, get_peft_model
 
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
@@ -327,7 +356,7 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=target_modules or cfg.target_modules,
+        target_modules=lora_targets(model, cfg),
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         bias="none",
