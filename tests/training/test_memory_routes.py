@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from contract.memory import (
-    stored_format,
     bits_per_weight,
     estimate_memory,
     linear_shapes,
     prequantized_bits_per_weight,
+    stored_format,
 )
 from contract.options import TrainingConfig
 
