@@ -40,6 +40,9 @@ def test_a_job_on_a_gptq_base_trains_it_as_gptq(client):
     with db(client) as session:
         row = session.scalar(select(Job).where(Job.id == job["id"]))
         assert row.training_config["quantization"] == "gptq" and row.hyperparameters == {"lora_r": 8}
+    # The memory estimate counts the weights as the base stores them (contract.memory reads its quantization_config).
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=KEY_A).json()["data"]
+    assert any(e["message"].startswith("Estimated peak GPU memory") for e in events), events
     # naming the base's own method is allowed
     same = create_job(client, training_file, model=GPTQ_MODEL, hyperparameters={"quantization": "gptq"})
     assert same.status_code == 200, same.text
