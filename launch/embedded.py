@@ -50,6 +50,21 @@ def example(url: str, key: str, model: str) -> str:
 """
 
 
+def declare_queues(settings: Settings, *names: str) -> None:
+    """Create the broker's queues before any process uses them. Kombu's SQLAlchemy transport makes a queue's row on
+    first use, and two processes doing that at once (the API sending the first job while the worker starts
+    consuming) both insert it: the loser fails on the UNIQUE constraint, and for the worker that is fatal."""
+    from core.queue import make_celery
+
+    app = make_celery(settings)
+    try:
+        with app.connection_for_write() as conn:
+            for name in names:
+                conn.default_channel.queue_declare(queue=name)
+    finally:
+        app.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
@@ -72,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     inference_port = args.inference_port or args.port + 1
     env = {**os.environ, "QLORA_HOME": str(settings.home)}
     env.setdefault("QLORA_INFERENCE_URL", f"http://127.0.0.1:{inference_port}")
+    declare_queues(settings, settings.task_queue, control_queue(settings))
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", f"{settings.task_queue},{control_queue(settings)}",
          "--concurrency", "1", "--loglevel", "INFO", "-s", str(settings.home / "celerybeat-schedule")],

@@ -33,19 +33,25 @@ def cpu_bf16_is_fast() -> bool:
     Measured once per process rather than read from CPU flags: what counts is the kernel torch really runs
     (``ONEDNN_MAX_CPU_ISA`` or a virtual machine can hide an instruction set the flags report). Without native
     support a bf16 matmul is emulated and runs tens of times slower than fp32; with it, it is faster than fp32.
-    The test costs a few milliseconds, or about 0.3 s where bf16 is emulated."""
+    The test costs a few milliseconds, or about 0.4 s where bf16 is emulated."""
     a32, b32 = torch.randn(128, 512), torch.randn(512, 512)
     a16, b16 = a32.to(torch.bfloat16), b32.to(torch.bfloat16)
-    a32 @ b32, a16 @ b16  # warm-up: the first call picks and prepares the kernel
 
     def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
         start = time.perf_counter()
         a @ b
         return time.perf_counter() - start
 
-    # The fastest of interleaved tries: other processes on a busy machine only ever add time. 2x of slack for timer
-    # noise: the two cases differ by 10x or more.
-    tries = [(seconds(a16, b16), seconds(a32, b32)) for _ in range(5)]
+    # One thread, so that no try waits for a sibling thread the scheduler has put aside, and the fastest of
+    # interleaved tries: other processes on a busy machine only ever add time. 2x of slack for timer noise: the two
+    # cases differ by 10x or more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a32 @ b32, a16 @ b16  # warm-up: the first call picks and prepares the kernel
+        tries = [(seconds(a16, b16), seconds(a32, b32)) for _ in range(7)]
+    finally:
+        torch.set_num_threads(threads)
     return min(t16 for t16, _ in tries) < 2 * min(t32 for _, t32 in tries)
 
 
