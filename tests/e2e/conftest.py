@@ -27,6 +27,6 @@ def embedded_service(tmp_path_factory, tokenizer, demo_model_dir):
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     (home / "models" / DEMO).symlink_to(demo_model_dir)
     port = free_port()
-    service = start([[sys.executable, "-m", "launch.embedded", "--no-demo-model", "--port", str(port)]], base_env(home), home, port)
+    service = start([[sys.executable, "-m", "launch.embedded", "--no-demo-model", "--port", str(port), "--inference-port", str(free_port())]], base_env(home), home, port)
     yield service
     service.stop()

@@ -27,7 +27,7 @@ def service(tmp_path, demo_model_dir):
     (home / "models").mkdir(parents=True)
     (home / "models" / DEMO).symlink_to(demo_model_dir)
     port = free_port()
-    svc = start([[sys.executable, "-m", "launch.embedded", "--no-demo-model", "--port", str(port)]], base_env(home), home, port)
+    svc = start([[sys.executable, "-m", "launch.embedded", "--no-demo-model", "--port", str(port), "--inference-port", str(free_port())]], base_env(home), home, port)
     yield svc
     svc.stop()
 

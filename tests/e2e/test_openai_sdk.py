@@ -113,7 +113,7 @@ def service(request, tmp_path, tokenizer):
             [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1", "--port", str(port)],
         ]
     else:
-        cmds = [[sys.executable, "-m", "launch.embedded", "--no-demo-model", "--port", str(port)]]
+        cmds = [[sys.executable, "-m", "launch.embedded", "--no-demo-model", "--port", str(port), "--inference-port", str(free_port())]]
     svc = start(cmds, env, home, port)
     svc.mode = request.param
     yield svc
