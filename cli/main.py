@@ -266,7 +266,7 @@ def cmd_jobs_cancel(ctx: Context) -> int:
 def cmd_jobs_watch(ctx: Context) -> int:
     from cli.watch import watch
 
-    return watch(ctx, ctx.args.job, interval_s=ctx.args.interval)
+    return watch(ctx, ctx.args.job, interval_s=ctx.args.interval, patience_s=ctx.args.patience)
 
 
 def cmd_jobs_events(ctx: Context) -> int:
@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(0 succeeded, 3 failed, 4 cancelled)")
     p.add_argument("job")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    p.add_argument("--patience", type=float, default=600.0,
+                   help="seconds in a row to wait for a service that stopped answering before giving up (default 600)")
     p = leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a queued or running job")
     p.add_argument("job")
     p = leaf(jobs, "events", cmd_jobs_events, "a job's latest events, oldest first")

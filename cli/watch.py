@@ -111,17 +111,34 @@ class Display:
         self.ctx.print(f"job {job['id']} {status}{tail}")
 
 
-def watch(ctx: Context, job_id: str, interval_s: float = 2.0) -> int:
-    """Follow the job to its end; the exit status is its outcome (output.OUTCOME_EXIT)."""
+def watch(ctx: Context, job_id: str, interval_s: float = 2.0, patience_s: float = 600.0) -> int:
+    """Follow the job to its end; the exit status is its outcome (output.OUTCOME_EXIT). Once the job has been seen, a
+    service that cannot be reached or answers 5xx (a restart, a network blip) is waited for up to `patience_s`
+    seconds in a row; other API errors end the watch at once."""
     client = ctx.client
     follower = EventFollower(client, job_id)
     display = Display(ctx, job_id)
+    seen_job, down_since = False, None
     try:
         while True:
-            # The job first, its events after: an event written before the job ended is read in this same round.
-            job = client.fine_tuning.jobs.retrieve(job_id).to_dict(mode="json")
-            for event in follower.new_events():
-                display.event(event)
+            try:
+                # The job first, its events after: an event written before the job ended is read in this same round.
+                job = client.fine_tuning.jobs.retrieve(job_id).to_dict(mode="json")
+                for event in follower.new_events():
+                    display.event(event)
+            except (openai.APIConnectionError, openai.InternalServerError) as exc:
+                if not seen_job:
+                    raise
+                if down_since is None:
+                    down_since = time.monotonic()
+                    ctx.note(f"the service does not answer ({type(exc).__name__}); still watching, for up to {patience_s:g} s")
+                elif time.monotonic() - down_since > patience_s:
+                    raise
+                time.sleep(interval_s)
+                continue
+            if down_since is not None:
+                ctx.note("the service answers again")
+            seen_job, down_since = True, None
             if job["status"] in output.TERMINAL:
                 display.finish(job)
                 return output.OUTCOME_EXIT[job["status"]]

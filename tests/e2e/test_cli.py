@@ -82,6 +82,34 @@ def test_upload_create_watch_download(embedded_service, training_file, tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
 
 
+def test_watch_rides_out_a_service_that_stops_answering(embedded_service, training_file):
+    """The watcher reaches the service through a proxy that is cut for a few seconds mid-job (as a restart or a
+    network blip looks): it says so, keeps watching, and ends with the job's outcome."""
+    import time
+
+    from tests.faults import TcpProxy
+
+    service = embedded_service
+    job = json_of(qlora(service, "jobs", "create", "-m", MODEL, "-t", training_file, "--max-steps", "30", "--json"))
+    proxy = TcpProxy(service.port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "OPENAI_"))}
+    env |= {"QLORA_BASE_URL": f"http://127.0.0.1:{proxy.port}/v1", "QLORA_API_KEY": KEY_A}
+    watcher = subprocess.Popen([sys.executable, "-m", "cli", "--retries", "0", "jobs", "watch", job["id"], "--interval", "0.3",
+                                "--patience", "60"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline(), "the watcher printed nothing"  # it has seen the job
+        proxy.cut()
+        time.sleep(3)
+        proxy.restore()
+        out, err = watcher.communicate(timeout=180)
+    finally:
+        watcher.kill()
+        proxy.close()
+    assert watcher.returncode == 0, (out, err)
+    assert "still watching" in err and "answers again" in err, err
+    assert out.splitlines()[-1].startswith(f"job {job['id']} succeeded")
+
+
 def test_watch_exits_with_the_cancelled_and_failed_codes(embedded_service, training_file):
     service = embedded_service
     doomed = json_of(qlora(service, "jobs", "create", "-m", BROKEN_MODEL, "-t", training_file, "--max-steps", "2", "--json"))
