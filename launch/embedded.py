@@ -65,6 +65,20 @@ def declare_queues(settings: Settings, *names: str) -> None:
         app.close()
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether `port` on `host` is taken: the launcher checks before starting anything, because a child that cannot
+    bind stops the whole service with only uvicorn's line about it in the log."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT leftover is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
@@ -72,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inference-port", type=int, default=None, help="the inference server's port (default: --port + 1)")
     parser.add_argument("--no-demo-model", action="store_true", help="skip importing SmolLM2-135M-Instruct")
     args = parser.parse_args(argv)
+    inference_port = args.inference_port or args.port + 1
+    for what, host, port, flag in (("the API", args.host, args.port, "--port (or PORT=)"),
+                                   ("the inference server", "127.0.0.1", inference_port, "--inference-port")):
+        if port_in_use(host, port):
+            print(f"error: port {port} on {host}, for {what}, is in use (another `make run`?); choose another with {flag}",
+                  file=sys.stderr)
+            return 2
 
     settings = Settings()
     key = bootstrap(settings)
@@ -84,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Preparing the demo model in {settings.models_dir / DEMO_MODEL} ...", flush=True)
         import_demo_model(settings.models_dir / DEMO_MODEL)
 
-    inference_port = args.inference_port or args.port + 1
     env = {**os.environ, "QLORA_HOME": str(settings.home)}
     env.setdefault("QLORA_INFERENCE_URL", f"http://127.0.0.1:{inference_port}")
     declare_queues(settings, settings.task_queue, control_queue(settings))
