@@ -1,5 +1,7 @@
-"""The LoRA gradient check of a pre-quantized base (GPTQ, AWQ): the adapters' gradients through the quantized
-kernels against those of a float model that holds the same weights dequantized and the same adapter values.
+"""The LoRA gradient check of a quantized base: the adapters' gradients through the quantized kernels against those of
+a float model that holds the same weights dequantized and the same adapter values. The reference built here is for
+gptqmodel's layers (GPTQ, AWQ); tests/training/test_hqq.py builds its own from hqq's and uses the same measure
+(`lora_gradients`, `worst_relative_error`).
 
 Gradients are compared twice: on the model as built, and again after a no-grad evaluation pass (the pass that
 puts some of gptqmodel's CPU kernels into a forward-only mode, after which the loss still looks normal but the

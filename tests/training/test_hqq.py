@@ -12,6 +12,7 @@ from hqq.core.quantize import HQQBackend, HQQLinear  # the .[hqq] extra, which m
 
 from contract.data_format import load_examples
 from contract.options import ConfigError, TrainingConfig
+from tests.training.gradient_check import lora_gradients, worst_relative_error
 from tests.training.test_trainer import RecordingSink, write_chat_file
 from worker.training.data import tokenize_examples
 from worker.training.model import build_model
@@ -27,7 +28,7 @@ def hqq_cfg(**overrides) -> TrainingConfig:
     return TrainingConfig(**values)
 
 
-# --- the gradient check (a local helper; the GPTQ/AWQ route has its own shared one) ---------------------------
+# --- the gradient check: hqq's own dequantized reference, the shared measure (tests/training/gradient_check.py) ---
 
 def dequantized_reference(quantized: torch.nn.Module, base_model_dir) -> torch.nn.Module:
     """A float32 copy of the base whose linear layers hold the hqq layers' dequantized weights, with the quantized
@@ -50,19 +51,12 @@ def dequantized_reference(quantized: torch.nn.Module, base_model_dir) -> torch.n
     return reference
 
 
-def lora_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    model(**batch, use_cache=False).loss.backward()
-    return {name: param.grad.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
-
-
 def assert_lora_gradients_match(quantized, reference, batch, tolerance: float = 1e-4) -> None:
     """Every LoRA gradient of `quantized` within `tolerance` (relative norm) of the float reference's."""
-    got, want = lora_grads(quantized, batch), lora_grads(reference, batch)
-    assert got.keys() == want.keys() and got
-    errors = {name: float((got[name] - want[name]).norm() / want[name].norm().clamp_min(1e-12)) for name in want}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= tolerance, f"LoRA gradient of {worst} off by {errors[worst]:.1%} against the dequantized reference"
+    got = lora_gradients(quantized, batch)
+    assert got
+    error, worst = worst_relative_error(got, lora_gradients(reference, batch))
+    assert error <= tolerance, f"LoRA gradient of {worst} off by {error:.1%} against the dequantized reference"
 
 
 def evaluation_pass(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:

@@ -69,15 +69,6 @@ def load_base(base_model_dir: str | Path, model_config: Any, cfg: TrainingConfig
     return quantize(model, cfg, device, dtype)
 
 
-def target_modules(model: torch.nn.Module, cfg: TrainingConfig) -> list[str] | str:
-    """peft's 'all-linear' finds only torch Linear layers, not hqq's: name the quantized ones (every decoder linear)."""
-    if cfg.target_modules != "all-linear":
-        return cfg.target_modules
-    from hqq.core.quantize import HQQLinear
-
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, HQQLinear)})
-
-
 def quantized_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the quantized weights and their group constants (W_q, scale, zero) held by the hqq layers."""
     from hqq.core.quantize import HQQLinear

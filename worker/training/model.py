@@ -334,17 +334,18 @@ def check_base_quantization(base_model_dir: str | Path, cfg: TrainingConfig) -> 
 
 
 def lora_targets(model: Any, cfg: TrainingConfig) -> list[str] | str:
-    """cfg.target_modules, with 'all-linear' spelled out as layer names on the HQQ and GPTQ/AWQ routes: peft's
-    'all-linear' finds only torch Linear layers."""
+    """cfg.target_modules, with 'all-linear' spelled out on the HQQ and GPTQ/AWQ routes as the names of the quantized
+    layers and any other linear layer but the output head: peft's 'all-linear' finds only torch and bitsandbytes
+    linear layers."""
+    if cfg.target_modules != ALL_LINEAR or cfg.quantization not in ("hqq", "gptq", "awq"):
+        return cfg.target_modules
     if cfg.quantization == "hqq":
-        from worker.training import hqq
-
-        return hqq.target_modules(model, cfg)
-    if cfg.quantization in ("gptq", "awq"):
-        from worker.training import prequantized
-
-        return prequantized.lora_targets(model, cfg)
-    return cfg.target_modules
+        from hqq.core.quantize import HQQLinear as QuantizedLinear
+    else:
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear as QuantizedLinear
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, QuantizedLinear | torch.nn.Linear) and m is not head})
 
 
 def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tuple[str, ...]) -> BuiltModel:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from contract.options import ALL_LINEAR, ConfigError, TrainingConfig
+from contract.options import ConfigError, TrainingConfig
 from contract.prequantized import PREQUANTIZED_METHODS
 
 # The backend (gptqmodel's BACKEND value) a job trains with, per quantization method and device type.
@@ -91,15 +91,3 @@ def run_dequantization_eagerly(model: torch.nn.Module) -> int:
             del module.dequantize_weight
             changed += 1
     return changed
-
-
-def lora_targets(model: torch.nn.Module, cfg: TrainingConfig) -> list[str] | str:
-    """cfg.target_modules, with 'all-linear' spelled out as the names of the quantized layers and any other linear
-    layer but the output head (peft's own 'all-linear' knows only torch's and bitsandbytes' linear layers)."""
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
-    if cfg.target_modules != ALL_LINEAR:
-        return cfg.target_modules
-    head = model.get_output_embeddings()
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if isinstance(m, BaseQuantLinear | torch.nn.Linear) and m is not head})
