@@ -287,7 +287,7 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
     check_target_modules(model_config, cfg)
     plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.max_tokens_per_micro_batch)
     attn = attention.use(cfg.resolved_attn_implementation)
-    check_base_quantization(base_model_dir, cfg)
+    check_base_quantization(model_config, cfg)
     model = load_base(base_model_dir, model_config, cfg, device, attn)
     return add_adapters(model, cfg, device, plan)
 
@@ -316,14 +316,13 @@ def load_base(base_model_dir: str | Path, model_config: Any, cfg: TrainingConfig
     )
 
 
-def check_base_quantization(base_model_dir: str | Path, cfg: TrainingConfig) -> str | None:
-    """The method the base is pre-quantized with (None: a float base), checked against cfg.quantization: a job's
-    quantization is decided from the base when it is created (contract.prequantized.decide_quantization)."""
-    import json
-
+def check_base_quantization(model_config: Any, cfg: TrainingConfig) -> str | None:
+    """The method the base (its config, as read_model_config gives it) is pre-quantized with (None: a float base),
+    checked against cfg.quantization: a job's quantization is decided from the base when it is created
+    (contract.prequantized.decide_quantization)."""
     from contract.prequantized import PREQUANTIZED_METHODS, QUANTIZE_HINT, base_quantization
 
-    method = base_quantization(json.loads((Path(base_model_dir) / "config.json").read_text()))
+    method = base_quantization(model_config.to_dict())
     if method is not None and cfg.quantization != method:
         raise ConfigError(f"the base model is pre-quantized with {method.upper()}: train it with quantization={method!r}, "
                           f"not {cfg.quantization!r}", param="quantization")
