@@ -1,0 +1,126 @@
+"""The preference losses (DPO and its variants) on per-sequence log-probs, and their reward metrics.
+
+Every function works on one pass's pairs: `chosen` and `rejected` are the summed log-probs of each pair's two
+answers under the policy (shape [P], with autograd), `*_tokens` their target-token counts, and `ref_*` the same
+sums under the reference (the policy at initialisation), computed once before training. The formulas, by
+`loss_type` (beta is OpenAI's `beta`):
+
+- sigmoid (DPO, Rafailov et al. 2023): -log sigmoid(beta * ((c - ref_c) - (r - ref_r)))
+- ipo (Azar et al. 2023, length-normalised as TRL does): ((c - ref_c)/|c| - (r - ref_r)/|r| - 1/(2 beta))^2
+- simpo (Meng et al. 2024, reference-free): -log sigmoid(beta * (c/|c| - r/|r|) - simpo_gamma)
+- orpo (Hong et al. 2024, reference-free): NLL(chosen) - beta * log sigmoid(log odds(c) - log odds(r)), with
+  odds(y) = P/(1 - P), P = exp(mean token log-prob); beta is the paper's lambda. Its NLL term is the same
+  token-mean NLL of the chosen answers that `rpo_alpha` adds to the other loss types.
+
+A step's loss is the mean over its pairs of these plus rpo_alpha times the chosen answers' NLL averaged over the
+step's chosen target tokens (TRL's `loss_type=["sigmoid", "sft"]` with weights [1, rpo_alpha]); callers pass the
+step's counts so that micro-batches add up to one big batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.training.data import IGNORE_INDEX
+from worker.training.losses import linear_token_log_probs
+
+LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+@dataclass
+class PairLogProbs:
+    """Summed log-probs of the pairs' chosen and rejected answers, and their target-token counts ([P] each)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+
+def needs_reference(loss_type: str) -> bool:
+    return loss_type not in REFERENCE_FREE
+
+
+def pair_losses(policy: PairLogProbs, reference: PairLogProbs | None, *, loss_type: str, beta: float,
+                simpo_gamma: float = 0.0) -> torch.Tensor:
+    """The preference term of each pair, [P] fp32 (without the NLL terms, see `step_loss`)."""
+    c, r = policy.chosen.float(), policy.rejected.float()
+    c_len, r_len = policy.chosen_tokens.clamp(min=1).float(), policy.rejected_tokens.clamp(min=1).float()
+    if loss_type == "simpo":
+        return -F.logsigmoid(beta * (c / c_len - r / r_len) - simpo_gamma)
+    if loss_type == "orpo":
+        c_mean, r_mean = c / c_len, r / r_len
+        # log odds = log P - log(1 - P); log1p(-exp(x)) is finite for x < 0, which a mean log-prob always is.
+        log_odds = (c_mean - torch.log1p(-torch.exp(c_mean))) - (r_mean - torch.log1p(-torch.exp(r_mean)))
+        return -beta * F.logsigmoid(log_odds)
+    if reference is None:
+        raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
+    chosen_ratio = c - reference.chosen.float()
+    rejected_ratio = r - reference.rejected.float()
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    if loss_type == "ipo":
+        return (chosen_ratio / c_len - rejected_ratio / r_len - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+
+
+def nll_weight(loss_type: str, rpo_alpha: float | None) -> float:
+    """The weight of the chosen answers' token-mean NLL in the loss: ORPO's own term (1) plus rpo_alpha."""
+    return (1.0 if loss_type == "orpo" else 0.0) + (rpo_alpha or 0.0)
+
+
+def step_loss(policy: PairLogProbs, reference: PairLogProbs | None, *, loss_type: str, beta: float, simpo_gamma: float = 0.0,
+              rpo_alpha: float | None = None, step_pairs: int, step_chosen_tokens: int) -> torch.Tensor:
+    """This pass's share of the step's loss: its pairs' preference terms over the step's pair count, plus the NLL
+    of its chosen answers over the step's chosen target tokens, weighted by `nll_weight`. Summed over the
+    passes of a step it is the loss of the whole step as one batch."""
+    loss = pair_losses(policy, reference, loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma).sum() / max(step_pairs, 1)
+    weight = nll_weight(loss_type, rpo_alpha)
+    if weight:
+        loss = loss + weight * (-policy.chosen.float().sum()) / max(step_chosen_tokens, 1)
+    return loss
+
+
+@torch.no_grad()
+def reward_sums(policy: PairLogProbs, reference: PairLogProbs | None, *, loss_type: str, beta: float) -> dict[str, float]:
+    """Sums over the pairs (divide by the pair count for TRL's means) of rewards/chosen, rewards/rejected,
+    rewards/margins, rewards/accuracies, logps/chosen and logps/rejected. The reward is beta times the log-ratio
+    to the reference, or for the reference-free losses beta times the mean token log-prob (as TRL's CPOTrainer)."""
+    c, r = policy.chosen.detach().float(), policy.rejected.detach().float()
+    if needs_reference(loss_type):
+        assert reference is not None
+        chosen_reward = beta * (c - reference.chosen.float())
+        rejected_reward = beta * (r - reference.rejected.float())
+    else:
+        chosen_reward = beta * c / policy.chosen_tokens.clamp(min=1)
+        rejected_reward = beta * r / policy.rejected_tokens.clamp(min=1)
+    return {
+        "rewards/chosen": float(chosen_reward.sum()),
+        "rewards/rejected": float(rejected_reward.sum()),
+        "rewards/margins": float((chosen_reward - rejected_reward).sum()),
+        "rewards/accuracies": float((chosen_reward > rejected_reward).float().sum()),
+        "logps/chosen": float(c.sum()),
+        "logps/rejected": float(r.sum()),
+    }
+
+
+def sequence_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+                       amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's target tokens ([B] fp32, with autograd to the adapters when gradients are
+    on) and the rows' target counts ([B] int64), for a padded batch (`input_ids`, `attention_mask`, `labels`
+    with -100 outside the answers). The output head runs in chunks (`losses.linear_token_log_probs`): no
+    full-vocabulary logits are held."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Row t predicts label t+1; the last position of a row predicts nothing.
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        hidden = base.model(**batch, use_cache=False).last_hidden_state
+        token_log_probs = linear_token_log_probs(hidden.reshape(-1, hidden.size(-1)), base.get_output_embeddings().weight,
+                                                 targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    return token_log_probs.view(targets.shape).sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
