@@ -19,12 +19,14 @@ step's counts so that micro-batches add up to one big batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from worker.training.data import IGNORE_INDEX
+from contract.data_format import Example
+from worker.training.data import IGNORE_INDEX, TokenizedExample, collate_padded, tokenize_example
 from worker.training.losses import linear_token_log_probs
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
@@ -124,3 +126,85 @@ def sequence_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor], d
         token_log_probs = linear_token_log_probs(hidden.reshape(-1, hidden.size(-1)), base.get_output_embeddings().weight,
                                                  targets.reshape(-1), ignore_index=IGNORE_INDEX)
     return token_log_probs.view(targets.shape).sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+# --- pairs: tokenize, truncate together, batch whole --------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A preference pair as two token sequences with the same prompt tokens; labels mark each answer."""
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+    truncated: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+
+def tokenize_pair(tokenizer: Any, example: Example, *, max_seq_length: int) -> TokenizedPair:
+    """Both answers rendered after the same prompt (the chat template, the answer and its end-of-turn tokens as
+    targets), then truncated the same way when the longer sequence exceeds max_seq_length: first the prompt,
+    from its start (the turns nearest the answer stay), down to what the longer answer leaves, but to no less
+    than half of max_seq_length; then both answers from their end to the room the prompt leaves."""
+    assert example.format == "preference" and example.messages is not None
+    sides = [tokenize_example(tokenizer, Example(line=example.line, format="chat",
+                                                 messages=[*example.messages, {"role": "assistant", "content": answer or ""}]),
+                              max_seq_length=10**9)
+             for answer in (example.preferred, example.non_preferred)]
+    prompt_lengths = [_first_target(side) for side in sides]
+    prompt = min(prompt_lengths)  # equal unless the template renders the answer's start into the prompt
+    longest_answer = max(len(side.input_ids) - prompt for side in sides)
+    if prompt + longest_answer <= max_seq_length:
+        return TokenizedPair(sides[0], sides[1], truncated=False)
+    keep_prompt = min(prompt, max(max_seq_length - longest_answer, max_seq_length // 2, 1))
+    cut = prompt - keep_prompt
+    end = max_seq_length + cut
+    chosen, rejected = (TokenizedExample(input_ids=s.input_ids[cut:end], labels=[IGNORE_INDEX, *s.labels[cut + 1:end]], truncated=True)
+                        for s in sides)
+    return TokenizedPair(chosen, rejected, truncated=True)
+
+
+def _first_target(example: TokenizedExample) -> int:
+    return next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """Token counts of a pair file after truncation; `n_dropped` pairs lost every answer token and are not trained."""
+
+    n_pairs: int
+    n_tokens: int
+    max_tokens: int
+    n_truncated: int
+    n_dropped: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tokenize_pairs(tokenizer: Any, examples: list[Example], *, max_seq_length: int) -> tuple[list[TokenizedPair], PairStats]:
+    """Tokenize every pair; pairs where either answer has no target token left are dropped (and counted)."""
+    pairs, dropped = [], 0
+    for example in examples:
+        pair = tokenize_pair(tokenizer, example, max_seq_length=max_seq_length)
+        if pair.chosen.n_target_tokens == 0 or pair.rejected.n_target_tokens == 0:
+            dropped += 1
+            continue
+        pairs.append(pair)
+    lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+    return pairs, PairStats(n_pairs=len(pairs), n_tokens=sum(p.n_tokens for p in pairs), max_tokens=max(lengths, default=0),
+                            n_truncated=sum(p.truncated for p in pairs), n_dropped=dropped)
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One padded micro-batch of whole pairs: rows [chosen_1..chosen_k, rejected_1..rejected_k] (TRL's order), so
+    chosen and rejected of a pair always go through the same forward."""
+    return collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id)
+
+
+def split_pairs(logps: torch.Tensor, tokens: torch.Tensor) -> PairLogProbs:
+    """`sequence_log_probs` of a `collate_pairs` batch as pairs."""
+    k = logps.shape[0] // 2
+    return PairLogProbs(logps[:k], logps[k:], tokens[:k], tokens[k:])
