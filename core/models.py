@@ -44,6 +44,8 @@ class File(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     n_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)  # valid examples found at upload
+    # "supervised" (examples) or "preference" (pairs, for method dpo): what the upload's validation found; None if it failed
+    kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 def file_is_live(at: int | None = None):  # noqa: ANN201 (a SQL expression)

@@ -170,6 +170,7 @@ def upload_file(
             status="processed" if report.ok else "error",
             status_details=None if report.ok else summarize_faults(report),
             n_examples=report.n_examples,
+            kind=report.kind if report.ok else None,
             created_at=created_at,
             expires_at=expires_at,
         )

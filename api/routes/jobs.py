@@ -82,6 +82,16 @@ def _usable_file(session: Session, project: str, file_id: str, param: str) -> Fi
     return row
 
 
+def _check_file_kind(row: FileRow, method_type: str, param: str) -> None:
+    """A dpo job trains on preference pairs, a supervised one on examples (the kind the upload found)."""
+    kind = row.kind or "supervised"  # rows from before files.kind hold examples: pairs failed validation then
+    wanted = "preference" if method_type == "dpo" else "supervised"
+    if kind != wanted:
+        found = "preference pairs" if kind == "preference" else "supervised examples"
+        needs = "preference pairs ({input, preferred_output, non_preferred_output})" if wanted == "preference" else "supervised examples"
+        raise bad_request(f"File {row.id} holds {found}, but a {method_type!r} job needs {needs}.", param=param, code="invalid_file_format")
+
+
 def _add_memory_estimate(session: Session, job_id: str, model_dir: Path, cfg: TrainingConfig) -> None:
     """An info event with the estimated peak GPU memory. A config.json the estimate cannot read (not a
     Llama-family decoder, or broken) only means no estimate: it must not stop the job."""
@@ -152,8 +162,10 @@ def create_job(
             param="training_file",
             code="invalid_n_examples",
         )
+    method_type = body.method.type if body.method is not None else "supervised"
+    _check_file_kind(training, method_type, "training_file")
     if body.validation_file is not None:
-        _usable_file(session, project, body.validation_file, "validation_file")
+        _check_file_kind(_usable_file(session, project, body.validation_file, "validation_file"), method_type, "validation_file")
     if body.integrations:
         raise bad_request("Integrations are not supported by this service.", param="integrations", code="unsupported_parameter")
     # The project's row lock (PostgreSQL) orders concurrent creations of one project: without it two requests
