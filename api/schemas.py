@@ -11,8 +11,9 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from contract.hyperparameters import Hyperparameters, echo
+from contract.hyperparameters import Hyperparameters, echo, method_object
 from contract.metrics import finite_floats
+from contract.options import METHODS
 from core.models import Checkpoint, Export, File, Job, JobEvent
 
 T = TypeVar("T")
@@ -122,7 +123,7 @@ class FineTuningJob(BaseModel):
             training_file=row.training_file,
             validation_file=row.validation_file,
             hyperparameters=hyperparameters,
-            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            method=method_object(row.training_config["method"], hyperparameters),
             result_files=list(row.result_files or []),
             seed=row.training_config["seed"],
             error=JobError(**row.error) if row.error else None,
@@ -240,7 +241,7 @@ class SupervisedMethod(_ClosedBody):
 
 
 class Method(_ClosedBody):
-    type: str = Field(description="Only 'supervised' is supported.")
+    type: str = Field(description=f"The training method, one of {', '.join(repr(m) for m in METHODS)}.")
     supervised: SupervisedMethod | None = None
     # Accepted here so that a 'dpo' or 'reinforcement' request gets the clear "not supported" answer.
     dpo: dict[str, Any] | None = None

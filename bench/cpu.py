@@ -116,9 +116,8 @@ def run_plain(model_dir: Path, data: Path, args, dtype_name: str, checkpointing:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from contract.data_format import load_examples
-    from worker.training.data import collate_padded, tokenize_examples
+    from worker.training.data import collate_padded, load_tokenizer, tokenize_examples
     from worker.training.model import DTYPES
-    from worker.training.trainer import load_tokenizer
 
     started = time.perf_counter()
     dtype = DTYPES[dtype_name]

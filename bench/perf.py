@@ -286,8 +286,9 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
     from worker.training import lean
     from worker.training.data import collate_packed
     from worker.training.model import add_adapters, resolve_checkpoint_plan
-    from worker.training.optim import build_optimizer
-    from worker.training.trainer import autocast_dtype, clip_and_norm, forward_loss
+    from worker.training.objectives.sft import forward_loss
+    from worker.training.optim import build_optimizer, clip_and_norm
+    from worker.training.runtime import autocast_dtype
 
     set_attention(base, cfg.resolved_attn_implementation)
     plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro)
@@ -331,7 +332,8 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
     """The optimized path's loss equals the plain path's on the same packed batch and weights."""
     from worker.training.data import collate_packed
     from worker.training.model import add_adapters, decoder_layers
-    from worker.training.trainer import autocast_dtype, forward_loss
+    from worker.training.objectives.sft import forward_loss
+    from worker.training.runtime import autocast_dtype
 
     batch = collate_packed(groups[0])
     out = {}
@@ -356,7 +358,7 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
 
 def versions() -> dict:
     """The trainer's version record (what every checkpoint stores) plus the CUDA version."""
-    from worker.training.trainer import versions as engine_versions
+    from worker.training.runtime import versions as engine_versions
 
     return {**engine_versions(), "cuda": torch.version.cuda}
 

@@ -110,7 +110,7 @@ def count(widths: dict, variant: str, tokens: int) -> dict:
     from worker.training import lean
     from worker.training.data import collate_packed
     from worker.training.model import add_adapters, decoder_layers
-    from worker.training.trainer import forward_loss
+    from worker.training.objectives.sft import forward_loss
 
     config = LlamaConfig(vocab_size=512, num_hidden_layers=2, max_position_embeddings=max(4096, tokens), **widths)
     cfg = perf.engine_config(gradient_checkpointing="off", lean_activations=variant != "peft", fused_kernels="off")

@@ -11,7 +11,7 @@ docs/training.md lists every option; keep the two in step.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -26,6 +26,9 @@ class ConfigError(ValueError):
         self.code = code
 
 
+# The training methods (OpenAI's `method.type`); each has an objective in worker/training/objectives/.
+Method = Literal["supervised"]
+METHODS: tuple[str, ...] = get_args(Method)
 QuantizationMode = Literal["4bit", "8bit", "hqq", "none", "gptq", "awq"]
 HqqBits = Literal[2, 3, 4, 8]
 QuantType = Literal["nf4", "fp4"]
@@ -53,6 +56,9 @@ class TrainingConfig(BaseModel):
     8-bit AdamW)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    # --- method -----------------------------------------------------------------------------------
+    method: Method = Field("supervised", description="The training method, OpenAI's method.type (set there, not among the hyperparameters). supervised: next-token cross-entropy on the target tokens.")
 
     # --- data -------------------------------------------------------------------------------------
     max_seq_length: int = Field(2048, ge=16, le=131072, description="Tokens per example; longer examples are truncated (and counted).")

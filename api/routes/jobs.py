@@ -136,7 +136,7 @@ def _check_step_limit(body: JobCreate, cfg: TrainingConfig, n_examples: int, lim
     key = "max_steps" if cfg.max_steps is not None else "n_epochs"
     steps = cfg.total_steps(n_examples)
     if steps > limit:
-        where = "hyperparameters" if body.hyperparameters is not None else "method.supervised.hyperparameters"
+        where = "hyperparameters" if body.hyperparameters is not None else f"method.{cfg.method}.hyperparameters"
         raise bad_request(f"The job would train {steps} steps, more than this service's limit of {limit} (QLORA_MAX_STEPS_PER_JOB).",
                           param=f"{where}.{key}", code="invalid_value")
 

@@ -16,6 +16,7 @@ from tests.training.gradient_check import lora_gradients, worst_relative_error
 from tests.training.test_trainer import RecordingSink, write_chat_file
 from worker.training.data import tokenize_examples
 from worker.training.model import build_model
+from worker.training.objectives.sft import SupervisedObjective
 from worker.training.trainer import TrainingJob, evaluate, train
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -170,7 +171,7 @@ def test_hqq_trains_through_the_engine_and_its_adapter_reloads(tiny_model_dir, t
     weights = sum(math.prod(m.meta["shape"]) for m in base.modules() if isinstance(m, HQQLinear))
     assert weights * bits_per_weight("hqq", compute_dtype="fp32", hqq_bits=3, hqq_group_size=32) / 8 == \
         pytest.approx(hqq.quantized_weight_bytes(base), rel=0.02), "3-bit: ten weights per int32 word"
-    reloaded_loss = evaluate(reloaded, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
+    reloaded_loss = evaluate(reloaded, SupervisedObjective(cfg), valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
     assert reloaded_loss == pytest.approx(result.final_valid_loss, rel=1e-5)
 
     # The inference server serves such an adapter on the 16-bit base (or NF4): it loads there (same module names),
@@ -178,7 +179,7 @@ def test_hqq_trains_through_the_engine_and_its_adapter_reloads(tiny_model_dir, t
     from transformers import AutoModelForCausalLM
 
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), result.adapter_dir)
-    plain_loss = evaluate(plain, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
+    plain_loss = evaluate(plain, SupervisedObjective(cfg), valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
     assert plain_loss == pytest.approx(result.final_valid_loss, rel=0.05) and plain_loss != reloaded_loss
 
 

@@ -11,7 +11,7 @@ from contract.options import TrainingConfig
 from worker.training import lean
 from worker.training.data import collate_packed, tokenize_examples
 from worker.training.model import build_model
-from worker.training.trainer import forward_loss
+from worker.training.objectives.sft import forward_loss
 
 from .test_trainer import write_chat_file
 

@@ -11,7 +11,7 @@ from contract.memory import estimate_memory
 from contract.options import ConfigError, TrainingConfig
 from worker.training.data import collate_packed, tokenize_examples
 from worker.training.model import build_model, plan_checkpointing, read_model_config
-from worker.training.trainer import forward_loss
+from worker.training.objectives.sft import forward_loss
 
 from .test_trainer import write_chat_file
 

@@ -14,8 +14,9 @@ from contract.options import ConfigError, TrainingConfig
 from worker.training.checkpoint import CheckpointError, verify_adapter
 from worker.training.data import collate_packed, collate_padded, tokenize_examples
 from worker.training.model import build_model
+from worker.training.objectives.sft import SupervisedObjective, forward_loss
 from worker.training.sinks import JsonlSink
-from worker.training.trainer import TrainingJob, forward_loss, train
+from worker.training.trainer import TrainingJob, train
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -245,12 +246,12 @@ def test_gradient_accumulation_averages_over_all_target_tokens(tiny_model_dir, t
 
 def test_micro_batch_tokens_packs_each_step_into_full_rows(train_file, tokenizer):
     """With micro_batch_tokens a step's examples become rows of at most that many tokens: none lost, none split."""
-    from worker.training.trainer import micro_batches
+    from worker.training.data import collate, micro_batches
 
     examples, _ = tokenize_examples(tokenizer, load_examples(train_file)[:8], max_seq_length=128)
     lengths = sorted(len(e.input_ids) for e in examples)
     cfg = TrainingConfig(batch_size=8, max_seq_length=128, micro_batch_tokens=128)
-    rows = list(micro_batches(examples, cfg, None, tokenizer.pad_token_id))
+    rows = list(micro_batches(examples, cfg, None, lambda row: collate(row, cfg, tokenizer.pad_token_id)))
     assert all(row["input_ids"].shape[0] == 1 and row["input_ids"].shape[1] <= 128 for row in rows)
     assert sum(row["input_ids"].numel() for row in rows) == sum(lengths)
     assert len(rows) < len(examples) and len(rows) >= math.ceil(sum(lengths) / 128)
@@ -258,7 +259,7 @@ def test_micro_batch_tokens_packs_each_step_into_full_rows(train_file, tokenizer
         [row["position_ids"][0], torch.zeros(1, dtype=torch.long)]) == 0).flatten()))
     assert segments == lengths  # every example whole, in exactly one row
     # Evaluation groups the same way unless eval_batch_size says otherwise.
-    assert len(list(micro_batches(examples, cfg, 2, tokenizer.pad_token_id))) == 4
+    assert len(list(micro_batches(examples, cfg, 2, lambda row: collate(row, cfg, tokenizer.pad_token_id)))) == 4
 
 
 @pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_torch"])
@@ -376,7 +377,7 @@ def test_gradients_after_an_evaluation_match_a_dequantized_reference(tiny_model_
                 dense.weight.requires_grad_(False)
                 setattr(module, child_name, dense)
 
-    evaluate(built.model, examples, cfg, built.device, tokenizer.pad_token_id)  # the step that used to break training
+    evaluate(built.model, SupervisedObjective(cfg), examples, cfg, built.device, tokenizer.pad_token_id)  # the step that used to break training
     grads = {}
     for label, model in (("nf4", built.model), ("reference", reference)):
         model.train()
