@@ -240,11 +240,15 @@ class SupervisedMethod(_ClosedBody):
     hyperparameters: HyperparametersObject | None = None
 
 
+class DpoMethod(_ClosedBody):
+    hyperparameters: HyperparametersObject | None = None
+
+
 class Method(_ClosedBody):
     type: str = Field(description=f"The training method, one of {', '.join(repr(m) for m in METHODS)}.")
     supervised: SupervisedMethod | None = None
-    # Accepted here so that a 'dpo' or 'reinforcement' request gets the clear "not supported" answer.
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
+    # Accepted here so that a 'reinforcement' request gets the clear "not supported" answer.
     reinforcement: dict[str, Any] | None = None
 
 

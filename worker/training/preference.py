@@ -9,12 +9,13 @@ sums under the reference (the policy at initialisation), computed once before tr
 - ipo (Azar et al. 2023, length-normalised as TRL does): ((c - ref_c)/|c| - (r - ref_r)/|r| - 1/(2 beta))^2
 - simpo (Meng et al. 2024, reference-free): -log sigmoid(beta * (c/|c| - r/|r|) - simpo_gamma)
 - orpo (Hong et al. 2024, reference-free): NLL(chosen) - beta * log sigmoid(log odds(c) - log odds(r)), with
-  odds(y) = P/(1 - P), P = exp(mean token log-prob); beta is the paper's lambda. Its NLL term is the same
-  token-mean NLL of the chosen answers that `rpo_alpha` adds to the other loss types.
+  odds(y) = P/(1 - P), P = exp(mean token log-prob); beta is the paper's lambda. Its NLL term is the chosen
+  answer's length-normalised NLL, the same term that `rpo_alpha` adds to the other loss types.
 
-A step's loss is the mean over its pairs of these plus rpo_alpha times the chosen answers' NLL averaged over the
-step's chosen target tokens (TRL's `loss_type=["sigmoid", "sft"]` with weights [1, rpo_alpha]); callers pass the
-step's counts so that micro-batches add up to one big batch.
+A pair's loss is its term above plus rpo_alpha times the chosen answer's NLL divided by its length (RPO, Pang et
+al. 2024, eq. 2; TRL's `loss_type=["sigmoid", "sft"]` averages the NLL over the batch's tokens instead, which
+weighs a long answer more); a step's loss is the mean over its pairs, so micro-batches of whole pairs add up to
+one big batch.
 """
 
 from __future__ import annotations
@@ -75,22 +76,21 @@ def nll_weight(loss_type: str, rpo_alpha: float | None) -> float:
     return (1.0 if loss_type == "orpo" else 0.0) + (rpo_alpha or 0.0)
 
 
-def step_loss(policy: PairLogProbs, reference: PairLogProbs | None, *, loss_type: str, beta: float, simpo_gamma: float = 0.0,
-              rpo_alpha: float | None = None, step_pairs: int, step_chosen_tokens: int) -> torch.Tensor:
-    """This pass's share of the step's loss: its pairs' preference terms over the step's pair count, plus the NLL
-    of its chosen answers over the step's chosen target tokens, weighted by `nll_weight`. Summed over the
-    passes of a step it is the loss of the whole step as one batch."""
-    loss = pair_losses(policy, reference, loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma).sum() / max(step_pairs, 1)
+def loss_sum(policy: PairLogProbs, reference: PairLogProbs | None, *, loss_type: str, beta: float, simpo_gamma: float = 0.0,
+             rpo_alpha: float | None = None) -> torch.Tensor:
+    """The summed loss of this pass's pairs: each pair's preference term plus `nll_weight` times the NLL of its
+    chosen answer per token. The step's loss is the sum over its passes divided by its pair count."""
+    losses = pair_losses(policy, reference, loss_type=loss_type, beta=beta, simpo_gamma=simpo_gamma)
     weight = nll_weight(loss_type, rpo_alpha)
     if weight:
-        loss = loss + weight * (-policy.chosen.float().sum()) / max(step_chosen_tokens, 1)
-    return loss
+        losses = losses + weight * -policy.chosen.float() / policy.chosen_tokens.clamp(min=1)
+    return losses.sum()
 
 
 @torch.no_grad()
 def reward_sums(policy: PairLogProbs, reference: PairLogProbs | None, *, loss_type: str, beta: float) -> dict[str, float]:
-    """Sums over the pairs (divide by the pair count for TRL's means) of rewards/chosen, rewards/rejected,
-    rewards/margins, rewards/accuracies, logps/chosen and logps/rejected. The reward is beta times the log-ratio
+    """Sums over the pairs (divide by the pair count for TRL's means) of TRL's rewards/chosen, rewards/rejected,
+    rewards/margins, rewards/accuracies, logps/chosen and logps/rejected (named with '_' for '/'). The reward is beta times the log-ratio
     to the reference, or for the reference-free losses beta times the mean token log-prob (as TRL's CPOTrainer)."""
     c, r = policy.chosen.detach().float(), policy.rejected.detach().float()
     if needs_reference(loss_type):
@@ -101,12 +101,12 @@ def reward_sums(policy: PairLogProbs, reference: PairLogProbs | None, *, loss_ty
         chosen_reward = beta * c / policy.chosen_tokens.clamp(min=1)
         rejected_reward = beta * r / policy.rejected_tokens.clamp(min=1)
     return {
-        "rewards/chosen": float(chosen_reward.sum()),
-        "rewards/rejected": float(rejected_reward.sum()),
-        "rewards/margins": float((chosen_reward - rejected_reward).sum()),
-        "rewards/accuracies": float((chosen_reward > rejected_reward).float().sum()),
-        "logps/chosen": float(c.sum()),
-        "logps/rejected": float(r.sum()),
+        "rewards_chosen": float(chosen_reward.sum()),
+        "rewards_rejected": float(rejected_reward.sum()),
+        "rewards_margins": float((chosen_reward - rejected_reward).sum()),
+        "rewards_accuracies": float((chosen_reward > rejected_reward).float().sum()),
+        "logps_chosen": float(c.sum()),
+        "logps_rejected": float(r.sum()),
     }
 
 
@@ -137,7 +137,7 @@ class TokenizedPair:
     chosen: TokenizedExample
     rejected: TokenizedExample
     truncated: bool
-
+    index: int = 0  # the pair's place in its file: the key of its reference log-probs
     @property
     def n_tokens(self) -> int:
         return len(self.chosen.input_ids) + len(self.rejected.input_ids)
