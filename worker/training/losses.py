@@ -35,11 +35,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     it can be called inside the model's autocast region. The gradient of `hidden` comes back in `hidden.dtype`,
     that of `weight` in `weight.dtype` (accumulated in fp32). The computed gradients can be used by one
     backward only: a second backward through the same result (retain_graph) raises."""
-    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, H], weight [V, H], labels [N]; got {tuple(hidden.shape)}, "
-                         f"{tuple(weight.shape)}, {tuple(labels.shape)}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check_shapes(hidden, weight, labels, chunk_tokens)
     grad_enabled = torch.is_grad_enabled()
     need_hidden_grad = grad_enabled and hidden.requires_grad
     need_weight_grad = grad_enabled and weight.requires_grad
@@ -48,6 +44,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             with torch.no_grad():
                 return _chunked_loss(hidden, weight, labels, chunk_tokens, ignore_index, None, None)
         return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, ignore_index, need_hidden_grad, need_weight_grad)
+
+
+def _check_shapes(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, H], weight [V, H], labels [N]; got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(labels.shape)}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
 
 def logits_peak_bytes(chunk_tokens: int, vocab_size: int) -> int:
@@ -147,11 +151,7 @@ def linear_token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     would need one [V, H] buffer per distinct incoming gradient. Backward scales the gradient rows of `hidden`,
     computed in the forward, by the incoming per-row gradient; like `linear_cross_entropy` the result can be used
     by one backward only."""
-    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, H], weight [V, H], labels [N]; got {tuple(hidden.shape)}, "
-                         f"{tuple(weight.shape)}, {tuple(labels.shape)}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check_shapes(hidden, weight, labels, chunk_tokens)
     grad_enabled = torch.is_grad_enabled()
     if grad_enabled and weight.requires_grad:
         raise ValueError("per-sequence log-probs need a frozen output head; this head is trained")
