@@ -87,3 +87,13 @@ def test_a_dpo_job_refuses_a_supervised_file_and_a_trained_head(tiny_model_dir, 
     with pytest.raises(ConfigError, match="frozen output head") as err:
         TrainingConfig.from_dict({"method": "dpo", "target_modules": ["q_proj", "lm_head"]})
     assert err.value.param == "target_modules"
+
+
+def test_the_memory_estimate_of_a_dpo_job_counts_both_answers_of_each_pair():
+    from contract.memory import estimate_memory
+    from tests.api.helpers import TINY_LLAMA_CONFIG as TINY_CONFIG
+
+    supervised = TrainingConfig(micro_batch_size=2, max_seq_length=512)
+    dpo = TrainingConfig(method="dpo", micro_batch_size=2, max_seq_length=512)
+    assert estimate_memory(TINY_CONFIG, dpo).total == estimate_memory(TINY_CONFIG, supervised, tokens_per_micro_batch=2 * 2 * 512).total
+    assert estimate_memory(TINY_CONFIG, dpo).total > estimate_memory(TINY_CONFIG, supervised).total
