@@ -302,6 +302,18 @@ def test_resume_refuses_changed_options(tiny_model_dir, train_file, tmp_path):
     assert err.value.param == "lora_r"
 
 
+def test_a_checkpoint_older_than_an_option_resumes_with_its_default():
+    """A checkpoint written before `method` existed was a supervised run: it resumes as one, and still refuses changes."""
+    from worker.training.trainer import _resumable_config
+
+    cfg = TrainingConfig(compute_dtype="fp32")
+    older = {k: v for k, v in cfg.resolved().items() if k != "method"}
+    assert _resumable_config(cfg, cfg, older, torch.device("cpu")) == cfg
+    with pytest.raises(ConfigError) as err:
+        _resumable_config(cfg, cfg, {**older, "lora_r": 8}, torch.device("cpu"))
+    assert err.value.param == "lora_r"
+
+
 def test_stop_flag_ends_within_one_step(tiny_model_dir, train_file, tmp_path):
     sink = RecordingSink()
     calls = {"n": 0}

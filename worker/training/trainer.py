@@ -257,7 +257,9 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
 
 def _resumable_config(given: TrainingConfig, cfg: TrainingConfig, saved: dict[str, Any], device: torch.device) -> TrainingConfig:
     """The config a resumed run continues with: the checkpoint's compute dtype where the job left it 'auto'.
-    Raises ConfigError if any other option differs from the checkpoint's."""
+    Raises ConfigError if any other option differs from the checkpoint's. An option newer than the checkpoint (such
+    as `method`) counts with its default, the behaviour the checkpoint was trained with."""
+    saved = {**{k: v for k, v in TrainingConfig().resolved().items() if k not in saved}, **saved}
     if given.compute_dtype == "auto" and saved.get("compute_dtype") in ("bf16", "fp16", "fp32"):
         cfg = cfg.model_copy(update={"compute_dtype": saved["compute_dtype"]})  # a resumed run keeps the dtype it began with
         check_runtime(cfg, device.type)
