@@ -241,7 +241,9 @@ class SupervisedMethod(_ClosedBody):
 
 
 class Method(_ClosedBody):
-    type: str = Field(description=f"The training method, one of {', '.join(repr(m) for m in METHODS)}.")
+    # A string, not a Literal, so that an unsupported method gets the clear 400 of api.hyperparameters; the schema
+    # lists the supported ones (the dashboard offers them).
+    type: str = Field(description="The training method.", json_schema_extra={"enum": list(METHODS)})
     supervised: SupervisedMethod | None = None
     # Accepted here so that a 'dpo' or 'reinforcement' request gets the clear "not supported" answer.
     dpo: dict[str, Any] | None = None

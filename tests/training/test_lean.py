@@ -128,14 +128,53 @@ def test_apply_switches_a_built_model_both_ways(tiny_model_dir):
     built = build_model(tiny_model_dir, TrainingConfig(lean_activations=False))
     model = built.model
     assert lean.apply(model, True) == {"norms": 5, "mlps": 2, "lora": 14}  # 2 per layer + the final norm; 7 LoRA a layer
+    assert lean.not_lean(model) == []
     kinds = {type(m).__name__: m for m in model.modules()}
     assert kinds["LlamaRMSNorm"].forward.__func__ is lean.rmsnorm_forward
     assert "lean_kernels" not in kinds["LlamaRMSNorm"].__dict__  # the eager math
     lean.apply(model, True, fused_kernels=True)
     assert kinds["LlamaRMSNorm"].lean_kernels is lean.compiled_kernels() and kinds["LlamaMLP"].lean_kernels is lean.compiled_kernels()
     assert lean.apply(model, False) == {"norms": 0, "mlps": 0, "lora": 0}
+    assert len(lean.not_lean(model)) == 5 + 2
     for kind in ("LlamaRMSNorm", "LlamaMLP"):
         assert "forward" not in kinds[kind].__dict__ and "lean_kernels" not in kinds[kind].__dict__
+
+
+@pytest.mark.parametrize("family", sorted(lean.NORM_CLASSES))
+def test_each_known_class_computes_what_its_lean_forward_computes(family):
+    """Lean activations replace the forward of these transformers classes, matched by class: each must still compute
+    Llama's norm and SwiGLU MLP. A transformers release that renames or changes one fails here, not silently."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(family, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                  num_hidden_layers=1, vocab_size=64, hidden_act="silu")
+    norm_class = lean._transformers_class(family, lean.NORM_CLASSES[family])
+    mlp_class = lean._transformers_class(family, lean.MLP_CLASSES[family])
+    assert lean.known_classes()[norm_class] == "norms" and lean.known_classes()[mlp_class] == "mlps"
+    torch.manual_seed(0)
+    norm, mlp = norm_class(32, eps=1e-6), mlp_class(config)
+    norm.weight.data.normal_(1, 0.2)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(lean.rmsnorm_forward(norm, x), norm(x))
+    torch.testing.assert_close(lean.mlp_forward(mlp, x), mlp(x))
+
+
+def test_a_layer_the_plan_counted_lean_but_is_not_is_a_warning(tiny_model_dir, tmp_path, monkeypatch):
+    """A class lean activations do not know (here: as if LlamaMLP were no longer in the table) keeps its forward; the job
+    says so in a warning event that names the modules, instead of training slower than planned in silence."""
+    from tests.training.test_trainer import RecordingSink
+    from worker.training.trainer import TrainingJob, train
+
+    only_norms = {cls: kind for cls, kind in lean.known_classes().items() if kind == "norms"}
+    monkeypatch.setattr(lean, "known_classes", lambda: only_norms)
+    sink = RecordingSink()
+    cfg = TrainingConfig(max_steps=1, batch_size=4, micro_batch_size=4, lean_activations=True)
+    train(TrainingJob(tiny_model_dir, write_chat_file(tmp_path / "train.jsonl", 12), tmp_path / "out", cfg), sink)
+    warnings = [(message, data) for level, message, data in sink.events if level == "warn" and data and "not_lean" in data]
+    assert len(warnings) == 1
+    message, data = warnings[0]
+    assert data["not_lean"] == [f"base_model.model.model.layers.{i}.mlp (LlamaMLP)" for i in range(2)]
+    assert "lean_activations: 2 modules" in message and "layers.0.mlp (LlamaMLP)" in message
 
 
 def test_lean_bf16_training_step_matches_peft(tiny_model_dir, tmp_path, tokenizer):

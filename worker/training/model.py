@@ -268,6 +268,7 @@ class BuiltModel:
     checkpoint_plan: tuple[str, ...]  # per decoder layer: 'off', 'selective' or 'on'
     trainable_parameters: int
     total_parameters: int
+    not_lean: tuple[str, ...] = ()  # with lean activations on: the modules that were expected to run lean but do not
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -369,6 +370,7 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    lean.apply(peft_model, cfg.resolved_lean_activations(device.type), cfg.resolved_fused_kernels(device.type))
+    lean_on = cfg.resolved_lean_activations(device.type)
+    lean.apply(peft_model, lean_on, cfg.resolved_fused_kernels(device.type))
     trainable, total = peft_model.get_nb_trainable_parameters()
-    return BuiltModel(peft_model, device, tuple(plan), trainable, total)
+    return BuiltModel(peft_model, device, tuple(plan), trainable, total, tuple(lean.not_lean(peft_model)) if lean_on else ())

@@ -230,6 +230,10 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
                {"trainable_parameters": built.trainable_parameters, "gradient_checkpointing": built.gradient_checkpointing,
                 "checkpoint_plan": list(built.checkpoint_plan), "compute_dtype": cfg.compute_dtype, "lean_activations": cfg.lean_activations,
                 "fused_kernels": fused, "total_steps": total_steps})
+    if built.not_lean:
+        sink.event("warn", f"lean_activations: {len(built.not_lean)} modules run their own forward, not the lean one "
+                   f"({', '.join(built.not_lean[:3])}{', ...' if len(built.not_lean) > 3 else ''}): slower, and more memory "
+                   "than the plan counted; worker/training/lean.py lists the classes it knows", {"not_lean": list(built.not_lean)})
     if device.type == "cuda":
         # Report the peak of training itself, not of loading (comparable with the memory estimate).
         torch.cuda.reset_peak_memory_stats(device)
