@@ -21,7 +21,7 @@ import torch
 
 from contract.memory import LAYER_MODES, decoder_layer_count, estimate_memory
 from contract.options import ALL_LINEAR, ConfigError, TrainingConfig
-from worker.training import attention, lean
+from worker.training import attention, lean_activations
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -371,6 +371,6 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
     )
     peft_model = get_peft_model(model, lora)
     lean_on = cfg.resolved_lean_activations(device.type)
-    lean.apply(peft_model, lean_on, cfg.resolved_fused_kernels(device.type))
+    lean_activations.apply(peft_model, lean_on, cfg.resolved_fused_kernels(device.type))
     trainable, total = peft_model.get_nb_trainable_parameters()
-    return BuiltModel(peft_model, device, tuple(plan), trainable, total, tuple(lean.not_lean(peft_model)) if lean_on else ())
+    return BuiltModel(peft_model, device, tuple(plan), trainable, total, tuple(lean_activations.not_lean(peft_model)) if lean_on else ())

@@ -29,7 +29,7 @@ from worker.training import attention
 from worker.training.data import TokenStats, Unit
 
 if TYPE_CHECKING:
-    from worker.training.trainer import TrainingRun
+    from worker.training.trainer import TrainingState
 
 Batch = dict[str, torch.Tensor]
 FileRole = Literal["training", "validation"]
@@ -58,7 +58,7 @@ class Objective(Protocol):
 
     def loss(self, model: Any, batch: Batch, device: torch.device, amp_dtype: torch.dtype | None) -> LossOutput: ...
 
-    def prepare(self, run: TrainingRun) -> None:
+    def prepare(self, run: TrainingState) -> None:
         """Before step 1 of a run that did not resume (a resumed one gets `load_state_dict` instead)."""
         ...
 

@@ -381,7 +381,7 @@ def lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
 
 # The transformers classes whose forward is Llama's RMSNorm (fp32 math, weight * normed) or SwiGLU MLP
 # (down(act(gate(x)) * up(x))), by model family. Matched by exact class: a subclass may change forward. Each is checked
-# against the lean math in tests/training/test_lean.py, so a transformers release that changes or drops one fails there.
+# against the lean math in tests/training/test_lean_activations.py, so a transformers release that changes or drops one fails there.
 NORM_CLASSES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
 MLP_CLASSES = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}
 
