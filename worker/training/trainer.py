@@ -66,6 +66,8 @@ class TrainingRequest:
 
 @dataclass
 class TrainingResult:
+    """How a run ended: what `train` returns and, for a finished run, OUTPUT/result.json."""
+
     status: str  # "succeeded" | "stopped"
     steps: int
     total_steps: int
