@@ -376,9 +376,10 @@ def finish(run: TrainingState) -> TrainingResult:
                          adapter_dir, run.checkpoints, run.train_stats.to_dict(), valid_stats, time.time() - run.started)
     (output_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     run.sink.event("info", f"Training finished: {position.step} steps, {position.trained_tokens} tokens, "
-                   f"final train_loss={_fmt(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
+                   f"final train_loss={_loss_text(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
     return result
 
 
-def _fmt(value: float | None) -> str:
+def _loss_text(value: float | None) -> str:
+    """A loss with four decimals, or "n/a" for a run that trained no step."""
     return "n/a" if value is None else f"{value:.4f}"
