@@ -245,7 +245,9 @@ class DpoMethod(_ClosedBody):
 
 
 class Method(_ClosedBody):
-    type: str = Field(description=f"The training method, one of {', '.join(repr(m) for m in METHODS)}.")
+    # A string, not a Literal, so that an unsupported method gets the clear 400 of api.hyperparameters; the schema
+    # lists the supported ones (the dashboard offers them).
+    type: str = Field(description="The training method.", json_schema_extra={"enum": list(METHODS)})
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
     # Accepted here so that a 'reinforcement' request gets the clear "not supported" answer.

@@ -283,7 +283,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
     """One engine variant on `base`: adapters, plan and options from `cfg`, the trainer's loss and optimizer.
     Returns (result, base with the adapters removed)."""
     from contract.memory import LAYER_MODES, estimate_memory
-    from worker.training import lean
+    from worker.training import lean_activations
     from worker.training.data import collate_packed
     from worker.training.model import add_adapters, resolve_checkpoint_plan
     from worker.training.objectives.sft import forward_loss
@@ -321,7 +321,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
                   options={k: v for k, v in cfg.resolved().items() if k in ("attn_implementation", "fused_cross_entropy",
                                                                             "gradient_checkpointing", "memory_budget_gb",
                                                                             "micro_batch_tokens", "lean_activations", "fused_kernels")},
-                  fused_kernels_on=fused_on, fused_kernels_failed=lean.fused_fallbacks() if fused_on else None)
+                  fused_kernels_on=fused_on, fused_kernels_failed=lean_activations.fused_fallbacks() if fused_on else None)
     base = model.unload()  # the frozen base without adapters, for the next variant
     optimizer = model = built = None
     free_memory(device)

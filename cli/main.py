@@ -24,6 +24,8 @@ from cli import output
 from cli.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+# OpenAI's method.type when a request names none; --method names any other the service supports (docs/training.md).
+DEFAULT_METHOD = "supervised"
 # The keys of a job file: the engine CLI's (worker/training/cli.py), so its YAML files work here unchanged, plus
 # the API's own names and fields.
 JOB_FILE_KEYS = {"model", "base_model", "training_file", "train_file", "validation_file", "output_dir", "suffix", "seed", "metadata",
@@ -194,8 +196,8 @@ def job_request(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
     metadata = {**(request.get("metadata") or {}), **key_values(args.metadata, "--metadata", typed=False)}
     if metadata:
         request["metadata"] = {str(k): str(v) for k, v in metadata.items()}
-    if hyper:
-        request["method"] = {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+    if hyper or args.method != DEFAULT_METHOD:
+        request["method"] = {"type": args.method, args.method: {"hyperparameters": hyper}}
     for required in ("model", "training_file"):
         if required not in request:
             raise UsageError(f"a job needs --{required.replace('_', '-')} (or `{required}:` in the job file)")
@@ -416,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--validation-file", help="a file id, or a local JSONL file to upload first")
     p.add_argument("--suffix", help="part of the fine-tuned model's name")
     p.add_argument("--seed", type=int)
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"the training method, OpenAI's method.type (default {DEFAULT_METHOD})")
     p.add_argument("--n-epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)

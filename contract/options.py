@@ -108,7 +108,7 @@ class TrainingConfig(BaseModel):
     n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs).")
     fused_cross_entropy: bool = Field(True, description="Compute the loss from the hidden states chunk by chunk, never holding the whole [tokens x vocabulary] logits. False: the plain head + cross-entropy.")
-    lean_activations: bool | Literal["auto"] = Field("auto", description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean.py); same results, so gradient_checkpointing=auto leaves more layers unchecked. auto: on with CUDA, off on the CPU.")
+    lean_activations: bool | Literal["auto"] = Field("auto", description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean_activations.py); same results, so gradient_checkpointing=auto leaves more layers unchecked. auto: on with CUDA, off on the CPU.")
     fused_kernels: FusedKernels = Field("auto", description="Compile the elementwise math of lean_activations into fused kernels with torch.compile (the eager math runs if compiling fails, logged). auto: on with CUDA, off on the CPU. Needs lean_activations.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seeds data order, LoRA init and dropout.")
 

@@ -13,7 +13,7 @@ import torch
 
 from contract.options import ConfigError, TrainingConfig
 from tests.training.test_trainer import RecordingSink
-from worker.training.trainer import TrainingJob, train
+from worker.training.trainer import TrainingRequest, train
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 REWARD_KEYS = ("rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies", "logps_chosen", "logps_rejected")
@@ -40,7 +40,7 @@ def dpo_config(**overrides) -> TrainingConfig:
 def test_a_dpo_job_reports_rewards_per_step_and_on_validation(tiny_model_dir, tmp_path):
     train_file, valid_file = write_pairs(tmp_path / "t.jsonl", 12), write_pairs(tmp_path / "v.jsonl", 3, seed=1)
     sink = RecordingSink()
-    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "out", dpo_config(eval_every=2), valid_file), sink)
+    result = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "out", dpo_config(eval_every=2), valid_file), sink)
     assert result.status == "succeeded" and result.steps == 4
     first = sink.steps[0]
     # Before its first update the policy is the reference: every reward is 0 and the sigmoid loss is log 2.
@@ -63,13 +63,13 @@ def test_resume_of_a_dpo_job_is_exact(tiny_model_dir, tmp_path):
     train_file = write_pairs(tmp_path / "t.jsonl", 10)
     cfg = dpo_config(batch_size=2, micro_batch_size=1, rpo_alpha=0.5)
     straight = RecordingSink()
-    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "straight", cfg), straight)
+    train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "straight", cfg), straight)
     first = RecordingSink()
-    interrupted = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "resumed", cfg), first, should_stop=lambda: bool(first.checkpoints))
+    interrupted = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "resumed", cfg), first, should_stop=lambda: bool(first.checkpoints))
     assert interrupted.status == "stopped" and interrupted.steps == 2
     torch.manual_seed(12345)
     second = RecordingSink()
-    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "resumed", cfg), second, resume_from=first.checkpoints[0][1])
+    result = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "resumed", cfg), second, resume_from=first.checkpoints[0][1])
     assert result.status == "succeeded" and [s["step"] for s in second.steps] == [3, 4]
     assert not any(m.startswith("Reference log-probs computed") for _l, m, _d in second.events)
     for key in ("train_loss", "train_rewards_margins", "train_logps_chosen"):
@@ -83,7 +83,7 @@ def test_a_dpo_job_refuses_a_supervised_file_and_a_trained_head(tiny_model_dir, 
 
     chat = write_chat_file(tmp_path / "chat.jsonl", 12)
     with pytest.raises(DataValidationError, match="needs preference pairs"):
-        train(TrainingJob(tiny_model_dir, chat, tmp_path / "a", dpo_config()))
+        train(TrainingRequest(tiny_model_dir, chat, tmp_path / "a", dpo_config()))
     with pytest.raises(ConfigError, match="frozen output head") as err:
         TrainingConfig.from_dict({"method": "dpo", "target_modules": ["q_proj", "lm_head"]})
     assert err.value.param == "target_modules"

@@ -79,7 +79,7 @@ def test_lean_activations_match_peft_on_other_bases(tiny_model_dir, examples, qu
     lean = loss_and_grads(tiny_model_dir, examples, **{**options, "lean_activations": True})
     from peft.tuners.lora import LoraLayer
 
-    from worker.training import lean as lean_module
+    from worker.training import lean_activations as lean_module
 
     lora_layers = [m for m in lean[4].model.modules() if isinstance(m, LoraLayer)]
     assert len(lora_layers) == 14 and all(m.forward.__func__ is lean_module.lora_forward for m in lora_layers)

@@ -21,7 +21,7 @@ import torch
 
 from contract.memory import LAYER_MODES, decoder_layer_count, estimate_memory
 from contract.options import ALL_LINEAR, ConfigError, TrainingConfig
-from worker.training import attention, lean
+from worker.training import attention, lean_activations
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -268,6 +268,7 @@ class BuiltModel:
     checkpoint_plan: tuple[str, ...]  # per decoder layer: 'off', 'selective' or 'on'
     trainable_parameters: int
     total_parameters: int
+    not_lean: tuple[str, ...] = ()  # with lean activations on: the modules that were expected to run lean but do not
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -369,6 +370,7 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    lean.apply(peft_model, cfg.resolved_lean_activations(device.type), cfg.resolved_fused_kernels(device.type))
+    lean_on = cfg.resolved_lean_activations(device.type)
+    lean_activations.apply(peft_model, lean_on, cfg.resolved_fused_kernels(device.type))
     trainable, total = peft_model.get_nb_trainable_parameters()
-    return BuiltModel(peft_model, device, tuple(plan), trainable, total)
+    return BuiltModel(peft_model, device, tuple(plan), trainable, total, tuple(lean_activations.not_lean(peft_model)) if lean_on else ())

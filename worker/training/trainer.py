@@ -1,7 +1,7 @@
 """The training loop as a recipe, the same for every method: setup, loop, evaluate, checkpoint, finish.
 
-One call of `train(job, sink)` runs a whole job: `setup` validates the options and the data before loading
-anything and builds the quantized model with LoRA into a `TrainingRun`; the loop then runs optimizer steps
+One call of `train(request, sink)` runs a whole job: `setup` validates the options and the data before loading
+anything and builds the quantized model with LoRA into a `TrainingState`; the loop then runs optimizer steps
 (`train_step`), evaluates (`evaluate_step`) and checkpoints (`write_checkpoint`); `finish` writes the adapter.
 What the method decides (its data, batches, loss and metrics) is the job's objective
 (`worker/training/objectives/`, chosen by `TrainingConfig.method`); the data order and micro-batching are
@@ -26,7 +26,7 @@ import torch
 
 from contract.metrics import StepMetrics
 from contract.options import ConfigError, TrainingConfig
-from worker.training import lean
+from worker.training import lean_activations
 from worker.training.checkpoint import (
     TrainerPosition,
     checkpoint_name,
@@ -54,7 +54,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class TrainingJob:
+class TrainingRequest:
     """What to train: a local base model directory, JSONL files, options and where to write."""
 
     base_model_dir: Path
@@ -65,7 +65,9 @@ class TrainingJob:
 
 
 @dataclass
-class TrainResult:
+class TrainingResult:
+    """How a run ended: what `train` returns and, for a finished run, OUTPUT/result.json."""
+
     status: str  # "succeeded" | "stopped"
     steps: int
     total_steps: int
@@ -110,10 +112,10 @@ def _add(totals: dict[str, float], values: dict[str, float]) -> None:
 # --- the recipe: setup, step, evaluate, checkpoint, finish ------------------------------------------
 
 @dataclass
-class TrainingRun:
+class TrainingState:
     """One job's training state, built by `setup` and advanced by `train_step`: what the loop reads and changes."""
 
-    job: TrainingJob
+    request: TrainingRequest
     cfg: TrainingConfig  # the job's options decided for this device
     device: torch.device
     sink: Sink
@@ -146,10 +148,10 @@ class TrainingRun:
         return self.built.model
 
 
-def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], bool] | None = None,
-          resume_from: Path | None = None) -> TrainResult:
+def train(request: TrainingRequest, sink: Sink | None = None, should_stop: Callable[[], bool] | None = None,
+          resume_from: Path | None = None) -> TrainingResult:
     """Run one training job to the end, or until `should_stop()` returns True (checked between micro-batches)."""
-    run = setup(job, sink or NullSink(), should_stop or (lambda: False), resume_from)
+    run = setup(request, sink or NullSink(), should_stop or (lambda: False), resume_from)
     cfg, position = run.cfg, run.position
     while position.step < run.total_steps and not run.stopped:
         order = epoch_order(len(run.train_units), position.epoch, cfg)
@@ -162,7 +164,7 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
                 metrics = StepMetrics(**metrics.to_dict(), **evaluate_step(run))
             run.last = metrics
             run.sink.metrics(position.step, metrics)
-            if run.fused and position.step == 1 and (fallbacks := lean.fused_fallbacks()):
+            if run.fused and position.step == 1 and (fallbacks := lean_activations.fused_fallbacks()):
                 run.sink.event("warn", f"fused_kernels: {', '.join(fallbacks)} did not compile and run the eager math "
                                "(same results, slower); the worker log says why", {"fused_kernels_fallbacks": fallbacks})
             if cfg.checkpoint_every is not None:
@@ -180,18 +182,18 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
     return finish(run)
 
 
-def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_from: Path | None) -> TrainingRun:
+def setup(request: TrainingRequest, sink: Sink, should_stop: Callable[[], bool], resume_from: Path | None) -> TrainingState:
     """Check everything that can be checked without the model (options, device, data), then build the model,
     optimizer and schedule, restored from `resume_from` if given."""
     started = time.time()
     device = pick_device()
-    cfg = resolve_for_device(job.config, device)
+    cfg = resolve_for_device(request.config, device)
     check_runtime(cfg, device.type)
-    read_model_config(job.base_model_dir)  # fails early, with param="model", if the directory is not a model
+    read_model_config(request.base_model_dir)  # fails early, with param="model", if the directory is not a model
     objective = build_objective(cfg)
-    tokenizer = load_tokenizer(job.base_model_dir)
-    train_units, train_stats = objective.load(job.train_file, tokenizer, role="training")
-    valid_units, valid_stats = objective.load(job.validation_file, tokenizer, role="validation") if job.validation_file else ([], None)
+    tokenizer = load_tokenizer(request.base_model_dir)
+    train_units, train_stats = objective.load(request.train_file, tokenizer, role="training")
+    valid_units, valid_stats = objective.load(request.validation_file, tokenizer, role="validation") if request.validation_file else ([], None)
     sink.event("info", f"Training file: {train_stats.n_examples} examples, {train_stats.n_tokens} tokens "
                f"(mean {train_stats.mean_tokens:.0f}, p95 {train_stats.p95_tokens}, {train_stats.n_truncated} truncated)",
                {"train_stats": train_stats.to_dict(), "validation_stats": valid_stats.to_dict() if valid_stats else None})
@@ -200,7 +202,7 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
     total_steps = cfg.total_steps(len(train_units))
     resumed_state = read_checkpoint_config(Path(resume_from)) if resume_from is not None else {}
     if resume_from is not None:
-        cfg = _resumable_config(job.config, cfg, resumed_state["config"], device)
+        cfg = _resumable_config(request.config, cfg, resumed_state["config"], device)
 
     # The seed is set before LoRA init so that adapters start the same.
     seed_everything(cfg.seed)
@@ -208,7 +210,7 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
     # At most the configured tokens per pass, and no more than the pass's examples can hold at the longest length.
     examples_per_pass = cfg.batch_size if cfg.micro_batch_tokens is not None else cfg.micro_batch_size
     tokens_per_micro = min(cfg.max_tokens_per_micro_batch, examples_per_pass * longest)
-    built: BuiltModel = build_model(job.base_model_dir, cfg, device=device, tokens_per_micro_batch=tokens_per_micro)
+    built: BuiltModel = build_model(request.base_model_dir, cfg, device=device, tokens_per_micro_batch=tokens_per_micro)
     optimizer = build_optimizer(built.model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     position = TrainerPosition(step=0, epoch=0, batch_in_epoch=0, trained_tokens=0)
@@ -230,6 +232,10 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
                {"trainable_parameters": built.trainable_parameters, "gradient_checkpointing": built.gradient_checkpointing,
                 "checkpoint_plan": list(built.checkpoint_plan), "compute_dtype": cfg.compute_dtype, "lean_activations": cfg.lean_activations,
                 "fused_kernels": fused, "total_steps": total_steps})
+    if built.not_lean:
+        sink.event("warn", f"lean_activations: {len(built.not_lean)} modules run their own forward, not the lean one "
+                   f"({', '.join(built.not_lean[:3])}{', ...' if len(built.not_lean) > 3 else ''}): slower, and more memory "
+                   "than the plan counted; worker/training/lean_activations.py lists the classes it knows", {"not_lean": list(built.not_lean)})
     if device.type == "cuda":
         # Report the peak of training itself, not of loading (comparable with the memory estimate).
         torch.cuda.reset_peak_memory_stats(device)
@@ -240,8 +246,8 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
     built.model.train()
     # A resumed run starts from the checkpoint's metrics, so that a run with no step left still reports them.
     resumed_metrics: dict[str, float] = dict(resumed_state.get("metrics") or {})
-    run = TrainingRun(
-        job=job, cfg=cfg, device=device, sink=sink, should_stop=should_stop, resume_from=resume_from, started=started,
+    run = TrainingState(
+        request=request, cfg=cfg, device=device, sink=sink, should_stop=should_stop, resume_from=resume_from, started=started,
         objective=objective, tokenizer=tokenizer, train_units=train_units, train_stats=train_stats,
         valid_units=valid_units, valid_stats=valid_stats,
         built=built, optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, fused=fused,
@@ -257,7 +263,9 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
 
 def _resumable_config(given: TrainingConfig, cfg: TrainingConfig, saved: dict[str, Any], device: torch.device) -> TrainingConfig:
     """The config a resumed run continues with: the checkpoint's compute dtype where the job left it 'auto'.
-    Raises ConfigError if any other option differs from the checkpoint's."""
+    Raises ConfigError if any other option differs from the checkpoint's. An option newer than the checkpoint (such
+    as `method`) counts with its default, the behaviour the checkpoint was trained with."""
+    saved = {**{k: v for k, v in TrainingConfig().resolved().items() if k not in saved}, **saved}
     if given.compute_dtype == "auto" and saved.get("compute_dtype") in ("bf16", "fp16", "fp32"):
         cfg = cfg.model_copy(update={"compute_dtype": saved["compute_dtype"]})  # a resumed run keeps the dtype it began with
         check_runtime(cfg, device.type)
@@ -269,7 +277,7 @@ def _resumable_config(given: TrainingConfig, cfg: TrainingConfig, saved: dict[st
     return cfg
 
 
-def train_step(run: TrainingRun, order: list[int]) -> StepMetrics | None:
+def train_step(run: TrainingState, order: list[int]) -> StepMetrics | None:
     """One optimizer step over the next `batch_size` units of `order`, in micro-batches whose gradients add up
     to those of one big batch. Returns its metrics, or None if `should_stop()` interrupted it (nothing applied)."""
     cfg, position, optimizer, scaler, objective = run.cfg, run.position, run.optimizer, run.scaler, run.objective
@@ -321,19 +329,19 @@ def train_step(run: TrainingRun, order: list[int]) -> StepMetrics | None:
     )
 
 
-def evaluate_step(run: TrainingRun) -> dict[str, float]:
+def evaluate_step(run: TrainingState) -> dict[str, float]:
     """Evaluate on the validation file after the current step, and report it."""
     run.last_valid = evaluate(run.model, run.objective, run.valid_units, run.cfg, run.device, run.tokenizer.pad_token_id)
     run.sink.event("info", f"Step {run.position.step}: valid_loss={run.last_valid['valid_loss']:.4f}", run.last_valid)
     return run.last_valid
 
 
-def write_checkpoint(run: TrainingRun, metrics: StepMetrics) -> Path:
+def write_checkpoint(run: TrainingState, metrics: StepMetrics) -> Path:
     """Save and verify a checkpoint of the current position, report it, and drop the oldest past keep_checkpoints."""
     cfg = run.cfg
     path = save_checkpoint(run.model, run.optimizer, run.scheduler, run.position,
-                           Path(run.job.output_dir) / "checkpoints" / checkpoint_name(run.position.step), config=cfg.resolved(),
-                           objective_state=run.objective.state_dict(), extra={"base_model": str(run.job.base_model_dir), "versions": versions(), "metrics": metrics.checkpoint_metrics()})
+                           Path(run.request.output_dir) / "checkpoints" / checkpoint_name(run.position.step), config=cfg.resolved(),
+                           objective_state=run.objective.state_dict(), extra={"base_model": str(run.request.base_model_dir), "versions": versions(), "metrics": metrics.checkpoint_metrics()})
     if path not in run.checkpoints:
         run.checkpoints.append(path)
     run.sink.checkpoint(run.position.step, path, metrics)
@@ -344,15 +352,15 @@ def write_checkpoint(run: TrainingRun, metrics: StepMetrics) -> Path:
     return path
 
 
-def finish(run: TrainingRun) -> TrainResult:
+def finish(run: TrainingState) -> TrainingResult:
     """The result of a stopped run, or: the final checkpoint, copied as the job's adapter, and the result file."""
-    position, output_dir = run.position, Path(run.job.output_dir)
+    position, output_dir = run.position, Path(run.request.output_dir)
     final_train_loss = run.last.train_loss if run.last else None
     final_valid_loss = run.last_valid.get("valid_loss")
     valid_stats = run.valid_stats.to_dict() if run.valid_stats else None
     if run.stopped:
         run.sink.event("info", f"Stopped at step {position.step}")
-        return TrainResult("stopped", position.step, run.total_steps, position.trained_tokens, final_train_loss, final_valid_loss,
+        return TrainingResult("stopped", position.step, run.total_steps, position.trained_tokens, final_train_loss, final_valid_loss,
                            None, run.checkpoints, run.train_stats.to_dict(), valid_stats, time.time() - run.started)
     # Resumed from the final checkpoint (the worker died before the job was marked done): it is the adapter, and it
     # is not written or reported again.
@@ -364,13 +372,14 @@ def finish(run: TrainingRun) -> TrainResult:
     adapter_dir = output_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(final, adapter_dir, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    result = TrainResult("succeeded", position.step, run.total_steps, position.trained_tokens, final_train_loss, final_valid_loss,
+    result = TrainingResult("succeeded", position.step, run.total_steps, position.trained_tokens, final_train_loss, final_valid_loss,
                          adapter_dir, run.checkpoints, run.train_stats.to_dict(), valid_stats, time.time() - run.started)
     (output_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     run.sink.event("info", f"Training finished: {position.step} steps, {position.trained_tokens} tokens, "
-                   f"final train_loss={_fmt(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
+                   f"final train_loss={_loss_text(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
     return result
 
 
-def _fmt(value: float | None) -> str:
+def _loss_text(value: float | None) -> str:
+    """A loss with four decimals, or "n/a" for a run that trained no step."""
     return "n/a" if value is None else f"{value:.4f}"

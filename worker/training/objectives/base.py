@@ -6,7 +6,9 @@ micro-batches, evaluates, checkpoints and writes the adapter. What a method deci
 - `load`: a file's training units (SFT: one tokenized example; a pair-based method: a chosen and a rejected
   completion of one prompt, kept together so that they land in the same micro-batch) and their token counts.
   A unit has `n_tokens`, the tokens it puts into a micro-batch (what packing and the memory plan count).
-- `collate`: a micro-batch of units as tensors.
+- `collate`: a micro-batch of units as tensors. Besides what its `loss` needs, a batch holds `input_ids`, `labels`
+  (IGNORE_INDEX where nothing is trained) and, when padded, `attention_mask`: the recipe counts a step's tokens and
+  target tokens from them (`data.count_tokens`, `data.count_targets`).
 - `weight`: what a micro-batch's loss sum is a sum over (SFT: its target tokens; DPO: its pairs). The recipe
   sums it over a step's micro-batches before the first backward and divides every loss sum by the step's
   total, so that accumulated gradients equal those of one big batch.
@@ -29,7 +31,7 @@ from worker.training import attention
 from worker.training.data import TokenStats, Unit
 
 if TYPE_CHECKING:
-    from worker.training.trainer import TrainingRun
+    from worker.training.trainer import TrainingState
 
 Batch = dict[str, torch.Tensor]
 FileRole = Literal["training", "validation"]
@@ -58,7 +60,7 @@ class Objective(Protocol):
 
     def loss(self, model: Any, batch: Batch, device: torch.device, amp_dtype: torch.dtype | None) -> LossOutput: ...
 
-    def prepare(self, run: TrainingRun) -> None:
+    def prepare(self, run: TrainingState) -> None:
         """Before step 1 of a run that did not resume (a resumed one gets `load_state_dict` instead)."""
         ...
 

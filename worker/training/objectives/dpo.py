@@ -39,7 +39,7 @@ from worker.training.preference import (
 )
 
 if TYPE_CHECKING:
-    from worker.training.trainer import TrainingRun
+    from worker.training.trainer import TrainingState
 
 PAIR_INDEX = "pair_index"  # a batch key: which pairs (of which file) the rows are, to find their reference log-probs
 ROLE_CODE = {"training": 0, "validation": 1}
@@ -95,7 +95,7 @@ class DpoObjective:
         rows = torch.stack([self.reference[_role(int(i))][int(i) & 0xFFFFFFFF] for i in index]).to(policy.chosen.device)
         return replace(policy, chosen=rows[:, 0], rejected=rows[:, 1])
 
-    def prepare(self, run: TrainingRun) -> None:
+    def prepare(self, run: TrainingState) -> None:
         """Report dropped pairs, and compute the reference log-probs of every pair once (the policy at init)."""
         for role, stats in self.pair_stats.items():
             if stats.n_dropped:
