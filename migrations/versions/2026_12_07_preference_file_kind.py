@@ -5,7 +5,7 @@ the shape it found. Files uploaded before this revision could not hold pairs (th
 processed ones are supervised; a file that failed validation has no kind.
 
 Revision ID: preference_file_kind
-Revises: 0006
+Revises: engine_seam_job_method
 Create Date: 2026-12-07
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "preference_file_kind"
-down_revision: str | None = "0006"
+down_revision: str | None = "engine_seam_job_method"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
