@@ -245,3 +245,29 @@ def test_jobs_before_the_method_option_become_supervised_jobs(tmp_path):
         assert stored() == old_config
     finally:
         engine.dispose()
+
+
+def test_files_before_the_kind_column_are_supervised_when_processed(tmp_path):
+    """Files uploaded before files.kind could not hold pairs (they failed validation): processed ones become
+    'supervised', failed ones have no kind."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'qlora.db'}"
+    config = alembic_config(url)
+    command.upgrade(config, "engine_seam_job_method")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO projects (name, created_at) VALUES ('p', 0)"))
+            for file_id, status in (("file-ok", "processed"), ("file-bad", "error")):
+                conn.execute(sa.text(
+                    "INSERT INTO files (id, project, filename, purpose, bytes, sha256, status, storage_key, created_at) "
+                    "VALUES (:id, 'p', 'f.jsonl', 'fine-tune', 1, 'x', :status, 'files/x', 0)"), {"id": file_id, "status": status})
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            kinds = dict(conn.execute(sa.text("SELECT id, kind FROM files")).all())
+        assert kinds == {"file-ok": "supervised", "file-bad": None}
+        command.downgrade(config, "engine_seam_job_method")
+    finally:
+        engine.dispose()
