@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from api.errors import RequestIdMiddleware, register_error_handlers
 from api.guard import RequestGuard
-from api.metrics import Metrics, MetricsMiddleware
+from api.metrics import Metrics, MetricsMiddleware, serve_metrics
 from api.openapi import V1_ERRORS, drop_422
 from api.routes import chat, files, health, jobs, models
 from api.ui import mount_dashboard
@@ -38,7 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Prometheus' scrape target, on a port of its own (not the API's): docs/operations.md, "Security model".
+        stop_metrics = serve_metrics(_app.state.metrics, settings.metrics_host, settings.metrics_port) if settings.metrics_port else None
         yield
+        if stop_metrics:
+            stop_metrics()
         await _app.state.inference.aclose()
         _app.state.database_probe.close()
         celery_app.close()

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     inference_base_weights: Literal["16bit", "nf4"] = Field("16bit", description="Embedded inference server: serve base models in 16 bits or quantized to 4-bit NF4 (bitsandbytes).")
     inference_max_new_tokens: int = Field(512, ge=1, description="Embedded inference server: tokens generated when a request sets no max_tokens.")
     inference_max_waiting: int = Field(32, ge=1, description="Embedded inference server: requests waiting or generating at once; more get 503 with x-should-retry.")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Port of the API process's Prometheus listener (GET /metrics), apart from the API's port so that only the monitoring network reaches it; unset: no metrics served.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds (compose: 0.0.0.0 inside the container, the port not published).")
     log_format: Literal["text", "json"] = Field("text", description="Log lines of every process: 'text' (readable) or 'json' (one object a line, with request_id and job_id).")
     outage_retry_s: float = Field(120.0, gt=0, description="How long a running job's writes are retried through a database or storage outage before the run stops and the sweeper takes the job over.")
 
