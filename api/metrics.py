@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
-from starlette.routing import Mount, Route, compile_path
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.openapi import path_patterns
 from core.models import Job, JobEvent, SweeperAction
 from core.queue import queued_training_jobs
 from core.settings import Settings
@@ -122,12 +123,12 @@ def method_label(scope: Scope) -> str:
 
 
 def route_templates(app: Any) -> list[tuple[re.Pattern[str], str]]:
-    """The app's own route templates, each with the pattern of the paths it serves: its OpenAPI paths and the
-    other routes and mounts (/docs, /ui/{path}). Literal templates first, so `/v1/fine_tuning/jobs` is not taken
-    for a parameter."""
-    templates = {path: compile_path(path)[0] for path in app.openapi()["paths"]}
-    templates.update({route.path_format: route.path_regex for route in app.routes if isinstance(route, (Route, Mount))})
-    return sorted(((regex, path) for path, regex in templates.items()), key=lambda item: (item[1].count("{"), item[1]))
+    """The app's own route templates, each with the pattern of the paths it serves: its OpenAPI paths (literal
+    ones first), then the other routes and mounts (/docs, /ui/{path})."""
+    templates = [(regex, path) for regex, path, _ in path_patterns(app)]
+    known = {path for _, path in templates}
+    return templates + [(route.path_regex, route.path_format) for route in app.routes
+                        if isinstance(route, (Route, Mount)) and route.path_format not in known]
 
 
 def route_template(scope: Scope, templates: list[tuple[re.Pattern[str], str]]) -> str:
