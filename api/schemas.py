@@ -11,7 +11,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from contract.hyperparameters import Hyperparameters, echo
+from contract.hyperparameters import Hyperparameters, wire_hyperparameters
 from contract.metrics import finite_floats
 from core.models import Checkpoint, Export, File, Job, JobEvent
 
@@ -112,7 +112,7 @@ class FineTuningJob(BaseModel):
 
     @classmethod
     def from_row(cls, row: Job) -> FineTuningJob:
-        hyperparameters = echo(row.hyperparameters, row.training_config)
+        hyperparameters = wire_hyperparameters(row.hyperparameters, row.training_config)
         return cls(
             id=row.id,
             created_at=row.created_at,

@@ -18,16 +18,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import openai
-import yaml
 
 from cli import output
 from cli.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from contract.job_file import SERVICE_KEYS, JobFileError, read_job_file
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
-# The keys of a job file: the engine CLI's (worker/training/cli.py), so its YAML files work here unchanged, plus
-# the API's own names and fields.
-JOB_FILE_KEYS = {"model", "base_model", "training_file", "train_file", "validation_file", "output_dir", "suffix", "seed", "metadata",
-                 "hyperparameters"}
 
 
 class UsageError(Exception):
@@ -151,30 +147,16 @@ def cmd_files_list(ctx: Context) -> int:
 # --- jobs ---------------------------------------------------------------------------------------------------
 
 
-def read_job_file(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a mapping at the top level")
-    unknown = set(data) - JOB_FILE_KEYS
-    if unknown:
-        raise UsageError(f"{path}: unknown keys {sorted(unknown)} (expected some of {sorted(JOB_FILE_KEYS)})")
-    if data.get("hyperparameters") is not None and not isinstance(data["hyperparameters"], dict):
-        raise UsageError(f"{path}: hyperparameters must be a mapping")
-    return data
-
-
 def job_request(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
     """The job's fields from the job file (if any) with the flags over them, and the directory that relative
     file paths of the job file are relative to."""
     spec: dict[str, Any] = {}
     here = None
     if args.file is not None:
-        spec = read_job_file(args.file)
+        try:
+            spec = read_job_file(args.file, SERVICE_KEYS)  # the engine CLI's reader, so one file works with both
+        except JobFileError as exc:
+            raise UsageError(str(exc)) from None
         here = args.file.resolve().parent
         if "base_model" in spec and "model" not in spec:
             # The engine's base_model is a directory; the service names its base models by directory name.

@@ -61,7 +61,7 @@ class Job(Base):
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # The hyperparameters object as the request gave it, and the options resolved from it once, at the request
     # (`TrainingConfig.resolved()`: every option, the seed included). The wire's `hyperparameters`, `method` and
-    # `seed` are rendered from these two (contract.hyperparameters.echo); the worker builds its config from the second.
+    # `seed` are rendered from these two (contract.hyperparameters.wire_hyperparameters); the worker builds its config from the second.
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     training_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -89,9 +89,9 @@ class DatabaseSink:
         data: dict[str, Any] = dict(values)
         if self.total_steps is not None:
             data["total_steps"] = self.total_steps
-        message = f"Step {step}/{self.total_steps or '?'}: training loss={_fmt(values.get('train_loss'))}"
+        message = f"Step {step}/{self.total_steps or '?'}: training loss={_number_or_na(values.get('train_loss'))}"
         if "valid_loss" in values:
-            message += f", validation loss={_fmt(values['valid_loss'])}"
+            message += f", validation loss={_number_or_na(values['valid_loss'])}"
         estimated_finish = self._estimate_finish(step)
 
         def write(session: Session) -> None:
@@ -211,5 +211,6 @@ class DatabaseSink:
         return int(t + max(self.total_steps - step, 0) * seconds_per_step)
 
 
-def _fmt(value: Any) -> str:
+def _number_or_na(value: Any) -> str:
+    """A number to 4 decimals; "n/a" for anything else (a metric the step did not have, or null)."""
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"

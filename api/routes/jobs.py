@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
 from api.hyperparameters import job_options
-from api.model_dirs import find_base_model, read_config_json, weights_bytes
+from api.model_dirs import base_config, find_base_model, weights_bytes
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
 from api.quotas import check_stored_bytes
@@ -49,6 +49,7 @@ from core.models import File as FileRow
 from core.queue import send_export_task
 from core.settings import Settings
 from core.storage import ObjectNotFound
+from worker.training.tunables import LOSS_CHUNK_TOKENS
 
 logger = logging.getLogger("api")
 
@@ -85,11 +86,11 @@ def _usable_file(session: Session, project: str, file_id: str, param: str) -> Fi
 def _add_memory_estimate(session: Session, job_id: str, model_dir: Path, cfg: TrainingConfig) -> None:
     """An info event with the estimated peak GPU memory. A config.json the estimate cannot read (not a
     Llama-family decoder, or broken) only means no estimate: it must not stop the job."""
-    model_config = read_config_json(model_dir)
+    model_config = base_config(model_dir)
     if model_config is None:
         return
     try:
-        estimate = estimate_memory(model_config, cfg)
+        estimate = estimate_memory(model_config, cfg, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
     except (ValueError, ArithmeticError, TypeError) as exc:
         logger.info("no memory estimate for job %s: %s", job_id, exc)
         return
@@ -169,7 +170,7 @@ def create_job(
         raise quota_exceeded(f"This project has {queued} queued jobs, the most it may have waiting at once",
                              "QLORA_MAX_QUEUED_JOBS_PER_PROJECT")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    given, cfg = job_options(body, seed, read_config_json(model_dir))
+    given, cfg = job_options(body, seed, base_config(model_dir))
     _check_step_limit(body, cfg, training.n_examples or 0, settings.max_steps_per_job)
 
     # Files were validated at upload, so the job starts queued.

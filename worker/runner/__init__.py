@@ -40,7 +40,7 @@ from worker.runner.claim import Heartbeat, default_worker_id
 from worker.runner.inputs import JobFailure, download, load_spec, unpack_archive
 from worker.runner.results import store_results
 from worker.training.checkpoint import CheckpointError
-from worker.training.model import pick_device, resolve_compute_dtype
+from worker.training.model import decide_for_device, pick_device
 from worker.training.trainer import NonFiniteLossError, TrainingJob, train
 
 __all__ = ["FAILED", "NOT_CLAIMED", "STOPPED", "SUCCEEDED", "JobFailure", "default_worker_id", "remove_dead_workdirs",
@@ -131,8 +131,8 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     config = TrainingConfig.from_dict(spec.training_config)  # the row's resolved options, as the API accepted them
     if config.compute_dtype == "auto":
         # Decided once, on the machine that first runs the job, and stored: a resumed run keeps the same dtype.
-        # Only the dtype: lean_activations stays 'auto', decided by each run for its own device.
-        config = config.model_copy(update={"compute_dtype": resolve_compute_dtype("auto", pick_device(), quantization=config.quantization)})
+        # Only the dtype: the other 'auto' options stay so, decided by each run for its own device (docs/training.md).
+        config = config.model_copy(update={"compute_dtype": decide_for_device(config, pick_device()).compute_dtype})
         with session_scope(session_factory) as session:
             record_resolved_options(session, job_id, worker_id, {"compute_dtype": config.compute_dtype})
     assert settings.models_dir is not None

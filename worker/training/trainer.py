@@ -355,15 +355,14 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
         position = TrainerPosition(**state["position"])
         restore_rng(state["rng"])
         sink.event("info", f"Resumed from {resume_from} at step {position.step}")
-    fused = cfg.resolved_fused_kernels(device.type)
+    fused = built.choices.fused_kernels
     sink.start(total_steps)
     sink.event("info", f"Model loaded: {built.trainable_parameters:,} trainable of {built.total_parameters:,} parameters, "
-               f"quantization={cfg.quantization}, compute_dtype={cfg.compute_dtype}, attention={cfg.resolved_attn_implementation}, "
+               f"quantization={cfg.quantization}, compute_dtype={cfg.compute_dtype}, attention={built.choices.attn_implementation}, "
                f"lean activations={'on' if cfg.lean_activations else 'off'}, fused kernels={'on' if fused else 'off'}, "
                f"checkpointing per layer: {built.plan_summary()}, device={device.type}",
                {"trainable_parameters": built.trainable_parameters, "gradient_checkpointing": built.gradient_checkpointing,
-                "checkpoint_plan": list(built.checkpoint_plan), "compute_dtype": cfg.compute_dtype, "lean_activations": cfg.lean_activations,
-                "fused_kernels": fused, "total_steps": total_steps})
+                **built.choices.to_dict(), "total_steps": total_steps})
     if device.type == "cuda":
         # Report the peak of training itself, not of loading (comparable with the memory estimate).
         torch.cuda.reset_peak_memory_stats(device)
@@ -388,9 +387,8 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
 def _resumable_config(given: TrainingConfig, cfg: TrainingConfig, saved: dict[str, Any], device: torch.device) -> TrainingConfig:
     """The config a resumed run continues with: the checkpoint's compute dtype where the job left it 'auto'.
     Raises ConfigError if any other option differs from the checkpoint's."""
-    if given.compute_dtype == "auto" and saved.get("compute_dtype") in ("bf16", "fp16", "fp32"):
-        cfg = cfg.model_copy(update={"compute_dtype": saved["compute_dtype"]})  # a resumed run keeps the dtype it began with
-        check_runtime(cfg, device.type)
+    cfg = resolve_for_device(given, device, earlier=saved)  # a resumed run keeps the dtype it began with
+    check_runtime(cfg, device.type)
     if given.lean_activations == "auto":  # decided per device; the results are the same either way
         saved = {**saved, "lean_activations": cfg.lean_activations}
     if saved != cfg.resolved():
@@ -498,11 +496,12 @@ def finish(run: TrainingRun) -> TrainResult:
                          adapter_dir, run.checkpoints, run.train_stats.to_dict(), valid_stats, time.time() - run.started)
     (output_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     run.sink.event("info", f"Training finished: {position.step} steps, {position.trained_tokens} tokens, "
-                   f"final train_loss={_fmt(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
+                   f"final train_loss={_loss_or_na(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
     return result
 
 
-def _fmt(value: float | None) -> str:
+def _loss_or_na(value: float | None) -> str:
+    """A loss to 4 decimals; "n/a" for a run that has none."""
     return "n/a" if value is None else f"{value:.4f}"
 
 
