@@ -112,14 +112,20 @@ def quantization_config(model_config: Any) -> Mapping[str, Any] | None:
     return qc or None
 
 
+def _method(qc: Mapping[str, Any]) -> str | None:
+    """quant_method, lower case (transformers' QuantizationMethod is a str enum); None where it is not a string."""
+    method = qc.get("quant_method")
+    return str.lower(method) if isinstance(method, str) else None
+
+
 def stored_format(model_config: Any) -> dict[str, Any] | None:
     """How a base is stored already: ``{"method": ..., "bits": ..., "group_size": ...}`` (bits and group_size None
     where the method does not say), or None for a plain 16/32-bit base, which jobs quantize on load, and for a
     quantization_config that names no method."""
     qc = quantization_config(model_config)
-    if qc is None or not isinstance(qc.get("quant_method"), str):
+    method = _method(qc) if qc is not None else None
+    if qc is None or method is None:
         return None
-    method = qc["quant_method"].lower()
     bits = qc.get("bits")
     if method == "bitsandbytes":
         bits = 4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else None
@@ -135,7 +141,7 @@ def base_quantization(model_config: Any) -> str | None:
     qc = quantization_config(model_config)
     if qc is None:
         return None
-    method = str(qc.get("quant_method", "")).lower()
+    method = _method(qc)
     if method in PREQUANTIZED_METHODS:
         return method
     raise ConfigError(f"the base model is stored quantized with {method or 'an unknown method'!r}; this service trains on float "
