@@ -335,7 +335,7 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
     total_steps = cfg.total_steps(len(train_tok))
     resumed_state = read_checkpoint_config(Path(resume_from)) if resume_from is not None else {}
     if resume_from is not None:
-        cfg = _resumable_config(job.config, cfg, resumed_state["config"], device)
+        cfg = _resumable_config(job.config, resumed_state["config"], device)
 
     # The seed is set before LoRA init so that adapters start the same.
     seed_everything(cfg.seed)
@@ -384,7 +384,7 @@ def setup(job: TrainingJob, sink: Sink, should_stop: Callable[[], bool], resume_
     )
 
 
-def _resumable_config(given: TrainingConfig, cfg: TrainingConfig, saved: dict[str, Any], device: torch.device) -> TrainingConfig:
+def _resumable_config(given: TrainingConfig, saved: dict[str, Any], device: torch.device) -> TrainingConfig:
     """The config a resumed run continues with: the checkpoint's compute dtype where the job left it 'auto'.
     Raises ConfigError if any other option differs from the checkpoint's."""
     cfg = resolve_for_device(given, device, earlier=saved)  # a resumed run keeps the dtype it began with
