@@ -78,3 +78,10 @@ export async function download(path, filename) {
   link.remove();
   setTimeout(() => URL.revokeObjectURL(url), 60000);
 }
+
+// A form of one labelled input (its help text tied to it by the input's aria-describedby) under a heading, then
+// `rest` (its button, where its messages go).
+export function oneFieldForm({id, cls, title, label, input, help}, ...rest) {
+  return h("form", {class: cls, id}, h("h1", {}, title), h("label", {for: input.id}, label), input,
+    h("p", {id: input.getAttribute("aria-describedby"), class: "help"}, ...help), ...rest);
+}

@@ -1,7 +1,7 @@
 // #/signin: the API key, checked with GET /v1/models before it is kept.
 
 import {api, signIn} from "../api.js";
-import {act, h, main, setTitle} from "../dom.js";
+import {act, h, main, oneFieldForm, setTitle} from "../dom.js";
 
 export async function signInPage() {
   setTitle("Sign in");
@@ -9,15 +9,9 @@ export async function signInPage() {
   const input = h("input", {id: "api-key", name: "api-key", type: "password", autocomplete: "off", required: true,
                             "aria-describedby": "api-key-help", spellcheck: "false"});
   const button = h("button", {type: "submit", id: "sign-in"}, "Sign in");
-  const form = h("form", {class: "card narrow", id: "sign-in-form"},
-    h("h1", {}, "Sign in"),
-    h("label", {for: "api-key"}, "API key"),
-    input,
-    h("p", {id: "api-key-help", class: "help"},
-      "A key from QLORA_API_KEYS, or the one `make run` printed ($QLORA_HOME/api_key). It is kept in this browser tab ",
-      "only (sessionStorage) and sent as the Authorization header of each request."),
-    button,
-    errors);
+  const form = oneFieldForm({id: "sign-in-form", cls: "card narrow", title: "Sign in", label: "API key", input, help: [
+    "A key from QLORA_API_KEYS, or the one `make run` printed ($QLORA_HOME/api_key). It is kept in this browser tab ",
+    "only (sessionStorage) and sent as the Authorization header of each request."]}, button, errors);
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     act(button, errors, async () => {

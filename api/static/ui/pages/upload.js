@@ -2,7 +2,7 @@
 
 import {api} from "../api.js";
 import {fmtBytes, fmtTime} from "../format.js";
-import {act, h, main, setTitle, statusBadge} from "../dom.js";
+import {act, h, main, oneFieldForm, setTitle, statusBadge} from "../dom.js";
 
 // The API's status_details ("line 3: invalid_file_format: not valid JSON; ...; (12 problems in all)") as list items.
 function faultItems(details) {
@@ -24,14 +24,9 @@ export async function uploadPage(current) {
   const input = h("input", {id: "upload-file", name: "file", type: "file", accept: ".jsonl,.json,.txt,application/jsonl", required: true,
                             "aria-describedby": "upload-help"});
   const button = h("button", {type: "submit", id: "upload-button"}, "Upload and validate");
-  const form = h("form", {class: "card", id: "upload-form"},
-    h("h1", {}, "Upload training data"),
-    h("label", {for: "upload-file"}, "JSONL file"),
-    input,
-    h("p", {id: "upload-help", class: "help"},
-      "One chat example a line: {\"messages\": [{\"role\": \"user\", ...}, {\"role\": \"assistant\", ...}]}. ",
-      "The API validates every line as it stores the file and names the lines at fault (docs/training.md)."),
-    button, errors, result);
+  const form = oneFieldForm({id: "upload-form", cls: "card", title: "Upload training data", label: "JSONL file", input, help: [
+    "One chat example a line: {\"messages\": [{\"role\": \"user\", ...}, {\"role\": \"assistant\", ...}]}. ",
+    "The API validates every line as it stores the file and names the lines at fault (docs/training.md)."]}, button, errors, result);
   const list = h("div", {id: "files-list"});
   main.append(form, h("section", {"aria-labelledby": "h-files"}, h("h2", {id: "h-files"}, "Your files"), list));
 
