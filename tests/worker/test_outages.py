@@ -136,7 +136,8 @@ def test_a_lasting_database_outage_leaves_the_job_to_the_sweeper_which_resumes_i
         def send_task(self, *args, **kwargs):  # noqa: ANN002, ANN003
             pass
 
-    wait_until(lambda: sweep(settings, direct, Sent())["requeued"] == [job_id], 30, interval_s=0.5, message="the requeue")
+    # The sweeper's clock past the heartbeat timeout, instead of waiting for it.
+    assert sweep(settings, direct, Sent(), clock=lambda: time.time() + settings.heartbeat_timeout_s + 1)["requeued"] == [job_id]
     assert runner.run_job(job_id, settings, direct, storage) == runner.SUCCEEDED
     job = get_job(direct, job_id)
     assert job.status == "succeeded" and job.attempt == 2
@@ -203,7 +204,8 @@ def test_a_full_local_disk_stops_the_run_without_failing_the_job(postgres_url, m
             def send_task(self, *args, **kwargs):  # noqa: ANN002, ANN003
                 pass
 
-        wait_until(lambda: sweep(settings, factory, Sent())["requeued"] == [job_id], 30, interval_s=0.5, message="the requeue")
+        later = time.time() + settings.heartbeat_timeout_s + 1  # the sweeper's clock past the heartbeat timeout
+        assert sweep(settings, factory, Sent(), clock=lambda: later)["requeued"] == [job_id]
         assert runner.run_job(job_id, settings, factory, storage) == runner.SUCCEEDED
         assert metric_steps(factory, job_id) == list(range(1, 7))
         assert [c.step for c in checkpoints(factory, job_id)] == [2, 4, 6]
