@@ -106,6 +106,10 @@ class FineTuningJob(BaseModel):
     finished_at: int | None
     trained_tokens: int | None
     estimated_finish: int | None
+    total_steps: int | None = Field(description="Extension: the optimizer steps the job trains in all; null until a worker has loaded the model.")
+    memory_estimate: dict[str, Any] | None = Field(
+        description="Extension: the estimated peak GPU memory in bytes, by part (`total`, `base_weights`, ...), made when the job was created; "
+                    "null when the base model's config.json allows no estimate.")
     integrations: list[Any] | None
     metadata: dict[str, str] | None
     user_provided_suffix: str | None = Field(description="The suffix the job was created with (OpenAI sends it too).")
@@ -130,6 +134,8 @@ class FineTuningJob(BaseModel):
             finished_at=row.finished_at,
             trained_tokens=row.trained_tokens,
             estimated_finish=row.estimated_finish,
+            total_steps=row.total_steps,
+            memory_estimate=row.memory_estimate,
             integrations=row.integrations,
             metadata=row.metadata_,
             user_provided_suffix=row.suffix,

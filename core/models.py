@@ -78,6 +78,11 @@ class Job(Base):
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The optimizer steps the job trains in all (its worker writes it once the model is loaded) and the estimated
+    # peak GPU memory made at creation (contract.memory.MemoryEstimate.to_dict(); None when the base's config.json
+    # allows none). The per-step numbers live in job_metrics.
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory_estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # Worker bookkeeping (not on the wire).
     worker_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -26,7 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.metrics import StepMetrics
 from core import ids
 from core.db import session_scope
-from core.jobs import add_event, checkpoint_model_name, fine_tuned_model_name, heartbeat
+from core.jobs import add_event, heartbeat
+from core.model_names import checkpoint_model_name, fine_tuned_model_name
 from core.models import Checkpoint, Job, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
 from worker.retry import outlast
@@ -76,6 +77,8 @@ class DatabaseSink:
 
     def start(self, total_steps: int) -> None:
         self.total_steps = total_steps
+        self._write(lambda session: session.execute(update(Job).where(Job.id == self.job_id).values(total_steps=total_steps)
+                                                    .execution_options(synchronize_session=False)))
 
     def event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
         level = {"warning": "warn"}.get(level, level)
@@ -86,6 +89,9 @@ class DatabaseSink:
 
     def metrics(self, step: int, metrics: StepMetrics) -> None:
         values = metrics.to_dict()  # the checkpoint object's metrics first; non-finite numbers are None already
+        # The step's numbers are stored once, in job_metrics (every reader in the service reads them there); the
+        # metrics event repeats them with total_steps because OpenAI's events list carries them (clients, `qlora
+        # jobs watch`, read them there).
         data: dict[str, Any] = dict(values)
         if self.total_steps is not None:
             data["total_steps"] = self.total_steps

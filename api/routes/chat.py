@@ -26,8 +26,8 @@ from api.openapi import error_responses
 from api.schemas import first_unstorable
 from core import logs
 from core.chat import ChatCompletionCreate
-from core.exports import adapter_filename
 from core.jobs import JobStatus
+from core.model_names import adapter_filename
 from core.models import Checkpoint, File, Job
 from core.settings import Settings
 

@@ -15,7 +15,8 @@ from sqlalchemy import select, update
 
 from api.schemas import FineTuningJob
 from core.db import session_scope
-from core.jobs import cancel_job, fine_tuned_model_name
+from core.jobs import cancel_job
+from core.model_names import fine_tuned_model_name
 from core.models import File, Job, JobMetric
 from core.storage import S3Storage
 from tests.worker.helpers import (

@@ -77,7 +77,7 @@ def _run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sess
         dispatch_next(project)
 
     stop = threading.Event()
-    beat = Heartbeat(job_id, worker_id, session_factory, settings.heartbeat_interval_s, on_lost=stop.set)
+    beat = Heartbeat(Job, job_id, worker_id, session_factory, settings.heartbeat_interval_s, on_lost=stop.set)
     beat.start()
     remove_dead_workdirs()
     workdir = Path(tempfile.mkdtemp(prefix=f"qlora-{job_id}-{os.getpid()}-"))
