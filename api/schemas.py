@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 
 from contract.hyperparameters import Hyperparameters, echo
 from contract.metrics import finite_floats
-from core.models import Checkpoint, Export, File, Job, JobEvent
+from core.models import Checkpoint, Export, File, Job, JobEvent, Upload, UploadPart, now
 
 T = TypeVar("T")
 
@@ -311,3 +311,53 @@ class JobCreate(_ClosedBody):
             if len(item) > MAX_METADATA_VALUE:
                 raise ValueError(f"the value of {key!r} is longer than {MAX_METADATA_VALUE} characters")
         return value
+
+
+# --- uploads (POST /v1/uploads) ----------------------------------------------------------------------------------
+
+
+class UploadExpiresAfter(_ClosedBody):
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2592000)
+
+
+class UploadCreate(_ClosedBody):
+    filename: str = Field(min_length=1, max_length=512)
+    purpose: str = Field(description="Only 'fine-tune' is accepted.", json_schema_extra={"enum": ["fine-tune"]})
+    bytes: int = Field(ge=1, description="The size of the whole file; the parts must add up to it.")
+    mime_type: str = Field(min_length=1, max_length=256)
+    expires_after: UploadExpiresAfter | None = Field(None, description="When the file made at completion expires.")
+
+
+class UploadComplete(_ClosedBody):
+    part_ids: list[str] = Field(min_length=1, max_length=10000, description="The parts, in the order they make the file.")
+    md5: str | None = Field(None, max_length=64, description="MD5 of the whole file, hex; checked when given.")
+
+
+class UploadObject(BaseModel):
+    id: str
+    object: Literal["upload"] = "upload"
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["pending", "completed", "cancelled", "expired"]
+    file: FileObject | None
+
+    @classmethod
+    def from_row(cls, row: Upload, file: File | None = None) -> UploadObject:
+        status = "expired" if row.status == "pending" and row.expires_at <= now() else row.status
+        return cls(id=row.id, bytes=row.bytes, created_at=row.created_at, expires_at=row.expires_at, filename=row.filename,
+                   purpose=row.purpose, status=status, file=FileObject.from_row(file) if file is not None else None)
+
+
+class UploadPartObject(BaseModel):
+    id: str
+    object: Literal["upload.part"] = "upload.part"
+    created_at: int
+    upload_id: str
+
+    @classmethod
+    def from_row(cls, row: UploadPart) -> UploadPartObject:
+        return cls(id=row.id, created_at=row.created_at, upload_id=row.upload_id)
