@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 
 from contract.hyperparameters import Hyperparameters, echo
 from contract.metrics import finite_floats
-from core.models import Checkpoint, Export, File, Job, JobEvent, Upload, UploadPart, now
+from core.models import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, UploadPart, now
 
 T = TypeVar("T")
 
@@ -361,3 +361,27 @@ class UploadPartObject(BaseModel):
     @classmethod
     def from_row(cls, row: UploadPart) -> UploadPartObject:
         return cls(id=row.id, created_at=row.created_at, upload_id=row.upload_id)
+
+
+# --- checkpoint permissions ----------------------------------------------------------------------------------------
+
+
+class PermissionCreate(_ClosedBody):
+    project_ids: list[str] = Field(min_length=1, max_length=100, description="The projects to grant the checkpoint model to.")
+
+
+class CheckpointPermissionObject(BaseModel):
+    id: str
+    object: Literal["checkpoint.permission"] = "checkpoint.permission"
+    created_at: int
+    project_id: str
+
+    @classmethod
+    def from_row(cls, row: CheckpointPermission) -> CheckpointPermissionObject:
+        return cls(id=row.id, created_at=row.created_at, project_id=row.project)
+
+
+class CheckpointPermissionDeleted(BaseModel):
+    id: str
+    object: Literal["checkpoint.permission"] = "checkpoint.permission"
+    deleted: bool

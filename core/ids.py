@@ -35,3 +35,7 @@ def upload_id() -> str:
 
 def upload_part_id() -> str:
     return f"part_{_token()}"
+
+
+def checkpoint_permission_id() -> str:
+    return f"cp_{_token()}"

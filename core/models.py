@@ -156,6 +156,20 @@ class Checkpoint(Base):
     __table_args__ = (Index("ix_checkpoints_job_seq", "job_id", "seq"),)
 
 
+class CheckpointPermission(Base):
+    """A checkpoint model shared with another project (POST /v1/fine_tuning/checkpoints/{name}/permissions): that
+    project may use it (chat) while the row exists and the job's model is not deleted."""
+
+    __tablename__ = "checkpoint_permissions"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"))
+    project: Mapped[str] = mapped_column(String(128))  # the project granted
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+    __table_args__ = (UniqueConstraint("checkpoint_id", "project", name="uq_checkpoint_permissions_checkpoint_project"),)
+
+
 class Export(Base):
     """A merged export of a succeeded job's model (POST /v1/fine_tuning/jobs/{id}/export): the adapter merged into
     the 16-bit base, as a `fine-tune-results` file once it succeeds."""
