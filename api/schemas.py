@@ -129,7 +129,7 @@ class FineTuningJob(BaseModel):
             fine_tuned_model=row.fine_tuned_model,
             finished_at=row.finished_at,
             trained_tokens=row.trained_tokens,
-            estimated_finish=row.estimated_finish,
+            estimated_finish=row.estimated_finish if row.status == "running" else None,  # an estimate only while it runs
             integrations=row.integrations,
             metadata=row.metadata_,
             user_provided_suffix=row.suffix,
@@ -167,9 +167,19 @@ class FineTuningJobCheckpoint(BaseModel):
             fine_tuned_model_checkpoint=row.fine_tuned_model_checkpoint,
             fine_tuning_job_id=row.job_id,
             step_number=row.step,
-            # Floats only, as the SDK's type says: a missing (null) or non-finite metric is left out.
-            metrics=finite_floats(row.metrics or {}),
+            metrics=checkpoint_wire_metrics(row.metrics or {}),
         )
+
+
+def checkpoint_wire_metrics(stored: dict[str, Any]) -> dict[str, float]:
+    """Floats only, as the SDK's type says: a missing (null) or non-finite metric is left out. The engine's evaluation
+    always runs over the whole validation file, so a step that evaluated also carries OpenAI's optional
+    `full_valid_loss` / `full_valid_mean_token_accuracy` (OpenAI's `valid_*` come from a sample; ours are full)."""
+    metrics = finite_floats(stored)
+    for name in ("valid_loss", "valid_mean_token_accuracy"):
+        if name in metrics:
+            metrics[f"full_{name}"] = metrics[name]
+    return metrics
 
 
 class ModelQuantization(BaseModel):
