@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 
 from contract.hyperparameters import Hyperparameters, echo
 from contract.metrics import finite_floats
-from core.models import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, UploadPart, now
+from core.models import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, now
 
 T = TypeVar("T")
 
@@ -37,6 +37,10 @@ class CursorPage(Page[T], Generic[T]):
 
     first_id: str | None
     last_id: str | None
+
+    @classmethod
+    def of(cls, data: list[Any], has_more: bool) -> CursorPage[Any]:
+        return cls(data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
 # --- files --------------------------------------------------------------------------------------------------------
@@ -363,14 +367,13 @@ class UploadObject(BaseModel):
 
 
 class UploadPartObject(BaseModel):
+    """Read from the part's row as it is (`model_validate(row)`)."""
+
+    model_config = ConfigDict(from_attributes=True)
     id: str
     object: Literal["upload.part"] = "upload.part"
     created_at: int
     upload_id: str
-
-    @classmethod
-    def from_row(cls, row: UploadPart) -> UploadPartObject:
-        return cls(id=row.id, created_at=row.created_at, upload_id=row.upload_id)
 
 
 # --- checkpoint permissions ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from api.deps import CurrentProject, SessionDep, SettingsDep
 from api.errors import bad_request, not_found
 from api.openapi import error_responses
-from api.pagination import cursor_seq, fetch_page
+from api.pagination import fetch_page_after
 from api.schemas import CheckpointPermissionDeleted, CheckpointPermissionObject, CursorPage, Page, PermissionCreate, first_unstorable
 from core import ids
 from core.models import Checkpoint, CheckpointPermission, Job, now
@@ -74,12 +74,8 @@ def list_permissions(
     where = [CheckpointPermission.checkpoint_id == checkpoint.id]
     if project_id is not None:
         where.append(CheckpointPermission.project == project_id)
-    after_seq = cursor_seq(session, CheckpointPermission.id, CheckpointPermission.seq, after, *where) if after else None
-    rows, has_more = fetch_page(session, select(CheckpointPermission).where(*where), CheckpointPermission.seq, after_seq=after_seq,
-                                limit=limit, newest_first=order == "descending")
-    data = [CheckpointPermissionObject.from_row(row) for row in rows]
-    return CursorPage[CheckpointPermissionObject](data=data, has_more=has_more, first_id=data[0].id if data else None,
-                                                  last_id=data[-1].id if data else None)
+    rows, has_more = fetch_page_after(session, CheckpointPermission, where, after=after, limit=limit, newest_first=order == "descending")
+    return CursorPage[CheckpointPermissionObject].of([CheckpointPermissionObject.from_row(row) for row in rows], has_more)
 
 
 @router.delete("/{permission_id}", response_model=CheckpointPermissionDeleted, summary="Revoke a checkpoint model's permission",

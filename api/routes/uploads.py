@@ -108,7 +108,7 @@ def add_part(upload_id: str, project: CurrentProject, session: SessionDep, stora
     except BaseException:
         delete_quietly(storage, part.storage_key)
         raise
-    return UploadPartObject.from_row(part)
+    return UploadPartObject.model_validate(part)
 
 
 router.add_api_route("/{upload_id}/parts", add_part, methods=["POST"], response_model=UploadPartObject, summary="Add a part to an upload",
