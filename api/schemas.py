@@ -83,7 +83,7 @@ class FileDeleted(BaseModel):
 
 # OpenAI's list of job statuses, kept whole for its SDK; this service never reports "validating_files" (uploads are
 # validated before the upload returns, so a job starts "queued": core.jobs.JobStatus).
-JobStatusName = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+JobStatusName = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
 
 
 class JobError(BaseModel):

@@ -115,6 +115,7 @@ class Job(Base):
     enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     resume_checkpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pause_requested_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # POST .../pause while it ran
 
 
 class JobEvent(Base):

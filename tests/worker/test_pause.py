@@ -1,0 +1,72 @@
+"""Pause and resume of a running job, in-process on a tiny random Llama: the worker checkpoints at the next step
+boundary, frees itself, and the resumed run ends with the per-step losses of an uninterrupted run of the same seed."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from core.db import session_scope
+from core.jobs import cancel_job, request_pause, resume_job
+from core.models import JobMetric
+from tests.worker.helpers import checkpoints, create_job, events, get_job, metric_steps, stored_config, wait_until
+from worker import runner
+
+
+def losses(session_factory, job_id: str) -> list[float]:  # noqa: ANN001
+    with session_scope(session_factory) as session:
+        rows = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step)).all()
+        return [row.values["train_loss"] for row in rows]
+
+
+def pause_after(session_factory, job_id: str, steps: int) -> threading.Thread:  # noqa: ANN001
+    def pause() -> None:
+        wait_until(lambda: len(metric_steps(session_factory, job_id)) >= steps, timeout_s=120, interval_s=0.02, message=f"{steps} steps")
+        with session_scope(session_factory) as session:
+            assert request_pause(session, job_id)
+
+    thread = threading.Thread(target=pause)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the engine's resume, not the database, is under test
+def test_a_paused_and_resumed_job_ends_with_the_losses_of_an_uninterrupted_run(make_settings, session_factory, storage):
+    settings = make_settings(heartbeat_interval_s=0.05)
+    # No checkpoint_every: the pause itself must write the checkpoint it resumes from.
+    hyper = stored_config(max_steps=8, checkpoint_every=None, n_epochs=1, seed=7)
+    straight = create_job(session_factory, storage, hyper=hyper)
+    assert runner.run_job(straight, settings, session_factory, storage) == runner.SUCCEEDED
+
+    paused = create_job(session_factory, storage, hyper=hyper)
+    pauser = pause_after(session_factory, paused, 2)
+    assert runner.run_job(paused, settings, session_factory, storage) == runner.PAUSED
+    pauser.join()
+    job = get_job(session_factory, paused)
+    at = metric_steps(session_factory, paused)[-1]
+    assert (job.status, job.worker_id, job.pause_requested_at) == ("paused", None, None)
+    assert 2 <= at < 8 and [c.step for c in checkpoints(session_factory, paused)] == [at]
+    assert job.resume_checkpoint == checkpoints(session_factory, paused)[-1].id
+    assert runner.run_job(paused, settings, session_factory, storage) == runner.NOT_CLAIMED  # a paused job is not run
+
+    with session_scope(session_factory) as session:
+        assert resume_job(session, paused)
+    assert runner.run_job(paused, settings, session_factory, storage) == runner.SUCCEEDED
+    assert metric_steps(session_factory, paused) == list(range(1, 9))
+    assert losses(session_factory, paused) == pytest.approx(losses(session_factory, straight), rel=1e-6)
+    messages = [e.message for e in events(session_factory, paused)]
+    assert "Job paused" in messages and "Job resumed" in messages
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_paused_job_can_be_cancelled(make_settings, session_factory, storage):
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=4))
+    with session_scope(session_factory) as session:
+        assert request_pause(session, job_id)  # queued: paused at once
+    assert get_job(session_factory, job_id).status == "paused"
+    with session_scope(session_factory) as session:
+        assert cancel_job(session, job_id)
+        assert not resume_job(session, job_id) and not request_pause(session, job_id)
+    assert get_job(session_factory, job_id).status == "cancelled"
