@@ -4,12 +4,18 @@ tests/worker/test_pause.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import openai
 from sqlalchemy import select, update
 
 from core.jobs import claim_job, succeed_job
 from core.models import Job
-from tests.api.helpers import KEY_A, KEY_B, assert_error, create_job_ok, db, queued_tasks, upload_ok
+from tests.api.helpers import KEY_A, KEY_B, MODEL, assert_error, chat_jsonl, create_job_ok, db, queued_tasks, upload_ok
+from tests.api.processes import api_env, uvicorn_api
+from tests.conftest import REPO
 
 
 def test_pausing_a_queued_job_takes_it_out_of_the_queue(client, settings, redis_url):
@@ -51,3 +57,22 @@ def test_pausing_a_running_job_asks_its_worker(client):
         assert succeed_job(session, job_id, "worker-1", fine_tuned_model="ft:x", trained_tokens=1, result_files=[])
         session.execute(update(Job).where(Job.id == job_id).values(pause_requested_at=None))
     assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=KEY_A), 400, code="invalid_job_status", param="job_id")
+
+
+def test_qlora_jobs_pause_and_resume(tmp_path, postgres_url, redis_url, queue_name, models_dir):
+    """The CLI's `qlora jobs pause` / `resume` against a real API process."""
+    env = api_env(home=str(tmp_path / "home"), database_url=postgres_url, broker_url=redis_url, task_queue=queue_name,
+                  api_keys="key-a=proj-a", models_dir=str(models_dir))
+    with uvicorn_api(env, tmp_path / "api.log") as url:
+        sdk = openai.OpenAI(api_key="key-a", base_url=f"{url}/v1", max_retries=0)
+        job = sdk.fine_tuning.jobs.create(model=MODEL, training_file=sdk.files.create(file=chat_jsonl(), purpose="fine-tune").id)
+
+        def qlora(*args: str) -> list[str]:
+            clean = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "OPENAI_"))}
+            clean.update({"QLORA_BASE_URL": f"{url}/v1", "QLORA_API_KEY": "key-a"})
+            done = subprocess.run([sys.executable, "-m", "cli", *args], env=clean, cwd=REPO, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout.split()
+
+        assert qlora("jobs", "pause", job.id) == [job.id, "paused"]
+        assert qlora("jobs", "resume", job.id) == [job.id, "queued"]
