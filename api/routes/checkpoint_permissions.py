@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentProject, SessionDep, SettingsDep
@@ -47,16 +48,23 @@ def create_permissions(fine_tuned_model_checkpoint: str, body: PermissionCreate,
             raise bad_request(f"No such project: {granted!r}.", param=f"project_ids[{index}]", code="invalid_value")
         if granted == project:
             raise bad_request("A project cannot be granted its own checkpoint.", param=f"project_ids[{index}]", code="invalid_value")
-    existing = {row.project: row for row in session.scalars(select(CheckpointPermission).where(
-        CheckpointPermission.checkpoint_id == checkpoint.id, CheckpointPermission.project.in_(body.project_ids)))}
-    rows = []
-    for granted in dict.fromkeys(body.project_ids):  # a grant given twice is the same permission
-        row = existing.get(granted) or CheckpointPermission(id=ids.checkpoint_permission_id(), checkpoint_id=checkpoint.id,
-                                                            project=granted, created_at=now())
-        session.add(row)
-        rows.append(row)
-    session.commit()
+    try:
+        rows = _grant(session, checkpoint.id, body.project_ids)
+    except IntegrityError:  # the same grant committed meanwhile by a concurrent request: it is there now
+        session.rollback()
+        rows = _grant(session, checkpoint.id, body.project_ids)
     return Page[CheckpointPermissionObject](data=[CheckpointPermissionObject.from_row(row) for row in rows], has_more=False)
+
+
+def _grant(session: Session, checkpoint_id: str, projects: list[str]) -> list[CheckpointPermission]:
+    """The permissions of `projects` on the checkpoint, made where missing (a grant given twice is the same one)."""
+    existing = {row.project: row for row in session.scalars(select(CheckpointPermission).where(
+        CheckpointPermission.checkpoint_id == checkpoint_id, CheckpointPermission.project.in_(projects)))}
+    rows = [existing.get(project) or CheckpointPermission(id=ids.checkpoint_permission_id(), checkpoint_id=checkpoint_id,
+                                                          project=project, created_at=now()) for project in dict.fromkeys(projects)]
+    session.add_all(rows)
+    session.commit()
+    return rows
 
 
 @router.get("", response_model=CursorPage[CheckpointPermissionObject], summary="List a checkpoint model's permissions",
