@@ -32,11 +32,12 @@ def pause_after(session_factory, job_id: str, steps: int) -> threading.Thread:  
     return thread
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the engine's resume, not the database, is under test
 def test_a_paused_and_resumed_job_ends_with_the_losses_of_an_uninterrupted_run(make_settings, session_factory, storage):
     settings = make_settings(heartbeat_interval_s=0.05)
     # No checkpoint_every: the pause itself must write the checkpoint it resumes from.
-    hyper = stored_config(max_steps=8, checkpoint_every=None, n_epochs=1, seed=7)
+    hyper = stored_config(max_steps=6, checkpoint_every=None, n_epochs=1, seed=7)
     straight = create_job(session_factory, storage, hyper=hyper)
     assert runner.run_job(straight, settings, session_factory, storage) == runner.SUCCEEDED
 
@@ -47,14 +48,14 @@ def test_a_paused_and_resumed_job_ends_with_the_losses_of_an_uninterrupted_run(m
     job = get_job(session_factory, paused)
     at = metric_steps(session_factory, paused)[-1]
     assert (job.status, job.worker_id, job.pause_requested_at) == ("paused", None, None)
-    assert 2 <= at < 8 and [c.step for c in checkpoints(session_factory, paused)] == [at]
+    assert 2 <= at < 6 and [c.step for c in checkpoints(session_factory, paused)] == [at]
     assert job.resume_checkpoint == checkpoints(session_factory, paused)[-1].id
     assert runner.run_job(paused, settings, session_factory, storage) == runner.NOT_CLAIMED  # a paused job is not run
 
     with session_scope(session_factory) as session:
         assert resume_job(session, paused)
     assert runner.run_job(paused, settings, session_factory, storage) == runner.SUCCEEDED
-    assert metric_steps(session_factory, paused) == list(range(1, 9))
+    assert metric_steps(session_factory, paused) == list(range(1, 7))
     assert losses(session_factory, paused) == pytest.approx(losses(session_factory, straight), rel=1e-6)
     messages = [e.message for e in events(session_factory, paused)]
     assert "Job paused" in messages and "Job resumed" in messages
