@@ -183,18 +183,26 @@ def resume_job(session: Session, job_id: str) -> bool:
 
 def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempts: int) -> list[tuple[str, str]]:
     """Find running jobs whose heartbeat stopped. Requeue those with a checkpoint to resume from and attempts
-    left (the caller sends their task again), fail the others. Returns [(job_id, "requeued" | "failed")]."""
+    left (the caller sends their task again), pause those asked to pause that have a checkpoint, fail the others.
+    Returns [(job_id, "requeued" | "paused" | "failed")]."""
     stale_before = time.time() - heartbeat_timeout_s
     stale = session.execute(
-        select(Job.id, Job.attempt, Job.worker_id).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
+        select(Job.id, Job.attempt, Job.worker_id, Job.pause_requested_at).where(Job.status == JobStatus.RUNNING.value,
+                                                                                 Job.heartbeat_at < stale_before)
     ).all()
     outcome: list[tuple[str, str]] = []
-    for job_id, attempt, worker_id in stale:
+    for job_id, attempt, worker_id, pause_requested_at in stale:
         last = session.execute(
             select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
         ).scalar_one_or_none()
         still_stale = Job.heartbeat_at < stale_before  # re-checked inside the UPDATE: a late heartbeat wins
-        if last is not None and attempt < max_attempts:
+        if last is not None and pause_requested_at is not None:  # asked to pause: it pauses on its newest checkpoint
+            if transition(session, job_id, JobStatus.PAUSED, only_from={JobStatus.RUNNING}, when=still_stale, worker_id=None,
+                          heartbeat_at=None, pause_requested_at=None, resume_checkpoint=last.id):
+                forget_steps_after(session, job_id, last.step)
+                add_event(session, job_id, "info", f"Job paused (its worker stopped responding) at the checkpoint of step {last.step}")
+                outcome.append((job_id, "paused"))
+        elif last is not None and attempt < max_attempts:
             if transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.RUNNING}, when=still_stale,
                           worker_id=None, heartbeat_at=None, resume_checkpoint=last.id):
                 # Metrics past the checkpoint will be produced again by the resumed run.

@@ -4,13 +4,15 @@ boundary, frees itself, and the resumed run ends with the per-step losses of an 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from core import ids
 from core.db import session_scope
-from core.jobs import cancel_job, request_pause, resume_job
-from core.models import JobMetric
+from core.jobs import cancel_job, claim_job, request_pause, resume_job, sweep_lost_jobs
+from core.models import Checkpoint, Job, JobMetric, now
 from tests.worker.helpers import checkpoints, create_job, events, get_job, metric_steps, stored_config, wait_until
 from worker import runner
 
@@ -71,3 +73,19 @@ def test_a_paused_job_can_be_cancelled(make_settings, session_factory, storage):
         assert cancel_job(session, job_id)
         assert not resume_job(session, job_id) and not request_pause(session, job_id)
     assert get_job(session_factory, job_id).status == "cancelled"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_job_whose_worker_died_while_pausing_is_paused_by_the_sweeper(make_settings, session_factory, storage):
+    job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=4))
+    with session_scope(session_factory) as session:
+        assert claim_job(session, job_id, "worker-1")
+        session.add(Checkpoint(id=ids.checkpoint_id(), job_id=job_id, step=2, metrics={"step": 2}, storage_key="k",
+                               fine_tuned_model_checkpoint="ft:x:ckpt-step-2", created_at=now()))
+        assert request_pause(session, job_id)
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=time.time() - 3600))
+    with session_scope(session_factory) as session:
+        assert sweep_lost_jobs(session, heartbeat_timeout_s=60, max_attempts=3) == [(job_id, "paused")]
+    job = get_job(session_factory, job_id)
+    assert (job.status, job.worker_id, job.pause_requested_at) == ("paused", None, None)
+    assert job.resume_checkpoint == checkpoints(session_factory, job_id)[-1].id
