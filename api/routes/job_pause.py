@@ -9,6 +9,7 @@ job holds no worker and is not counted against the running-job limits; its files
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from celery import Celery
 from fastapi import APIRouter
@@ -30,31 +31,25 @@ router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 @router.post("/{job_id}/pause", response_model=FineTuningJob, summary="Pause a fine-tuning job", responses=error_responses(404))
 def pause(job_id: str, project: CurrentProject, session: SessionDep, celery_app: CeleryDep, settings: SettingsDep) -> FineTuningJob:
-    job = get_job_row(session, project, job_id)
-    moved = request_pause(session, job.id)
-    session.commit()
-    session.refresh(job)
-    if not moved:
-        raise bad_request(f"Job {job_id} is {job.status} and cannot be paused.", param="job_id", code="invalid_job_status")
-    _dispatch(session, celery_app, settings, project)  # a queued job's turn passes to the project's next one
-    return FineTuningJob.from_row(job)
+    return _move(session, celery_app, settings, project, job_id, request_pause, "cannot be paused")
 
 
 @router.post("/{job_id}/resume", response_model=FineTuningJob, summary="Resume a paused fine-tuning job", responses=error_responses(404))
 def resume(job_id: str, project: CurrentProject, session: SessionDep, celery_app: CeleryDep, settings: SettingsDep) -> FineTuningJob:
+    return _move(session, celery_app, settings, project, job_id, resume_job, "is not paused and cannot be resumed")
+
+
+def _move(session: Session, celery_app: Celery, settings: Settings, project: str, job_id: str,
+          move: Callable[[Session, str], bool], refusal: str) -> FineTuningJob:
+    """Make the move (core/jobs.py) or answer 400 naming the job's status; then dispatch the project's queue: a
+    paused job's turn passes to the next one, a resumed job waits its turn."""
     job = get_job_row(session, project, job_id)
-    moved = resume_job(session, job.id)
+    if not move(session, job.id):
+        raise bad_request(f"Job {job_id} is {job.status} and {refusal}.", param="job_id", code="invalid_job_status")
     session.commit()
-    if not moved:
-        session.refresh(job)
-        raise bad_request(f"Job {job_id} is {job.status}, not paused, and cannot be resumed.", param="job_id", code="invalid_job_status")
-    _dispatch(session, celery_app, settings, project)
-    session.refresh(job)
-    return FineTuningJob.from_row(job)
-
-
-def _dispatch(session: Session, celery_app: Celery, settings: Settings, project: str) -> None:
     try:  # a failure is left to the sweeper, which dispatches every project with unsent queued jobs
         dispatch(session, celery_app, settings, project)
     except DispatchError:
         logger.warning("could not dispatch project %s", project, exc_info=True)
+    session.refresh(job)
+    return FineTuningJob.from_row(job)
