@@ -237,7 +237,20 @@ def cmd_jobs_get(ctx: Context) -> int:
 
 
 def cmd_jobs_cancel(ctx: Context) -> int:
-    job = as_dict(ctx.client.fine_tuning.jobs.cancel(ctx.args.job))
+    return _job_action(ctx, ctx.client.fine_tuning.jobs.cancel)
+
+
+def cmd_jobs_pause(ctx: Context) -> int:
+    return _job_action(ctx, ctx.client.fine_tuning.jobs.pause)
+
+
+def cmd_jobs_resume(ctx: Context) -> int:
+    return _job_action(ctx, ctx.client.fine_tuning.jobs.resume)
+
+
+def _job_action(ctx: Context, action: Callable[[str], Any]) -> int:
+    """Cancel, pause or resume the job named on the command line; print its id and new status."""
+    job = as_dict(action(ctx.args.job))
     if ctx.json:
         ctx.emit_json(job)
     else:
@@ -416,7 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
     p.add_argument("--patience", type=float, default=600.0,
                    help="seconds in a row to wait for a service that stopped answering before giving up (default 600)")
-    p = leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a queued or running job")
+    p = leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a queued, running or paused job")
+    p.add_argument("job")
+    p = leaf(jobs, "pause", cmd_jobs_pause, "pause a queued job, or a running one after its current step (with a checkpoint)")
+    p.add_argument("job")
+    p = leaf(jobs, "resume", cmd_jobs_resume, "queue a paused job again; it continues from its pause checkpoint")
     p.add_argument("job")
     p = leaf(jobs, "events", cmd_jobs_events, "a job's latest events, oldest first")
     p.add_argument("job")

@@ -10,6 +10,8 @@
   running one whose heartbeat stopped is failed with `worker_lost` (a new POST .../export merges again).
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
   Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
+- Uploads of the Uploads API pending past their hour become `expired`; the parts of every upload that is no longer
+  pending (expired, cancelled, completed) are deleted (`core.uploads.sweep_uploads`).
 - The local backend's `*.partial` files that a killed writer left (untouched for 15 minutes) are deleted.
 
 The database changes commit before any message is sent, so a worker that gets the message finds the row
@@ -34,6 +36,7 @@ from core.models import File, SweeperAction, now
 from core.queue import queued_training_jobs, send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly, remove_stale_partials
+from core.uploads import sweep_uploads
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,8 @@ def send_unsent_exports(settings: Settings, session_factory: sessionmaker[Sessio
 def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
           storage: ObjectStorage | None = None, clock: Callable[[], float] = time.time) -> dict[str, list[str]]:
     """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids), "failed_exports" and
-    "sent_exports" (export ids), plus "expired_files" (file ids) and "stale_partials" (paths) when `storage` is given.
-    Every age (heartbeats, messages, expiries) is measured at one reading of `clock` (Unix time): a test passes a
+    "sent_exports" (export ids), plus "expired_files" (file ids), "cleaned_uploads" (upload ids) and "stale_partials"
+    (paths) when `storage` is given. Every age (heartbeats, messages, expiries) is measured at one reading of `clock` (Unix time): a test passes a
     clock that is ahead instead of sleeping until a timeout has passed."""
     at = clock()
     with session_scope(session_factory) as session:
@@ -134,6 +137,7 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
               "sent_exports": send_unsent_exports(settings, session_factory, celery_app, at)}
     if storage is not None:
         result["expired_files"] = expire_files(session_factory, storage, at)
+        result["cleaned_uploads"] = sweep_uploads(session_factory, storage, at)
         try:
             result["stale_partials"] = remove_stale_partials(storage)
         except OSError:

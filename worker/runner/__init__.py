@@ -30,8 +30,8 @@ from contract.data_format import DataValidationError
 from contract.options import ConfigError, TrainingConfig
 from core import logs
 from core.db import session_scope
-from core.jobs import add_event, claim_job, fail_job, record_resolved_options
-from core.models import Job
+from core.jobs import add_event, claim_job, fail_job, pause_running_job, record_resolved_options
+from core.models import Checkpoint, Job
 from core.settings import Settings
 from core.storage import ObjectStorage
 from worker.database_sink import DatabaseSink
@@ -53,6 +53,7 @@ NOT_CLAIMED = "not_claimed"  # the job was not queued (cancelled, running elsewh
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 STOPPED = "stopped"  # the job stopped being ours (cancelled or taken over) while we ran it: nothing more written
+PAUSED = "paused"  # paused on request after a step, with a checkpoint to resume from; the worker is free
 
 
 def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
@@ -157,13 +158,21 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     job = TrainingJob(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",
                       config=config, validation_file=valid_path)
     deadline = time.monotonic() + settings.max_job_seconds
+    pause = PauseWatch(session_factory, job_id, settings.heartbeat_interval_s)
     try:
-        result = train(job, sink, should_stop=lambda: stop.is_set() or time.monotonic() > deadline, resume_from=resume_from)
+        result = train(job, sink, should_stop=lambda: stop.is_set() or time.monotonic() > deadline, resume_from=resume_from,
+                       should_pause=pause)
     except DataValidationError as exc:
         raise JobFailure(f"invalid_{exc.role}_file", exc.message, f"{exc.role}_file") from exc
     if result.status != "succeeded" and not stop.is_set() and time.monotonic() > deadline:
         raise JobFailure("job_timeout", f"The job ran longer than {settings.max_job_seconds:.0f} s (QLORA_MAX_JOB_SECONDS) and was "
                          f"stopped at step {result.steps} of {result.total_steps}.")
+    if result.status != "succeeded" and pause.requested and not stop.is_set():
+        with session_scope(session_factory) as session:
+            newest = session.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1))
+            if newest is not None and pause_running_job(session, job_id, worker_id, newest):
+                log.info("job %s paused at step %d", job_id, result.steps)
+                return PAUSED
     if result.status != "succeeded" or stop.is_set():
         log.info("job %s stopped at step %d: no longer ours", job_id, result.steps)
         return STOPPED
@@ -171,6 +180,27 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     committed = store_results(spec, worker_id, session_factory, storage, workdir, result.adapter_dir, result.trained_tokens,
                               settings.outage_retry_s)
     return SUCCEEDED if committed else STOPPED
+
+
+class PauseWatch:
+    """Whether the job was asked to pause (POST .../pause marks its row), read at most every `interval_s` seconds:
+    the engine asks after every step."""
+
+    def __init__(self, session_factory: sessionmaker[Session], job_id: str, interval_s: float):
+        self.session_factory, self.job_id, self.interval_s = session_factory, job_id, interval_s
+        self.requested = False
+        self._next_read = 0.0
+
+    def __call__(self) -> bool:
+        if not self.requested and time.monotonic() >= self._next_read:
+            self._next_read = time.monotonic() + self.interval_s
+            try:
+                with session_scope(self.session_factory) as session:
+                    marked = session.scalar(select(Job.pause_requested_at).where(Job.id == self.job_id))
+                self.requested = marked is not None
+            except Exception:  # a database blip: asked again after the next step
+                log.warning("could not read whether job %s should pause", self.job_id, exc_info=True)
+        return self.requested
 
 
 def _error_of(exc: Exception) -> tuple[str, str, str | None]:

@@ -284,8 +284,10 @@ class TrainingRun:
 
 
 def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], bool] | None = None,
-          resume_from: Path | None = None) -> TrainResult:
-    """Run one training job to the end, or until `should_stop()` returns True (checked between micro-batches)."""
+          resume_from: Path | None = None, should_pause: Callable[[], bool] | None = None) -> TrainResult:
+    """Run one training job to the end, or until `should_stop()` returns True (checked between micro-batches), or
+    `should_pause()` does (checked after each step but the last: the run then writes a checkpoint of that step, if
+    it has none, and stops; resumed from it, the run goes on as if never paused)."""
     run = setup(job, sink or NullSink(), should_stop or (lambda: False), resume_from)
     cfg, position = run.cfg, run.position
     while position.step < run.total_steps and not run.stopped:
@@ -308,6 +310,11 @@ def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], 
                 wants_checkpoint = position.batch_in_epoch == run.steps_per_epoch
             if wants_checkpoint and not last_step:  # the last step's checkpoint is written by finish()
                 write_checkpoint(run, metrics)
+            if should_pause is not None and not last_step and should_pause():
+                if not wants_checkpoint:
+                    write_checkpoint(run, metrics)
+                run.stopped = True
+                break
             if run.should_stop():
                 run.stopped = True
                 break
