@@ -1,7 +1,7 @@
 """jobs.pause_requested_at: a running job asked to pause at its next step boundary (status `paused` needs no change)
 
-Revision ID: uploads_job_pause
-Revises: uploads_ckpt_permissions
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-07
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "uploads_job_pause"
-down_revision: str | None = "uploads_ckpt_permissions"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -4,7 +4,7 @@ The job's step count (known once its worker loaded the model) and the memory est
 created) were kept only in events (every metrics event's `total_steps`, one message event's data), so readers
 searched the event log for them. Existing rows take them from those events.
 
-Revision ID: dashboard_tests_job_totals
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-07
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "dashboard_tests_job_totals"
+revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

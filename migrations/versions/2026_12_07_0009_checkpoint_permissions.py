@@ -1,7 +1,7 @@
 """checkpoint_permissions: checkpoint models shared with other projects
 
-Revision ID: uploads_ckpt_permissions
-Revises: uploads_uploads
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-07
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "uploads_ckpt_permissions"
-down_revision: str | None = "uploads_uploads"
+revision: str = "0009"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
