@@ -13,12 +13,14 @@ that frames it) cannot run or read the key; everything else (JSON, files) allows
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -37,12 +39,24 @@ CSP_OTHER = "default-src 'none'; frame-ancestors 'none'"
 SECURITY_HEADERS = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY"}
 
 
+class DashboardFiles(StaticFiles):
+    """StaticFiles whose JavaScript is always `text/javascript`, the type a browser requires of an ES module: the
+    type guessed from the file name depends on the host's mime.types (application/javascript, or none at all)."""
+
+    def file_response(self, full_path: str | os.PathLike[str], stat_result: os.stat_result, scope: Scope,
+                      status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        if str(full_path).endswith(".js") and response.status_code != 304:
+            response.headers["content-type"] = "text/javascript; charset=utf-8"
+        return response
+
+
 def mount_pages(app: FastAPI) -> None:
     """/ui/ answers the dashboard's index.html (/ui redirects there), /docs/ Swagger UI (/docs redirects there);
     the mounts stay out of the OpenAPI document."""
-    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
-    app.mount("/docs/swagger-ui", StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")  # before /docs: matched first
-    app.mount("/docs", StaticFiles(directory=DOCS_DIR, html=True), name="docs")
+    app.mount("/ui", DashboardFiles(directory=UI_DIR, html=True), name="ui")
+    app.mount("/docs/swagger-ui", DashboardFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")  # before /docs: matched first
+    app.mount("/docs", DashboardFiles(directory=DOCS_DIR, html=True), name="docs")
 
 
 def csp_for(path: str) -> str:

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     max_job_seconds: float = Field(7 * 24 * 3600, gt=0, description="Wall-clock time a run of a job may train; past it the worker stops it and fails it with job_timeout.")
     max_steps_per_job: int = Field(1_000_000, ge=1, description="Most optimizer steps a job may ask for (max_steps, or n_epochs over the training file); more is a 400.")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload (413 above).")
+    max_multipart_upload_bytes: int = Field(8 << 30, ge=1, description="Largest file made with the Uploads API (POST /v1/uploads, in parts of up to 64 MiB; OpenAI: 8 GB); reserved against the stored-bytes limit from the upload's creation.")
     max_json_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted JSON request body (413 above), checked before it is read.")
     task_queue: str = Field("qlora", description="Celery queue the training tasks go to.")
     task_expires_s: int = Field(3600, ge=10, description="A queued task not taken within this time expires; the sweeper sends it again.")

@@ -16,7 +16,7 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentProject, SessionDep, SettingsDep
@@ -26,9 +26,9 @@ from api.openapi import error_responses
 from api.schemas import first_unstorable
 from core import logs
 from core.chat import ChatCompletionCreate
-from core.exports import adapter_filename
 from core.jobs import JobStatus
-from core.models import Checkpoint, File, Job
+from core.model_names import adapter_filename
+from core.models import Checkpoint, CheckpointPermission, File, Job
 from core.settings import Settings
 
 router = APIRouter(tags=["chat"])
@@ -49,7 +49,8 @@ def model_not_found(model: str) -> APIError:
 
 def find_served_model(session: Session, settings: Settings, project: str, model: str) -> Served:
     """A base model, a fine-tuned model of `project` (succeeded, not deleted) or a checkpoint model of one of its
-    jobs whose model is not deleted; anything else, another project's included, is model_not_found."""
+    jobs, or granted to it (checkpoint permissions), whose model is not deleted; anything else, another project's
+    included, is model_not_found."""
     if find_base_model(settings, model) is not None:
         return Served(model, model, None)
     job = session.scalar(select(Job).where(Job.project == project, Job.fine_tuned_model == model,
@@ -58,8 +59,10 @@ def find_served_model(session: Session, settings: Settings, project: str, model:
         key = session.scalar(select(File.storage_key).where(File.id.in_(job.result_files), File.filename == adapter_filename(job.id)))
         if key is not None:
             return Served(model, job.model, key)
+    granted = select(CheckpointPermission.id).where(CheckpointPermission.checkpoint_id == Checkpoint.id,
+                                                    CheckpointPermission.project == project).exists()
     row = session.execute(select(Checkpoint, Job).join(Job, Checkpoint.job_id == Job.id).where(
-        Checkpoint.fine_tuned_model_checkpoint == model, Job.project == project, Job.model_deleted_at.is_(None))).first()
+        Checkpoint.fine_tuned_model_checkpoint == model, or_(Job.project == project, granted), Job.model_deleted_at.is_(None))).first()
     if row is not None:
         checkpoint, job = row
         return Served(model, job.model, checkpoint.storage_key)

@@ -15,8 +15,8 @@ from api.errors import APIError, not_found
 from api.model_dirs import find_base_model, list_base_models, stored_quantization
 from api.openapi import error_responses
 from api.schemas import Model, ModelDeleted, ModelQuantization, Page
-from core.exports import delete_model_rows, lock_live_model_job
 from core.jobs import JobStatus
+from core.model_deletion import delete_model_rows, lock_live_model_job
 from core.models import Job
 from core.storage import delete_quietly
 
