@@ -51,9 +51,10 @@ CHECKS = {GenerationMode.POSITIVE: [not_a_server_error, *CONFORMANCE],
           GenerationMode.NEGATIVE: [not_a_server_error, *CONFORMANCE, negative_data_rejection]}
 CHAT = ("POST", "/v1/chat/completions")
 # A multipart form has no null: FastAPI reads an empty field as one not sent, so an empty `expires_after[seconds]`
-# (schemathesis's invalid "string instead of integer or null") is the documented null and accepted. The other
-# checks still hold every invalid upload.
-FORM_EMPTY_IS_NULL = {("POST", "/v1/files")}
+# (schemathesis's invalid "string instead of integer or null") is the documented null and accepted, and a file part
+# whose bytes are `null` (schemathesis's "null instead of a file") is a 4-byte file. The other checks still hold
+# every invalid upload.
+FORM_EMPTY_IS_NULL = {("POST", "/v1/files"), ("POST", "/v1/uploads/{upload_id}/parts")}
 
 
 def _cases() -> list[tuple[str, str, GenerationMode]]:
@@ -110,7 +111,7 @@ def api_schema(client):
 
 def real_objects(client, tiny_model_dir, work: Path) -> dict[str, Any]:
     """A file, a succeeded job with its adapter and a checkpoint (real adapters for the inference server), a metrics
-    row and an export: the path parameters of requests that find something, and the models chats name."""
+    row, an export, an upload and a checkpoint permission: the path parameters of requests that find something, and the models chats name."""
     file_id = upload_ok(client)["id"]
     job = create_job_ok(client, file_id, suffix="st", metadata={"team": "search"})
     storage = client.app.state.storage
@@ -129,8 +130,15 @@ def real_objects(client, tiny_model_dir, work: Path) -> dict[str, Any]:
                                fine_tuned_model_checkpoint=checkpoint_model_name(model, 2)))
         session.add(JobMetric(job_id=job["id"], step=2, values={"train_loss": 1.5}))
         session.add(Export(id=export_id, job_id=job["id"], status="queued", created_at=now()))
+    checkpoint_model = checkpoint_model_name(model, 2)
+    upload = client.post("/v1/uploads", headers=KEY_A, json={"filename": "train.jsonl", "purpose": "fine-tune", "bytes": 100,
+                                                             "mime_type": "text/jsonl"})
+    permission = client.post(f"/v1/fine_tuning/checkpoints/{checkpoint_model}/permissions", headers=KEY_A,
+                             json={"project_ids": ["proj-b"]})
+    assert upload.status_code == 200 and permission.status_code == 200, (upload.text, permission.text)
     return {"file_id": file_id, "job_id": job["id"], "checkpoint_id": checkpoint_id, "export_id": export_id, "model_id": MODEL,
-            "models": [MODEL, model, checkpoint_model_name(model, 2)]}
+            "upload_id": upload.json()["id"], "fine_tuned_model_checkpoint": checkpoint_model,
+            "permission_id": permission.json()["data"][0]["id"], "models": [MODEL, model, checkpoint_model]}
 
 
 def naming_real_objects(case, real: dict[str, Any], model: str):
