@@ -225,8 +225,12 @@ def test_each_project_has_a_share_of_the_line(tmp_path, models_root, storage):
             for thread in flood:
                 thread.start()
             wait_until(lambda: app.state.line.by_project["greedy"] == 2, "the flood to fill its share")
-            refused = client.post("/v1/chat/completions", headers={"x-qlora-project": "greedy"},
-                                  json={"model": BASE, "messages": QUESTION, "max_tokens": 1})
+            probe: list = []  # in a thread: admitted, it would wait for the engine the test holds
+            threading.Thread(target=lambda: probe.append(client.post("/v1/chat/completions", headers={"x-qlora-project": "greedy"},
+                             json={"model": BASE, "messages": QUESTION, "max_tokens": 1})), daemon=True).start()
+            wait_until(lambda: probe or app.state.line.by_project["greedy"] > 2, "the third request's answer")
+            assert probe, "a third request of the same project got into the line"
+            refused = probe[0]
             assert refused.status_code == 429 and refused.headers["x-should-retry"] == "true"
             assert refused.json()["error"]["code"] == "rate_limit_exceeded"
             other = threading.Thread(target=ask, args=("modest",))
@@ -236,7 +240,8 @@ def test_each_project_has_a_share_of_the_line(tmp_path, models_root, storage):
             engine._generating.release()
         for thread in [*flood, other]:
             thread.join(30)
-        assert statuses == [200, 200, 200] and app.state.admitted() == 0
+        assert statuses == [200, 200, 200]
+        wait_until(lambda: app.state.admitted() == 0, "every place back")
 
 
 def pack(tmp_path: Path, adapter_dir: Path, name: str, extra: dict[str, bytes]) -> Path:
