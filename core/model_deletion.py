@@ -29,7 +29,9 @@ class DeletedModel:
     checkpoint_ids: list[str] = field(default_factory=list)
     export_ids: list[str] = field(default_factory=list)
     object_keys: list[str] = field(default_factory=list)
-    served_models: list[str] = field(default_factory=list)  # the model and checkpoint-model names an inference backend may hold
+    # The model and checkpoint-model names an inference backend may hold, each with its adapter archive's key (the
+    # backend deletes its unpacked copy by key, attached or not).
+    served_models: dict[str, str | None] = field(default_factory=dict)
 
 
 def delete_model_rows(session: Session, job: Job) -> DeletedModel:
@@ -48,7 +50,8 @@ def delete_model_rows(session: Session, job: Job) -> DeletedModel:
     checkpoints = list(session.execute(select(Checkpoint).where(Checkpoint.job_id == job.id)).scalars())
     gone.checkpoint_ids = [c.id for c in checkpoints]
     gone.object_keys = [f.storage_key for f in weight_files] + [c.storage_key for c in checkpoints]
-    gone.served_models = [job.fine_tuned_model or ""] + [c.fine_tuned_model_checkpoint for c in checkpoints]
+    adapter_key = next((f.storage_key for f in weight_files if f.filename == adapter_filename(job.id)), None)
+    gone.served_models = {job.fine_tuned_model or "": adapter_key} | {c.fine_tuned_model_checkpoint: c.storage_key for c in checkpoints}
 
     session.execute(delete(Export).where(Export.job_id == job.id))
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id))

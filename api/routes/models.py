@@ -78,6 +78,6 @@ def delete_model(model_id: str, project: CurrentProject, session: SessionDep, se
     gone = delete_model_rows(session, job)
     session.commit()
     delete_quietly(storage, *gone.object_keys)
-    for name in gone.served_models:  # the backend drops its copies (the API already refuses the names)
-        anyio.from_thread.run(request.app.state.inference.unload, name)
+    for name, key in gone.served_models.items():  # the backend drops its copies (the API already refuses the names)
+        anyio.from_thread.run(request.app.state.inference.unload, name, key)
     return ModelDeleted(id=model_id, deleted=True)
