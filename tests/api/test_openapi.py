@@ -49,7 +49,7 @@ def test_each_operation_documents_its_own_errors(spec):
     assert statuses(spec, "/v1/files", "POST") == {"200", "400", "401", "413", "415", "429"}
     assert statuses(spec, "/v1/fine_tuning/jobs/{job_id}/export", "POST") == {"200", "400", "401", "404", "409", "413", "415", "429"}
     assert statuses(spec, "/v1/models/{model_id}", "DELETE") == {"200", "400", "401", "403", "404", "413", "415"}
-    assert statuses(spec, "/v1/chat/completions", "POST") == {"200", "400", "401", "404", "413", "415", "500", "503"}
+    assert statuses(spec, "/v1/chat/completions", "POST") == {"200", "400", "401", "404", "413", "415", "429", "500", "503"}
     for path in ("/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/fine_tuning/jobs/{job_id}",
                  "/v1/fine_tuning/jobs/{job_id}/cancel", "/v1/fine_tuning/jobs/{job_id}/events",
                  "/v1/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/content", "/v1/models/{model_id}"):
