@@ -23,6 +23,7 @@ from api.openapi import V1_ERRORS, drop_422
 from api.routes import chat, files, health, jobs, models
 from api.ui import mount_dashboard
 from core.db import make_engine, make_session_factory
+from core.job_events import send_on_commit
 from core.logs import configure_logging
 from core.queue import make_celery
 from core.settings import Settings, get_settings
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.session_factory = make_session_factory(engine)
+    send_on_commit(app.state.session_factory, celery_app, settings)  # a job the API ends (cancel) is announced on commit
     app.state.storage = make_storage(settings)
     app.state.celery = celery_app
     app.state.inference = chat.InferenceClient(settings)

@@ -6,7 +6,7 @@ in the broker and fewer than `QLORA_MAX_RUNNING_JOBS_PER_PROJECT` jobs running o
 queued jobs put one message in the broker, and another project's first job waits behind that one only.
 
 It runs when a job is created, when a worker claims a job (the next one of that project moves up), when a job
-ends or is cancelled, and on every sweep (catching up after a broker outage). Holding the project's row lock makes
+ends or is cancelled (core/job_events.py, the one consumer of a job's end), and on every sweep (catching up after a broker outage). Holding the project's row lock makes
 concurrent dispatches of one project send no more than the limits allow.
 """
 

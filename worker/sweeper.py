@@ -11,6 +11,8 @@
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
   Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
 - The local backend's `*.partial` files that a killed writer left (untouched for 15 minutes) are deleted.
+- A job's end whose follow-up was not done (its qlora.job_ended message lost, or the broker refused the next job's
+  dispatch) is sent again (core/job_events.py). Jobs this pass fails are announced by its commit, like any other end.
 
 The database changes commit before any message is sent, so a worker that gets the message finds the row
 already queued. A message sent twice is harmless: only one claim of a queued job succeeds.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -28,9 +31,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import session_scope
 from core.dispatch import dispatch_quietly, projects_with_unsent_jobs
 from core.exports import fail_lost_exports, mark_export_enqueued, unsent_queued_exports
+from core.job_events import due_for_resend, mark_resent
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
 from core.models import File, SweeperAction, now
-from core.queue import queued_training_jobs, send_export_task, send_training_task
+from core.queue import queued_training_jobs, send_export_task, send_job_ended_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly, remove_stale_partials
 
@@ -66,22 +70,39 @@ def lost_messages(settings: Settings, celery_app: Any, waiting: list[str]) -> li
     return lost
 
 
+def send_each(session_factory: sessionmaker[Session], ids: list[str], send: Callable[[str], None],
+              mark: Callable[[Session, str], None], what: str) -> list[str]:
+    """Send `what` for each id, marking each after its send (if the mark fails the next sweep sends again, which is
+    harmless; marked before, a failed send would go unnoticed); returns the ids sent. A refused send is logged and
+    left for the next sweep."""
+    sent = []
+    for item in ids:
+        try:
+            send(item)
+        except Exception:
+            log.exception("could not send %s for %s", what, item)
+            continue
+        with session_scope(session_factory) as session:
+            mark(session, item)
+        sent.append(item)
+        log.info("sent %s for %s", what, item)
+    return sent
+
+
 def send_unsent_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> list[str]:
     """Send the task of every queued export that was never sent or whose message expired; returns their ids."""
     with session_scope(session_factory) as session:
         unsent = unsent_queued_exports(session, expires_s=settings.task_expires_s)
-    sent = []
-    for export_id in unsent:
-        try:
-            send_export_task(celery_app, settings, export_id)
-        except Exception:
-            log.exception("could not send the export task of %s", export_id)
-            continue
-        with session_scope(session_factory) as session:  # marked after the send, as for jobs
-            mark_export_enqueued(session, export_id)
-        sent.append(export_id)
-        log.info("sent the export task of %s", export_id)
-    return sent
+    return send_each(session_factory, unsent, lambda export_id: send_export_task(celery_app, settings, export_id),
+                     mark_export_enqueued, "the export task")
+
+
+def resend_job_ended(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> list[str]:
+    """Send qlora.job_ended again for the job ends still unhandled a while after their last send; returns the outbox ids."""
+    with session_scope(session_factory) as session:
+        due = due_for_resend(session, settings)
+    return send_each(session_factory, due, lambda outbox_id: send_job_ended_task(celery_app, settings, outbox_id),
+                     mark_resent, "qlora.job_ended again (the job's end was not handled yet)")
 
 
 def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
@@ -117,11 +138,14 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         log.info("sent the training task of job %s", job_id)
     with session_scope(session_factory) as session:
         projects = projects_with_unsent_jobs(session)
-    for project in projects:  # the jobs waiting their turn, and those the broker refused when they were created
+    # Catching up: the jobs the broker refused when they were created or at a claim (a job's end dispatches through
+    # core/job_events.py, resent above when its message was lost).
+    for project in projects:
         dispatched = dispatch_quietly(session_factory, celery_app, settings, project)
         sent += dispatched
         for job_id in dispatched:
             log.info("sent the training task of job %s", job_id)
+    resent_ended = resend_job_ended(settings, session_factory, celery_app)
     with session_scope(session_factory) as session:
         failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s)
     result = {"requeued": requeued, "failed": failed, "sent": sent, "failed_exports": failed_exports,
@@ -135,7 +159,7 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
             result["stale_partials"] = []
     count_actions(session_factory, {"sweeps": 1, "requeued": len(requeued), "failed": len(failed), "resent": len(set(sent) - set(requeued)),
                                     "failed_exports": len(failed_exports), "resent_exports": len(result["sent_exports"]),
-                                    "expired_files": len(result.get("expired_files", []))})
+                                    "expired_files": len(result.get("expired_files", [])), "resent_job_ended": len(resent_ended)})
     return result
 
 

@@ -228,18 +228,15 @@ def retrieve_job(job_id: str, project: CurrentProject, session: SessionDep) -> F
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob, summary="Cancel a fine-tuning job", responses=error_responses(404))
-def cancel(job_id: str, project: CurrentProject, session: SessionDep, celery_app: CeleryDep, settings: SettingsDep) -> FineTuningJob:
-    """A queued job never starts; a running one stops at its worker's next heartbeat."""
+def cancel(job_id: str, project: CurrentProject, session: SessionDep) -> FineTuningJob:
+    """A queued job never starts; a running one stops at its worker's next heartbeat. Its turn passes to the
+    project's next job through "a job ended" (core/job_events.py), announced by this commit."""
     job = get_job_row(session, project, job_id)
     moved = cancel_job(session, job.id)
     session.commit()
     session.refresh(job)
     if not moved:
         raise bad_request(f"Job {job_id} is already {job.status} and cannot be cancelled.", param="job_id", code="invalid_job_status")
-    try:  # its turn passes to the project's next job (a failure is left to the sweeper)
-        dispatch(session, celery_app, settings, project)
-    except DispatchError:
-        logger.warning("could not dispatch project %s after a cancel", project, exc_info=True)
     return FineTuningJob.from_row(job)
 
 
