@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import logs
+from core.quotas import QuotaExceeded
 
 logger = logging.getLogger("api")
 
@@ -148,8 +149,14 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=500, headers={"x-request-id": request_id} if request_id else None)
 
 
+async def _quota_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, QuotaExceeded)
+    return await _http_error(request, quota_exceeded(exc.message, exc.setting))
+
+
 def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(QuotaExceeded, _quota_error)  # core/quotas.py: a project over one of its limits
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
 

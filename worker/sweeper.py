@@ -6,8 +6,8 @@
 - A queued job whose task message expired before a worker took it, or is no longer in the broker's queue (Redis restarted without persistence; checked on Redis
   only, for jobs sent more than QLORA_LOST_MESSAGE_AFTER_S ago) is sent again; queued jobs never sent (waiting
   their project's turn, or refused by a broker that was down) are dispatched (core/dispatch.py).
-- A queued merged export whose task was never sent (the broker was down) or expired unconsumed is sent again; a
-  running one whose heartbeat stopped is failed with `worker_lost` (a new POST .../export merges again).
+- A queued merged export whose task expired unconsumed is sent again; one never sent (waiting its project's turn,
+  or refused by a broker that was down) is dispatched with the jobs; a running one whose heartbeat stopped is failed with `worker_lost` (a new POST .../export merges again).
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
   Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
 - The local backend's `*.partial` files that a killed writer left (untouched for 15 minutes) are deleted.
@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
 from core.dispatch import dispatch_quietly, projects_with_unsent_jobs
-from core.exports import fail_lost_exports, mark_export_enqueued, unsent_queued_exports
+from core.exports import expired_queued_exports, fail_lost_exports, mark_export_enqueued
 from core.job_events import due_for_resend, mark_resent
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
 from core.models import File, SweeperAction, now
@@ -89,10 +89,11 @@ def send_each(session_factory: sessionmaker[Session], ids: list[str], send: Call
     return sent
 
 
-def send_unsent_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> list[str]:
-    """Send the task of every queued export that was never sent or whose message expired; returns their ids."""
+def resend_expired_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> list[str]:
+    """Send the task of every queued export whose message expired; returns their ids. (Exports never sent wait their
+    project's turn: the sweep's dispatch sends them.)"""
     with session_scope(session_factory) as session:
-        unsent = unsent_queued_exports(session, expires_s=settings.task_expires_s)
+        unsent = expired_queued_exports(session, expires_s=settings.task_expires_s)
     return send_each(session_factory, unsent, lambda export_id: send_export_task(celery_app, settings, export_id),
                      mark_export_enqueued, "the export task")
 
@@ -149,7 +150,7 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
     with session_scope(session_factory) as session:
         failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s)
     result = {"requeued": requeued, "failed": failed, "sent": sent, "failed_exports": failed_exports,
-              "sent_exports": send_unsent_exports(settings, session_factory, celery_app)}
+              "sent_exports": resend_expired_exports(settings, session_factory, celery_app)}
     if storage is not None:
         result["expired_files"] = expire_files(session_factory, storage)
         try:

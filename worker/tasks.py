@@ -50,7 +50,8 @@ def train(self, job_id: str) -> str:  # noqa: ANN001
 
 @app.task(name=EXPORT_TASK, bind=True)
 def export_model(self, export_id: str) -> str:  # noqa: ANN001
-    return export.run_export(export_id, settings(), session_factory(), storage(), worker_id=runner.default_worker_id(self.request.id))
+    return export.run_export(export_id, settings(), session_factory(), storage(), worker_id=runner.default_worker_id(self.request.id),
+                             dispatch_next=lambda project: dispatch_quietly(session_factory(), app, settings(), project))
 
 
 @app.task(name=JOB_ENDED_TASK)

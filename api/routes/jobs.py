@@ -15,16 +15,15 @@ from typing import Annotated, Any
 from celery import Celery
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
-from api.errors import APIError, bad_request, not_found, quota_exceeded
+from api.errors import APIError, bad_request, not_found
 from api.hyperparameters import job_options
-from api.model_dirs import find_base_model, read_config_json, weights_bytes
+from api.model_dirs import find_base_model, read_config_json, stored_quantization, weights_bytes
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
-from api.quotas import check_stored_bytes
 from api.schemas import (
     MAX_SEED,
     CursorPage,
@@ -42,11 +41,11 @@ from contract.metrics import StepMetrics
 from contract.options import TrainingConfig
 from core import ids
 from core.dispatch import DispatchError, dispatch
-from core.exports import ACTIVE, ExportStatus, lock_live_model_job, mark_export_enqueued
-from core.jobs import TERMINAL, JobStatus, add_event, cancel_job
-from core.models import Checkpoint, Export, Job, JobEvent, JobMetric, Project, file_is_live, now
+from core.exports import ACTIVE, ExportStatus, lock_live_model_job
+from core.jobs import JobStatus, add_event, cancel_job
+from core.models import Checkpoint, Export, Job, JobEvent, JobMetric, file_is_live, now
 from core.models import File as FileRow
-from core.queue import send_export_task
+from core.quotas import check_job_slots, check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import ObjectNotFound
 
@@ -156,18 +155,8 @@ def create_job(
         _usable_file(session, project, body.validation_file, "validation_file")
     if body.integrations:
         raise bad_request("Integrations are not supported by this service.", param="integrations", code="unsupported_parameter")
-    # The project's row lock (PostgreSQL) orders concurrent creations of one project: without it two requests
-    # could both count N-1 active jobs and both add one, passing the limit.
-    session.execute(select(Project.name).where(Project.name == project).with_for_update())
-    active = dict(session.execute(select(Job.status, func.count()).where(
-        Job.project == project, Job.status.not_in([status.value for status in TERMINAL])).group_by(Job.status)).all())
-    if sum(active.values()) >= settings.max_active_jobs_per_project:
-        raise quota_exceeded(f"This project has {sum(active.values())} queued or running jobs, the most it may have at once",
-                             "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT")
-    queued = active.get(JobStatus.QUEUED.value, 0)
-    if queued >= settings.max_queued_jobs_per_project:
-        raise quota_exceeded(f"This project has {queued} queued jobs, the most it may have waiting at once",
-                             "QLORA_MAX_QUEUED_JOBS_PER_PROJECT")
+    lock_project(session, project)  # orders concurrent creations of one project from the count to the commit
+    check_job_slots(session, settings, project)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     given, cfg = job_options(body, seed, read_config_json(model_dir))
     _check_step_limit(body, cfg, training.n_examples or 0, settings.max_steps_per_job)
@@ -336,7 +325,9 @@ def create_export(
     job_id: str, project: CurrentProject, session: SessionDep, settings: SettingsDep, celery_app: CeleryDep
 ) -> FineTuningJobExport:
     """Queue a merge of the job's adapter into its 16-bit base model; the result is a `fine-tune-results` file.
-    While an export of the job is queued or running, that one is returned instead of starting another."""
+    While an export of the job is queued or running, that one is returned instead of starting another. The merged
+    model's estimated size is reserved against the project's stored bytes until the export ends, and the export
+    takes its turn on the training queue like the project's jobs. Bases stored pre-quantized (GPTQ/AWQ) are refused."""
     job = get_job_row(session, project, job_id)
     if job.status != JobStatus.SUCCEEDED.value:
         raise _export_conflict(f"Job {job_id} is {job.status}; only a succeeded job's model can be exported.", "job_not_succeeded")
@@ -347,20 +338,26 @@ def create_export(
     if active is not None:
         return FineTuningJobExport.from_row(active)
     base = find_base_model(settings, job.model)
-    check_stored_bytes(session, settings, project, weights_bytes(base) if base is not None else 0, "a merged model of about ")
-    export = Export(id=ids.export_id(), job_id=job.id, status=ExportStatus.QUEUED.value, created_at=now())
+    if base is not None and (quantized := stored_quantization(base)) is not None:
+        # Its weight files are 4-bit: there is no 16-bit weight to merge the adapter into, and their size says nothing
+        # of a merged copy's.
+        raise bad_request(f"Job {job_id} trained on {job.model}, a base stored pre-quantized ({quantized['method']}); merged "
+                          "exports need a 16-bit base and are not supported for it. Serve the job's adapter with that base "
+                          "instead (its fine-tuned model, or the adapter result file).", param="job_id", code="unsupported_model")
+    size = weights_bytes(base) if base is not None else 0
+    lock_project(session, project)  # after the job's lock, as the worker's commit takes them: one order, no deadlock
+    check_stored_bytes(session, settings, project, size, "a merged model of about ")
+    export = Export(id=ids.export_id(), job_id=job.id, status=ExportStatus.QUEUED.value, created_at=now(), reserved_bytes=size)
     session.add(export)
     add_event(session, job.id, "info", f"Merged export queued: {export.id}")
     session.commit()
-    try:
-        send_export_task(celery_app, settings, export.id)
-    except Exception as exc:  # committed: the sweeper sends it again
+    try:  # sent now if the project's share of the training queue has room (core/dispatch.py), else at its turn
+        dispatch(session, celery_app, settings, project)
+    except DispatchError as exc:  # committed: the sweeper sends it later
         logger.warning("could not send the export task of %s", export.id, exc_info=exc)
-        add_event(session, job.id, "warn", f"Export {export.id} could not be sent to the training queue ({type(exc).__name__}); "
-                  "it stays queued and will be sent again automatically.")
-    else:
-        mark_export_enqueued(session, export.id)
-    session.commit()
+        add_event(session, job.id, "warn", f"Export {export.id} could not be sent to the training queue "
+                  f"({type(exc.__cause__).__name__}); it stays queued and will be sent again automatically.")
+        session.commit()
     return FineTuningJobExport.from_row(export)
 
 
