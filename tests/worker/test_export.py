@@ -269,5 +269,7 @@ def test_a_merge_past_the_stored_bytes_at_commit_is_failed_and_deleted(make_sett
     fits = add_export(session_factory, job_id)
     with session_scope(session_factory) as session:
         session.execute(update(Export).where(Export.id == fits).values(reserved_bytes=10**6))
+    moved_up: list[str] = []  # an export holds a place of its project on the training queue: claim and end pass it on
     assert export_worker.run_export(fits, make_settings(max_stored_bytes_per_project=stored + 10**6), session_factory,
-                                    storage) == export_worker.SUCCEEDED
+                                    storage, dispatch_next=moved_up.append) == export_worker.SUCCEEDED
+    assert moved_up == [PROJECT, PROJECT]
