@@ -31,3 +31,15 @@ def export_id() -> str:
 
 def job_ended_id() -> str:
     return f"jobend-{_token()}"
+
+
+def upload_id() -> str:
+    return f"upload_{_token()}"
+
+
+def upload_part_id() -> str:
+    return f"part_{_token()}"
+
+
+def checkpoint_permission_id() -> str:
+    return f"cp_{_token()}"

@@ -72,10 +72,10 @@ def handle_job_ended(session_factory: sessionmaker[Session], celery_app: Any, se
                                .values(handled_at=time.time()).execution_options(synchronize_session=False)).rowcount == 1
 
 
-def due_for_resend(session: Session, settings: Settings) -> list[str]:
-    """The rows still unhandled `job_ended_resend_after_s` after they were written or last sent (their message was
-    lost, or its handling failed): the sweeper sends qlora.job_ended for them again."""
-    cutoff = time.time() - settings.job_ended_resend_after_s
+def due_for_resend(session: Session, settings: Settings, at: float | None = None) -> list[str]:
+    """The rows still unhandled `job_ended_resend_after_s` after they were written or last sent, by Unix time `at`
+    (now by default; their message was lost, or its handling failed): the sweeper sends qlora.job_ended again."""
+    cutoff = (time.time() if at is None else at) - settings.job_ended_resend_after_s
     return list(session.scalars(select(JobOutbox.id).where(
         JobOutbox.handled_at.is_(None), JobOutbox.created_at <= cutoff,
         JobOutbox.sent_at.is_(None) | (JobOutbox.sent_at <= cutoff)).order_by(JobOutbox.seq)))

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from contract.data_format import MIN_EXAMPLES
-from contract.memory import GIB, estimate_memory
+from contract.memory import GIB, MemoryEstimate
 from contract.options import TrainingConfig
 from core import ids
 from core.dispatch import DispatchError, dispatch
@@ -50,8 +50,8 @@ class NewJob:
     suffix: str | None
     metadata: dict[str, Any] | None
     integrations: list[Any] | None
-    # The base's config.json (None: unreadable), for the memory estimate.
-    model_config: dict[str, Any] | None
+    # The estimated peak GPU memory of the resolved options (None: the base's config cannot be estimated).
+    estimate: Callable[[TrainingConfig], MemoryEstimate | None]
     # Resolves the options: (the hyperparameters object as given, its TrainingConfig); raises the API's own 400.
     resolve: Callable[[], tuple[dict[str, Any], TrainingConfig]]
     # Where the hyperparameters were given ("hyperparameters" or "method.supervised.hyperparameters"), for errors.
@@ -101,30 +101,19 @@ def create_job(session: Session, celery_app: Any, settings: Settings, project: s
     job = Job(id=ids.job_id(), project=project, model=request.model, training_file=request.training_file,
               validation_file=request.validation_file, hyperparameters=given, training_config=cfg.resolved(),
               suffix=request.suffix, metadata_=request.metadata, integrations=request.integrations,
-              status=JobStatus.QUEUED.value, result_files=[], created_at=now(), attempt=0)
+              status=JobStatus.QUEUED.value, result_files=[], created_at=now(), attempt=0,
+              memory_estimate=estimate.to_dict() if (estimate := request.estimate(cfg)) is not None else None)
     session.add(job)
     session.flush()  # the events reference the job's row
     add_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
-    _add_memory_estimate(session, job.id, request.model_config, cfg)
+    if estimate is not None:  # as a person reads it in the job's events (the job object carries the numbers)
+        checkpointing = "on" if estimate.gradient_checkpointing else "off"
+        add_event(session, job.id, "info",
+                  f"Estimated peak GPU memory: {estimate.total / GIB:.2f} GiB (gradient checkpointing {checkpointing})",
+                  data=estimate.to_dict())
     session.commit()
     _enqueue(session, celery_app, settings, project, job.id)
     return job
-
-
-def _add_memory_estimate(session: Session, job_id: str, model_config: dict[str, Any] | None, cfg: TrainingConfig) -> None:
-    """An info event with the estimated peak GPU memory. A config.json the estimate cannot read (not a
-    Llama-family decoder, or broken) only means no estimate: it must not stop the job."""
-    if model_config is None:
-        return
-    try:
-        estimate = estimate_memory(model_config, cfg)
-    except (ValueError, ArithmeticError, TypeError) as exc:
-        log.info("no memory estimate for job %s: %s", job_id, exc)
-        return
-    checkpointing = "on" if estimate.gradient_checkpointing else "off"
-    add_event(session, job_id, "info",
-              f"Estimated peak GPU memory: {estimate.total / GIB:.2f} GiB (gradient checkpointing {checkpointing})",
-              data=estimate.to_dict())
 
 
 def _enqueue(session: Session, celery_app: Any, settings: Settings, project: str, job_id: str) -> None:

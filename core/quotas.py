@@ -1,8 +1,8 @@
 """Every limit of a project, in one place: the project's row lock that orders concurrent requests from their count
 to their commit, the job quotas, the stored-bytes quota and the project's share of the training queue.
 
-Stored bytes are the project's live files plus the bytes reserved by its merged exports not yet stored (queued or
-running): an export reserves its estimated size when it is accepted, so a storm of exports cannot all fit under a
+Stored bytes are the project's live files plus the bytes reserved by its uploads in progress (their declared size)
+and by its merged exports not yet stored (queued or running): an export reserves its estimated size when it is accepted, so a storm of exports cannot all fit under a
 limit that holds one, and the worker checks again with the real size when it commits the merged file.
 """
 
@@ -16,6 +16,7 @@ from core.jobs import TERMINAL, JobStatus
 from core.models import Export, Job, Project, file_is_live
 from core.models import File as FileRow
 from core.settings import Settings
+from core.uploads import reserved_bytes as reserved_upload_bytes
 
 
 class QuotaExceeded(Exception):
@@ -46,13 +47,15 @@ def check_job_slots(session: Session, settings: Settings, project: str) -> None:
 
 
 def stored_bytes(session: Session, project: str, *, except_export: str | None = None) -> tuple[int, int]:
-    """(bytes of the project's live files, bytes reserved by its pending merged exports, but `except_export`'s)."""
+    """(bytes of the project's live files, bytes reserved: the declared size of its live uploads of the Uploads API
+    (core/uploads.py) and the estimated size of its pending merged exports, but `except_export`'s)."""
     files = session.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.project == project, file_is_live()))
+    uploads = reserved_upload_bytes(session, project)
     pending = select(func.coalesce(func.sum(Export.reserved_bytes), 0)).join(Job, Job.id == Export.job_id).where(
         Job.project == project, Export.status.in_(ACTIVE))
     if except_export is not None:
         pending = pending.where(Export.id != except_export)
-    return int(files or 0), int(session.scalar(pending) or 0)
+    return int(files or 0), int(uploads or 0) + int(session.scalar(pending) or 0)
 
 
 def check_stored_bytes(session: Session, settings: Settings, project: str, size: int, what: str = "", *,
@@ -61,7 +64,8 @@ def check_stored_bytes(session: Session, settings: Settings, project: str, size:
     counting the bytes its pending exports reserved (but `except_export`'s: the export being committed)."""
     files, reserved = stored_bytes(session, project, except_export=except_export)
     if files + reserved + size > settings.max_stored_bytes_per_project:
-        held = f"{files} bytes of files" + (f" and {reserved} bytes reserved by merged exports not yet stored" if reserved else "")
+        held = f"{files} bytes of files" + (f" and {reserved} bytes reserved by uploads and merged exports not yet stored"
+                                            if reserved else "")
         raise QuotaExceeded(f"This project stores {held}; {what or ''}{size} more would pass its limit of "
                             f"{settings.max_stored_bytes_per_project}", "QLORA_MAX_STORED_BYTES_PER_PROJECT")
 

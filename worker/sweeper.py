@@ -7,9 +7,12 @@
   only, for jobs sent more than QLORA_LOST_MESSAGE_AFTER_S ago) is sent again; queued jobs never sent (waiting
   their project's turn, or refused by a broker that was down) are dispatched (core/dispatch.py).
 - A queued merged export whose task expired unconsumed is sent again; one never sent (waiting its project's turn,
-  or refused by a broker that was down) is dispatched with the jobs; a running one whose heartbeat stopped is failed with `worker_lost` (a new POST .../export merges again).
+  or refused by a broker that was down) is dispatched with the jobs; a running one whose heartbeat stopped is
+  failed with `worker_lost` (a new POST .../export merges again).
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
   Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
+- Uploads of the Uploads API pending past their hour become `expired`; the parts of every upload that is no longer
+  pending (expired, cancelled, completed) are deleted (`core.uploads.sweep_uploads`).
 - The local backend's `*.partial` files that a killed writer left (untouched for 15 minutes) are deleted.
 - A job's end whose follow-up was not done (its qlora.job_ended message lost, or the broker refused the next job's
   dispatch) is sent again (core/job_events.py). Jobs this pass fails are announced by its commit, like any other end.
@@ -37,15 +40,16 @@ from core.models import File, SweeperAction, now
 from core.queue import queued_training_jobs, send_export_task, send_job_ended_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly, remove_stale_partials
+from core.uploads import sweep_uploads
 
 log = logging.getLogger(__name__)
 
 
-def expire_files(session_factory: sessionmaker[Session], storage: ObjectStorage) -> list[str]:
-    """Delete the files whose `expires_at` has passed; returns their ids. The rows go first (committed), then
+def expire_files(session_factory: sessionmaker[Session], storage: ObjectStorage, at: float | None = None) -> list[str]:
+    """Delete the files whose `expires_at` has passed at Unix time `at` (now by default); returns their ids. The rows go first (committed), then
     the objects: a crash in between leaves an orphaned object, never a row pointing at nothing."""
     with session_scope(session_factory) as session:
-        expired = session.execute(select(File.id, File.storage_key).where(File.expires_at <= now())).all()
+        expired = session.execute(select(File.id, File.storage_key).where(File.expires_at <= (now() if at is None else at))).all()
         if expired:
             session.execute(delete(File).where(File.id.in_([file_id for file_id, _ in expired])))
     delete_quietly(storage, *(key for _, key in expired))
@@ -89,32 +93,38 @@ def send_each(session_factory: sessionmaker[Session], ids: list[str], send: Call
     return sent
 
 
-def resend_expired_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> list[str]:
-    """Send the task of every queued export whose message expired; returns their ids. (Exports never sent wait their
-    project's turn: the sweep's dispatch sends them.)"""
+def resend_expired_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
+                           at: float | None = None) -> list[str]:
+    """Send the task of every queued export whose message expired by Unix time `at`; returns their ids. (Exports never
+    sent wait their project's turn: the sweep's dispatch sends them.)"""
     with session_scope(session_factory) as session:
-        unsent = expired_queued_exports(session, expires_s=settings.task_expires_s)
+        unsent = expired_queued_exports(session, expires_s=settings.task_expires_s, at=at)
     return send_each(session_factory, unsent, lambda export_id: send_export_task(celery_app, settings, export_id),
                      mark_export_enqueued, "the export task")
 
 
-def resend_job_ended(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> list[str]:
-    """Send qlora.job_ended again for the job ends still unhandled a while after their last send; returns the outbox ids."""
+def resend_job_ended(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
+                     at: float | None = None) -> list[str]:
+    """Send qlora.job_ended again for the job ends still unhandled a while (by Unix time `at`) after their last send;
+    returns the outbox ids."""
     with session_scope(session_factory) as session:
-        due = due_for_resend(session, settings)
+        due = due_for_resend(session, settings, at)
     return send_each(session_factory, due, lambda outbox_id: send_job_ended_task(celery_app, settings, outbox_id),
                      mark_resent, "qlora.job_ended again (the job's end was not handled yet)")
 
 
 def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
-          storage: ObjectStorage | None = None) -> dict[str, list[str]]:
+          storage: ObjectStorage | None = None, clock: Callable[[], float] = time.time) -> dict[str, list[str]]:
     """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids), "failed_exports" and
-    "sent_exports" (export ids), plus "expired_files" (file ids) and "stale_partials" (paths) when `storage` is given."""
+    "sent_exports" (export ids), plus "expired_files" (file ids), "cleaned_uploads" (upload ids) and "stale_partials"
+    (paths) when `storage` is given. Every age (heartbeats, messages, expiries) is measured at one reading of `clock` (Unix time): a test passes a
+    clock that is ahead instead of sleeping until a timeout has passed."""
+    at = clock()
     with session_scope(session_factory) as session:
-        lost = sweep_lost_jobs(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, max_attempts=settings.max_attempts)
+        lost = sweep_lost_jobs(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, max_attempts=settings.max_attempts, at=at)
         # Read after the requeues (same transaction): a requeued job is also "queued with an old message".
-        expired = expired_queued_jobs(session, expires_s=settings.task_expires_s)
-        waiting = queued_jobs_sent_before(session, time.time() - settings.lost_message_after_s)
+        expired = expired_queued_jobs(session, expires_s=settings.task_expires_s, at=at)
+        waiting = queued_jobs_sent_before(session, at - settings.lost_message_after_s)
     unsent = expired + lost_messages(settings, celery_app, waiting)
     requeued = [job_id for job_id, outcome in lost if outcome == "requeued"]
     failed = [job_id for job_id, outcome in lost if outcome == "failed"]
@@ -146,13 +156,14 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         sent += dispatched
         for job_id in dispatched:
             log.info("sent the training task of job %s", job_id)
-    resent_ended = resend_job_ended(settings, session_factory, celery_app)
+    resent_ended = resend_job_ended(settings, session_factory, celery_app, at)
     with session_scope(session_factory) as session:
-        failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+        failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, at=at)
     result = {"requeued": requeued, "failed": failed, "sent": sent, "failed_exports": failed_exports,
-              "sent_exports": resend_expired_exports(settings, session_factory, celery_app)}
+              "sent_exports": resend_expired_exports(settings, session_factory, celery_app, at)}
     if storage is not None:
-        result["expired_files"] = expire_files(session_factory, storage)
+        result["expired_files"] = expire_files(session_factory, storage, at)
+        result["cleaned_uploads"] = sweep_uploads(session_factory, storage, at)
         try:
             result["stale_partials"] = remove_stale_partials(storage)
         except OSError:

@@ -21,8 +21,9 @@ from api.routes.jobs import get_job_row
 from api.schemas import FineTuningJobExport, Page
 from core import ids
 from core.dispatch import DispatchError, dispatch
-from core.exports import ACTIVE, ExportStatus, lock_live_model_job
+from core.exports import ACTIVE, ExportStatus
 from core.jobs import JobStatus, add_event
+from core.model_deletion import lock_live_model_job
 from core.models import Export, now
 from core.quotas import check_stored_bytes, lock_project
 

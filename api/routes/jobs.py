@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import bad_request, not_found
 from api.hyperparameters import job_options
-from api.model_dirs import find_base_model, read_config_json
+from api.model_dirs import base_config, find_base_model
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
 from api.schemas import (
@@ -32,12 +32,15 @@ from api.schemas import (
     Page,
     first_unstorable,
 )
+from contract.memory import MemoryEstimate, estimate_memory
 from contract.metrics import StepMetrics
+from contract.options import TrainingConfig
 from core import job_service
 from core.job_service import NewJob
 from core.jobs import JobStatus, cancel_job
 from core.models import Checkpoint, Job, JobEvent, JobMetric
 from core.storage import ObjectNotFound
+from worker.training.tunables import LOSS_CHUNK_TOKENS
 
 logger = logging.getLogger("api")
 
@@ -51,6 +54,18 @@ def get_job_row(session: Session, project: str, job_id: str) -> Job:
     if job is None:
         raise not_found(f"No such fine-tuning job: {job_id}", param="job_id", code="job_not_found")
     return job
+
+
+def _memory_estimate(model_config: dict[str, Any] | None, cfg: TrainingConfig) -> MemoryEstimate | None:
+    """The estimated peak GPU memory. A config.json the estimate cannot read (not a Llama-family decoder, or
+    broken) only means no estimate: it must not stop the job."""
+    if model_config is None:
+        return None
+    try:
+        return estimate_memory(model_config, cfg, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
+    except (ValueError, ArithmeticError, TypeError) as exc:
+        logger.info("no memory estimate for a job on %s: %s", model_config.get("model_type"), exc)
+        return None
 
 
 @router.post("", response_model=FineTuningJob, summary="Create a fine-tuning job", responses=error_responses(429))
@@ -69,10 +84,11 @@ def create_job(
             param="model",
             code="model_not_found",
         )
-    model_config = read_config_json(model_dir)
+    model_config = base_config(model_dir)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     request = NewJob(model=body.model, training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
-                     metadata=body.metadata, integrations=body.integrations, model_config=model_config,
+                     metadata=body.metadata, integrations=body.integrations,
+                     estimate=lambda cfg: _memory_estimate(model_config, cfg),
                      resolve=lambda: job_options(body, seed, model_config),
                      options_param="hyperparameters" if body.hyperparameters is not None else "method.supervised.hyperparameters")
     return FineTuningJob.from_row(job_service.create_job(session, celery_app, settings, project, request))

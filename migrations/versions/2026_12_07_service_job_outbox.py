@@ -1,7 +1,7 @@
 """job_outbox: one row per job that reached a terminal status, consumed by the qlora.job_ended task
 
 Revision ID: service_job_outbox
-Revises: 0006
+Revises: 0010
 Create Date: 2026-12-07
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "service_job_outbox"
-down_revision: str | None = "0006"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from api.main import create_app
 from core import ids
-from core.jobs import checkpoint_model_name, claim_job, fine_tuned_model_name, succeed_job
+from core.jobs import claim_job, succeed_job
+from core.model_names import checkpoint_model_name, fine_tuned_model_name
 from core.models import Checkpoint, Export, Job, now
 from core.models import File as FileRow
 from tests.api.conftest import make_settings
@@ -247,7 +248,7 @@ def test_an_export_storm_under_a_quota_that_fits_one_merge_runs_one(tmp_path, da
         answers = [client.post(_export_url(job_id), headers=KEY_A) for job_id in jobs]
         assert [a.status_code for a in answers] == [200, 429, 429], [a.json() for a in answers]
         error = answers[1].json()["error"]
-        assert error["code"] == "quota_exceeded" and "4096 bytes reserved by merged exports not yet stored" in error["message"]
+        assert error["code"] == "quota_exceeded" and "4096 bytes reserved by uploads and merged exports not yet stored" in error["message"]
         with db(client) as session:
             queued = session.scalars(select(Export.id).where(Export.status == "queued")).all()
         assert queued == [answers[0].json()["id"]]
