@@ -4,7 +4,8 @@ Every error body is ``{"error": {"message", "type", "param", "code"}}``: our own
 validation errors (a 400 here, not FastAPI's 422 ``{"detail": ...}``, which leaves the SDK's code/param empty),
 unknown routes, wrong methods and unexpected exceptions (500, logged). `RequestIdMiddleware` puts an
 ``x-request-id`` on every response (the client's own, when it sent a sane one) and ``x-should-retry: false`` on
-every 4xx, so the SDK does not retry a request that cannot succeed.
+every 4xx that does not set it (a 429 worth retrying says `true`), so the SDK does not retry a request that cannot
+succeed.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = request_id
-                if 400 <= message["status"] < 500:
+                if 400 <= message["status"] < 500 and "x-should-retry" not in headers:  # a 429 to retry says so itself
                     headers["x-should-retry"] = "false"
             await send(message)
 

@@ -20,7 +20,7 @@ from api.errors import RequestIdMiddleware, register_error_handlers
 from api.guard import RequestGuard
 from api.metrics import Metrics, MetricsMiddleware
 from api.openapi import V1_ERRORS, drop_422
-from api.routes import chat, files, health, jobs, models
+from api.routes import chat, checkpoint_permissions, files, health, job_pause, jobs, models, uploads
 from api.ui import mount_dashboard
 from core.db import make_engine, make_session_factory
 from core.logs import configure_logging
@@ -62,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestGuard, settings=settings)  # the key and the body cap, before any body is read
     app.add_middleware(RequestIdMiddleware)  # outside the guard, so the guard's answers get the ids too
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: every answer is counted
-    for router in (files.router, jobs.router, models.router, chat.router):
+    for router in (files.router, uploads.router, jobs.router, job_pause.router, checkpoint_permissions.router, models.router,
+                   chat.router):
         app.include_router(router, prefix="/v1", responses=V1_ERRORS)
     app.include_router(health.router)
     mount_dashboard(app)  # the dashboard's static files at /ui (it calls the /v1 routes with the signed-in key)

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.models import Job, JobEvent, SweeperAction
+from core.models import Job, JobMetric, SweeperAction
 from core.queue import queued_training_jobs
 from core.settings import Settings
 
@@ -54,17 +54,20 @@ class ServiceCollector(Collector):
             yield GaugeMetricFamily("qlora_queue_depth", "Training messages waiting in the broker's queue", value=len(waiting))
 
     def _running_jobs(self):  # noqa: ANN202
-        """One sample per running job (so the label values stay as few as the GPUs), from its newest metrics event:
-        the worker writes it with each step's JobMetric row, the same values plus total_steps."""
+        """One sample per running job that has trained a step (so the label values stay as few as the GPUs), from
+        its newest job_metrics row and the job's total_steps."""
         families = [GaugeMetricFamily(name, help, labels=["job_id", "worker"]) for name, help, _ in self.JOB_GAUGES]
         with self.session_factory() as session:
-            running = session.execute(select(Job.id, Job.worker_id).where(Job.status == "running")).all()
-            for job_id, worker_id in running:
-                data = session.execute(select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")
-                                       .order_by(JobEvent.seq.desc()).limit(1)).scalar_one_or_none()
+            running = session.execute(select(Job.id, Job.worker_id, Job.total_steps).where(Job.status == "running")).all()
+            for job_id, worker_id, total_steps in running:
+                newest = session.execute(select(JobMetric.step, JobMetric.values).where(JobMetric.job_id == job_id)
+                                         .order_by(JobMetric.step.desc()).limit(1)).one_or_none()
+                if newest is None:
+                    continue
+                data = {**newest.values, "step": newest.step, "total_steps": total_steps}
                 worker = ":".join((worker_id or "").split(":")[:2])  # host:pid; the run's own tag would add nothing
                 for family, (_, _, key) in zip(families, self.JOB_GAUGES, strict=True):
-                    value = (data or {}).get(key)
+                    value = data.get(key)
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         family.add_metric([job_id, worker], value)
         yield from families

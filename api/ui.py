@@ -4,14 +4,29 @@ the API key the person signs in with, so a project sees what its key sees and no
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
+from starlette.types import Scope
 
 UI_DIR = Path(__file__).resolve().parent / "static" / "ui"
 
 
+class DashboardFiles(StaticFiles):
+    """StaticFiles whose JavaScript is always `text/javascript`, the type a browser requires of an ES module: the
+    type guessed from the file name depends on the host's mime.types (application/javascript, or none at all)."""
+
+    def file_response(self, full_path: str | os.PathLike[str], stat_result: os.stat_result, scope: Scope,
+                      status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        if str(full_path).endswith(".js") and response.status_code != 304:
+            response.headers["content-type"] = "text/javascript; charset=utf-8"
+        return response
+
+
 def mount_dashboard(app: FastAPI) -> None:
     """/ui/ answers index.html (/ui redirects there); the mount stays out of the OpenAPI document."""
-    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+    app.mount("/ui", DashboardFiles(directory=UI_DIR, html=True), name="ui")

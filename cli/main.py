@@ -18,18 +18,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import openai
-import yaml
 
 from cli import output
 from cli.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from contract.job_file import SERVICE_KEYS, JobFileError, read_job_file
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 # OpenAI's method.type when a request names none; --method names any other the service supports (docs/training.md).
 DEFAULT_METHOD = "supervised"
-# The keys of a job file: the engine CLI's (worker/training/cli.py), so its YAML files work here unchanged, plus
-# the API's own names and fields.
-JOB_FILE_KEYS = {"model", "base_model", "training_file", "train_file", "validation_file", "output_dir", "suffix", "seed", "metadata",
-                 "hyperparameters"}
 
 
 class UsageError(Exception):
@@ -153,30 +149,16 @@ def cmd_files_list(ctx: Context) -> int:
 # --- jobs ---------------------------------------------------------------------------------------------------
 
 
-def read_job_file(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a mapping at the top level")
-    unknown = set(data) - JOB_FILE_KEYS
-    if unknown:
-        raise UsageError(f"{path}: unknown keys {sorted(unknown)} (expected some of {sorted(JOB_FILE_KEYS)})")
-    if data.get("hyperparameters") is not None and not isinstance(data["hyperparameters"], dict):
-        raise UsageError(f"{path}: hyperparameters must be a mapping")
-    return data
-
-
 def job_request(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
     """The job's fields from the job file (if any) with the flags over them, and the directory that relative
     file paths of the job file are relative to."""
     spec: dict[str, Any] = {}
     here = None
     if args.file is not None:
-        spec = read_job_file(args.file)
+        try:
+            spec = read_job_file(args.file, SERVICE_KEYS)  # the engine CLI's reader, so one file works with both
+        except JobFileError as exc:
+            raise UsageError(str(exc)) from None
         here = args.file.resolve().parent
         if "base_model" in spec and "model" not in spec:
             # The engine's base_model is a directory; the service names its base models by directory name.
@@ -257,7 +239,20 @@ def cmd_jobs_get(ctx: Context) -> int:
 
 
 def cmd_jobs_cancel(ctx: Context) -> int:
-    job = as_dict(ctx.client.fine_tuning.jobs.cancel(ctx.args.job))
+    return _job_action(ctx, ctx.client.fine_tuning.jobs.cancel)
+
+
+def cmd_jobs_pause(ctx: Context) -> int:
+    return _job_action(ctx, ctx.client.fine_tuning.jobs.pause)
+
+
+def cmd_jobs_resume(ctx: Context) -> int:
+    return _job_action(ctx, ctx.client.fine_tuning.jobs.resume)
+
+
+def _job_action(ctx: Context, action: Callable[[str], Any]) -> int:
+    """Cancel, pause or resume the job named on the command line; print its id and new status."""
+    job = as_dict(action(ctx.args.job))
     if ctx.json:
         ctx.emit_json(job)
     else:
@@ -437,7 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
     p.add_argument("--patience", type=float, default=600.0,
                    help="seconds in a row to wait for a service that stopped answering before giving up (default 600)")
-    p = leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a queued or running job")
+    p = leaf(jobs, "cancel", cmd_jobs_cancel, "cancel a queued, running or paused job")
+    p.add_argument("job")
+    p = leaf(jobs, "pause", cmd_jobs_pause, "pause a queued job, or a running one after its current step (with a checkpoint)")
+    p.add_argument("job")
+    p = leaf(jobs, "resume", cmd_jobs_resume, "queue a paused job again; it continues from its pause checkpoint")
     p.add_argument("job")
     p = leaf(jobs, "events", cmd_jobs_events, "a job's latest events, oldest first")
     p.add_argument("job")

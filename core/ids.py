@@ -27,3 +27,15 @@ def checkpoint_id() -> str:
 
 def export_id() -> str:
     return f"export-{_token()}"
+
+
+def upload_id() -> str:
+    return f"upload_{_token()}"
+
+
+def upload_part_id() -> str:
+    return f"part_{_token()}"
+
+
+def checkpoint_permission_id() -> str:
+    return f"cp_{_token()}"

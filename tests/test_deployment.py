@@ -240,3 +240,20 @@ def test_the_multi_gpu_example_in_the_docs_is_valid(tmp_path):
     assert devices == {"worker": ["0"], "worker-gpu1": ["1"]}
     assert services["worker-gpu1"]["command"] == services["worker"]["command"]
     assert services["worker-gpu1"]["depends_on"] == services["worker"]["depends_on"]
+
+
+def test_compose_inference_backends_are_on_an_internal_network():
+    """Issue 20, defect 6: the inference backends are reachable from the API only: an internal network, nothing
+    published, and vLLM started with the shared secret as its --api-key. Read from the file itself (no
+    docker-compose needed)."""
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert raw["networks"]["inference"] == {"internal": True}
+    services = raw["services"]
+    for name in ("inference", "vllm", "vllm-front"):
+        assert services[name]["networks"] == ["inference"] and "ports" not in services[name], name
+    assert set(services["api"]["networks"]) == {"default", "inference"}
+    assert raw["x-qlora-environment"]["QLORA_INFERENCE_SECRET"] == "${QLORA_INFERENCE_SECRET:-}"
+    script = services["vllm"]["entrypoint"][2]
+    assert '--api-key "$${QLORA_INFERENCE_SECRET:-$$(cat /qlora/inference_secret)}"' in script
+    assert "qlora-home:/qlora:ro" in services["vllm"]["volumes"]
+    assert services["vllm"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,21 +23,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import ids, logs
 from core.db import session_scope
-from core.exports import (
-    adapter_filename,
-    claim_export,
-    export_heartbeat,
-    finish_export,
-    lock_live_model_job,
-    merged_filename,
-)
+from core.exports import claim_export, finish_export
 from core.jobs import JobStatus, add_event
+from core.model_deletion import lock_live_model_job
+from core.model_names import adapter_filename, merged_filename
 from core.models import Export, File, Job, now
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, StoredObject, delete_quietly
 from worker.database_sink import pack_directory
 from worker.retry import Outage, retry_transient
 from worker.runner import default_worker_id, remove_dead_workdirs, unpack_archive
+from worker.runner.claim import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +92,6 @@ def merge_adapter(base_model_dir: Path, adapter_dir: Path, output_dir: Path) -> 
     return output_dir
 
 
-class ExportHeartbeat(threading.Thread):
-    """Writes the export's heartbeat every `interval_s` until stopped. A failed write is only logged: if the export
-    is no longer ours, the final commit finds that out and discards the merge."""
-
-    def __init__(self, export_id: str, worker_id: str, session_factory: sessionmaker[Session], interval_s: float):
-        super().__init__(name=f"heartbeat-{export_id}", daemon=True)
-        self.export_id, self.worker_id, self.session_factory, self.interval_s = export_id, worker_id, session_factory, interval_s
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        logs.bind(export_id=self.export_id)  # a thread starts with an empty context
-        while not self._done.wait(self.interval_s):
-            try:
-                with session_scope(self.session_factory) as session:
-                    export_heartbeat(session, self.export_id, self.worker_id)
-            except Exception:
-                log.warning("heartbeat of export %s failed", self.export_id, exc_info=True)
-
-    def stop(self) -> None:
-        self._done.set()
-        if self.is_alive():
-            self.join(timeout=max(30.0, 2 * self.interval_s))
-
-
 def run_export(export_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
                worker_id: str | None = None) -> str:
     """Run export `export_id` to its end. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, DISCARDED."""
@@ -143,7 +114,8 @@ def _run_export(export_id: str, settings: Settings, session_factory: sessionmake
         if not claim_export(session, export_id, worker_id):
             log.info("export %s not claimed by %s: it is not queued", export_id, worker_id)
             return NOT_CLAIMED
-    beat = ExportHeartbeat(export_id, worker_id, session_factory, settings.heartbeat_interval_s)
+    # A lost lease is only logged: the final commit finds the export is no longer ours and discards the merge.
+    beat = Heartbeat(Export, export_id, worker_id, session_factory, settings.heartbeat_interval_s)
     beat.start()
     remove_dead_workdirs()
     # Named like the runner's (qlora-KIND-TOKEN-PID-...), so that remove_dead_workdirs finds one a killed worker left.

@@ -10,6 +10,8 @@
   running one whose heartbeat stopped is failed with `worker_lost` (a new POST .../export merges again).
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
   Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
+- Uploads of the Uploads API pending past their hour become `expired`; the parts of every upload that is no longer
+  pending (expired, cancelled, completed) are deleted (`core.uploads.sweep_uploads`).
 - The local backend's `*.partial` files that a killed writer left (untouched for 15 minutes) are deleted.
 
 The database changes commit before any message is sent, so a worker that gets the message finds the row
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -33,15 +36,16 @@ from core.models import File, SweeperAction, now
 from core.queue import queued_training_jobs, send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly, remove_stale_partials
+from core.uploads import sweep_uploads
 
 log = logging.getLogger(__name__)
 
 
-def expire_files(session_factory: sessionmaker[Session], storage: ObjectStorage) -> list[str]:
-    """Delete the files whose `expires_at` has passed; returns their ids. The rows go first (committed), then
+def expire_files(session_factory: sessionmaker[Session], storage: ObjectStorage, at: float | None = None) -> list[str]:
+    """Delete the files whose `expires_at` has passed at Unix time `at` (now by default); returns their ids. The rows go first (committed), then
     the objects: a crash in between leaves an orphaned object, never a row pointing at nothing."""
     with session_scope(session_factory) as session:
-        expired = session.execute(select(File.id, File.storage_key).where(File.expires_at <= now())).all()
+        expired = session.execute(select(File.id, File.storage_key).where(File.expires_at <= (now() if at is None else at))).all()
         if expired:
             session.execute(delete(File).where(File.id.in_([file_id for file_id, _ in expired])))
     delete_quietly(storage, *(key for _, key in expired))
@@ -66,10 +70,12 @@ def lost_messages(settings: Settings, celery_app: Any, waiting: list[str]) -> li
     return lost
 
 
-def send_unsent_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any) -> list[str]:
-    """Send the task of every queued export that was never sent or whose message expired; returns their ids."""
+def send_unsent_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
+                        at: float | None = None) -> list[str]:
+    """Send the task of every queued export that was never sent or whose message expired by Unix time `at`; returns
+    their ids."""
     with session_scope(session_factory) as session:
-        unsent = unsent_queued_exports(session, expires_s=settings.task_expires_s)
+        unsent = unsent_queued_exports(session, expires_s=settings.task_expires_s, at=at)
     sent = []
     for export_id in unsent:
         try:
@@ -85,14 +91,17 @@ def send_unsent_exports(settings: Settings, session_factory: sessionmaker[Sessio
 
 
 def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
-          storage: ObjectStorage | None = None) -> dict[str, list[str]]:
+          storage: ObjectStorage | None = None, clock: Callable[[], float] = time.time) -> dict[str, list[str]]:
     """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids), "failed_exports" and
-    "sent_exports" (export ids), plus "expired_files" (file ids) and "stale_partials" (paths) when `storage` is given."""
+    "sent_exports" (export ids), plus "expired_files" (file ids), "cleaned_uploads" (upload ids) and "stale_partials"
+    (paths) when `storage` is given. Every age (heartbeats, messages, expiries) is measured at one reading of `clock` (Unix time): a test passes a
+    clock that is ahead instead of sleeping until a timeout has passed."""
+    at = clock()
     with session_scope(session_factory) as session:
-        lost = sweep_lost_jobs(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, max_attempts=settings.max_attempts)
+        lost = sweep_lost_jobs(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, max_attempts=settings.max_attempts, at=at)
         # Read after the requeues (same transaction): a requeued job is also "queued with an old message".
-        expired = expired_queued_jobs(session, expires_s=settings.task_expires_s)
-        waiting = queued_jobs_sent_before(session, time.time() - settings.lost_message_after_s)
+        expired = expired_queued_jobs(session, expires_s=settings.task_expires_s, at=at)
+        waiting = queued_jobs_sent_before(session, at - settings.lost_message_after_s)
     unsent = expired + lost_messages(settings, celery_app, waiting)
     requeued = [job_id for job_id, outcome in lost if outcome == "requeued"]
     failed = [job_id for job_id, outcome in lost if outcome == "failed"]
@@ -123,11 +132,12 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         for job_id in dispatched:
             log.info("sent the training task of job %s", job_id)
     with session_scope(session_factory) as session:
-        failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+        failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, at=at)
     result = {"requeued": requeued, "failed": failed, "sent": sent, "failed_exports": failed_exports,
-              "sent_exports": send_unsent_exports(settings, session_factory, celery_app)}
+              "sent_exports": send_unsent_exports(settings, session_factory, celery_app, at)}
     if storage is not None:
-        result["expired_files"] = expire_files(session_factory, storage)
+        result["expired_files"] = expire_files(session_factory, storage, at)
+        result["cleaned_uploads"] = sweep_uploads(session_factory, storage, at)
         try:
             result["stale_partials"] = remove_stale_partials(storage)
         except OSError:

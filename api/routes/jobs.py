@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found, quota_exceeded
 from api.hyperparameters import job_options
-from api.model_dirs import find_base_model, read_config_json, weights_bytes
+from api.model_dirs import base_config, find_base_model, weights_bytes
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
 from api.quotas import check_stored_bytes
@@ -37,18 +37,20 @@ from api.schemas import (
     first_unstorable,
 )
 from contract.data_format import MIN_EXAMPLES
-from contract.memory import GIB, estimate_memory
+from contract.memory import GIB, MemoryEstimate, estimate_memory
 from contract.metrics import StepMetrics
 from contract.options import TrainingConfig
 from core import ids
 from core.dispatch import DispatchError, dispatch
-from core.exports import ACTIVE, ExportStatus, lock_live_model_job, mark_export_enqueued
+from core.exports import ACTIVE, ExportStatus, mark_export_enqueued
 from core.jobs import TERMINAL, JobStatus, add_event, cancel_job
+from core.model_deletion import lock_live_model_job
 from core.models import Checkpoint, Export, Job, JobEvent, JobMetric, Project, file_is_live, now
 from core.models import File as FileRow
 from core.queue import send_export_task
 from core.settings import Settings
 from core.storage import ObjectNotFound
+from worker.training.tunables import LOSS_CHUNK_TOKENS
 
 logger = logging.getLogger("api")
 
@@ -82,17 +84,21 @@ def _usable_file(session: Session, project: str, file_id: str, param: str) -> Fi
     return row
 
 
-def _add_memory_estimate(session: Session, job_id: str, model_dir: Path, cfg: TrainingConfig) -> None:
-    """An info event with the estimated peak GPU memory. A config.json the estimate cannot read (not a
-    Llama-family decoder, or broken) only means no estimate: it must not stop the job."""
-    model_config = read_config_json(model_dir)
+def _memory_estimate(model_dir: Path, cfg: TrainingConfig) -> MemoryEstimate | None:
+    """The estimated peak GPU memory. A config.json the estimate cannot read (not a Llama-family decoder, or
+    broken) only means no estimate: it must not stop the job."""
+    model_config = base_config(model_dir)
     if model_config is None:
-        return
+        return None
     try:
-        estimate = estimate_memory(model_config, cfg)
+        return estimate_memory(model_config, cfg, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
     except (ValueError, ArithmeticError, TypeError) as exc:
-        logger.info("no memory estimate for job %s: %s", job_id, exc)
-        return
+        logger.info("no memory estimate for a job on %s: %s", model_dir.name, exc)
+        return None
+
+
+def _add_memory_estimate_event(session: Session, job_id: str, estimate: MemoryEstimate) -> None:
+    """The estimate as a person reads it in the job's events (the job object carries the numbers)."""
     checkpointing = "on" if estimate.gradient_checkpointing else "off"
     add_event(
         session,
@@ -169,8 +175,9 @@ def create_job(
         raise quota_exceeded(f"This project has {queued} queued jobs, the most it may have waiting at once",
                              "QLORA_MAX_QUEUED_JOBS_PER_PROJECT")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    given, cfg = job_options(body, seed, read_config_json(model_dir))
+    given, cfg = job_options(body, seed, base_config(model_dir))
     _check_step_limit(body, cfg, training.n_examples or 0, settings.max_steps_per_job)
+    estimate = _memory_estimate(model_dir, cfg)
 
     # Files were validated at upload, so the job starts queued.
     job = Job(
@@ -186,13 +193,15 @@ def create_job(
         integrations=body.integrations,
         status=JobStatus.QUEUED.value,
         result_files=[],
+        memory_estimate=estimate.to_dict() if estimate is not None else None,
         created_at=now(),
         attempt=0,
     )
     session.add(job)
     session.flush()  # the events reference the job's row
     add_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
-    _add_memory_estimate(session, job.id, model_dir, cfg)
+    if estimate is not None:
+        _add_memory_estimate_event(session, job.id, estimate)
     session.commit()
     _enqueue(session, celery_app, settings, project, job.id)
     return FineTuningJob.from_row(job)

@@ -6,7 +6,7 @@ so existing rows get that value. A downgrade removes the option again, and refus
 exists: the older schema could not show or run it.
 
 Revision ID: engine_seam_job_method
-Revises: 0006
+Revises: 0010
 Create Date: 2026-12-07
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "engine_seam_job_method"
-down_revision: str | None = "0006"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -97,12 +97,12 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
     """What the workers and the sweeper write to the database, read at scrape time: a real sink's steps, a real sweep."""
     import time
 
-    from sqlalchemy import update
+    from sqlalchemy import delete, update
 
     from contract.metrics import StepMetrics
     from core.db import session_scope
     from core.jobs import claim_job
-    from core.models import Job
+    from core.models import Job, JobEvent
     from tests.api.helpers import create_job_ok, upload_ok
     from worker.database_sink import DatabaseSink
     from worker.sweeper import sweep
@@ -119,6 +119,8 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
         sink.metrics(step, StepMetrics(step=step, train_loss=2.0 / step, tokens=100, tokens_per_second=100 / seconds,
                                        step_seconds=seconds, peak_memory_bytes=3 << 30))
 
+    with session_scope(state.session_factory) as session:  # the numbers come from job_metrics and the job row, not events
+        session.execute(delete(JobEvent).where(JobEvent.job_id == running))
     text = client.get("/metrics").text
     labels = f'job_id="{running}",worker="gpu-a:4242"'
     assert f"qlora_job_step{{{labels}}} 2.0" in text

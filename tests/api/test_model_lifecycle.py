@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from api.main import create_app
 from core import ids
-from core.jobs import checkpoint_model_name, claim_job, fine_tuned_model_name, succeed_job
+from core.jobs import claim_job, succeed_job
+from core.model_names import checkpoint_model_name, fine_tuned_model_name
 from core.models import Checkpoint, Export, Job, now
 from core.models import File as FileRow
 from tests.api.conftest import make_settings

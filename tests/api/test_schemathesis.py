@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 
 from api.main import create_app
 from core import ids
-from core.jobs import checkpoint_model_name, fine_tuned_model_name
+from core.model_names import checkpoint_model_name, fine_tuned_model_name
 from core.models import Checkpoint, Export, JobMetric, now
 from tests.api.conftest import make_settings
 from tests.api.helpers import KEY_A, MODEL, create_job_ok, db, upload_ok

@@ -308,9 +308,9 @@ def test_a_checkpoint_older_than_an_option_resumes_with_its_default():
 
     cfg = TrainingConfig(compute_dtype="fp32")
     older = {k: v for k, v in cfg.resolved().items() if k != "method"}
-    assert _resumable_config(cfg, cfg, older, torch.device("cpu")) == cfg
+    assert _resumable_config(cfg, older, torch.device("cpu")) == cfg
     with pytest.raises(ConfigError) as err:
-        _resumable_config(cfg, cfg, {**older, "lora_r": 8}, torch.device("cpu"))
+        _resumable_config(cfg, {**older, "lora_r": 8}, torch.device("cpu"))
     assert err.value.param == "lora_r"
 
 

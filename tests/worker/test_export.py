@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from api.main import create_app
 from core import ids
 from core.db import session_scope
-from core.exports import delete_model_rows, lock_live_model_job
+from core.model_deletion import delete_model_rows, lock_live_model_job
 from core.models import Export, File, Job, now
 from tests.worker.helpers import MODEL, PROJECT, create_job, events, get_job, local_objects, stored_config, wait_until
 from tests.worker.test_runner import RecordingCelery
