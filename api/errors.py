@@ -4,7 +4,8 @@ Every error body is ``{"error": {"message", "type", "param", "code"}}``: our own
 validation errors (a 400 here, not FastAPI's 422 ``{"detail": ...}``, which leaves the SDK's code/param empty),
 unknown routes, wrong methods and unexpected exceptions (500, logged). `RequestIdMiddleware` puts an
 ``x-request-id`` on every response (the client's own, when it sent a sane one) and ``x-should-retry: false`` on
-every 4xx, so the SDK does not retry a request that cannot succeed.
+every 4xx that does not set it (a 429 worth retrying says `true`), so the SDK does not retry a request that cannot
+succeed.
 """
 
 from __future__ import annotations
@@ -154,6 +155,25 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected_error)
 
 
+def register_service_error_handlers(app: FastAPI) -> None:
+    """The refusals of core's services as the envelope: a project over one of its limits (core/quotas.py, 429) and a
+    job request refused (core/job_service.py, 400). Apart from `register_error_handlers`, which the inference servers
+    share and which must not import the database layer."""
+    from core.job_service import JobRequestError
+    from core.quotas import QuotaExceeded
+
+    async def job_request_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, JobRequestError)
+        return await _http_error(request, bad_request(exc.message, param=exc.param, code=exc.code))
+
+    async def quota_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, QuotaExceeded)
+        return await _http_error(request, quota_exceeded(exc.message, exc.setting))
+
+    app.add_exception_handler(JobRequestError, job_request_error)
+    app.add_exception_handler(QuotaExceeded, quota_error)
+
+
 # --- headers on every response -------------------------------------------------------------------------------
 
 _CLIENT_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: safe to echo in a header
@@ -185,7 +205,7 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = request_id
-                if 400 <= message["status"] < 500:
+                if 400 <= message["status"] < 500 and "x-should-retry" not in headers:  # a 429 to retry says so itself
                     headers["x-should-retry"] = "false"
             await send(message)
 

@@ -3,11 +3,11 @@ The directory's name is the model id that jobs name in `model`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from contract.memory import stored_format
+from contract.base_model import read_config_json, stored_format
+from contract.errors import ConfigError
 from core.settings import Settings
 
 
@@ -35,13 +35,13 @@ def list_base_models(settings: Settings) -> list[Path]:
     return sorted(p for p in root.iterdir() if find_base_model(settings, p.name) is not None)
 
 
-def read_config_json(path: Path) -> dict[str, Any] | None:
-    """The model's config.json as a dict, or None when it cannot be read as a JSON object."""
+def base_config(path: Path) -> dict[str, Any] | None:
+    """The model's config.json as a dict (contract.base_model.read_config_json), or None when it cannot be read as a
+    JSON object: the API then plans for a float base without an estimate, and the engine reports the fault."""
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        return read_config_json(path)
+    except ConfigError:
         return None
-    return config if isinstance(config, dict) else None
 
 
 def weights_bytes(path: Path) -> int:
@@ -53,5 +53,5 @@ def stored_quantization(path: Path) -> dict[str, Any] | None:
     """How base model `path` is stored already, from its config.json's `quantization_config`
     (`{"method", "bits", "group_size"}`), or None: a plain 16/32-bit base (jobs quantize it on load) or a config.json
     that cannot be read."""
-    config = read_config_json(path)
+    config = base_config(path)
     return stored_format(config) if config is not None else None

@@ -41,3 +41,10 @@ def fetch_page(
     query = query.order_by(seq_column.desc() if newest_first else seq_column.asc()).limit(limit + 1)
     rows = list(session.scalars(query))
     return rows[:limit], len(rows) > limit
+
+
+def fetch_page_after(session: Session, model: Any, where: list[Any], *, after: str | None, limit: int,
+                     newest_first: bool) -> tuple[list[Any], bool]:
+    """One page of `model`'s rows matching `where`, after the object with id `after` (a 400 when there is none)."""
+    after_seq = cursor_seq(session, model.id, model.seq, after, *where) if after else None
+    return fetch_page(session, select(model).where(*where), model.seq, after_seq=after_seq, limit=limit, newest_first=newest_first)

@@ -11,10 +11,10 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from contract.hyperparameters import Hyperparameters, echo, method_object
+from contract.hyperparameters import Hyperparameters, method_object, wire_hyperparameters
 from contract.metrics import finite_floats
 from contract.options import METHODS
-from core.models import Checkpoint, Export, File, Job, JobEvent
+from core.models import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, now
 
 T = TypeVar("T")
 
@@ -38,6 +38,10 @@ class CursorPage(Page[T], Generic[T]):
 
     first_id: str | None
     last_id: str | None
+
+    @classmethod
+    def of(cls, data: list[Any], has_more: bool) -> CursorPage[Any]:
+        return cls(data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
 # --- files --------------------------------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ class FileDeleted(BaseModel):
 
 # OpenAI's list of job statuses, kept whole for its SDK; this service never reports "validating_files" (uploads are
 # validated before the upload returns, so a job starts "queued": core.jobs.JobStatus).
-JobStatusName = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+JobStatusName = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
 
 
 class JobError(BaseModel):
@@ -107,13 +111,17 @@ class FineTuningJob(BaseModel):
     finished_at: int | None
     trained_tokens: int | None
     estimated_finish: int | None
+    total_steps: int | None = Field(description="Extension: the optimizer steps the job trains in all; null until a worker has loaded the model.")
+    memory_estimate: dict[str, Any] | None = Field(
+        description="Extension: the estimated peak GPU memory in bytes, by part (`total`, `base_weights`, ...), made when the job was created; "
+                    "null when the base model's config.json allows no estimate.")
     integrations: list[Any] | None
     metadata: dict[str, str] | None
     user_provided_suffix: str | None = Field(description="The suffix the job was created with (OpenAI sends it too).")
 
     @classmethod
     def from_row(cls, row: Job) -> FineTuningJob:
-        hyperparameters = echo(row.hyperparameters, row.training_config)
+        hyperparameters = wire_hyperparameters(row.hyperparameters, row.training_config)
         return cls(
             id=row.id,
             created_at=row.created_at,
@@ -130,7 +138,9 @@ class FineTuningJob(BaseModel):
             fine_tuned_model=row.fine_tuned_model,
             finished_at=row.finished_at,
             trained_tokens=row.trained_tokens,
-            estimated_finish=row.estimated_finish,
+            estimated_finish=row.estimated_finish if row.status == "running" else None,  # an estimate only while it runs
+            total_steps=row.total_steps,
+            memory_estimate=row.memory_estimate,
             integrations=row.integrations,
             metadata=row.metadata_,
             user_provided_suffix=row.suffix,
@@ -168,9 +178,19 @@ class FineTuningJobCheckpoint(BaseModel):
             fine_tuned_model_checkpoint=row.fine_tuned_model_checkpoint,
             fine_tuning_job_id=row.job_id,
             step_number=row.step,
-            # Floats only, as the SDK's type says: a missing (null) or non-finite metric is left out.
-            metrics=finite_floats(row.metrics or {}),
+            metrics=checkpoint_wire_metrics(row.metrics or {}),
         )
+
+
+def checkpoint_wire_metrics(stored: dict[str, Any]) -> dict[str, float]:
+    """Floats only, as the SDK's type says: a missing (null) or non-finite metric is left out. The engine's evaluation
+    always runs over the whole validation file, so a step that evaluated also carries OpenAI's optional
+    `full_valid_loss` / `full_valid_mean_token_accuracy` (OpenAI's `valid_*` come from a sample; ours are full)."""
+    metrics = finite_floats(stored)
+    for name in ("valid_loss", "valid_mean_token_accuracy"):
+        if name in metrics:
+            metrics[f"full_{name}"] = metrics[name]
+    return metrics
 
 
 class ModelQuantization(BaseModel):
@@ -318,3 +338,76 @@ class JobCreate(_ClosedBody):
             if len(item) > MAX_METADATA_VALUE:
                 raise ValueError(f"the value of {key!r} is longer than {MAX_METADATA_VALUE} characters")
         return value
+
+
+# --- uploads (POST /v1/uploads) ----------------------------------------------------------------------------------
+
+
+class UploadExpiresAfter(_ClosedBody):
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2592000)
+
+
+class UploadCreate(_ClosedBody):
+    filename: str = Field(min_length=1, max_length=512)
+    purpose: str = Field(description="Only 'fine-tune' is accepted.", json_schema_extra={"enum": ["fine-tune"]})
+    bytes: int = Field(ge=1, description="The size of the whole file; the parts must add up to it.")
+    mime_type: str = Field(min_length=1, max_length=256)
+    expires_after: UploadExpiresAfter | None = Field(None, description="When the file made at completion expires.")
+
+
+class UploadComplete(_ClosedBody):
+    part_ids: list[str] = Field(min_length=1, max_length=10000, description="The parts, in the order they make the file.")
+    md5: str | None = Field(None, max_length=64, description="MD5 of the whole file, hex; checked when given.")
+
+
+class UploadObject(BaseModel):
+    id: str
+    object: Literal["upload"] = "upload"
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["pending", "completed", "cancelled", "expired"]
+    file: FileObject | None
+
+    @classmethod
+    def from_row(cls, row: Upload, file: File | None = None) -> UploadObject:
+        status = "expired" if row.status == "pending" and row.expires_at <= now() else row.status
+        return cls(id=row.id, bytes=row.bytes, created_at=row.created_at, expires_at=row.expires_at, filename=row.filename,
+                   purpose=row.purpose, status=status, file=FileObject.from_row(file) if file is not None else None)
+
+
+class UploadPartObject(BaseModel):
+    """Read from the part's row as it is (`model_validate(row)`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    object: Literal["upload.part"] = "upload.part"
+    created_at: int
+    upload_id: str
+
+
+# --- checkpoint permissions ----------------------------------------------------------------------------------------
+
+
+class PermissionCreate(_ClosedBody):
+    project_ids: list[str] = Field(min_length=1, max_length=100, description="The projects to grant the checkpoint model to.")
+
+
+class CheckpointPermissionObject(BaseModel):
+    id: str
+    object: Literal["checkpoint.permission"] = "checkpoint.permission"
+    created_at: int
+    project_id: str
+
+    @classmethod
+    def from_row(cls, row: CheckpointPermission) -> CheckpointPermissionObject:
+        return cls(id=row.id, created_at=row.created_at, project_id=row.project)
+
+
+class CheckpointPermissionDeleted(BaseModel):
+    id: str
+    object: Literal["checkpoint.permission"] = "checkpoint.permission"
+    deleted: bool

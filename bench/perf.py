@@ -285,15 +285,17 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
     from contract.memory import LAYER_MODES, estimate_memory
     from worker.training import lean_activations
     from worker.training.data import collate_packed
-    from worker.training.model import add_adapters, resolve_checkpoint_plan
+    from worker.training.model import add_adapters, decide_for_device
     from worker.training.objectives.sft import forward_loss
     from worker.training.optim import build_optimizer, clip_and_norm
     from worker.training.runtime import autocast_dtype
+    from worker.training.tunables import LOSS_CHUNK_TOKENS
 
-    set_attention(base, cfg.resolved_attn_implementation)
-    plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro)
+    choices = decide_for_device(cfg, device, model_config=model_config, tokens_per_micro_batch=tokens_per_micro)
+    set_attention(base, choices.attn_implementation)
+    plan = choices.checkpoint_plan
     torch.manual_seed(0)
-    built = add_adapters(base, cfg, device, plan)
+    built = add_adapters(base, cfg, device, plan, choices)
     model = built.model
     model.train()
     optimizer = build_optimizer(model.parameters(), cfg)
@@ -311,9 +313,10 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
 
     resident = round(torch.cuda.memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
     result = timed_loop(step, batches, warm, steps, device, profile)
-    fused_on = cfg.resolved_fused_kernels(device.type)
+    fused_on = choices.fused_kernels
     result["allocated_before_steps_gib"] = resident  # base + adapters: what the estimate's static terms predict
-    estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro, layer_modes=plan)
+    estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro, layer_modes=plan,
+                               loss_chunk_tokens=LOSS_CHUNK_TOKENS)
     static = estimate.base_weights + estimate.lora_params
     result.update(plan={m: plan.count(m) for m in LAYER_MODES},
                   estimate_gib=round(estimate.torch_allocated_peak / GIB, 2), estimate_static_gib=round(static / GIB, 2),

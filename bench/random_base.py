@@ -26,7 +26,7 @@ import torch
 
 from contract.options import ConfigError, TrainingConfig
 from worker.training import attention
-from worker.training.model import compute_dtype, decoder_layers, disable_cpu_inference_repacking, quantization_config
+from worker.training.model import compute_dtype, decide_for_device, decoder_layers, disable_cpu_inference_repacking, quantization_config
 
 # bitsandbytes' (and transformers') default; Params4bit would pick it too, but the size of the absmax
 # statistics depends on it, so the memory a benchmark measures should not hinge on a library default.
@@ -50,7 +50,7 @@ def build_random_base(model_config: Any, cfg: TrainingConfig, device: torch.devi
 
     if cfg.quantization == "8bit":
         raise ConfigError("a random base can be built with quantization '4bit' or 'none', not '8bit'", param="quantization")
-    attn = attention.use(cfg.resolved_attn_implementation)
+    attn = attention.use(decide_for_device(cfg, device).attn_implementation)
     model_config = copy.deepcopy(model_config)  # from_config writes dtype and attention settings into it
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=compute_dtype(cfg, device), attn_implementation=attn)

@@ -109,14 +109,14 @@ def count(widths: dict, variant: str, tokens: int) -> dict:
     from bench.random_base import build_random_base
     from worker.training import lean_activations
     from worker.training.data import collate_packed
-    from worker.training.model import add_adapters, decoder_layers
+    from worker.training.model import add_adapters, decide_for_device, decoder_layers
     from worker.training.objectives.sft import forward_loss
 
     config = LlamaConfig(vocab_size=512, num_hidden_layers=2, max_position_embeddings=max(4096, tokens), **widths)
     cfg = perf.engine_config(gradient_checkpointing="off", lean_activations=variant != "peft", fused_kernels="off")
     device = torch.device("cpu")
     base = build_random_base(config, cfg, device, seed=0)
-    perf.set_attention(base, cfg.resolved_attn_implementation)
+    perf.set_attention(base, decide_for_device(cfg, device).attn_implementation)
     model = add_adapters(base, cfg, device, ("off", "off")).model
     model.train()
     traffic = Traffic()

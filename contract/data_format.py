@@ -20,11 +20,12 @@ raises `DataValidationError` if anything is wrong. Tokenization and batching are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 MIN_EXAMPLES = 10
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer line is a fault, read without ever holding more than this
@@ -147,9 +148,10 @@ def _clip(message: str) -> str:
     return message[: MAX_FAULT_MESSAGE_CHARS - len(suffix)] + suffix
 
 
-def validate_file(path: str | os.PathLike[str], *, min_examples: int = MIN_EXAMPLES, role: FileRole = "training") -> ValidationReport:
-    """Check a JSONL training file and report every fault. Never raises on bad content (a missing or
-    unreadable file still raises OSError)."""
+def validate_file(path: str | os.PathLike[str] | BinaryIO, *, min_examples: int = MIN_EXAMPLES,
+                  role: FileRole = "training") -> ValidationReport:
+    """Check a JSONL training file (a path, or a binary stream read line by line, never whole) and report every
+    fault. Never raises on bad content (a missing or unreadable file still raises OSError)."""
     _, report = _scan(path, min_examples=min_examples, keep_examples=False, role=role)
     return report
 
@@ -163,7 +165,7 @@ def load_examples(path: str | os.PathLike[str], *, min_examples: int = MIN_EXAMP
     return examples
 
 
-def _scan(path: str | os.PathLike[str], *, min_examples: int, keep_examples: bool,
+def _scan(path: str | os.PathLike[str] | BinaryIO, *, min_examples: int, keep_examples: bool,
           role: FileRole) -> tuple[list[Example], ValidationReport]:
     examples: list[Example] = []
     line_faults: list[DataFault] = []
@@ -177,7 +179,7 @@ def _scan(path: str | os.PathLike[str], *, min_examples: int, keep_examples: boo
         if len(line_faults) < MAX_REPORTED_FAULTS:
             line_faults.append(DataFault(line=line_no, code=INVALID_FILE_FORMAT, message=message))
 
-    with open(path, "rb") as fh:
+    with contextlib.nullcontext(path) if hasattr(path, "readline") else open(path, "rb") as fh:  # type: ignore[arg-type]
         line_no = 0
         while True:
             # The limit makes a giant line arrive in bounded pieces instead of being held whole.

@@ -1,23 +1,24 @@
 """A job's hyperparameters: OpenAI's three keys plus every option of `TrainingConfig`.
 
-OpenAI's keys and what "auto" means here:
+OpenAI's keys and what "auto" means here (`OpenAIHyperparameters` types them; the bounds and the 'auto' values are
+the engine options' of the same name, one set for the API and the engine):
 - `n_epochs` 1..50, auto -> 3 (the engine's default);
 - `batch_size` 1..256, auto -> 8 (examples per optimizer step; the engine's default);
 - `learning_rate_multiplier` > 0, auto -> 1.0: the engine's learning_rate is multiplier x 2e-4 (its default).
 Every other key is an engine option (`lora_r`, `quant_type`, `max_steps`, ...), checked by `TrainingConfig`
 itself. `resolve` validates the object once, at the request; a job stores the object as given and the resolved
-`TrainingConfig` (`resolved()`), and `echo` renders what the wire shows from those two: the three OpenAI keys as
-numbers plus every engine option; `method_object` wraps that in the job's `method` (the config's `method` option,
-which the request sets with `method.type`, never among the hyperparameters). `Hyperparameters` is the typed shape of the object for the OpenAPI schema.
+`TrainingConfig` (`resolved()`), and `wire_hyperparameters` renders what the wire shows from those two: the three OpenAI
+keys as numbers plus every engine option; `method_object` wraps that in the job's `method` (the config's `method`
+option, which the request sets with `method.type`, never among the hyperparameters). `Hyperparameters` is the typed
+shape of the object for the OpenAPI schema.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, create_model
+from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from contract.options import DPO_OPTIONS, ConfigError, TrainingConfig, unused_options
 
@@ -25,24 +26,49 @@ DEFAULT_METHOD: str = TrainingConfig.model_fields["method"].default
 
 BASE_LEARNING_RATE: float = TrainingConfig.model_fields["learning_rate"].default
 DEFAULT_MICRO_BATCH: int = TrainingConfig.model_fields["micro_batch_size"].default
-AUTO_N_EPOCHS = 3
-AUTO_BATCH_SIZE = 8
-N_EPOCHS_RANGE = (1, 50)
-BATCH_SIZE_RANGE = (1, 256)
+OPENAI_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
+def _bounds(name: str) -> tuple[int, int]:
+    """The (least, most) a TrainingConfig integer option allows: its Field's ge and le."""
+    metadata = TrainingConfig.model_fields[name].metadata
+    return (next(m.ge for m in metadata if hasattr(m, "ge")), next(m.le for m in metadata if hasattr(m, "le")))
+
+
+def _openai_int(name: str, what: str) -> tuple[Any, Any]:
+    """OpenAI's integer key `name`, with the bounds and the 'auto' value of the TrainingConfig option of that name."""
+    low, high = _bounds(name)
+    auto = TrainingConfig.model_fields[name].default
+    return (Annotated[int, Field(strict=True, ge=low, le=high)] | Literal["auto"] | None,
+            Field("auto", description=f"{what}, {low} to {high}; 'auto' or absent: {auto}."))
+
+
+# OpenAI's three keys, typed: strict (no "8" for 8, no true for 1), the integers bounded as the engine's options of
+# the same name are (one set of bounds: OpenAI's documented ones, docs/training.md), null the same as 'auto'.
+OpenAIHyperparameters = create_model(
+    "OpenAIHyperparameters",
+    n_epochs=_openai_int("n_epochs", "Passes over the training file"),
+    batch_size=_openai_int("batch_size", "Examples per optimizer step"),
+    learning_rate_multiplier=(Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] | Literal["auto"] | None,
+                              Field("auto", description=f"learning_rate = multiplier x {BASE_LEARNING_RATE}; 'auto' or absent: 1.0.")),
+)
+_ALLOWED = {"n_epochs": "an integer from {} to {}".format(*_bounds("n_epochs")),
+            "batch_size": "an integer from {} to {}".format(*_bounds("batch_size")),
+            "learning_rate_multiplier": "a number > 0"}
 
 
 def _is_auto(value: Any) -> bool:
     return value is None or value == "auto"
 
 
-def _openai_int(values: dict[str, Any], name: str, auto: int, bounds: tuple[int, int]) -> int:
-    value = values.pop(name, "auto")
-    if _is_auto(value):
-        return auto
-    low, high = bounds
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"'{name}' must be an integer from {low} to {high}, or 'auto' (got {value!r})", param=name)
-    return value
+def _read_openai_keys(values: dict[str, Any]) -> Any:
+    """Take OpenAI's keys out of `values`, validated by OpenAIHyperparameters; ConfigError naming the bad one."""
+    try:
+        return OpenAIHyperparameters.model_validate({k: values.pop(k) for k in OPENAI_KEYS if k in values})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0])
+        raise ConfigError(f"'{name}' must be {_ALLOWED[name]}, or 'auto' (got {error['input']!r})", param=name) from None
 
 
 def _micro_batch_for(batch_size: int) -> int:
@@ -50,33 +76,29 @@ def _micro_batch_for(batch_size: int) -> int:
     return max(d for d in range(1, DEFAULT_MICRO_BATCH + 1) if batch_size % d == 0)
 
 
-OPENAI_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-
-
 def resolve(given: Mapping[str, Any], *, seed: int, method: str = DEFAULT_METHOD) -> tuple[TrainingConfig, dict[str, Any]]:
-    """Build the engine config of a `method` job from a hyperparameters object and return it with the values to echo
-    (`echo`). Raises ConfigError whose `param` is a key of `given`; naming an option that has no effect with the
-    others is an error too."""
+    """Build the engine config of a `method` job from a hyperparameters object and return it with the values the wire
+    shows (`wire_hyperparameters`). Raises ConfigError whose `param` is a key of `given`; naming an option that has no
+    effect with the others is an error too."""
     values = dict(given)
     for key, where in (("seed", "the top-level 'seed' parameter"), ("method", "'method.type'")):
         if key in values:
             raise ConfigError(f"Set the {key} with {where}, not in hyperparameters", param=key)
     if _is_auto(values.get("beta", 0)):  # OpenAI's beta "auto": the engine's default
         values.pop("beta")
-    n_epochs = _openai_int(values, "n_epochs", AUTO_N_EPOCHS, N_EPOCHS_RANGE)
-    batch_size = _openai_int(values, "batch_size", AUTO_BATCH_SIZE, BATCH_SIZE_RANGE)
+    openai = _read_openai_keys(values)
+    for name in ("n_epochs", "batch_size"):  # 'auto': the engine's default
+        value = getattr(openai, name)
+        values[name] = TrainingConfig.model_fields[name].default if _is_auto(value) else value
+    batch_size = values["batch_size"]
 
-    multiplier = values.pop("learning_rate_multiplier", "auto")
+    multiplier = openai.learning_rate_multiplier
     if not _is_auto(multiplier):
-        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or not math.isfinite(multiplier) or multiplier <= 0:
-            raise ConfigError(
-                f"'learning_rate_multiplier' must be a number > 0, or 'auto' (got {multiplier!r})", param="learning_rate_multiplier"
-            )
         if "learning_rate" in values:
             raise ConfigError("Set either 'learning_rate' or 'learning_rate_multiplier', not both", param="learning_rate")
         values["learning_rate"] = multiplier * BASE_LEARNING_RATE
 
-    values.update(n_epochs=n_epochs, batch_size=batch_size, seed=seed, method=method)
+    values.update(seed=seed, method=method)
     if "micro_batch_size" not in values and values.get("micro_batch_tokens") is None and batch_size % DEFAULT_MICRO_BATCH:
         values["micro_batch_size"] = _micro_batch_for(batch_size)
     try:
@@ -94,10 +116,10 @@ def resolve(given: Mapping[str, Any], *, seed: int, method: str = DEFAULT_METHOD
         if name in unused:
             param, message = unused[name]
             raise ConfigError(message, param=param)
-    return cfg, echo(given, cfg.resolved())
+    return cfg, wire_hyperparameters(given, cfg.resolved())
 
 
-def echo(given: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+def wire_hyperparameters(given: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """A job's hyperparameters as the wire shows them, from what it stores: the object as given and the resolved
     config. OpenAI's three keys come first, as numbers; the seed is the job's top-level `seed` too."""
     multiplier = given.get("learning_rate_multiplier", "auto")
@@ -109,21 +131,13 @@ def echo(given: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def method_object(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """A job's `method` as the wire shows it (OpenAI's shape), from its config's `method` and its `echo`:
+    """A job's `method` as the wire shows it (OpenAI's shape), from its config's `method` and `wire_hyperparameters`:
     {"type": "supervised", "supervised": {"hyperparameters": {...}}}."""
     return {"type": method, method: {"hyperparameters": hyperparameters}}
 
 
 def _schema_fields() -> dict[str, Any]:
-    auto = "'auto' or absent: "
-    fields: dict[str, Any] = {
-        "n_epochs": (int | Literal["auto"], Field("auto", description=f"Passes over the training file, {N_EPOCHS_RANGE[0]} to "
-                                                  f"{N_EPOCHS_RANGE[1]}; {auto}{AUTO_N_EPOCHS}.")),
-        "batch_size": (int | Literal["auto"], Field("auto", description=f"Examples per optimizer step, {BATCH_SIZE_RANGE[0]} to "
-                                                    f"{BATCH_SIZE_RANGE[1]}; {auto}{AUTO_BATCH_SIZE}.")),
-        "learning_rate_multiplier": (float | Literal["auto"], Field("auto", description="learning_rate = multiplier x "
-                                                                    f"{BASE_LEARNING_RATE}; {auto}1.0.")),
-    }
+    fields: dict[str, Any] = {name: (field.annotation, field) for name, field in OpenAIHyperparameters.model_fields.items()}
     fields["beta"] = (float | Literal["auto"], Field("auto", description=TrainingConfig.model_fields["beta"].description + " 'auto' or absent: 0.1."))
     for name, field in TrainingConfig.model_fields.items():
         if name not in fields and name not in ("seed", "method"):  # the job's top-level `seed` and `method.type`

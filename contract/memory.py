@@ -10,15 +10,17 @@ What is modelled, the library facts the formula rests on and its approximations:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from contract.base_model import LINEAR_NAMES, PREQUANTIZED_METHODS, ModelShape, linear_shapes, read_shape, stored_format
+from contract.device_choices import PLANNED_GPU, decide_auto
 
 if TYPE_CHECKING:  # the module must import without pydantic's cost, and never torch
     from contract.options import TrainingConfig
 
 LAYER_MODES = ("off", "selective", "on")  # checkpointing of one decoder layer, from most memory to least
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 GIB = 1024**3
 
@@ -46,20 +48,16 @@ _INPUT_OF = {
     "down_proj": "mlp_act",
 }
 
-# The fused loss (losses.py) works on this many tokens at a time, holding this many bytes per logit of a chunk:
-# the fp32 logits (softmax and gradient in place) and a bf16/fp16 copy (see losses.logits_peak_bytes). Small
-# enough to leave room for kept activations, large enough to keep the GPU busy (docs/performance.md).
-LOSS_CHUNK_TOKENS = 512
+# The fused loss (losses.py) holds this many bytes per logit of a chunk: the fp32 logits (softmax and gradient in
+# place) and a bf16/fp16 copy (see losses.logits_peak_bytes). How many tokens a chunk has is the engine's
+# (worker/training/tunables.py), passed in as `loss_chunk_tokens`.
 FUSED_LOSS_BYTES_PER_LOGIT = 4 + 2
 
-# 'auto' is a 16-bit dtype on every GPU (bf16 or fp16); the estimate plans GPU memory.
-_COMPUTE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp32": 4}
+_COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 _OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch")
 
 # hqq's packed storage per weight: 3-bit weights go ten to an int32 word (hqq's "3bit_32" packing).
 HQQ_PACKED_BITS = {2: 2.0, 3: 3.2, 4: 4.0, 8: 8.0}
-# Base directories stored pre-quantized whose storage the estimate models (config.json's quant_method).
-PREQUANTIZED_METHODS = ("gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -117,68 +115,6 @@ class MemoryEstimate:
         return values
 
 
-@dataclass(frozen=True)
-class _Shape:
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool
-    attention_bias: bool
-    mlp_bias: bool
-
-
-def _read_shape(model_config: Any) -> _Shape:
-    """Read the Llama-family fields from a PretrainedConfig or a config.json dict."""
-
-    def get(name: str, default: Any = None) -> Any:
-        if isinstance(model_config, Mapping):
-            value = model_config.get(name, default)
-        else:
-            value = getattr(model_config, name, default)
-        return default if value is None else value
-
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    missing = [name for name in required if get(name) is None]
-    if missing:
-        raise ValueError(f"model config lacks {', '.join(missing)}: not a Llama-family decoder config")
-    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-    return _Shape(
-        vocab=int(get("vocab_size")),
-        hidden=hidden,
-        intermediate=int(get("intermediate_size")),
-        layers=int(get("num_hidden_layers")),
-        heads=heads,
-        kv_heads=int(get("num_key_value_heads", heads)),
-        head_dim=int(get("head_dim", hidden // heads)),
-        tied=bool(get("tie_word_embeddings", False)),  # LlamaConfig's default
-        attention_bias=bool(get("attention_bias", False)),
-        mlp_bias=bool(get("mlp_bias", False)),
-    )
-
-
-def decoder_layer_count(model_config: Any) -> int:
-    return _read_shape(model_config).layers
-
-
-def linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
-    """``name -> (in_features, out_features)`` of the linear layers of one decoder layer."""
-    s = _read_shape(model_config)
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    return {
-        "q_proj": (s.hidden, q),
-        "k_proj": (s.hidden, kv),
-        "v_proj": (s.hidden, kv),
-        "o_proj": (q, s.hidden),
-        "gate_proj": (s.hidden, s.intermediate),
-        "up_proj": (s.hidden, s.intermediate),
-        "down_proj": (s.intermediate, s.hidden),
-    }
-
-
 def bits_per_weight(
     quantization: str, quant_type: str = "nf4", double_quant: bool = True, *, compute_dtype: str = "bf16",
     hqq_bits: int = 4, hqq_group_size: int = 64,
@@ -206,29 +142,6 @@ def bits_per_weight(
     if quantization == "none":
         return 8.0 * _compute_bytes(compute_dtype)
     raise ValueError(f"unknown quantization {quantization!r}")
-
-
-def stored_format(model_config: Any) -> dict[str, Any] | None:
-    """How a base model directory is stored already, from its config's ``quantization_config``:
-    ``{"method": ..., "bits": ..., "group_size": ...}`` (bits and group_size None where the method does not say), or
-    None for a plain 16/32-bit base, which jobs quantize on load. ``model_config`` is a config.json dict or a
-    PretrainedConfig."""
-    if isinstance(model_config, Mapping):
-        qc = model_config.get("quantization_config")
-    else:
-        qc = getattr(model_config, "quantization_config", None)
-    if qc is not None and not isinstance(qc, Mapping):
-        qc = qc.to_dict() if hasattr(qc, "to_dict") else None
-    if not qc or not isinstance(qc.get("quant_method"), str):
-        return None
-    method = qc["quant_method"].lower()
-    bits = qc.get("bits")
-    if method == "bitsandbytes":
-        bits = 4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else None
-    group_size = qc.get("group_size")
-    return {"method": method,
-            "bits": bits if isinstance(bits, int) and not isinstance(bits, bool) else None,
-            "group_size": group_size if isinstance(group_size, int) and not isinstance(group_size, bool) else None}
 
 
 def prequantized_bits_per_weight(method: str, bits: int, group_size: int, fan_in: int, fan_out: int) -> float:
@@ -314,12 +227,12 @@ def optimizer_state_bytes(optimizer: str, tensor_numels: list[int]) -> tuple[int
     return total, in_unified
 
 
-def _attention_saves(s: _Shape, cfg: TrainingConfig, c: int, row_len: int) -> tuple[int, int, int, bool]:
+def _attention_saves(s: ModelShape, cfg: TrainingConfig, c: int, row_len: int) -> tuple[int, int, int, bool]:
     """Per-token bytes the attention kernel saves, its per-layer s^2 bytes per row, the s^2 mask bytes per row
     shared by all layers, and whether the kernel saves its output (which o_proj's LoRA may then share)."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     s2 = row_len * row_len
-    attn = cfg.resolved_attn_implementation
+    attn = cfg.attn_implementation
     if attn == "eager":
         # matmul(q, k^T) saves q and the head-repeated k; softmax (dtype=fp32) saves its fp32 output; the
         # compute-dtype copy of it and the repeated v are saved by matmul(p, v). Output not saved.
@@ -336,14 +249,16 @@ def _attention_saves(s: _Shape, cfg: TrainingConfig, c: int, row_len: int) -> tu
     return per_token, 0, 0, True
 
 
-def _lean(cfg: TrainingConfig) -> bool:
-    """Whether the estimated job runs lean activations: 'auto' is on with CUDA, and the estimate plans GPU memory."""
-    return cfg.lean_activations is not False
+def _as_planned(cfg: TrainingConfig) -> TrainingConfig:
+    """`cfg` with its 'auto' options decided for the GPU the estimate plans for (contract.device_choices): the rest
+    of this module reads compute_dtype, lean_activations and attn_implementation as decided."""
+    choices = decide_auto(cfg, PLANNED_GPU)
+    return choices.apply(cfg).model_copy(update={"attn_implementation": choices.attn_implementation})
 
 
 def _lean_lora(cfg: TrainingConfig) -> bool:
     """Whether the LoRA branches run lean_activations.LoraBranch (lean activations; DoRA keeps peft's own path)."""
-    return _lean(cfg) and not cfg.use_dora
+    return cfg.lean_activations and not cfg.use_dora
 
 
 def _stream_bytes(cfg: TrainingConfig, targets: tuple[str, ...], c: int) -> int:
@@ -352,7 +267,7 @@ def _stream_bytes(cfg: TrainingConfig, targets: tuple[str, ...], c: int) -> int:
 
 
 def _layer_saved_bytes_per_token(
-    s: _Shape,
+    s: ModelShape,
     cfg: TrainingConfig,
     shapes: dict[str, tuple[int, int]],
     targets: tuple[str, ...],
@@ -397,7 +312,7 @@ def _layer_saved_bytes_per_token(
     gate = 4 if cfg.use_dora and "gate_proj" in targets else c
     up = 4 if cfg.use_dora and "up_proj" in targets else c
 
-    lean, lean_lora = _lean(cfg), _lean_lora(cfg)
+    lean, lean_lora = cfg.lean_activations, _lean_lora(cfg)
     stream = _stream_bytes(cfg, targets, c)
     total = 2 * ((stream if lean else 4) * h + 4)  # the two RMSNorms: their input (fp32 upcast unless lean), rsqrt
     total += attn_per_token
@@ -436,22 +351,27 @@ def estimate_memory(
     model_config: Any,
     cfg: TrainingConfig,
     *,
+    loss_chunk_tokens: int,
     tokens_per_micro_batch: int | None = None,
     gradient_checkpointing: bool | None = None,
     layer_modes: Sequence[str] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak GPU memory of training ``model_config`` with ``cfg``.
 
+    loss_chunk_tokens: the tokens per chunk of the engine's fused loss (``worker.training.tunables.LOSS_CHUNK_TOKENS``:
+    an engine setting the estimate models, so its callers pass it).
+
     tokens_per_micro_batch: tokens in one forward/backward pass; default ``micro_batch_size * max_seq_length``
     (every example at full length, the worst case; twice that for method dpo, whose units are pairs). With packing the micro-batch is one row of that many tokens;
     without, rows of at most ``max_seq_length``.
     gradient_checkpointing: None takes it from ``cfg``: 'on' -> True, 'off' -> False, 'selective' -> every layer
-    selective, and 'auto' -> True (the least memory; the trainer decides 'auto' with ``model.plan_checkpointing``,
-    which passes layer_modes).
-    layer_modes: the checkpointing of each decoder layer ('off', 'selective' or 'on', see ``model.plan_checkpointing``);
-    overrides gradient_checkpointing.
+    selective, and 'auto' -> True (the least memory; the engine decides 'auto' with
+    ``device_choices.plan_checkpointing``, which passes layer_modes).
+    layer_modes: the checkpointing of each decoder layer ('off', 'selective' or 'on', see
+    ``device_choices.plan_checkpointing``); overrides gradient_checkpointing.
     """
-    s = _read_shape(model_config)
+    cfg = _as_planned(cfg)
+    s = read_shape(model_config)
     c = _compute_bytes(cfg.compute_dtype)
     tokens = tokens_per_micro_batch if tokens_per_micro_batch is not None else cfg.micro_batch_size * cfg.max_seq_length
     if tokens_per_micro_batch is None and cfg.method == "dpo":
@@ -510,10 +430,10 @@ def estimate_memory(
     # down_proj makes the residual stream fp32 under autocast (its output is fp32). A selective layer also keeps
     # the outputs of its large matmuls and of the attention kernel (see selective_saved_bytes_per_token).
     stream = _stream_bytes(cfg, targets, c)
-    selective = tokens * selective_saved_bytes_per_token(model_config, cfg) + (rows * attn_s2_per_row if cfg.resolved_attn_implementation == "eager" else 0)
+    selective = tokens * selective_saved_bytes_per_token(model_config, cfg) + (rows * attn_s2_per_row if cfg.attn_implementation == "eager" else 0)
     activations = (n_on + n_selective) * tokens * s.hidden * stream + n_selective * selective + n_off * one_layer
     recompute = one_layer if gradient_checkpointing else 0
-    activations += tokens * ((stream if _lean(cfg) else 4) * s.hidden + 4)  # final RMSNorm, as in each layer
+    activations += tokens * ((stream if cfg.lean_activations else 4) * s.hidden + 4)  # final RMSNorm, as in each layer
     activations += tokens * 2 * s.head_dim * c  # RoPE cos and sin, shared by all layers
     activations += rows * mask_per_row
 
@@ -529,7 +449,7 @@ def estimate_memory(
     if cfg.fused_cross_entropy:
         # losses.linear_cross_entropy: the gradient of the hidden states, computed in the forward pass and
         # kept to the backward (which scales it in place), and one chunk's logits at a time.
-        logits = tokens * s.hidden * c + fused_loss_chunk_bytes(min(LOSS_CHUNK_TOKENS, tokens), s.vocab)
+        logits = tokens * s.hidden * c + fused_loss_chunk_bytes(min(loss_chunk_tokens, tokens), s.vocab)
 
     # --- overhead --------------------------------------------------------------------------------------
     # Transient full-size weights, one linear at a time: the 4-bit/8-bit base dequantized to the compute dtype
@@ -571,7 +491,8 @@ def selective_saved_bytes_per_token(model_config: Any, cfg: TrainingConfig) -> i
     """Bytes per token a 'selective' layer keeps (besides its input): the outputs of every base matmul (q, k, v,
     o, gate, up, down), of each LoRA A matmul (rank r) and of the attention kernel (output and fp32
     logsumexp), all that ``model.selective_checkpoint_policy`` marks to save. The rest is recomputed."""
-    s = _read_shape(model_config)
+    cfg = _as_planned(cfg)
+    s = read_shape(model_config)
     c = _compute_bytes(cfg.compute_dtype)
     shapes = linear_shapes(model_config)
     targets = _target_names(cfg.target_modules)

@@ -15,16 +15,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """An invalid option or combination of options. `param` names the option."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_hyperparameter"):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
+from contract.errors import ConfigError
 
 # The training methods (OpenAI's `method.type`); each has an objective in worker/training/objectives/.
 Method = Literal["supervised", "dpo"]
@@ -102,10 +93,10 @@ class TrainingConfig(BaseModel):
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Share of the total steps spent warming up linearly from 0.")
     warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio (set only one).")
     max_grad_norm: float = Field(0.3, ge=0.0, description="Clip the global gradient norm to this; 0 disables clipping.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Examples per optimizer step.")
+    batch_size: int = Field(8, ge=1, le=256, description="Examples per optimizer step, 1 to 256 (OpenAI's bounds).")
     micro_batch_size: int = Field(4, ge=1, le=4096, description="Examples per forward/backward pass; batch_size must be a multiple of it (gradient accumulation = batch_size / micro_batch_size).")
     micro_batch_tokens: int | None = Field(None, ge=16, le=1048576, description="Tokens per forward/backward pass instead of a count of examples: each step's examples are packed into rows of at most this many tokens, one row per pass. Needs packing and at least max_seq_length; replaces micro_batch_size. None: micro_batch_size examples per pass.")
-    n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file (ignored when max_steps is set).")
+    n_epochs: int = Field(3, ge=1, le=50, description="Passes over the training file, 1 to 50 (OpenAI's bounds; ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs).")
     fused_cross_entropy: bool = Field(True, description="Compute the loss from the hidden states chunk by chunk, never holding the whole [tokens x vocabulary] logits. False: the plain head + cross-entropy.")
     lean_activations: bool | Literal["auto"] = Field("auto", description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean_activations.py); same results, so gradient_checkpointing=auto leaves more layers unchecked. auto: on with CUDA, off on the CPU.")
@@ -129,25 +120,6 @@ class TrainingConfig(BaseModel):
     def _combinations(self) -> TrainingConfig:
         validate_combinations(self)
         return self
-
-    @property
-    def resolved_attn_implementation(self) -> str:
-        """The attention implementation a job runs with ('auto' decided)."""
-        if self.attn_implementation == "auto":
-            return "varlen" if self.packing else "sdpa"
-        return self.attn_implementation
-
-    def resolved_lean_activations(self, device_type: str) -> bool:
-        """Whether a job on `device_type` runs lean activations ('auto' decided; fused_kernels='on' needs them)."""
-        if self.lean_activations == "auto":
-            return device_type == "cuda" or self.fused_kernels == "on"
-        return self.lean_activations
-
-    def resolved_fused_kernels(self, device_type: str) -> bool:
-        """Whether a job on `device_type` runs the compiled kernels ('auto' decided)."""
-        if self.fused_kernels == "auto":
-            return self.resolved_lean_activations(device_type) and device_type == "cuda"
-        return self.fused_kernels == "on"
 
     def steps_per_epoch(self, n_examples: int) -> int:
         return math.ceil(n_examples / self.batch_size)

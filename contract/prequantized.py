@@ -3,7 +3,8 @@
 A base directory whose config.json has a `quantization_config` with `quant_method` gptq or awq is pre-quantized:
 its weights are trained as they are stored, so the job's `quantization` becomes that method. The on-the-fly
 options (bitsandbytes' and HQQ's) make no sense on it and are refused when given, as is asking for gptq/awq on a
-base that is not stored that way. Torch-free: the API decides this when a job is created, the engine CLI too.
+base that is not stored that way (what the base is: contract.base_model.base_quantization). Torch-free: the API
+decides this when a job is created, the engine CLI too.
 """
 
 from __future__ import annotations
@@ -11,26 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from contract.options import ConfigError
+from contract.base_model import PREQUANTIZED_METHODS, base_quantization
+from contract.errors import ConfigError
 
-PREQUANTIZED_METHODS = ("gptq", "awq")
 # Options that configure quantizing a float base on load: meaningless for a pre-quantized one.
 ON_THE_FLY_OPTIONS = ("quant_type", "double_quant", "hqq_bits", "hqq_group_size")
 QUANTIZE_HINT = ("make a {method} copy of the base with `qlora-quantize --method {method} BASE_DIR CALIBRATION.jsonl OUT_DIR` "
                  "and put OUT_DIR in the models directory")
-
-
-def base_quantization(model_config: Mapping[str, Any] | None) -> str | None:
-    """The method a base is pre-quantized with ('gptq' or 'awq'), from its config.json as a dict; None for a
-    float base. Raises ConfigError for a quantization_config of another method (nothing here trains on it)."""
-    quant = (model_config or {}).get("quantization_config")
-    if not isinstance(quant, Mapping):
-        return None
-    method = str(quant.get("quant_method", "")).lower()
-    if method in PREQUANTIZED_METHODS:
-        return method
-    raise ConfigError(f"the base model is stored quantized with {method or 'an unknown method'!r}; this service trains on float "
-                      f"bases and on {' or '.join(PREQUANTIZED_METHODS)} pre-quantized ones", param="model")
 
 
 def decide_quantization(given: Mapping[str, Any], model_config: Mapping[str, Any] | None) -> dict[str, Any]:

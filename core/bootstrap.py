@@ -5,17 +5,15 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 from sqlalchemy import text
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from core.db import make_engine
-from core.settings import Settings
+from core.settings import Settings, write_once
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,23 +43,7 @@ def ensure_api_key(settings: Settings) -> str | None:
     """With no QLORA_API_KEYS, create a key once under $QLORA_HOME and return it (else None)."""
     if settings.api_keys.strip():
         return None
-    path = settings.api_key_file
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # mkstemp creates the file 0600 whatever the umask, so the key is never readable by others, not even
-        # for a moment; link() publishes it whole, and only if no other process bootstrapping at the same
-        # time published one first (then every process returns that one).
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".api_key-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write("sk-qlora-" + secrets.token_urlsafe(24) + "\n")
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-        finally:
-            os.unlink(tmp)
-    return path.read_text().strip()
+    return write_once(settings.api_key_file, lambda: "sk-qlora-" + secrets.token_urlsafe(24))
 
 
 def bootstrap(settings: Settings) -> str | None:
@@ -76,6 +58,7 @@ def bootstrap(settings: Settings) -> str | None:
         storage = make_storage(settings)
         assert isinstance(storage, S3Storage)
         storage.ensure_bucket()
+    settings.inference_secret_value()  # the API's and the inference backends' shared secret, before either starts
     return ensure_api_key(settings)
 
 

@@ -12,6 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The caller's project, which the API names to the inference backend (its per-project share of the waiting line);
+# the backend trusts it because the request carries the shared secret.
+PROJECT_HEADER = "x-qlora-project"
+
 
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -45,7 +49,8 @@ class ChatCompletionCreate(_Closed):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; generation ends before the first one.")
-    seed: int | None = Field(None, description="Same seed, same request, same model: the same sampled answer.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
+                             description="Same seed, same request, same model: the same sampled answer. A signed 64-bit integer.")
     n: int = Field(1, ge=1, le=1, description="Only 1 choice per request.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -72,6 +77,14 @@ class ChatCompletionCreate(_Closed):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def token_limit_error(self, ceiling: int) -> tuple[str, str] | None:
+        """(param, message) when the request asks for more tokens than the deployment's ceiling
+        (QLORA_CHAT_MAX_TOKENS), else None: the API and the embedded server refuse it alike, as a 400."""
+        if self.token_limit is None or self.token_limit <= ceiling:
+            return None
+        param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return param, f"{param} is {self.token_limit}; this service generates at most {ceiling} tokens per request."
 
     @property
     def stop_list(self) -> list[str]:

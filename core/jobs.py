@@ -3,12 +3,17 @@
     queued ──> running ──> succeeded
       │  ^        │
       │  └────────┤ (worker lost, a checkpoint to resume from, attempts left)
-      └───────────┴──> failed | cancelled
+      ├───────────┴──> failed | cancelled
+      └──> paused <──┘ (pause: queued at once, running at its next step boundary, after a checkpoint)
+           resume -> queued; cancel -> cancelled
 
 Every change is one conditional UPDATE (`... WHERE id = :id AND status IN (:allowed)`), so two processes
 can never both move a job: a worker claims a queued job only if it is still queued, a cancel wins over a
 finishing worker only if it commits first, and a sweeper requeues a running job only if its heartbeat is
 still stale when the update runs. The caller commits.
+
+A move to a terminal status also writes a `job_outbox` row in the same transaction: "a job ended", which
+core/job_events.py consumes (the project's next job, webhooks). Nothing else reacts to a job's end.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
 from core import ids
-from core.models import Checkpoint, Job, JobEvent, JobMetric, now
+from core.leases import lapsed, renew, taken
+from core.models import Checkpoint, Job, JobEvent, JobMetric, JobOutbox, now
 
 
 class JobStatus(StrEnum):
@@ -30,14 +36,20 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"  # OpenAI's; not in the SDK's Literal yet (it returns the string as it is)
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
-# Allowed moves: from -> to. RUNNING -> QUEUED is the requeue of a job whose worker died.
+# session.info key: the outbox rows this session's transaction wrote, for core/job_events.py to announce on commit.
+ENDED_IN_SESSION = "qlora_jobs_ended"
+
+# Allowed moves: from -> to. RUNNING -> QUEUED is the requeue of a job whose worker died. A paused job holds no
+# worker; it goes back to QUEUED when resumed (from the checkpoint its pause wrote, if it ran).
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
-    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED, JobStatus.PAUSED}),
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
@@ -52,7 +64,7 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: set[J
                owner: str | None = None, when: ColumnElement[bool] | None = None, **fields: Any) -> bool:
     """Move job `job_id` to `to` if its current status allows it (and, when given, only from `only_from`,
     only if worker `owner` still holds it and only if `when` holds for the row). Returns whether it moved.
-    Sets `finished_at` on terminal states."""
+    Sets `finished_at` on terminal states and writes their outbox row (`record_job_ended`)."""
     allowed = set(sources_of(to))
     if only_from is not None:
         allowed &= {s.value for s in only_from}
@@ -65,7 +77,19 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: set[J
     if when is not None:
         stmt = stmt.where(when)
     result = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
-    return result.rowcount == 1
+    moved = result.rowcount == 1
+    if moved and to in TERMINAL:
+        record_job_ended(session, job_id, to)
+    return moved
+
+
+def record_job_ended(session: Session, job_id: str, status: JobStatus) -> str:
+    """The outbox row of a job's end, in the caller's transaction: it exists if and only if the move commits.
+    Its id is remembered on the session so that the commit can announce it (core/job_events.py)."""
+    row_id = ids.job_ended_id()
+    session.add(JobOutbox(id=row_id, job_id=job_id, status=status.value, created_at=time.time()))
+    session.info.setdefault(ENDED_IN_SESSION, []).append(row_id)
+    return row_id
 
 
 def add_event(session: Session, job_id: str, level: str, message: str, *, type: str = "message",
@@ -85,20 +109,13 @@ def mark_enqueued(session: Session, job_id: str) -> None:
 
 def claim_job(session: Session, job_id: str, worker_id: str) -> bool:
     """A worker takes a queued job. Only one claim can succeed, so a job never runs twice at once."""
-    return transition(session, job_id, JobStatus.RUNNING, worker_id=worker_id, started_at=now(), heartbeat_at=time.time(),
-                      attempt=Job.attempt + 1)
+    return transition(session, job_id, JobStatus.RUNNING, **taken(worker_id), started_at=now(), attempt=Job.attempt + 1)
 
 
 def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
     """Record that the worker is alive. False when the job is no longer this worker's running job
-    (cancelled, or taken as lost and requeued): the worker must stop and write nothing more."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id)
-        .values(heartbeat_at=time.time())
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
+    (cancelled, or taken as lost and requeued): the worker must stop and write nothing more (core/leases.py)."""
+    return renew(session, Job, job_id, worker_id)
 
 
 def record_resolved_options(session: Session, job_id: str, worker_id: str, resolved: dict[str, Any]) -> bool:
@@ -145,20 +162,57 @@ def cancel_job(session: Session, job_id: str) -> bool:
     return moved
 
 
-def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempts: int) -> list[tuple[str, str]]:
-    """Find running jobs whose heartbeat stopped. Requeue those with a checkpoint to resume from and attempts
-    left (the caller sends their task again), fail the others. Returns [(job_id, "requeued" | "failed")]."""
-    stale_before = time.time() - heartbeat_timeout_s
-    stale = session.execute(
-        select(Job.id, Job.attempt, Job.worker_id).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
-    ).all()
+def request_pause(session: Session, job_id: str) -> bool:
+    """Pause a job: a queued one at once (out of the queue: its message, if sent, finds it not queued); a running
+    one is marked, and its worker checkpoints at the next step boundary and then moves it (`pause_running_job`).
+    False for any other status."""
+    if transition(session, job_id, JobStatus.PAUSED, only_from={JobStatus.QUEUED}, enqueued_at=None):
+        add_event(session, job_id, "info", "Job paused")
+        return True
+    marked = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                             .values(pause_requested_at=now()).execution_options(synchronize_session=False)).rowcount == 1
+    if marked:
+        add_event(session, job_id, "info", "Pause requested: the job pauses after its next step, with a checkpoint")
+    return marked
+
+
+def pause_running_job(session: Session, job_id: str, worker_id: str, checkpoint_id: str) -> bool:
+    """The worker's half of a pause: its run stopped on a checkpoint (`checkpoint_id`); the job frees the worker."""
+    moved = transition(session, job_id, JobStatus.PAUSED, only_from={JobStatus.RUNNING}, owner=worker_id, worker_id=None,
+                       heartbeat_at=None, pause_requested_at=None, resume_checkpoint=checkpoint_id)
+    if moved:
+        add_event(session, job_id, "info", "Job paused")
+    return moved
+
+
+def resume_job(session: Session, job_id: str) -> bool:
+    """A paused job is queued again (unsent: dispatch sends it in its project's turn)."""
+    moved = transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.PAUSED}, enqueued_at=None, pause_requested_at=None)
+    if moved:
+        add_event(session, job_id, "info", "Job resumed")
+    return moved
+
+
+def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempts: int,
+                    at: float | None = None) -> list[tuple[str, str]]:
+    """Find running jobs whose heartbeat stopped (by Unix time `at`, the clock's by default). Requeue those with a
+    checkpoint to resume from and attempts left (the caller sends their task again), pause those asked to pause
+    that have a checkpoint, fail the others. Returns [(job_id, "requeued" | "paused" | "failed")]."""
+    # `still_stale` is checked again inside each UPDATE: a late heartbeat wins.
+    still_stale = lapsed(Job, heartbeat_timeout_s=heartbeat_timeout_s, at=at)
+    stale = session.execute(select(Job.id, Job.attempt, Job.worker_id, Job.pause_requested_at).where(still_stale)).all()
     outcome: list[tuple[str, str]] = []
-    for job_id, attempt, worker_id in stale:
+    for job_id, attempt, worker_id, pause_requested_at in stale:
         last = session.execute(
             select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
         ).scalar_one_or_none()
-        still_stale = Job.heartbeat_at < stale_before  # re-checked inside the UPDATE: a late heartbeat wins
-        if last is not None and attempt < max_attempts:
+        if last is not None and pause_requested_at is not None:  # asked to pause: it pauses on its newest checkpoint
+            if transition(session, job_id, JobStatus.PAUSED, only_from={JobStatus.RUNNING}, when=still_stale, worker_id=None,
+                          heartbeat_at=None, pause_requested_at=None, resume_checkpoint=last.id):
+                forget_steps_after(session, job_id, last.step)
+                add_event(session, job_id, "info", f"Job paused (its worker stopped responding) at the checkpoint of step {last.step}")
+                outcome.append((job_id, "paused"))
+        elif last is not None and attempt < max_attempts:
             if transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.RUNNING}, when=still_stale,
                           worker_id=None, heartbeat_at=None, resume_checkpoint=last.id):
                 # Metrics past the checkpoint will be produced again by the resumed run.
@@ -175,13 +229,10 @@ def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempt
     return outcome
 
 
-def expired_queued_jobs(session: Session, *, expires_s: float) -> list[str]:
-    """Queued jobs whose task was sent longer ago than its expiry (no worker took it): send them again. Jobs never
-    sent are not here: they wait their turn (core/dispatch.py)."""
-    cutoff = time.time() - expires_s
-    return list(session.execute(
-        select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_not(None), Job.enqueued_at < cutoff)
-    ).scalars())
+def expired_queued_jobs(session: Session, *, expires_s: float, at: float | None = None) -> list[str]:
+    """Queued jobs whose task was sent longer ago than its expiry (no worker took it) by Unix time `at`: send them
+    again. Jobs never sent are not here: they wait their turn (core/dispatch.py)."""
+    return queued_jobs_sent_before(session, (time.time() if at is None else at) - expires_s)
 
 
 def queued_jobs_sent_before(session: Session, cutoff: float) -> list[str]:
@@ -189,12 +240,3 @@ def queued_jobs_sent_before(session: Session, cutoff: float) -> list[str]:
     return list(session.execute(
         select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_not(None), Job.enqueued_at < cutoff)
     ).scalars())
-
-
-def fine_tuned_model_name(model: str, project: str, suffix: str | None, job_id: str) -> str:
-    """OpenAI's shape `ft:BASE:ORG:SUFFIX:ID` (ID is the job id without its prefix)."""
-    return f"ft:{model}:{project}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"
-
-
-def checkpoint_model_name(fine_tuned_model: str, step: int) -> str:
-    return f"{fine_tuned_model}:ckpt-step-{step}"

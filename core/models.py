@@ -53,6 +53,37 @@ def file_is_live(at: int | None = None):  # noqa: ANN201 (a SQL expression)
     return (File.expires_at.is_(None)) | (File.expires_at > (now() if at is None else at))
 
 
+class Upload(Base):
+    """A large file arriving in parts (POST /v1/uploads): `bytes` is reserved against the project's stored-bytes
+    limit from creation until it completes (then the file counts), is cancelled or expires."""
+
+    __tablename__ = "uploads"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.name"), index=True)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    mime_type: Mapped[str] = mapped_column(String(256))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | completed | cancelled (expired: pending past expires_at)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    file_expires_after: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # seconds, for the file made at completion
+    file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class UploadPart(Base):
+    """One part of an upload, stored as its own object until the upload completes, is cancelled or expires."""
+
+    __tablename__ = "upload_parts"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id", ondelete="CASCADE"), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -63,7 +94,7 @@ class Job(Base):
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # The hyperparameters object as the request gave it, and the options resolved from it once, at the request
     # (`TrainingConfig.resolved()`: every option, the seed included). The wire's `hyperparameters`, `method` and
-    # `seed` are rendered from these two (contract.hyperparameters.echo); the worker builds its config from the second.
+    # `seed` are rendered from these two (contract.hyperparameters.wire_hyperparameters); the worker builds its config from the second.
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     training_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -80,12 +111,18 @@ class Job(Base):
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The optimizer steps the job trains in all (its worker writes it once the model is loaded) and the estimated
+    # peak GPU memory made at creation (contract.memory.MemoryEstimate.to_dict(); None when the base's config.json
+    # allows none). The per-step numbers live in job_metrics.
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    memory_estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # Worker bookkeeping (not on the wire).
     worker_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     resume_checkpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pause_requested_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # POST .../pause while it ran
 
 
 class JobEvent(Base):
@@ -100,6 +137,21 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq"),)
+
+
+class JobOutbox(Base):
+    """"A job ended": one row per job that reached a terminal status, written by `core.jobs.transition` in the same
+    transaction as the move. The `qlora.job_ended` task (core/job_events.py) does what follows a job's end and sets
+    `handled_at`; the sweeper sends the task again for a row left unhandled (its message lost)."""
+
+    __tablename__ = "job_outbox"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(32))  # the terminal status: succeeded | failed | cancelled
+    created_at: Mapped[float] = mapped_column(Float)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # the sweeper's last resend
+    handled_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
 
 
 class JobMetric(Base):
@@ -127,6 +179,20 @@ class Checkpoint(Base):
     __table_args__ = (Index("ix_checkpoints_job_seq", "job_id", "seq"),)
 
 
+class CheckpointPermission(Base):
+    """A checkpoint model shared with another project (POST /v1/fine_tuning/checkpoints/{name}/permissions): that
+    project may use it (chat) while the row exists and the job's model is not deleted."""
+
+    __tablename__ = "checkpoint_permissions"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"))
+    project: Mapped[str] = mapped_column(String(128))  # the project granted
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+    __table_args__ = (UniqueConstraint("checkpoint_id", "project", name="uq_checkpoint_permissions_checkpoint_project"),)
+
+
 class Export(Base):
     """A merged export of a succeeded job's model (POST /v1/fine_tuning/jobs/{id}/export): the adapter merged into
     the 16-bit base, as a `fine-tune-results` file once it succeeds."""
@@ -145,6 +211,8 @@ class Export(Base):
     enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The bytes the export holds against the project's stored-bytes limit while queued or running (core/quotas.py).
+    reserved_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (Index("ix_exports_job_seq", "job_id", "seq"),)
 

@@ -7,6 +7,10 @@ lists every variable.
 
 from __future__ import annotations
 
+import os
+import secrets
+import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -38,6 +42,7 @@ class Settings(BaseSettings):
     max_job_seconds: float = Field(7 * 24 * 3600, gt=0, description="Wall-clock time a run of a job may train; past it the worker stops it and fails it with job_timeout.")
     max_steps_per_job: int = Field(1_000_000, ge=1, description="Most optimizer steps a job may ask for (max_steps, or n_epochs over the training file); more is a 400.")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest accepted upload (413 above).")
+    max_multipart_upload_bytes: int = Field(8 << 30, ge=1, description="Largest file made with the Uploads API (POST /v1/uploads, in parts of up to 64 MiB; OpenAI: 8 GB); reserved against the stored-bytes limit from the upload's creation.")
     max_json_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted JSON request body (413 above), checked before it is read.")
     task_queue: str = Field("qlora", description="Celery queue the training tasks go to.")
     task_expires_s: int = Field(3600, ge=10, description="A queued task not taken within this time expires; the sweeper sends it again.")
@@ -45,6 +50,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a running job writes its heartbeat (and sees a cancel).")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A running job whose heartbeat is older is taken as lost.")
     sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper looks for lost jobs and expired tasks.")
+    job_ended_resend_after_s: float = Field(60.0, ge=0, description="A job's end whose follow-up (qlora.job_ended: the project's next job, webhooks) is still not done this long after its message was sent is sent again by the sweeper.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job at most (a lost worker's job resumes from its last checkpoint).")
     inference_url: str = Field("", description="The inference backend's base URL (the embedded server or vLLM's OpenAI server), e.g. http://127.0.0.1:8001; empty: chat completions answer 503.")
     inference_timeout_s: float = Field(300.0, gt=0, description="How long the API waits for the inference backend's answer (or its next streamed chunk).")
@@ -52,6 +58,13 @@ class Settings(BaseSettings):
     inference_base_weights: Literal["16bit", "nf4"] = Field("16bit", description="Embedded inference server: serve base models in 16 bits or quantized to 4-bit NF4 (bitsandbytes).")
     inference_max_new_tokens: int = Field(512, ge=1, description="Embedded inference server: tokens generated when a request sets no max_tokens.")
     inference_max_waiting: int = Field(32, ge=1, description="Embedded inference server: requests waiting or generating at once; more get 503 with x-should-retry.")
+    inference_max_waiting_per_project: int = Field(16, ge=1, description="Embedded inference server: requests of one project waiting or generating at once (its share of the line); more get 429 rate_limit_exceeded with x-should-retry.")
+    inference_max_bases: int = Field(2, ge=1, description="Embedded inference server: base models kept loaded; loading another unloads the least recently used one (and its adapters).")
+    inference_cache_max_bytes: int = Field(20 << 30, ge=1, description="Inference backends: bytes of unpacked adapters kept on disk; past it the least recently used ones not attached are deleted.")
+    inference_secret: str = Field("", description="The shared secret the API sends to the inference backends (a bearer token; vLLM's --api-key); empty: the one in $QLORA_HOME/inference_secret, generated on first use.")
+    chat_max_tokens: int = Field(4096, ge=1, description="Most tokens a chat completion may ask for (max_tokens / max_completion_tokens); more is a 400 naming the parameter.")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Port of the API process's Prometheus listener (GET /metrics), apart from the API's port so that only the monitoring network reaches it; unset: no metrics served.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds (compose: 0.0.0.0 inside the container, the port not published).")
     log_format: Literal["text", "json"] = Field("text", description="Log lines of every process: 'text' (readable) or 'json' (one object a line, with request_id and job_id).")
     outage_retry_s: float = Field(120.0, gt=0, description="How long a running job's writes are retried through a database or storage outage before the run stops and the sweeper takes the job over.")
 
@@ -75,6 +88,17 @@ class Settings(BaseSettings):
     def api_key_file(self) -> Path:
         return self.home / "api_key"
 
+    @property
+    def inference_secret_file(self) -> Path:
+        return self.home / "inference_secret"
+
+    def inference_secret_value(self) -> str:
+        """QLORA_INFERENCE_SECRET, else the secret in $QLORA_HOME/inference_secret, created on first use: the API
+        and the backends of one deployment share that directory, so `make run` needs no setting."""
+        if self.inference_secret:
+            return self.inference_secret
+        return write_once(self.inference_secret_file, lambda: secrets.token_urlsafe(32))
+
     def api_key_map(self) -> dict[str, str]:
         """key -> project. From QLORA_API_KEYS, else the generated key file (project 'default')."""
         raw = self.api_keys
@@ -89,6 +113,24 @@ class Settings(BaseSettings):
             if key.strip():  # "=team" names no key
                 keys[key.strip()] = project.strip() or "default"
         return keys
+
+
+def write_once(path: Path, make: Callable[[], str]) -> str:
+    """The content of `path`, created with `make()` if missing: 0600 from the start (mkstemp), published whole by
+    link(), and only once when processes race (the loser reads the winner's)."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(make() + "\n")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    return path.read_text().strip()
 
 
 @lru_cache

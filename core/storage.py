@@ -7,7 +7,9 @@ and renames it, S3 publishes an object only when its (multipart) upload complete
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -16,11 +18,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from core.settings import Settings
 
 CHUNK = 1024 * 1024
+S3_MIN_PART = 5 * 1024 * 1024  # S3's smallest part of a multipart upload (all but the last)
 PARTIAL_SUFFIX = ".partial"  # the local backend's object being written
 STALE_PARTIAL_S = 15 * 60  # a partial file untouched this long was left by a killed writer
 
@@ -46,6 +49,8 @@ class StoredObject:
 
 class ObjectStorage(Protocol):
     def put_file(self, key: str, path: Path) -> StoredObject: ...
+    def put_fileobj(self, key: str, fileobj: BinaryIO) -> None: ...
+    def concatenate(self, key: str, sources: list[str]) -> None: ...
     def download(self, key: str, path: Path) -> None: ...
     def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]: ...
     def size(self, key: str) -> int: ...
@@ -108,12 +113,33 @@ class LocalStorage:
         """Copy to `KEY.partial`, fsync it, rename it over the key, fsync the directory: once this returns, the
         object survives a power loss (a row committed after it never names a missing or truncated file). A
         failed write (a full disk) removes its partial file and raises."""
+        with Path(path).open("rb") as source:
+            self._publish(key, [source])
+        target = self._path(key)
+        return StoredObject(key, target.stat().st_size, sha256_of(target))
+
+    def put_fileobj(self, key: str, fileobj: BinaryIO) -> None:
+        """Store what `fileobj` holds (read in chunks), published as `put_file` publishes."""
+        self._publish(key, [fileobj])
+
+    def concatenate(self, key: str, sources: list[str]) -> None:
+        """Store the objects `sources`, in this order, as one object `key`; the sources stay."""
+        paths = [self._path(source) for source in sources]
+        missing = [source for source, path in zip(sources, paths, strict=True) if not path.is_file()]
+        if missing:
+            raise ObjectNotFound(missing[0])
+        with contextlib.ExitStack() as stack:
+            self._publish(key, [stack.enter_context(path.open("rb")) for path in paths])
+
+    def _publish(self, key: str, readers: list[BinaryIO]) -> None:
+        """Copy `readers` one after the other into `KEY.partial`, then fsync and rename it over the key."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + PARTIAL_SUFFIX)
         try:
-            with Path(path).open("rb") as source, tmp.open("wb") as out:
-                shutil.copyfileobj(source, out, CHUNK)
+            with tmp.open("wb") as out:
+                for reader in readers:
+                    shutil.copyfileobj(reader, out, CHUNK)
                 out.flush()
                 os.fsync(out.fileno())
             tmp.replace(target)
@@ -121,7 +147,6 @@ class LocalStorage:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_directory(target.parent)
-        return StoredObject(key, target.stat().st_size, sha256_of(target))
 
     def remove_stale_partials(self, older_than_s: float = STALE_PARTIAL_S) -> list[Path]:
         """Delete the `*.partial` files that writers killed mid-copy left behind: those untouched for
@@ -209,6 +234,52 @@ class S3Storage:
         self.client.upload_file(str(path), self.bucket, key)
         return StoredObject(key, path.stat().st_size, sha256_of(path))
 
+    def put_fileobj(self, key: str, fileobj: BinaryIO) -> None:
+        """One PUT that streams `fileobj` (a seekable file; up to S3's 5 GB per PUT, far above an upload part)."""
+        fileobj.seek(0, os.SEEK_END)
+        length = fileobj.tell()
+        fileobj.seek(0)
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=fileobj, ContentLength=length)
+
+    def concatenate(self, key: str, sources: list[str]) -> None:
+        """A multipart upload of `key` whose parts are server-side copies of `sources` (no byte passes through this
+        process). S3 wants every part but the last to be at least 5 MiB; smaller sources are copied in with their
+        neighbours through a temporary file on disk instead, one part at a time."""
+        sizes = [self.size(source) for source in sources]
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        try:
+            parts = []
+            pending: list[str] = []  # small sources gathered into the next part
+            pending_bytes = 0
+            for index, (source, size) in enumerate(zip(sources, sizes, strict=True)):
+                is_last = index == len(sources) - 1
+                if not pending and (size >= S3_MIN_PART or is_last):
+                    answer = self.client.upload_part_copy(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=len(parts) + 1,
+                                                          CopySource={"Bucket": self.bucket, "Key": source})
+                    parts.append({"PartNumber": len(parts) + 1, "ETag": answer["CopyPartResult"]["ETag"]})
+                    continue
+                pending.append(source)
+                pending_bytes += size
+                if pending_bytes >= S3_MIN_PART or is_last:
+                    parts.append(self._upload_joined_part(key, upload_id, len(parts) + 1, pending))
+                    pending, pending_bytes = [], 0
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            raise
+
+    def _upload_joined_part(self, key: str, upload_id: str, number: int, sources: list[str]) -> dict[str, Any]:
+        with tempfile.TemporaryFile() as joined:
+            for source in sources:
+                for chunk in self.iter_bytes(source):
+                    joined.write(chunk)
+            length = joined.tell()
+            joined.seek(0)
+            answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                             Body=joined, ContentLength=length)
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
     def _missing(self, exc: Exception) -> bool:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code")
         return code in ("404", "NoSuchKey", "NotFound")
@@ -253,6 +324,33 @@ class S3Storage:
             return True
         except ObjectNotFound:
             return False
+
+
+class ConcatenatedReader(io.RawIOBase):
+    """The objects `keys` read one after the other as one stream, in storage-sized chunks (wrap it in
+    io.BufferedReader for readline), with the MD5 and SHA-256 of what was read so far."""
+
+    def __init__(self, storage: ObjectStorage, keys: list[str]):
+        super().__init__()
+        self.md5, self.sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+        self._chunks = (chunk for key in keys for chunk in storage.iter_bytes(key))
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self.md5.update(chunk)
+            self.sha256.update(chunk)
+            self._buffer = chunk
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
 
 
 def delete_quietly(storage: ObjectStorage, *keys: str) -> None:

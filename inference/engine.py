@@ -1,23 +1,25 @@
 """The embedded inference engine: chat generation with transformers + peft, adapters attached by name.
 
-One base model is loaded per base id, on first use, and kept. LoRA adapters are attached to it on demand
-(`load_adapter`), at most `max_adapters` per base: the least recently used one is dropped first, so a request
-never reloads a base and rarely an adapter. Adapters come from object storage by key (the `.tar.gz` a job or a
-checkpoint stored), are unpacked once into a cache directory and attached with peft.
+One base model is loaded per base id, on first use, at most `max_bases` at once (loading another unloads the least
+recently used one). LoRA adapters are attached to a base on demand (`load_adapter`), at most `max_adapters` per
+base: the least recently used one is dropped first, so a request rarely reloads a base or an adapter. Adapters
+come from object storage by key (the `.tar.gz` a job or a checkpoint stored), their files unpacked into a cache
+directory bounded by `cache_max_bytes` (inference/adapters.py) and attached with peft.
 
-Generation is one at a time per engine (a CPU or one GPU runs one `generate` fastest); requests wait for it in
-arrival order. The server (inference/server.py) bounds how many may wait.
+Generation is one at a time per engine (a CPU or one GPU runs one `generate` fastest); requests wait for it, and
+one whose caller went away (`cancelled`) leaves the line or stops at the next token. The server
+(inference/server.py) bounds how many may wait.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,17 @@ from typing import Any
 import torch
 
 from core.storage import ObjectStorage
-from inference.adapters import AdapterError, cached_path, fetch_adapter, is_adapter_dir
+from inference.adapters import AdapterError, cached_path, check_key, fetch_adapter, is_adapter_dir, remove_cached, trim_cache
 
 log = logging.getLogger(__name__)
 
 
 class ModelNotFound(LookupError):
     """The engine serves no model of that name (not a base under models_dir, not a loaded adapter)."""
+
+
+class GenerationCancelled(Exception):
+    """The caller went away while the request waited for its turn: nothing was generated."""
 
 
 class InvalidRequest(ValueError):
@@ -88,16 +94,22 @@ def _dtype(name: str) -> torch.dtype:
 
 class ChatEngine:
     def __init__(self, models_dir: Path, storage: ObjectStorage, cache_dir: Path, *, max_adapters: int = 8,
-                 base_weights: str = "16bit", dtype: str = "auto", max_new_tokens: int = 512):
+                 base_weights: str = "16bit", dtype: str = "auto", max_new_tokens: int = 512, max_bases: int = 2,
+                 cache_max_bytes: int = 20 << 30, local_adapter_root: Path | None = None):
+        """`local_adapter_root`: a directory whose unpacked adapters may be named by absolute path, as vLLM takes
+        them (the vLLM front's shared volume, when this engine stands in for vLLM); None: object keys only."""
         self.models_dir = models_dir
         self.storage = storage
         self.cache_dir = cache_dir
+        self.cache_max_bytes = cache_max_bytes
+        self.local_adapter_root = local_adapter_root.resolve() if local_adapter_root is not None else None
         self.max_adapters = max_adapters
+        self.max_bases = max_bases
         self.base_weights = base_weights  # "16bit" | "nf4"
         self.dtype = _dtype(dtype)
         self.max_new_tokens = max_new_tokens
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.bases: dict[str, LoadedBase] = {}
+        self.bases: OrderedDict[str, LoadedBase] = OrderedDict()  # least recently used first
         self.served: dict[str, str] = {}  # adapter name -> its base's name
         self.keys: dict[str, str] = {}  # adapter name -> the object key it was loaded from
         self._generating = threading.Lock()  # one generate() at a time, in arrival order
@@ -107,16 +119,32 @@ class ChatEngine:
     # --- models -----------------------------------------------------------------------------------------
 
     def base(self, name: str) -> LoadedBase:
-        """The loaded base model `name`, loading it on first use."""
+        """The loaded base model `name`, loading it on first use (and unloading the least recently used base past
+        `max_bases`; a generation already under way on it finishes on the model it holds)."""
         if name in self.bases:
+            self.bases.move_to_end(name)
             return self.bases[name]
         path = self.models_dir / name
         if not name or "/" in name or name.startswith(".") or not (path / "config.json").is_file():
             raise ModelNotFound(name)
         with self._loading:
             if name not in self.bases:
+                with self._generating:
+                    while len(self.bases) >= self.max_bases:
+                        self._unload_base(next(iter(self.bases)))
                 self.bases[name] = self._load_base(name, path)
         return self.bases[name]
+
+    def _unload_base(self, name: str) -> None:
+        base = self.bases.pop(name)
+        for adapter_name in list(base.adapters):
+            self.served.pop(adapter_name, None)
+            self.keys.pop(adapter_name, None)
+        base.adapters.clear()  # a prepared request for one of them is a 404 now: the API loads it again
+        # The weights go with the last reference: a generation under way on this base finishes first.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("unloaded base %s (more than %d bases)", name, self.max_bases)
 
     def _load_base(self, name: str, path: Path) -> LoadedBase:
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -138,32 +166,45 @@ class ChatEngine:
         return LoadedBase(name, model, tokenizer, context)
 
     def load_adapter(self, name: str, key: str, base_name: str) -> None:
-        """Attach the adapter stored at object `key` (or in the local directory `key`, when it is an absolute path
-        to one, as vLLM takes it) to base `base_name`, served as `name`. Loading a name that is already served is a
-        no-op (adapters are immutable: a name always means the same archive)."""
+        """Attach the adapter stored at object `key` to base `base_name`, served as `name`. Loading a name that is
+        already served is a no-op (adapters are immutable: a name always means the same archive). Raises
+        AdapterError for a key that is no adapter's (inference/adapters.py), or a local path outside
+        `local_adapter_root`."""
         base = self.base(base_name)
         with self._loading:
             if name in base.adapters:
                 base.adapters.move_to_end(name)
                 return
-            directory = Path(key) if Path(key).is_absolute() and is_adapter_dir(Path(key)) else fetch_adapter(self.storage, key, self.cache_dir)
+            directory = self._local_dir(key) if Path(key).is_absolute() else fetch_adapter(self.storage, key, self.cache_dir)
             with self._generating:  # attaching changes the modules a running generate() uses
                 self._attach(base, name, directory)
                 self.served[name] = base_name
                 self.keys[name] = key
                 while len(base.adapters) > self.max_adapters:
                     self._detach(base, next(iter(base.adapters)))
+            attached = {cached_path(self.cache_dir, k) for k in self.keys.values()}
+            for gone in trim_cache(self.cache_dir, self.cache_max_bytes, attached):
+                log.info("deleted cached adapter %s (the cache is over %d bytes)", gone.name, self.cache_max_bytes)
 
-    def unload_adapter(self, name: str) -> bool:
-        """Detach `name` and delete its unpacked files (its model was deleted, or it is no longer wanted)."""
-        base_name = self.served.get(name)
-        if base_name is None:
-            return False
+    def _local_dir(self, path: str) -> Path:
+        directory = Path(path).resolve()
+        if self.local_adapter_root is None or not directory.is_relative_to(self.local_adapter_root) or not is_adapter_dir(directory):
+            raise AdapterError(f"'{path}' is not the object key of an adapter archive (files/... or checkpoints/...)")
+        return directory
+
+    def unload_adapter(self, name: str, key: str | None = None) -> bool:
+        """Detach `name` if attached, and delete the unpacked files of `key` (or of the key it was loaded from): its
+        model was deleted. `key` reaches copies the engine no longer attaches (dropped by the LRU, or unpacked
+        before a restart). True when there was something to drop."""
+        if key is not None:
+            check_key(key)
         with self._loading, self._generating:
-            key = self._detach(self.bases[base_name], name)
-            if not Path(key).is_absolute():  # a directory named by the caller is the caller's
-                shutil.rmtree(cached_path(self.cache_dir, key), ignore_errors=True)
-        return True
+            base_name = self.served.get(name)
+            loaded_from = self._detach(self.bases[base_name], name) if base_name is not None else None
+            removed = False
+            for k in {k for k in (key, loaded_from) if k is not None and not Path(k).is_absolute()}:  # a local directory is its owner's
+                removed = remove_cached(self.cache_dir, k) or removed
+        return base_name is not None or removed
 
     def _attach(self, base: LoadedBase, name: str, directory: Path) -> None:
         from peft import PeftModel
@@ -203,6 +244,17 @@ class ChatEngine:
     def models(self) -> list[str]:
         return sorted(self.bases) + sorted(self.served)
 
+    @contextmanager
+    def _turn(self, cancelled: threading.Event | None) -> Iterator[None]:
+        """Hold the one generation slot; a caller that goes away (`cancelled`) while waiting leaves the line."""
+        while not self._generating.acquire(timeout=0.05):
+            if cancelled is not None and cancelled.is_set():
+                raise GenerationCancelled
+        try:
+            yield
+        finally:
+            self._generating.release()
+
     # --- generation -------------------------------------------------------------------------------------
 
     def prompt_ids(self, base: LoadedBase, messages: list[dict[str, str]]) -> torch.Tensor:
@@ -232,7 +284,8 @@ class ChatEngine:
     def generate(self, prepared: Prepared, on_text: Callable[[str], None] | None = None,
                  cancelled: threading.Event | None = None) -> ChatResult:
         """Generate one answer; `on_text` receives it piece by piece as it is produced (for streaming). Setting
-        `cancelled` (the caller went away) ends the generation at the next token."""
+        `cancelled` (the caller went away) ends the generation at the next token, or raises GenerationCancelled
+        while it still waits for its turn."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         stop_found = threading.Event()  # set by the reader below; transformers' own stop_strings would also match the prompt
@@ -270,7 +323,9 @@ class ChatEngine:
                 output["error"] = exc  # type: ignore[assignment]
                 streamer.end()
 
-        with self._generating:
+        with self._turn(cancelled):
+            if cancelled is not None and cancelled.is_set():
+                raise GenerationCancelled
             if adapter is not None and adapter not in base.adapters.values():
                 raise ModelNotFound(request.model)  # dropped (LRU or unload) since prepare(): the caller loads it again
             thread = threading.Thread(target=run, name="generate", daemon=True)

@@ -9,8 +9,11 @@ either: `POST /v1/chat/completions` where `model` is a base id or a loaded adapt
 workers) and `base_model_name` names the base to attach it to; a chat request for a name it does not serve is
 a 404, which tells the API to load the adapter and ask again.
 
-Requests are served one at a time and wait their turn; past `QLORA_INFERENCE_MAX_WAITING` waiting requests
-the server answers 503 with `x-should-retry: true`.
+Every route but /health needs the shared secret (`Authorization: Bearer`, QLORA_INFERENCE_SECRET), which only the
+API has. Requests are served one at a time and wait their turn; past `QLORA_INFERENCE_MAX_WAITING` waiting requests
+the server answers 503, past `QLORA_INFERENCE_MAX_WAITING_PER_PROJECT` of one project (the `x-qlora-project`
+header the API sets) 429, both with `x-should-retry: true`. A request whose caller went away leaves the line, or
+stops generating at the next token.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -34,7 +38,8 @@ from core import chat
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
 from core.storage import make_storage
-from inference.engine import AdapterError, ChatEngine, ChatRequest, InvalidRequest, ModelNotFound
+from inference.auth import require_secret
+from inference.engine import AdapterError, ChatEngine, ChatRequest, ChatResult, GenerationCancelled, InvalidRequest, ModelNotFound, Prepared
 
 log = logging.getLogger("inference")
 
@@ -47,10 +52,44 @@ class LoadAdapter(BaseModel):
 
 class UnloadAdapter(BaseModel):
     lora_name: str
+    lora_path: str | None = None  # the adapter's object key: its unpacked copy is deleted even when no longer attached
 
 
 def _not_served(model: str) -> APIError:
     return APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+
+
+class Admission:
+    """The bounds of the waiting line: requests waiting or generating, in all and per project (its share, so one
+    project cannot fill the line). Used on the event loop only."""
+
+    def __init__(self, limit: int, per_project: int):
+        self.limit, self.per_project = limit, per_project
+        self.total = 0
+        self.by_project: Counter[str] = Counter()
+
+    def enter(self, project: str) -> Callable[[], None]:
+        """Take a place in the line, or raise the 503 (line full) or the 429 (the project's share taken). Returns
+        the place's release, which may be called any number of times."""
+        if self.total >= self.limit:
+            raise APIError(503, "The inference server is busy; retry shortly.", type="server_error", code="overloaded",
+                           headers={"x-should-retry": "true", "retry-after": "1"})
+        if self.by_project[project] >= self.per_project:
+            raise APIError(429, f"Your project has {self.per_project} chat requests waiting or generating, its share of the "
+                           "inference server; retry shortly (limit set by QLORA_INFERENCE_MAX_WAITING_PER_PROJECT).", type="requests", code="rate_limit_exceeded",
+                           headers={"x-should-retry": "true", "retry-after": "1"})
+        self.total += 1
+        self.by_project[project] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.total -= 1
+                self.by_project[project] -= 1
+
+        return release
 
 
 def create_app(settings: Settings | None = None, engine: ChatEngine | None = None) -> FastAPI:
@@ -58,24 +97,17 @@ def create_app(settings: Settings | None = None, engine: ChatEngine | None = Non
     assert settings.models_dir is not None
     engine = engine or ChatEngine(settings.models_dir, make_storage(settings), settings.home / "inference-cache",
                                   max_adapters=settings.inference_max_adapters, base_weights=settings.inference_base_weights,
-                                  max_new_tokens=settings.inference_max_new_tokens)
-    app = FastAPI(title="QLoRA service: embedded inference server", version="0.1.0")
+                                  max_new_tokens=settings.inference_max_new_tokens, max_bases=settings.inference_max_bases,
+                                  cache_max_bytes=settings.inference_cache_max_bytes)
+    app = FastAPI(title="QLoRA service: embedded inference server", version="0.1.0",
+                  dependencies=[Depends(require_secret(settings.inference_secret_value()))])
     app.state.engine = engine
     register_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-    admitted = {"n": 0}  # requests waiting or generating; past the limit the answer is 503
-
-    def admit() -> None:
-        if admitted["n"] >= settings.inference_max_waiting:
-            raise APIError(503, "The inference server is busy; retry shortly.", type="server_error", code="overloaded",
-                           headers={"x-should-retry": "true", "retry-after": "1"})
-        admitted["n"] += 1
-
-    def release() -> None:
-        admitted["n"] -= 1
-
-    app.state.admitted = lambda: admitted["n"]
+    line = Admission(settings.inference_max_waiting, settings.inference_max_waiting_per_project)
+    app.state.admitted = lambda: line.total
     app.state.admitted_limit = settings.inference_max_waiting
+    app.state.line = line
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -97,13 +129,18 @@ def create_app(settings: Settings | None = None, engine: ChatEngine | None = Non
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapter) -> dict[str, str]:
-        if not await anyio.to_thread.run_sync(engine.unload_adapter, body.lora_name):
-            raise _not_served(body.lora_name)
+        try:
+            if not await anyio.to_thread.run_sync(engine.unload_adapter, body.lora_name, body.lora_path):
+                raise _not_served(body.lora_name)
+        except AdapterError as exc:
+            raise APIError(400, str(exc), param="lora_path", code="invalid_adapter") from None
         return {"status": "unloaded", "lora_name": body.lora_name}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: chat.ChatCompletionCreate, request: Request) -> Any:
-        admit()
+        if too_many := body.token_limit_error(settings.chat_max_tokens):
+            raise APIError(400, too_many[1], param=too_many[0], code="invalid_value")
+        release = line.enter(request.headers.get(chat.PROJECT_HEADER, ""))
         try:
             prepared = await anyio.to_thread.run_sync(engine.prepare, _engine_request(body))
         except ModelNotFound:
@@ -115,19 +152,20 @@ def create_app(settings: Settings | None = None, engine: ChatEngine | None = Non
         except BaseException:
             release()
             raise
-        completion_id, created = chat.completion_id(), int(time.time())
-        if not body.stream:
-            try:
-                result = await anyio.to_thread.run_sync(engine.generate, prepared)
-            except ModelNotFound:
-                raise _not_served(body.model) from None
-            finally:
-                release()
-            return chat.completion(completion_id, created, body.model, result.text, result.finish_reason, result.prompt_tokens,
-                                   result.completion_tokens)
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_stream(engine, prepared, body.model, completion_id, created, include_usage, release),
-                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            streamed = _StreamedChat(engine, prepared, body.model, include_usage, release)
+            return _ClosingStream(streamed.events(), streamed.close)
+        try:
+            result = await _generate_while_connected(engine, prepared, request)
+        except ModelNotFound:
+            raise _not_served(body.model) from None
+        except GenerationCancelled:
+            return Response(status_code=499)  # the caller went away: nobody reads this
+        finally:
+            release()
+        return chat.completion(chat.completion_id(), int(time.time()), body.model, result.text, result.finish_reason,
+                               result.prompt_tokens, result.completion_tokens)
 
     return app
 
@@ -137,29 +175,81 @@ def _engine_request(body: chat.ChatCompletionCreate) -> ChatRequest:
                        temperature=body.temperature, top_p=body.top_p, stop=body.stop_list, seed=body.seed)
 
 
+async def _generate_while_connected(engine: ChatEngine, prepared: Prepared, request: Request) -> ChatResult:
+    """engine.generate in a thread, stopped (GenerationCancelled, or a short answer) when the caller disconnects:
+    nobody would read the rest."""
+    cancelled = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        cancelled.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            outcome["result"] = await anyio.to_thread.run_sync(engine.generate, prepared, None, cancelled)
+        except Exception as exc:  # noqa: BLE001 (raised below, outside the task group)
+            outcome["error"] = exc
+        group.cancel_scope.cancel()
+    if "error" in outcome:
+        raise outcome["error"]
+    if cancelled.is_set():
+        raise GenerationCancelled
+    return outcome["result"]
+
+
 def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-async def _stream(engine: ChatEngine, prepared: Any, model: str, completion_id: str, created: int, include_usage: bool,
-                  release: Any) -> AsyncIterator[bytes]:
-    """The answer as server-sent events in OpenAI's chunk shape, ending with `data: [DONE]`. The generation runs
-    in a thread and hands its pieces over through a queue; a client that goes away stops it at the next token."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    cancelled = threading.Event()
+class _ClosingStream(StreamingResponse):
+    """A stream of server-sent events whose `close` runs however the response ends: finished, failed, or the client
+    gone, even before the first chunk (when the body's generator never starts, so its own `finally` never runs).
+    Shielded: the disconnect that cancelled the response does not cancel the cleanup."""
 
-    def work() -> None:
+    def __init__(self, content: AsyncIterator[bytes], close: Callable[[], Awaitable[None]]):
+        super().__init__(content, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        self._close = close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            result = engine.generate(prepared, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, ("text", text)), cancelled)
-            loop.call_soon_threadsafe(pieces.put_nowait, ("done", result))
-        except BaseException as exc:  # noqa: BLE001 (reported to the client as an error event)
-            loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
 
-    thread = threading.Thread(target=work, name="chat-stream", daemon=True)
-    try:
+
+class _StreamedChat:
+    """One streamed answer: the generation runs in a thread and hands its pieces over through a queue; `close`
+    stops it (a client that left: at the next token, or before its turn), waits for the thread and frees the
+    request's place in the line."""
+
+    def __init__(self, engine: ChatEngine, prepared: Prepared, model: str, include_usage: bool, release: Callable[[], None]):
+        self.engine, self.prepared, self.model, self.include_usage, self.release = engine, prepared, model, include_usage, release
+        self.cancelled = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The answer in OpenAI's chunk shape, ending with `data: [DONE]`."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        completion_id, created, model = chat.completion_id(), int(time.time()), self.model
+
+        def work() -> None:
+            try:
+                result = self.engine.generate(self.prepared, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, ("text", text)),
+                                              self.cancelled)
+                loop.call_soon_threadsafe(pieces.put_nowait, ("done", result))
+            except GenerationCancelled:
+                pass  # the reader is gone
+            except BaseException as exc:  # noqa: BLE001 (reported to the client as an error event)
+                loop.call_soon_threadsafe(pieces.put_nowait, ("error", exc))
+
         yield _sse(chat.chunk(completion_id, created, model, {"role": "assistant", "content": ""}))
-        thread.start()
+        self.thread = threading.Thread(target=work, name="chat-stream", daemon=True)
+        self.thread.start()
         while True:
             kind, value = await pieces.get()
             if kind == "text":
@@ -167,19 +257,20 @@ async def _stream(engine: ChatEngine, prepared: Any, model: str, completion_id: 
             elif kind == "error":
                 log.error("generation failed for %s", model, exc_info=value)
                 yield _sse({"error": {"message": "The generation failed.", "type": "server_error", "param": None, "code": "internal_error"}})
-                break
+                return
             else:
                 yield _sse(chat.chunk(completion_id, created, model, {}, value.finish_reason))
-                if include_usage:
-                    yield _sse(chat.chunk(completion_id, created, model, None, usage_counts=chat.usage(value.prompt_tokens,
-                                                                                                        value.completion_tokens)))
+                if self.include_usage:
+                    yield _sse(chat.chunk(completion_id, created, model, None,
+                                          usage_counts=chat.usage(value.prompt_tokens, value.completion_tokens)))
                 yield _sse("[DONE]")
-                break
-    finally:
-        cancelled.set()  # a no-op once the generation ended; else the client left and it stops at the next token
-        if thread.is_alive():
-            await anyio.to_thread.run_sync(thread.join)
-        release()
+                return
+
+    async def close(self) -> None:
+        self.cancelled.set()  # a no-op once the generation ended
+        if self.thread is not None and self.thread.is_alive():
+            await anyio.to_thread.run_sync(self.thread.join)
+        self.release()
 
 
 def main(argv: list[str] | None = None) -> int:

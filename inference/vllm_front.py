@@ -7,13 +7,16 @@ its own disk, while the API names adapters by their object-storage key. This fro
 into a directory it shares with vLLM (`--adapter-dir`, the same volume in both containers) and hands vLLM
 that path; chat completions and unloads pass through unchanged, streamed answers chunk by chunk. It holds no
 model and no torch.
+
+Like the embedded server it answers only the API (the shared secret, QLORA_INFERENCE_SECRET, as a bearer token),
+passes the same token on to vLLM (started with `--api-key` set to it), takes adapters by object key only, deletes
+a deleted model's unpacked copy by key and keeps its cache under QLORA_INFERENCE_CACHE_MAX_BYTES.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,14 +24,15 @@ from typing import Any
 
 import anyio
 import httpx
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from api.errors import APIError, RequestIdMiddleware, register_error_handlers
 from core.settings import Settings, get_settings
 from core.storage import make_storage
-from inference.adapters import AdapterError, cached_path, fetch_adapter
+from inference.adapters import AdapterError, cached_path, check_key, fetch_adapter, remove_cached, trim_cache
+from inference.auth import require_secret
 
 
 class LoadAdapter(BaseModel):
@@ -39,12 +43,15 @@ class LoadAdapter(BaseModel):
 
 class UnloadAdapter(BaseModel):
     lora_name: str
+    lora_path: str | None = None  # the object key: its unpacked copy is deleted even when vLLM no longer holds it
 
 
 def create_app(upstream: str, adapter_dir: Path, settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     storage = make_storage(settings)
-    http = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=httpx.Timeout(settings.inference_timeout_s, connect=5.0))
+    secret = settings.inference_secret_value()
+    http = httpx.AsyncClient(base_url=upstream.rstrip("/"), timeout=httpx.Timeout(settings.inference_timeout_s, connect=5.0),
+                             headers={"authorization": f"Bearer {secret}"})  # vLLM's --api-key
     keys: dict[str, str] = {}  # adapter name -> object key, to delete its unpacked copy on unload
 
     async def send(method: str, path: str, content: bytes) -> httpx.Response:
@@ -65,7 +72,8 @@ def create_app(upstream: str, adapter_dir: Path, settings: Settings | None = Non
         yield
         await http.aclose()
 
-    app = FastAPI(title="QLoRA service: inference front for vLLM", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="QLoRA service: inference front for vLLM", version="0.1.0", lifespan=lifespan,
+                  dependencies=[Depends(require_secret(secret))])
     register_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
 
@@ -80,6 +88,8 @@ def create_app(upstream: str, adapter_dir: Path, settings: Settings | None = Non
         except AdapterError as exc:
             raise APIError(400, str(exc), param="lora_path", code="invalid_adapter") from None
         keys[body.lora_name] = body.lora_path
+        attached = {cached_path(adapter_dir, k) for k in keys.values()}
+        await anyio.to_thread.run_sync(trim_cache, adapter_dir, settings.inference_cache_max_bytes, attached)
         payload = {"lora_name": body.lora_name, "lora_path": str(directory), "base_model_name": body.base_model_name}
         response = await relay(await send("POST", "/v1/load_lora_adapter", json.dumps(payload).encode()))
         if response.status_code == 400 and b"already been loaded" in bytes(response.body):
@@ -88,11 +98,16 @@ def create_app(upstream: str, adapter_dir: Path, settings: Settings | None = Non
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapter) -> Response:
-        response = await relay(await send("POST", "/v1/unload_lora_adapter", body.model_dump_json().encode()))
-        key = keys.pop(body.lora_name, None)
-        if key is not None:
-            shutil.rmtree(cached_path(adapter_dir, key), ignore_errors=True)
-        return response
+        if body.lora_path is not None:
+            try:
+                check_key(body.lora_path)
+            except AdapterError as exc:
+                raise APIError(400, str(exc), param="lora_path", code="invalid_adapter") from None
+        response = await relay(await send("POST", "/v1/unload_lora_adapter", json.dumps({"lora_name": body.lora_name}).encode()))
+        removed = False
+        for key in {k for k in (keys.pop(body.lora_name, None), body.lora_path) if k is not None}:
+            removed = await anyio.to_thread.run_sync(remove_cached, adapter_dir, key) or removed
+        return Response(status_code=200) if removed and response.status_code == 404 else response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="127.0.0.1", help="compose: 0.0.0.0 inside the internal `inference` network only")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--upstream", default="http://vllm:8000", help="vLLM's OpenAI server")
     parser.add_argument("--adapter-dir", type=Path, default=Path("/adapters"), help="a directory vLLM reads at the same path")

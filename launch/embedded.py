@@ -2,11 +2,12 @@
 
     python -m launch.embedded [--host 127.0.0.1] [--port 8000] [--no-demo-model]
 
-Runs the prestart (migrations on SQLite, the API key, the demo model under $QLORA_HOME/models), then three
-processes: one Celery worker with the sweeper on beat (`-B`), the inference server that answers chat completions
-(inference/server.py, on the next port up) and the API (uvicorn). The broker is Celery's
-SQLAlchemy transport on a SQLite file unless QLORA_BROKER_URL says otherwise: a real broker that needs no
-server, not an in-process shortcut. Ctrl-C stops both.
+Runs the prestart (migrations on SQLite, the API key, the inference secret, the demo model under
+$QLORA_HOME/models), then three processes: one Celery worker with the sweeper on beat (`-B`), the inference server
+that answers chat completions (inference/server.py, on the next port up, loopback only) and the API (uvicorn).
+The API and the inference server read the same $QLORA_HOME, so both find the secret the prestart made there
+($QLORA_HOME/inference_secret): nothing to set. The broker is Celery's SQLAlchemy transport on a SQLite file unless
+QLORA_BROKER_URL says otherwise: a real broker that needs no server, not an in-process shortcut. Ctrl-C stops both.
 """
 
 from __future__ import annotations

@@ -98,7 +98,11 @@ def test_compose_prometheus_scrapes_the_api_behind_a_profile(config):
     source = Path(mount.split(":")[0])
     assert source == REPO / "deploy" / "prometheus.yml"
     scrape = yaml.safe_load(source.read_text())["scrape_configs"]
-    assert [(s["metrics_path"], s["static_configs"][0]["targets"]) for s in scrape] == [("/metrics", ["api:8000"])]
+    assert [(s["metrics_path"], s["static_configs"][0]["targets"]) for s in scrape] == [("/metrics", ["api:9100"])]
+    # The API serves its metrics on that port only, not published on the host (the API's port is the only one).
+    api = config["services"]["api"]
+    assert api["environment"]["QLORA_METRICS_PORT"] == "9100" and api["environment"]["QLORA_METRICS_HOST"] == "0.0.0.0"
+    assert [p["target"] for p in api["ports"]] == [8000]
     assert prometheus["ports"] == ["127.0.0.1:9090:9090/tcp"], "the UI on the host's loopback only"
 
 
@@ -240,3 +244,20 @@ def test_the_multi_gpu_example_in_the_docs_is_valid(tmp_path):
     assert devices == {"worker": ["0"], "worker-gpu1": ["1"]}
     assert services["worker-gpu1"]["command"] == services["worker"]["command"]
     assert services["worker-gpu1"]["depends_on"] == services["worker"]["depends_on"]
+
+
+def test_compose_inference_backends_are_on_an_internal_network():
+    """Issue 20, defect 6: the inference backends are reachable from the API only: an internal network, nothing
+    published, and vLLM started with the shared secret as its --api-key. Read from the file itself (no
+    docker-compose needed)."""
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert raw["networks"]["inference"] == {"internal": True}
+    services = raw["services"]
+    for name in ("inference", "vllm", "vllm-front"):
+        assert services[name]["networks"] == ["inference"] and "ports" not in services[name], name
+    assert set(services["api"]["networks"]) == {"default", "inference"}
+    assert raw["x-qlora-environment"]["QLORA_INFERENCE_SECRET"] == "${QLORA_INFERENCE_SECRET:-}"
+    script = services["vllm"]["entrypoint"][2]
+    assert '--api-key "$${QLORA_INFERENCE_SECRET:-$$(cat /qlora/inference_secret)}"' in script
+    assert "qlora-home:/qlora:ro" in services["vllm"]["volumes"]
+    assert services["vllm"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"

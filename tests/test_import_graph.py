@@ -1,12 +1,14 @@
 """The import rules between our packages (docs/architecture.md), checked by parsing every import statement of
 the source, lazy and TYPE_CHECKING ones included:
 
-- `api/` imports nothing from `worker`; `core/` neither (but for the one listed exception);
+- `api/` imports nothing from `worker`; `core/` neither, but for the engine's settings (`worker/training/tunables.py`,
+  which imports nothing: the memory estimate they pass it to models them);
 - `contract/` imports nothing of ours but itself, and no torch, database, web or queue library;
 - the engine, `worker/training/`, imports only itself and `contract` of ours, and no web, database, queue or
   object-storage library, so it runs and tests alone;
-- the `qlora` command line, `cli/`, imports only itself of ours and no torch or service library: a client of the
-  public API that installs on a laptop without either.
+- the `qlora` command line, `cli/`, imports only itself of ours and the job-file reader (`contract/job_file.py`,
+  shared with the engine's command line, importing nothing of ours), and no torch or service library: a client of
+  the public API that installs on a laptop without either.
 """
 
 from __future__ import annotations
@@ -58,9 +60,20 @@ def violations(package: str, forbidden) -> list[str]:  # noqa: ANN001
     return found
 
 
+# The engine's own settings, which the memory estimate models: torch-free and importing nothing, so the API and
+# core may pass them to contract.memory.
+ENGINE_SETTINGS = "worker.training.tunables"
+# The job-file reader both command lines share.
+JOB_FILE_READER = "contract.job_file"
+
+
 @pytest.mark.parametrize("package", ["api", "core"])
 def test_api_and_core_import_nothing_from_the_worker(package):
-    assert violations(package, lambda m: under(m, ("worker", "inference", "launch"))) == []
+    assert violations(package, lambda m: under(m, ("worker", "inference", "launch")) and m != ENGINE_SETTINGS) == []
+
+
+def test_the_engine_settings_import_nothing():
+    assert imports_of(REPO / "worker" / "training" / "tunables.py") == set()
 
 
 def test_api_and_core_import_no_torch():
@@ -79,7 +92,12 @@ def test_the_engine_imports_no_web_database_queue_or_storage_code():
 
 
 def test_the_command_line_is_a_plain_client():
-    assert violations("cli", lambda m: under(m, SERVICE_LIBRARIES + TORCH_LIBRARIES) or (under(m, OURS) and not under(m, ("cli",)))) == []
+    assert violations("cli", lambda m: under(m, SERVICE_LIBRARIES + TORCH_LIBRARIES) or (
+        under(m, OURS) and not under(m, ("cli", JOB_FILE_READER)))) == []
+
+
+def test_the_job_file_reader_imports_nothing_of_ours():
+    assert [m for m in imports_of(REPO / "contract" / "job_file.py") if under(m, OURS + ("pydantic",))] == []
 
 
 def test_the_checker_sees_lazy_imports():

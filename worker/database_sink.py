@@ -26,7 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.metrics import StepMetrics
 from core import ids
 from core.db import session_scope
-from core.jobs import add_event, checkpoint_model_name, fine_tuned_model_name, heartbeat
+from core.jobs import add_event, heartbeat
+from core.model_names import checkpoint_model_name, fine_tuned_model_name
 from core.models import Checkpoint, Job, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
 from worker.retry import retry_transient
@@ -76,6 +77,8 @@ class DatabaseSink:
 
     def start(self, total_steps: int) -> None:
         self.total_steps = total_steps
+        self._write(lambda session: session.execute(update(Job).where(Job.id == self.job_id).values(total_steps=total_steps)
+                                                    .execution_options(synchronize_session=False)))
 
     def event(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
         level = {"warning": "warn"}.get(level, level)
@@ -86,12 +89,15 @@ class DatabaseSink:
 
     def metrics(self, step: int, metrics: StepMetrics) -> None:
         values = metrics.to_dict()  # the checkpoint object's metrics first; non-finite numbers are None already
+        # The step's numbers are stored once, in job_metrics (every reader in the service reads them there); the
+        # metrics event repeats them with total_steps because OpenAI's events list carries them (clients, `qlora
+        # jobs watch`, read them there).
         data: dict[str, Any] = dict(values)
         if self.total_steps is not None:
             data["total_steps"] = self.total_steps
-        message = f"Step {step}/{self.total_steps or '?'}: training loss={_fmt(values.get('train_loss'))}"
+        message = f"Step {step}/{self.total_steps or '?'}: training loss={_number_or_na(values.get('train_loss'))}"
         if "valid_loss" in values:
-            message += f", validation loss={_fmt(values['valid_loss'])}"
+            message += f", validation loss={_number_or_na(values['valid_loss'])}"
         estimated_finish = self._estimate_finish(step)
 
         def write(session: Session) -> None:
@@ -211,5 +217,6 @@ class DatabaseSink:
         return int(t + max(self.total_steps - step, 0) * seconds_per_step)
 
 
-def _fmt(value: Any) -> str:
+def _number_or_na(value: Any) -> str:
+    """A number to 4 decimals; "n/a" for anything else (a metric the step did not have, or null)."""
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"

@@ -16,19 +16,19 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentProject, SessionDep, SettingsDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import INVALID_REQUEST, APIError, bad_request, not_found
 from api.model_dirs import find_base_model
 from api.openapi import error_responses
 from api.schemas import first_unstorable
 from core import logs
-from core.chat import ChatCompletionCreate
-from core.exports import adapter_filename
+from core.chat import PROJECT_HEADER, ChatCompletionCreate
 from core.jobs import JobStatus
-from core.models import Checkpoint, File, Job
+from core.model_names import adapter_filename
+from core.models import Checkpoint, CheckpointPermission, File, Job
 from core.settings import Settings
 
 router = APIRouter(tags=["chat"])
@@ -49,7 +49,8 @@ def model_not_found(model: str) -> APIError:
 
 def find_served_model(session: Session, settings: Settings, project: str, model: str) -> Served:
     """A base model, a fine-tuned model of `project` (succeeded, not deleted) or a checkpoint model of one of its
-    jobs whose model is not deleted; anything else, another project's included, is model_not_found."""
+    jobs, or granted to it (checkpoint permissions), whose model is not deleted; anything else, another project's
+    included, is model_not_found."""
     if find_base_model(settings, model) is not None:
         return Served(model, model, None)
     job = session.scalar(select(Job).where(Job.project == project, Job.fine_tuned_model == model,
@@ -58,8 +59,10 @@ def find_served_model(session: Session, settings: Settings, project: str, model:
         key = session.scalar(select(File.storage_key).where(File.id.in_(job.result_files), File.filename == adapter_filename(job.id)))
         if key is not None:
             return Served(model, job.model, key)
+    granted = select(CheckpointPermission.id).where(CheckpointPermission.checkpoint_id == Checkpoint.id,
+                                                    CheckpointPermission.project == project).exists()
     row = session.execute(select(Checkpoint, Job).join(Job, Checkpoint.job_id == Job.id).where(
-        Checkpoint.fine_tuned_model_checkpoint == model, Job.project == project, Job.model_deleted_at.is_(None))).first()
+        Checkpoint.fine_tuned_model_checkpoint == model, or_(Job.project == project, granted), Job.model_deleted_at.is_(None))).first()
     if row is not None:
         checkpoint, job = row
         return Served(model, job.model, checkpoint.storage_key)
@@ -71,41 +74,46 @@ def backend_unavailable(message: str) -> APIError:
 
 
 def _backend_error(response: httpx.Response, body: bytes) -> APIError:
-    """The backend's refusal, as our envelope: its 4xx pass through (they name the parameter), its 5xx are a 503."""
-    if response.status_code >= 500 or response.status_code == 429:
+    """The backend's refusal, as our envelope: its 4xx pass through (they name the parameter; a 429, the project's
+    share of the line taken, with its retry headers), its 5xx and a refused secret (401/403: a misconfigured
+    deployment, not the caller's fault) are a 503."""
+    if response.status_code >= 500 or response.status_code in (401, 403):
         return backend_unavailable("The inference backend is busy or failing; retry shortly.")
     try:
-        error = json.loads(body).get("error") or {}
+        error = json.loads(body).get("error")
     except (ValueError, AttributeError):
-        error = {}
-    message = error.get("message") if isinstance(error, dict) else None
-    return APIError(response.status_code, message or "The inference backend refused the request.",
-                    param=error.get("param") if isinstance(error, dict) else None,
-                    code=error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), str) else None)
+        error = None
+    fields = {k: v for k, v in error.items() if isinstance(v, str)} if isinstance(error, dict) else {}
+    retry = {"x-should-retry": "true", "retry-after": response.headers.get("retry-after", "1")} if response.status_code == 429 else None
+    return APIError(response.status_code, fields.get("message") or "The inference backend refused the request.",
+                    type=fields.get("type", INVALID_REQUEST), param=fields.get("param"), code=fields.get("code"), headers=retry)
 
 
 class InferenceClient:
-    """The API's one client for the inference backend. A chat request for an adapter the backend does not serve
-    yet (its 404) loads the adapter from its storage key and is sent once more."""
+    """The API's one client for the inference backend. Every request carries the shared secret; a chat request
+    names the caller's project (the backend's per-project share of its line). A chat request for an adapter the
+    backend does not serve yet (its 404) loads the adapter from its storage key and is sent once more."""
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self.settings = settings
         timeout = httpx.Timeout(settings.inference_timeout_s, connect=5.0)
-        self.http = httpx.AsyncClient(base_url=settings.inference_url.rstrip("/"), timeout=timeout, transport=transport)
+        secret = settings.inference_secret_value() if settings.inference_url else ""
+        self.http = httpx.AsyncClient(base_url=settings.inference_url.rstrip("/"), timeout=timeout, transport=transport,
+                                      headers={"authorization": f"Bearer {secret}"})
 
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def open(self, served: Served, body: dict[str, Any]) -> httpx.Response:
-        """Send the chat request; the response is open (streamed) and succeeded, or an APIError is raised."""
+    async def open(self, served: Served, body: dict[str, Any], project: str) -> httpx.Response:
+        """Send `project`'s chat request; the response is open (streamed) and succeeded, or an APIError is raised."""
         if not self.settings.inference_url:
             raise backend_unavailable("No inference backend is configured (QLORA_INFERENCE_URL).")
         request = {**body, "model": served.name}
-        response = await self._send("POST", "/v1/chat/completions", request)
+        response = await self._send("POST", "/v1/chat/completions", request, project)
         if response.status_code == 404 and served.adapter_key is not None:
             await response.aclose()
             await self._load(served)
-            response = await self._send("POST", "/v1/chat/completions", request)
+            response = await self._send("POST", "/v1/chat/completions", request, project)
         if response.status_code == 200:
             return response
         content = await response.aread()
@@ -114,11 +122,12 @@ class InferenceClient:
             raise model_not_found(served.name)
         raise _backend_error(response, content)
 
-    async def unload(self, name: str) -> None:
-        """Best effort: the backend drops a deleted model's adapter (the API refuses the model anyway)."""
+    async def unload(self, name: str, key: str | None) -> None:
+        """Best effort: the backend drops a deleted model's adapter and deletes its unpacked copy by `key`, attached
+        or not (the API refuses the model anyway)."""
         if self.settings.inference_url:
             try:
-                response = await self._send("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+                response = await self._send("POST", "/v1/unload_lora_adapter", {"lora_name": name, "lora_path": key})
                 await response.aclose()
             except APIError:
                 pass
@@ -132,11 +141,13 @@ class InferenceClient:
             raise _backend_error(response, content) if response.status_code >= 500 else APIError(
                 500, "The model's adapter could not be loaded.", type="server_error", code="adapter_load_failed")
 
-    async def _send(self, method: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    async def _send(self, method: str, path: str, body: dict[str, Any], project: str | None = None) -> httpx.Response:
         try:
             # The caller's request id goes on, so that the backend's log lines for it carry the same id.
             request_id = logs.context().get("request_id")
-            headers = {"x-request-id": request_id} if request_id else None
+            headers = {"x-request-id": request_id} if request_id else {}
+            if project is not None:
+                headers[PROJECT_HEADER] = project
             return await self.http.send(self.http.build_request(method, path, json=body, headers=headers), stream=True)
         except httpx.TimeoutException:
             raise backend_unavailable("The inference backend did not answer in time; retry shortly.") from None
@@ -147,7 +158,8 @@ class InferenceClient:
 # The backend's own refusals (a 4xx naming the parameter) pass through with their status; its 5xx become a 503.
 @router.post("/chat/completions", summary="Create a chat completion", responses={
     200: {"content": {"text/event-stream": {}}, "description": "The completion; with `stream: true`, server-sent events."},
-    **error_responses(404, 500, 503, _500="The model's adapter could not be loaded by the backend (`adapter_load_failed`).",
+    **error_responses(404, 429, 500, 503, _500="The model's adapter could not be loaded by the backend (`adapter_load_failed`).",
+    _429="Your project has its share of the inference server's waiting line (`rate_limit_exceeded`); retry shortly.",
     _503="No inference backend is configured, or it is unreachable, busy or failing (`inference_unavailable`); retry shortly.")})
 async def create_chat_completion(body: ChatCompletionCreate, project: CurrentProject, session: SessionDep,
                                  settings: SettingsDep, request: Request) -> Any:
@@ -156,10 +168,12 @@ async def create_chat_completion(body: ChatCompletionCreate, project: CurrentPro
     if unsendable := first_unstorable({"model": body.model}) or first_unstorable(body.model_dump(exclude_none=True), nul_ok=True):
         param, reason = unsendable
         raise bad_request(f"Invalid '{param}': {reason}.", param=param or None, code="invalid_value")
+    if too_many := body.token_limit_error(settings.chat_max_tokens):
+        raise bad_request(too_many[1], param=too_many[0], code="invalid_value")
     served = await run_in_threadpool(find_served_model, session, settings, project, body.model)
     session.close()  # the database is done with; a long generation holds no connection
     client: InferenceClient = request.app.state.inference
-    response = await client.open(served, body.model_dump(exclude_unset=True, exclude_none=True))
+    response = await client.open(served, body.model_dump(exclude_unset=True, exclude_none=True), project)
     if not body.stream:
         content = await response.aread()
         await response.aclose()

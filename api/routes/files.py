@@ -26,12 +26,12 @@ from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
-from api.quotas import check_stored_bytes
 from api.schemas import CursorPage, FileDeleted, FileObject
 from contract.data_format import ValidationReport, validate_file
 from core import ids
 from core.models import File as FileRow
-from core.models import Project, file_is_live, now
+from core.models import file_is_live, now
+from core.quotas import check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectTooLarge, delete_quietly, spool_stream
 
@@ -44,15 +44,20 @@ SHOWN_FAULTS = 5
 MAX_FILENAME = 512  # the column's width
 
 
-def file_too_large(limit: int) -> APIError:
-    return APIError(413, f"File is too large: the limit is {limit} bytes.", param="file", code="file_too_large")
+def file_too_large(limit: int, param: str = "file") -> APIError:
+    return APIError(413, f"File is too large: the limit is {limit} bytes.", param=param, code="file_too_large")
 
 
 class UploadRoute(APIRoute):
     """FastAPI reads a multipart body before any dependency or handler runs, so an upload is checked here
     first, before its body is read: the API key (no one spools a gigabyte without one) and the declared
     Content-Length against the limit. A body without a Content-Length (chunked) is cut off as soon as it
-    passes the limit."""
+    passes the limit. Subclasses set another limit (`max_bytes`) and name another form field (`param`)."""
+
+    param = "file"
+
+    def max_bytes(self, settings: Settings) -> int:
+        return settings.max_upload_bytes
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -62,11 +67,11 @@ class UploadRoute(APIRoute):
                 return await handler(request)
             settings: Settings = request.app.state.settings
             project_for_key(settings, await bearer_scheme(request))
-            max_bytes = settings.max_upload_bytes
+            max_bytes = self.max_bytes(settings)
             limit = max_bytes + MULTIPART_OVERHEAD
             declared = request.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
-                raise file_too_large(max_bytes)
+                raise file_too_large(max_bytes, self.param)
             received = 0
 
             async def receive() -> Message:
@@ -75,7 +80,7 @@ class UploadRoute(APIRoute):
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
-                        raise file_too_large(max_bytes)
+                        raise file_too_large(max_bytes, self.param)
                 return message
 
             return await handler(Request(request.scope, receive))
@@ -101,6 +106,13 @@ def summarize_faults(report: ValidationReport) -> str:
     if report.n_faults > len(parts):
         summary += f"; ({report.n_faults} problems in all)"
     return summary
+
+
+def check_purpose(purpose: str) -> None:
+    if purpose not in UPLOAD_PURPOSES:
+        raise bad_request(
+            f"Invalid purpose {purpose!r}: this service accepts uploads for 'fine-tune' only.", param="purpose", code="unsupported_value"
+        )
 
 
 def _expires_at(created_at: int, anchor: str | None, seconds: int | None) -> int | None:
@@ -139,10 +151,7 @@ def upload_file(
         int | None, Form(alias="expires_after[seconds]", ge=EXPIRES_AFTER_SECONDS[0], le=EXPIRES_AFTER_SECONDS[1])
     ] = None,
 ) -> FileObject:
-    if purpose not in UPLOAD_PURPOSES:
-        raise bad_request(
-            f"Invalid purpose {purpose!r}: this service accepts uploads for 'fine-tune' only.", param="purpose", code="unsupported_value"
-        )
+    check_purpose(purpose)
     filename = file.filename or "upload"
     if len(filename) > MAX_FILENAME:
         raise bad_request(f"The file name is longer than {MAX_FILENAME} characters.", param="file", code="invalid_value")
@@ -179,7 +188,7 @@ def upload_file(
         try:
             # The project's row lock (PostgreSQL) orders concurrent uploads of one project from the count to the
             # commit: without it two uploads could both fit under the limit and together pass it.
-            session.execute(select(Project.name).where(Project.name == project).with_for_update())
+            lock_project(session, project)
             check_stored_bytes(session, settings, project, size)
             session.add(row)
             session.commit()

@@ -15,8 +15,8 @@ from api.errors import APIError, not_found
 from api.model_dirs import find_base_model, list_base_models, stored_quantization
 from api.openapi import error_responses
 from api.schemas import Model, ModelDeleted, ModelQuantization, Page
-from core.exports import delete_model_rows, lock_live_model_job
 from core.jobs import JobStatus
+from core.model_deletion import delete_model_rows, lock_live_model_job
 from core.models import Job
 from core.storage import delete_quietly
 
@@ -78,6 +78,6 @@ def delete_model(model_id: str, project: CurrentProject, session: SessionDep, se
     gone = delete_model_rows(session, job)
     session.commit()
     delete_quietly(storage, *gone.object_keys)
-    for name in gone.served_models:  # the backend drops its copies (the API already refuses the names)
-        anyio.from_thread.run(request.app.state.inference.unload, name)
+    for name, key in gone.served_models.items():  # the backend drops its copies (the API already refuses the names)
+        anyio.from_thread.run(request.app.state.inference.unload, name, key)
     return ModelDeleted(id=model_id, deleted=True)

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from contract.hyperparameters import OPENAI_KEYS, echo
+from contract.hyperparameters import OPENAI_KEYS, wire_hyperparameters
 
 revision: str = "0006"
 down_revision: str | None = "0005"
@@ -50,7 +50,7 @@ def downgrade() -> None:
     jobs = sa.table("jobs", sa.column("id", sa.String), sa.column("hyperparameters", sa.JSON), sa.column("training_config", sa.JSON),
                     sa.column("method", sa.JSON), sa.column("seed", sa.BigInteger))
     for job_id, given, config in connection.execute(sa.select(jobs.c.id, jobs.c.hyperparameters, jobs.c.training_config)).all():
-        echoed = echo(dict(given or {}), dict(config))
+        echoed = wire_hyperparameters(dict(given or {}), dict(config))
         connection.execute(sa.update(jobs).where(jobs.c.id == job_id).values(
             hyperparameters=echoed, method={"type": "supervised", "supervised": {"hyperparameters": echoed}}, seed=config["seed"]))
     with op.batch_alter_table("jobs") as batch_op:

@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from core import ids
 from core.models import Checkpoint, File, Job, now
+from core.storage import make_storage
+from inference.engine import ChatEngine
 from inference.server import create_app as create_inference_app
 from inference.vllm_front import create_app as create_front_app
 from tests.api.conftest import make_settings
@@ -155,9 +157,9 @@ def test_a_backend_that_is_down_or_busy_is_a_503_to_retry(tmp_path, database_url
         engine._generating.acquire()  # a long generation holds the backend ...
         waiting = []
         try:
-            for _ in range(app.state.admitted_limit):  # ... and the waiting line is full
-                thread = threading.Thread(target=lambda: client.post(
-                    "/v1/chat/completions", headers=KEY_A, json={"model": MODEL, "messages": HELLO, "max_tokens": 1}))
+            for i in range(app.state.admitted_limit):  # ... and the waiting line is full (two projects: each has a share)
+                thread = threading.Thread(target=lambda key=(KEY_A, KEY_B)[i % 2]: client.post(
+                    "/v1/chat/completions", headers=key, json={"model": MODEL, "messages": HELLO, "max_tokens": 1}))
                 thread.start()
                 waiting.append(thread)
             deadline = time.monotonic() + 10
@@ -179,7 +181,9 @@ def test_the_vllm_front_hands_vllm_an_unpacked_directory(tmp_path, database_url,
     (vLLM's `lora_path`) instead of an object key."""
     settings = make_settings(tmp_path, database_url, redis_url, queue_name, models_dir)
     shared = tmp_path / "adapters"  # the volume the front and vLLM share
-    upstream_app = create_inference_app(settings.model_copy(update={"inference_max_new_tokens": 8}))
+    upstream_settings = settings.model_copy(update={"inference_max_new_tokens": 8})
+    upstream_app = create_inference_app(upstream_settings, ChatEngine(  # vLLM's way: adapters by directory, in the shared one only
+        models_dir, make_storage(settings), tmp_path / "cache", max_new_tokens=8, local_adapter_root=shared))
     with serving(upstream_app) as upstream, serving(create_front_app(upstream, shared, settings)) as front:
         with TestClient(create_app(settings.model_copy(update={"inference_url": front}))) as client:
             model, _ = trained_job(client, tmp_path, tiny_model_dir)
@@ -216,3 +220,98 @@ def test_the_request_id_goes_on_to_the_backend(tmp_path, database_url, redis_url
                              json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
         assert answer.status_code == 200, answer.text
     assert ("/v1/chat/completions", "req-chat-1") in seen
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the forwarding, not the database, is under test
+def test_out_of_range_requests_are_the_callers_400(client):
+    """Issue 20, defects 5 and 9: a seed past 64 bits used to reach torch as a 500 (a 503 the SDK retries forever);
+    max_tokens above QLORA_CHAT_MAX_TOKENS is refused by the API, whatever the backend would do."""
+    for body, param in (({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"max_tokens": 4097}, "max_tokens"),
+                        ({"max_completion_tokens": 4097}, "max_completion_tokens")):
+        response = client.post("/v1/chat/completions", headers=KEY_A, json={"model": MODEL, "messages": HELLO, **body})
+        assert_error(response, 400, param=param, code="invalid_value")
+        assert response.headers["x-should-retry"] == "false"  # not retried: it cannot succeed
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_deleting_a_model_deletes_its_unpacked_copies(tmp_path, database_url, redis_url, queue_name, models_dir, settings, tiny_model_dir):
+    """Issue 20, defect 8: the backend keeps one adapter attached here, so the model's adapter is dropped by the LRU
+    when its checkpoint's is attached; deleting the model still deletes both unpacked copies, by key."""
+    backend_app = create_inference_app(settings.model_copy(update={"inference_max_adapters": 1, "inference_max_new_tokens": 2}))
+    cache = settings.home / "inference-cache"
+    with serving(backend_app) as url, api_client(tmp_path, database_url, redis_url, queue_name, models_dir, url) as client:
+        model, checkpoint = trained_job(client, tmp_path, tiny_model_dir)
+        answer(sdk(client), model), answer(sdk(client), checkpoint)
+        assert set(backend_app.state.engine.served) == {checkpoint} and len([d for d in cache.iterdir() if d.is_dir()]) == 2
+        assert sdk(client).models.delete(model).deleted
+        assert [d.name for d in cache.iterdir()] == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the forwarding, not the database, is under test
+def test_fifty_streams_from_two_projects_half_abandoned(tmp_path, database_url, redis_url, queue_name, models_dir, settings):
+    """Issue 20's load test, on loopback: 50 streamed chats at once through the API, 25 per project, while the engine
+    is busy. Each project gets its share of the backend's line (10 of 24 places; the rest a 429 to retry); then half
+    of the clients close their socket mid-stream. The others get their whole answer, every place comes back, and a
+    plain chat is answered at once."""
+    import httpx
+
+    backend_app = create_inference_app(settings.model_copy(update={
+        "inference_max_waiting": 24, "inference_max_waiting_per_project": 10, "inference_max_new_tokens": 3}))
+    engine = backend_app.state.engine
+    started, go = threading.Barrier(51, timeout=60), threading.Event()
+    status: dict[int, int] = {}
+    outcome: dict[int, tuple[str, int, str]] = {}  # index -> (project, status, how it ended)
+    leaves = [i % 4 < 2 for i in range(50)]  # half the clients close their socket mid-stream
+
+    def chat(i: int, url: str) -> None:
+        project, key = ("proj-a", "key-a") if i % 2 else ("proj-b", "key-b")
+        with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/chat/completions", headers={
+                "authorization": f"Bearer {key}"}, json={"model": MODEL, "messages": HELLO, "max_tokens": 3, "stream": True}) as response:
+            lines = response.iter_lines()
+            if response.status_code == 200:
+                assert next(line for line in lines if line.startswith("data: "))  # the first chunk: the stream is on
+            else:
+                response.read()
+            status[i] = response.status_code
+            started.wait()
+            go.wait(60)
+            if response.status_code != 200:
+                outcome[i] = (project, response.status_code, response.json()["error"]["code"])
+            elif leaves[i]:
+                outcome[i] = (project, 200, "left")  # leaves mid-stream: the socket closes with the block
+            else:
+                outcome[i] = (project, 200, [line for line in lines if line.startswith("data: ")][-1])
+
+    with serving(backend_app) as backend_url:
+        with serving(create_app(settings.model_copy(update={"inference_url": backend_url}))) as api_url:
+            with httpx.Client(base_url=api_url, headers=KEY_A, timeout=60) as plain:  # the base loaded, before the engine is held
+                assert plain.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 1}).status_code == 200
+            engine._generating.acquire()  # a long generation in progress: every stream waits in line
+            threads = [threading.Thread(target=chat, args=(i, api_url), daemon=True) for i in range(50)]
+            try:
+                for thread in threads:
+                    thread.start()
+                started.wait()  # every client has its status (and a stream its first chunk)
+                assert backend_app.state.line.by_project == {"proj-a": 10, "proj-b": 10}
+                go.set()  # the leavers close their sockets, while the engine is still busy
+                staying = sum(1 for i, code in status.items() if code == 200 and not leaves[i])
+                deadline = time.monotonic() + 30
+                while backend_app.state.admitted() > staying and time.monotonic() < deadline:  # the leavers' places come back
+                    time.sleep(0.02)
+                assert backend_app.state.admitted() == staying, backend_app.state.line.by_project
+            finally:
+                go.set()
+                engine._generating.release()
+            for thread in threads:
+                thread.join(60)
+            assert len(outcome) == 50
+            for project in ("proj-a", "proj-b"):
+                mine = {i: o for i, o in outcome.items() if o[0] == project}
+                assert {(code, end) for _, code, end in mine.values() if code != 200} == {(429, "rate_limit_exceeded")}
+                served = {i: end for i, (_, code, end) in mine.items() if code == 200}
+                assert len(served) == 10, mine  # its share of the line, whatever the other project did
+                assert all(end == ("left" if leaves[i] else "data: [DONE]") for i, end in served.items()), served
+            assert backend_app.state.admitted() == 0
+            with httpx.Client(base_url=api_url, headers=KEY_B, timeout=60) as plain:
+                reply = plain.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2})
+                assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None

@@ -101,3 +101,22 @@ def test_micro_batch_tokens_replaces_micro_batch_size():
     with pytest.raises(ConfigError) as info:
         resolve({"micro_batch_size": 2, "micro_batch_tokens": 4096}, seed=0)
     assert info.value.param == "micro_batch_tokens"
+
+
+def test_one_set_of_bounds_for_the_api_and_the_engine():
+    """OpenAI's bounds (n_epochs 1..50, batch_size 1..256) are the engine options' own: the typed model carries them,
+    the OpenAPI schema shows them, and the engine (its CLI builds TrainingConfig directly) refuses past them too."""
+    from contract.hyperparameters import Hyperparameters
+
+    assert resolve({"n_epochs": 50, "batch_size": 256}, seed=0)[0].n_epochs == 50
+    assert resolve({"n_epochs": None, "batch_size": None}, seed=0)[0].batch_size == 8  # null is 'auto'
+    for name, too_many in (("n_epochs", 51), ("batch_size", 257)):
+        with pytest.raises(ConfigError) as info:
+            resolve({name: too_many}, seed=0)
+        assert info.value.param == name and f"to {too_many - 1}" in info.value.message
+        with pytest.raises(ConfigError) as info:
+            TrainingConfig.from_dict({name: too_many})
+        assert info.value.param == name
+    schema = Hyperparameters.model_json_schema()["properties"]
+    assert {"maximum": 50, "minimum": 1, "type": "integer"} in schema["n_epochs"]["anyOf"]
+    assert {"maximum": 256, "minimum": 1, "type": "integer"} in schema["batch_size"]["anyOf"]

@@ -45,6 +45,8 @@ JOB_FIELDS = {
     "finished_at",
     "trained_tokens",
     "estimated_finish",
+    "total_steps",  # extension: set once a worker loaded the model
+    "memory_estimate",  # extension: the estimate made at creation
     "integrations",
     "metadata",
     "user_provided_suffix",
@@ -83,7 +85,7 @@ def test_create_job_with_lora_hyperparameters(client, training_file, settings, r
     assert (job["status"], job["model"], job["organization_id"]) == ("queued", "tiny-llama", "proj-a")
     assert (job["training_file"], job["validation_file"], job["seed"]) == (training_file, validation_file, 1234)
     assert job["result_files"] == [] and job["metadata"] == {"team": "nlp"} and job["user_provided_suffix"] == "my-run"
-    for name in ("error", "fine_tuned_model", "finished_at", "trained_tokens", "estimated_finish", "integrations"):
+    for name in ("error", "fine_tuned_model", "finished_at", "trained_tokens", "estimated_finish", "total_steps", "integrations"):
         assert job[name] is None, name
     hp = job["hyperparameters"]
     # "auto" resolved to numbers, OpenAI's keys echoed, and every engine option present.
@@ -107,6 +109,7 @@ def test_create_job_with_lora_hyperparameters(client, training_file, settings, r
     assert events[1]["message"] == f"Created fine-tuning job: {job['id']}"
     assert events[0]["message"].startswith("Estimated peak GPU memory: ") and " GiB" in events[0]["message"]
     assert events[0]["data"]["total"] > 0
+    assert job["memory_estimate"] == events[0]["data"]  # the job carries the numbers; a reader need not search its events
 
 
 def test_deprecated_top_level_hyperparameters(client, training_file):
@@ -354,6 +357,7 @@ def test_a_model_config_without_an_estimate_still_makes_a_job(client, training_f
     job = create_job_ok(client, training_file, model="not-a-llama")
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=KEY_A).json()["data"]
     assert [e["message"] for e in events] == [f"Created fine-tuning job: {job['id']}"]
+    assert job["memory_estimate"] is None
 
 
 def test_upload_then_job_on_an_empty_file_is_refused(client):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from core.jobs import claim_job, fine_tuned_model_name, succeed_job
+from core.jobs import claim_job, succeed_job
+from core.model_names import fine_tuned_model_name
 from tests.api.helpers import KEY_A, KEY_B, MODEL, TINY_LLAMA_CONFIG, assert_error, create_job_ok, db, upload_ok
 
 

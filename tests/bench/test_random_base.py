@@ -201,13 +201,14 @@ def test_the_estimates_static_terms_are_the_bytes_of_the_built_model(tied, quant
     from contract.memory import estimate_memory
     from worker.training.model import add_adapters
     from worker.training.optim import build_optimizer
+    from worker.training.tunables import LOSS_CHUNK_TOKENS
 
     layers = 2
     shape = dict(vocab_size=2000, hidden_size=512, intermediate_size=1792, num_hidden_layers=layers, num_attention_heads=8,
                  num_key_value_heads=1, max_position_embeddings=256, rope_theta=500000.0, tie_word_embeddings=tied)
     cfg = config(quant_type=quant_type, double_quant=double_quant, lora_r=16, target_modules="all-linear", optimizer="adamw_8bit",
                  gradient_checkpointing="on")
-    estimate = estimate_memory(shape, cfg, tokens_per_micro_batch=64)
+    estimate = estimate_memory(shape, cfg, tokens_per_micro_batch=64, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
     model = build_random_base(tiny_config(**shape), cfg, CPU)
     matrices = layers * 7
     per_matrix_tables = 16 * 4 + (256 * 4 + 4 if double_quant else 0)  # fp32 codes (and the nested offset), not modelled

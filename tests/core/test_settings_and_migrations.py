@@ -212,6 +212,30 @@ def test_one_head_and_revisions_named_by_date():
         assert re.match(r"\d{4}_\d{2}_\d{2}_", Path(revision.path).name), revision.path
 
 
+def test_the_job_totals_migration_takes_them_from_the_events(postgres_url):
+    """Jobs made before the row held total_steps and memory_estimate get them from the events that carried them.
+    (PostgreSQL: SQLite's downgrade rebuilds the jobs table, and the rebuild's cascade deletes the events.)"""
+    from alembic import command
+
+    from core.db import make_session_factory, session_scope
+    from core.jobs import add_event
+    from tests.worker.helpers import create_job, get_job
+
+    config = alembic_config(postgres_url)
+    engine = make_engine(postgres_url)
+    factory = make_session_factory(engine)
+    old, bare = (create_job(factory, training_file=name, status="cancelled") for name in ("file-a", "file-b"))
+    with session_scope(factory) as session:
+        add_event(session, old, "info", "Estimated peak GPU memory: 1.00 GiB (gradient checkpointing on)", data={"total": 1 << 30})
+        for step in (1, 2):
+            add_event(session, old, "info", f"Step {step}/7: training loss=1.0000", type="metrics", data={"step": step, "total_steps": 7})
+    command.downgrade(config, "0006")  # the columns go ...
+    command.upgrade(config, "head")  # ... and come back filled from the events
+    assert (get_job(factory, old).total_steps, get_job(factory, old).memory_estimate) == (7, {"total": 1 << 30})
+    assert (get_job(factory, bare).total_steps, get_job(factory, bare).memory_estimate) == (None, None)
+    engine.dispose()
+
+
 def test_jobs_before_the_method_option_become_supervised_jobs(tmp_path):
     """A job stored before `method` was an option gets method 'supervised' in its config, and loses it on downgrade."""
     import json
@@ -241,7 +265,7 @@ def test_jobs_before_the_method_option_become_supervised_jobs(tmp_path):
         command.upgrade(config, "head")
         assert stored() == {**old_config, "method": "supervised"}
         assert TrainingConfig.from_dict(stored()).method == "supervised"
-        command.downgrade(config, "0006")
+        command.downgrade(config, "-1")
         assert stored() == old_config
     finally:
         engine.dispose()
@@ -255,7 +279,7 @@ def test_files_before_the_kind_column_are_supervised_when_processed(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'qlora.db'}"
     config = alembic_config(url)
-    command.upgrade(config, "engine_seam_job_method")
+    command.upgrade(config, "0013")
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
@@ -268,6 +292,6 @@ def test_files_before_the_kind_column_are_supervised_when_processed(tmp_path):
         with engine.connect() as conn:
             kinds = dict(conn.execute(sa.text("SELECT id, kind FROM files")).all())
         assert kinds == {"file-ok": "supervised", "file-bad": None}
-        command.downgrade(config, "engine_seam_job_method")
+        command.downgrade(config, "0013")
     finally:
         engine.dispose()

@@ -83,10 +83,8 @@ def test_upload_create_watch_download(embedded_service, training_file, tmp_path)
 
 
 def test_watch_rides_out_a_service_that_stops_answering(embedded_service, training_file):
-    """The watcher reaches the service through a proxy that is cut for a few seconds mid-job (as a restart or a
-    network blip looks): it says so, keeps watching, and ends with the job's outcome."""
-    import time
-
+    """The watcher reaches the service through a proxy that is cut mid-job (as a restart or a network blip looks)
+    until the watcher says so: it keeps watching, and ends with the job's outcome."""
     from tests.faults import TcpProxy
 
     service = embedded_service
@@ -99,9 +97,14 @@ def test_watch_rides_out_a_service_that_stops_answering(embedded_service, traini
     try:
         assert watcher.stdout.readline(), "the watcher printed nothing"  # it has seen the job
         proxy.cut()
-        time.sleep(3)
+        noticed = []  # the watcher's stderr up to its note that the service does not answer
+        while not noticed or "still watching" not in noticed[-1]:
+            line = watcher.stderr.readline()
+            assert line, f"the watcher ended without noticing the outage: {''.join(noticed)}"
+            noticed.append(line)
         proxy.restore()
         out, err = watcher.communicate(timeout=180)
+        err = "".join(noticed) + err
     finally:
         watcher.kill()
         proxy.close()

@@ -32,7 +32,8 @@ def test_a_prequantized_base_and_its_adapter_are_served(method, request, tmp_pat
     models = tmp_path / "models"
     models.mkdir()
     (models / "tiny-quantized").symlink_to(base_dir)
-    engine = ChatEngine(models, LocalStorage(tmp_path / "objects"), tmp_path / "cache", dtype="fp32", max_new_tokens=6)
+    engine = ChatEngine(models, LocalStorage(tmp_path / "objects"), tmp_path / "cache", dtype="fp32", max_new_tokens=6,
+                        local_adapter_root=tmp_path)  # the adapter named by its directory, as vLLM takes it
     base = engine.complete(ChatRequest("tiny-quantized", QUESTION, temperature=0))
     engine.load_adapter("ft:quantized", str(tmp_path / "adapter"), "tiny-quantized")
     tuned = engine.complete(ChatRequest("ft:quantized", QUESTION, temperature=0))

@@ -27,7 +27,7 @@ def engine(models_root, storage, tmp_path) -> ChatEngine:
 
 def make_client(tmp_path, engine, **overrides) -> TestClient:
     settings = Settings(home=tmp_path / "home", models_dir=engine.models_dir, storage="local", storage_dir=tmp_path / "objects", **overrides)
-    return TestClient(create_app(settings, engine))
+    return TestClient(create_app(settings, engine), headers={"authorization": f"Bearer {settings.inference_secret_value()}"})
 
 
 @pytest.fixture

@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
+from contract.device_choices import DeviceFacts, decide_auto
 from contract.options import TrainingConfig
 from worker.training import model as model_module
-from worker.training.model import build_model, resolve_compute_dtype, resolve_for_device
+from worker.training.model import build_model, resolve_for_device
 from worker.training.trainer import TrainingRequest, train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -19,22 +20,23 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 @pytest.mark.parametrize("fast, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_on_the_cpu_is_bf16_only_where_it_is_native(fast, expected):
-    assert resolve_compute_dtype("auto", CPU, cpu_fast_bf16=fast) == expected
+    assert decide_auto(TrainingConfig(), DeviceFacts("cpu", fast_bf16=fast)).compute_dtype == expected
 
 
 @pytest.mark.parametrize("supported, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_on_cuda_is_bf16_where_the_card_has_it_else_fp16(monkeypatch, supported, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
-    assert resolve_compute_dtype("auto", CUDA) == expected
+    assert decide_auto(TrainingConfig(), DeviceFacts("cuda", fast_bf16=supported)).compute_dtype == expected
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)  # what the engine measures
+    assert model_module.device_facts(CUDA, budget=False).fast_bf16 is supported
 
 
 @pytest.mark.parametrize("explicit", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("fast", [True, False])
 def test_an_explicit_dtype_is_kept_on_every_device(monkeypatch, explicit, fast):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: fast)
-    assert resolve_compute_dtype(explicit, CPU, cpu_fast_bf16=fast) == explicit
-    assert resolve_compute_dtype(explicit, CUDA) == explicit
     cfg = TrainingConfig(compute_dtype=explicit)
+    assert decide_auto(cfg, DeviceFacts("cpu", fast_bf16=fast)).compute_dtype == explicit
+    assert decide_auto(cfg, DeviceFacts("cuda", fast_bf16=fast)).compute_dtype == explicit
+    assert decide_auto(cfg, DeviceFacts("cuda")).compute_dtype == explicit  # nothing measured: nothing needed
     assert resolve_for_device(cfg, CPU).compute_dtype == explicit
 
 

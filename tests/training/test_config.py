@@ -2,9 +2,12 @@
 
 import pytest
 
+from contract.device_choices import DeviceFacts, decide_auto
 from contract.options import ConfigError, TrainingConfig
 from worker.training.model import check_runtime
 from worker.training.optim import lr_factor, warmup_steps
+
+CPU, CUDA = DeviceFacts("cpu", fast_bf16=False), DeviceFacts("cuda", fast_bf16=True)
 
 
 def test_defaults_are_the_qlora_recipe():
@@ -72,17 +75,17 @@ def test_device_checks():
 def test_lean_activations_auto_means_cuda_or_fused_kernels():
     """A GPU memory saving that costs time on the CPU (bench/cpu.py): auto runs it with CUDA only."""
     assert TrainingConfig().lean_activations == "auto"
-    assert TrainingConfig().resolved_lean_activations("cuda") and not TrainingConfig().resolved_lean_activations("cpu")
-    assert TrainingConfig(fused_kernels="on").resolved_lean_activations("cpu")  # the compiled kernels are lean's math
-    assert TrainingConfig(lean_activations=True).resolved_lean_activations("cpu")
-    assert not TrainingConfig(lean_activations=False).resolved_lean_activations("cuda")
+    assert decide_auto(TrainingConfig(), CUDA).lean_activations and not decide_auto(TrainingConfig(), CPU).lean_activations
+    assert decide_auto(TrainingConfig(fused_kernels="on"), CPU).lean_activations  # the compiled kernels are lean's math
+    assert decide_auto(TrainingConfig(lean_activations=True), CPU).lean_activations
+    assert not decide_auto(TrainingConfig(lean_activations=False), CUDA).lean_activations
 
 
 def test_fused_kernels_auto_means_cuda_with_lean_activations():
-    assert TrainingConfig().resolved_fused_kernels("cuda") and not TrainingConfig().resolved_fused_kernels("cpu")
-    assert not TrainingConfig(lean_activations=False).resolved_fused_kernels("cuda")  # auto: nothing to fuse
-    assert TrainingConfig(fused_kernels="on").resolved_fused_kernels("cpu")
-    assert not TrainingConfig(fused_kernels="off").resolved_fused_kernels("cuda")
+    assert decide_auto(TrainingConfig(), CUDA).fused_kernels and not decide_auto(TrainingConfig(), CPU).fused_kernels
+    assert not decide_auto(TrainingConfig(lean_activations=False), CUDA).fused_kernels  # auto: nothing to fuse
+    assert decide_auto(TrainingConfig(fused_kernels="on"), CPU).fused_kernels
+    assert not decide_auto(TrainingConfig(fused_kernels="off"), CUDA).fused_kernels
 
 
 def test_schedules():

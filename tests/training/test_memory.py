@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from contract.memory import FIXED_OVERHEAD_BYTES, GIB, LINEAR_NAMES, bits_per_weight, estimate_memory, linear_shapes, optimizer_state_bytes
+from contract import memory
+from contract.base_model import LINEAR_NAMES, linear_shapes
+from contract.memory import FIXED_OVERHEAD_BYTES, GIB, bits_per_weight, optimizer_state_bytes
 from contract.options import TrainingConfig
+from worker.training.tunables import LOSS_CHUNK_TOKENS
 
 REPO = Path(__file__).resolve().parents[2]
+
+# The engine's loss chunk, passed as the API and the engine pass it.
+estimate_memory = partial(memory.estimate_memory, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
 
 # hidden 64, intermediate 128, 2 layers, vocab 100, 4 heads of 16, 2 kv heads, untied head.
 SMALL = {

@@ -5,18 +5,19 @@ arithmetic of a pre-quantized GPTQ/AWQ base read from its config's quantization_
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
-from contract.memory import (
-    bits_per_weight,
-    estimate_memory,
-    linear_shapes,
-    prequantized_bits_per_weight,
-    stored_format,
-)
+from contract import memory
+from contract.base_model import linear_shapes, stored_format
+from contract.memory import bits_per_weight, prequantized_bits_per_weight
 from contract.options import TrainingConfig
+from worker.training.tunables import LOSS_CHUNK_TOKENS
+
+# The engine's loss chunk, passed as the API and the engine pass it.
+estimate_memory = partial(memory.estimate_memory, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
 
 # One decoder layer, widths large enough that a layer's fixed tables (bitsandbytes' code books) are small beside it.
 SHAPE = {"vocab_size": 256, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4,

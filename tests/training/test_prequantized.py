@@ -94,15 +94,16 @@ def test_the_engine_refuses_a_wrong_quantization_for_the_base(gptq_model_dir, ti
 def test_auto_compute_dtype_is_16_bit_on_a_prequantized_base(monkeypatch):
     """gptqmodel's kernels compute in 16 bits only: 'auto' is bf16 on any CPU for these routes (the service's worker
     decides the dtype with the same function before the engine runs), fp16 for AWQ on a GPU."""
+    from contract.device_choices import DeviceFacts, decide_auto
     from worker.training import model as model_module
 
     monkeypatch.setattr(model_module, "cpu_bf16_is_fast", lambda: False)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    cpu = torch.device("cpu")
     assert model_module.resolve_compute_dtype("auto", cpu) == "fp32"
     for method in ("gptq", "awq"):
         assert model_module.resolve_compute_dtype("auto", cpu, quantization=method) == "bf16"
         assert resolve_for_device(TrainingConfig(quantization=method), cpu).compute_dtype == "bf16"
-    assert model_module.resolve_compute_dtype("auto", cuda, quantization="awq") == "fp16"
+    assert decide_auto(TrainingConfig(quantization="awq"), DeviceFacts("cuda", fast_bf16=True)).compute_dtype == "fp16"
 
 
 def test_the_engine_refuses_an_inference_only_kernel(gptq_model_dir, monkeypatch):

@@ -3,17 +3,27 @@ gradients on the same batch (CPU, tiny NF4 model). The GPU bench (bench/perf.py)
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
 import pytest
 import torch
 
+from contract import device_choices, memory
+from contract.base_model import linear_shapes
 from contract.data_format import load_examples
-from contract.memory import estimate_memory
+from contract.device_choices import DeviceFacts, decide_auto
 from contract.options import ConfigError, TrainingConfig
 from worker.training.data import collate_packed, tokenize_examples
-from worker.training.model import build_model, plan_checkpointing, read_model_config
+from worker.training.model import build_model, read_model_config
 from worker.training.objectives.sft import forward_loss
+from worker.training.tunables import LOSS_CHUNK_TOKENS
 
 from .test_trainer import write_chat_file
+
+# The engine's loss chunk, passed as the API and the engine pass it.
+estimate_memory = partial(memory.estimate_memory, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
+plan_checkpointing = partial(device_choices.plan_checkpointing, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
 
 
 @pytest.fixture
@@ -93,7 +103,9 @@ def test_mixed_checkpoint_plan_matches_plain_path(tiny_model_dir, examples, monk
 
     reference = loss_and_grads(tiny_model_dir, examples, **PLAIN)
     for plan in (("selective", "on"), ("off", "selective")):
-        monkeypatch.setattr(model_module, "resolve_checkpoint_plan", lambda *a, plan=plan, **k: plan)
+        decided = model_module.decide_for_device
+        monkeypatch.setattr(model_module, "decide_for_device", lambda *a, plan=plan, decided=decided, **k:
+                            dataclasses.replace(decided(*a, **k), checkpoint_plan=plan))
         mixed = loss_and_grads(tiny_model_dir, examples, **PLAIN)
         assert mixed[4].checkpoint_plan == plan
         layers = model_module.decoder_layers(mixed[4].model)
@@ -136,8 +148,9 @@ def test_varlen_needs_packing():
     with pytest.raises(ConfigError) as err:
         TrainingConfig.from_dict({"attn_implementation": "varlen", "packing": False})
     assert err.value.param == "attn_implementation"
-    assert TrainingConfig(packing=False).resolved_attn_implementation == "sdpa"
-    assert TrainingConfig().resolved_attn_implementation == "varlen"
+    cpu = DeviceFacts("cpu", fast_bf16=False)
+    assert decide_auto(TrainingConfig(packing=False), cpu).attn_implementation == "sdpa"
+    assert decide_auto(TrainingConfig(), cpu).attn_implementation == "varlen"
 
 
 def test_memory_budget_only_with_auto():
@@ -187,10 +200,11 @@ def test_fused_loss_removes_the_logits_from_the_estimate():
 
 
 def test_auto_plan_on_cpu_is_off(tiny_model_dir):
-    from worker.training.model import resolve_checkpoint_plan
+    from worker.training.model import decide_for_device
 
     config = read_model_config(tiny_model_dir)
-    assert resolve_checkpoint_plan(TrainingConfig(), config, torch.device("cpu"), 128) == ("off",) * config.num_hidden_layers
+    plan = decide_for_device(TrainingConfig(), torch.device("cpu"), model_config=config, tokens_per_micro_batch=128).checkpoint_plan
+    assert plan == ("off",) * config.num_hidden_layers
 
 
 def test_estimate_counts_what_the_selective_policy_keeps(tiny_model_dir, examples):
@@ -239,12 +253,15 @@ class StopForward(Exception):
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "peft"])
 def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples, lean):
-    """The estimate of an 'off' layer (what gradient_checkpointing=auto trades against recomputation) equals
-    the bytes autograd saves in one decoder layer on a real forward pass with the defaults (bf16 autocast,
-    varlen attention, LoRA with dropout on every linear), counted once per storage, weights excluded. Without
-    lean activations the CPU stores peft's dropout masks in the input dtype (2 bytes) where CUDA stores bool (1
-    byte, what the estimate counts); lean layers keep no mask at all."""
-    from contract.memory import estimate_memory, linear_shapes
+    """The estimate of an 'off' layer (what gradient_checkpointing=auto trades against recomputation) is what
+    autograd saves in one decoder layer on a real forward pass with the defaults (bf16 autocast, varlen
+    attention, LoRA with dropout on every linear), counted once per storage, weights excluded. The estimate
+    models CUDA's kernels; the CPU's differ by terms named below, so the count holds for the one CPU attention
+    kernel pinned here (SDPA's flash kernel: another backend, e.g. the math one, keeps the s^2 scores), on every
+    ISA. Without lean activations the CPU stores peft's dropout masks in the input dtype (2 bytes) where CUDA
+    stores bool (1 byte, what the estimate counts); lean layers keep no mask at all."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from worker.training.model import decoder_layers
 
     cfg = TrainingConfig(gradient_checkpointing="off", lean_activations=lean, compute_dtype="bf16")  # the count is of bf16 bytes
@@ -252,6 +269,9 @@ def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples,
     built.model.train()
     resident = {t.untyped_storage().data_ptr() for t in list(built.model.parameters()) + list(built.model.buffers())}
     layer = decoder_layers(built.model)[0]
+    # .train() must not give the layers other forwards (transformers' Hub kernels did, undoing lean.apply).
+    lean_forwards = {name: "forward" in vars(m) for name, m in layer.named_modules() if name.endswith(("norm", "mlp"))}
+    assert lean_forwards == dict.fromkeys(lean_forwards, lean) and len(lean_forwards) == 3, lean_forwards
     seen: dict[int, int] = {}
     active = [False]
 
@@ -264,7 +284,7 @@ def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples,
     layer.register_forward_pre_hook(lambda *a: active.__setitem__(0, True))
     layer.register_forward_hook(lambda *a: active.__setitem__(0, False))
     batch = collate_packed(examples)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         forward_loss(built.model, batch, built.device, torch.bfloat16, True)
     tokens = batch["input_ids"].numel()
     config = read_model_config(tiny_model_dir)
@@ -276,7 +296,7 @@ def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples,
         cpu_masks = tokens * sum(fan_in for fan_in, _ in linear_shapes(config).values())  # +1 byte per mask element
         assert sum(seen.values()) == pytest.approx(one_layer + cpu_masks, rel=0.02), (sum(seen.values()), one_layer, cpu_masks)
         return
-    # Lean: exact, once two things of this particular count are named. The CPU's per-example attention returns a
+    # Lean: exact with the pinned kernel, once two CPU terms are named. The CPU's per-example attention returns a
     # fresh output tensor (CUDA's varlen kernel returns the one it keeps, which o_proj's LoRA then shares); and
     # RoPE's cos/sin (shared by all layers, counted outside them) are first seen in layer 0. (Layer 0's input norm
     # keeps nothing, its input needing no gradient, but the q/k/v branch then keeps that input and scale itself.)

@@ -304,13 +304,14 @@ def test_resume_refuses_changed_options(tiny_model_dir, train_file, tmp_path):
 
 def test_a_checkpoint_older_than_an_option_resumes_with_its_default():
     """A checkpoint written before `method` existed was a supervised run: it resumes as one, and still refuses changes."""
+    from worker.training.model import resolve_for_device
     from worker.training.trainer import _resumable_config
 
     cfg = TrainingConfig(compute_dtype="fp32")
-    older = {k: v for k, v in cfg.resolved().items() if k != "method"}
-    assert _resumable_config(cfg, cfg, older, torch.device("cpu")) == cfg
+    older = {k: v for k, v in resolve_for_device(cfg, torch.device("cpu")).resolved().items() if k != "method"}
+    assert _resumable_config(cfg, older, torch.device("cpu")) == resolve_for_device(cfg, torch.device("cpu"))
     with pytest.raises(ConfigError) as err:
-        _resumable_config(cfg, cfg, {**older, "lora_r": 8}, torch.device("cpu"))
+        _resumable_config(cfg, {**older, "lora_r": 8}, torch.device("cpu"))
     assert err.value.param == "lora_r"
 
 

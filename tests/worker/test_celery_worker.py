@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from core.models import Export
 from core.queue import control_queue, make_celery, send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import LocalStorage
+from tests.job_ended import outbox_rows
 from tests.worker.helpers import checkpoints, create_job, events, get_job, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,13 +53,18 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def worker_name(settings: Settings) -> str:
+    """The node name `celery_worker` gives its worker (remote control's `destination`)."""
+    return f"{settings.task_queue}@{socket.gethostname()}"
+
+
 @contextmanager
 def celery_worker(settings: Settings, app_module: str, log_path: Path) -> Iterator[subprocess.Popen]:
     """Start `celery -A app_module worker -B` in its own process group; on the way out kill the group (the
     worker, its pool child and the beat process) and, if the test failed, print the worker's log."""
     command = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-Q", f"{settings.task_queue},{control_queue(settings)}", "--pool", "prefork",
                "--concurrency", "1", "-B", "-s", str(settings.home / "celerybeat-schedule"), "--loglevel", "INFO",
-               "--hostname", f"{settings.task_queue}@%h", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+               "--hostname", worker_name(settings), "--without-mingle", "--without-gossip", "--without-heartbeat"]
     settings.home.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         proc = subprocess.Popen(command, cwd=REPO, env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT,
@@ -173,6 +180,9 @@ def test_embedded_mode_worker_with_sqlite_and_the_sqlalchemy_broker(sqlite_url, 
             device = "cuda" if torch.cuda.is_available() else "cpu"
             assert any(e.message.startswith("Model loaded") and e.message.endswith(f"device={device}") for e in events(factory, job_id))
             assert "qlora.sweep" in log_path.read_text()  # beat runs over the same broker
+            # The job's end, announced by the worker's commit over the same broker, handled by the same worker.
+            wait_until(lambda: [r.handled_at is not None for r in outbox_rows(factory, job_id)] == [True], JOB_TIMEOUT_S, interval_s=0.25,
+                       message="the job's end handled (qlora.job_ended)")
     finally:
         engine.dispose()
 
@@ -216,7 +226,11 @@ def test_a_busy_worker_leaves_the_next_job_in_the_queue(postgres_url, redis_url,
             while get_job(factory, next_id).enqueued_at is None:
                 assert time.monotonic() < deadline, log_path.read_text()[-5000:]
                 time.sleep(0.2)
-            time.sleep(3)  # a prefetching worker takes the message within milliseconds
+            # A prefetching worker would be blocked in BRPOP on the queue, which Redis answers the moment the message
+            # is pushed, before the later broadcast of this ping: once the worker has answered, a prefetch would
+            # have emptied the list.
+            [reply] = celery_app.control.ping(destination=[worker_name(settings)], timeout=JOB_TIMEOUT_S)
+            assert worker_name(settings) in reply, reply
             assert client.llen(settings.task_queue) == 1, "the busy worker reserved the next job's message"
             assert get_job(factory, next_id).status == "queued"
             with session_scope(factory) as session:

@@ -12,7 +12,7 @@ from core import ids
 from core.db import session_scope
 from core.jobs import cancel_job
 from core.logs import configure_logging
-from core.models import Export, now
+from core.models import Export, Job, now
 from tests.worker.helpers import create_job, wait_until
 from worker import export as export_worker
 from worker import runner
@@ -53,7 +53,7 @@ def test_the_heartbeat_threads_lines_carry_the_job_id(session_factory, storage):
     lost = threading.Event()
 
     def run():
-        beat = Heartbeat(job_id, "w1", session_factory, interval_s=0.05, on_lost=lost.set)
+        beat = Heartbeat(Job, job_id, "w1", session_factory, interval_s=0.05, on_lost=lost.set)
         beat.start()
         assert lost.wait(10)
         beat.stop()

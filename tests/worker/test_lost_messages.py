@@ -18,7 +18,7 @@ from core.models import Job
 from core.queue import make_celery, send_training_task
 from core.storage import LocalStorage
 from tests.conftest import free_port, wait_for_port
-from tests.worker.helpers import create_job, events, get_job
+from tests.worker.helpers import create_job, events, get_job, wait_until
 from tests.worker.test_celery_worker import celery_worker, make_worker_settings, wait_for_status
 from worker.sweeper import sweep
 
@@ -41,20 +41,23 @@ def test_jobs_queued_across_a_redis_restart_run_exactly_once(postgres_url, model
     storage = LocalStorage(settings.storage_dir)
     celery_app = make_celery(settings)
     jobs = [create_job(factory, storage) for _ in range(3)]
+
+    def later() -> float:  # the sweeper's clock, past QLORA_LOST_MESSAGE_AFTER_S since the sends
+        return time.time() + 1.5
+
     try:
         for job_id in jobs:
             send_training_task(celery_app, settings, job_id)
             with session_scope(factory) as session:
                 mark_enqueued(session, job_id)
-        time.sleep(1.5)
-        assert sweep(settings, factory, celery_app)["sent"] == []  # the messages are there: nothing to resend
+        assert sweep(settings, factory, celery_app, clock=later)["sent"] == []  # the messages are there: nothing to resend
 
         server.terminate()
         server.wait(10)
         server = start_redis(port, tmp_path)  # empty: the three messages are gone
         client = redis.Redis(port=port)
         assert client.llen(settings.task_queue) == 0
-        assert sorted(sweep(settings, factory, celery_app)["sent"]) == sorted(jobs)
+        assert sorted(sweep(settings, factory, celery_app, clock=later)["sent"]) == sorted(jobs)
         assert client.llen(settings.task_queue) == 3
         # A message sent twice (the sweeper racing a worker) must not run a job twice.
         send_training_task(celery_app, settings, jobs[0])
@@ -62,7 +65,9 @@ def test_jobs_queued_across_a_redis_restart_run_exactly_once(postgres_url, model
         with celery_worker(settings, "worker.celery_app", tmp_path / "worker.log") as proc:
             for job_id in jobs:
                 assert wait_for_status(factory, job_id, proc, tmp_path / "worker.log") == "succeeded"
-            time.sleep(2)  # the duplicate message is consumed too
+            # The duplicate message is consumed too: the runner finds its job no longer queued and says so.
+            log = tmp_path / "worker.log"
+            wait_until(lambda: f"job {jobs[0]} not claimed" in log.read_text(), 60, interval_s=0.2, message="the duplicate's run")
         for job_id in jobs:
             job = get_job(factory, job_id)
             assert job.attempt == 1, job_id  # claimed once

@@ -3,6 +3,7 @@ a TCP proxy (tests/faults.py) that the test cuts and restores."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +39,30 @@ def run_in_thread(*args) -> tuple[threading.Thread, list[str]]:  # noqa: ANN002
     return thread, outcome
 
 
+class Retries(logging.Handler):
+    """The warnings worker/retry.py logs before each retry ("job ...: database write failed (...), retrying ..."):
+    the positive sign that the worker met an outage and is waiting it out."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def of(self, what: str) -> int:
+        return sum(f"{what} failed" in message for message in self.messages)
+
+
+@pytest.fixture
+def retries():
+    handler = Retries()
+    logger = logging.getLogger("worker.retry")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
 @pytest.fixture
 def slow_steps(monkeypatch):
     """A tiny model trains a step in milliseconds: 0.3 s a step, so that a cut lands in the middle of the job."""
@@ -69,15 +94,16 @@ def behind_proxy(postgres_url: str, proxy: TcpProxy, models_dir, tmp_path, **ove
 
 
 @pytest.mark.timeout(180)
-def test_the_database_refusing_connections_for_20_s_mid_job_costs_time_not_the_job(postgres_url, pg_proxy, models_dir, tmp_path,
-                                                                                   slow_steps):
+def test_the_database_refusing_connections_mid_job_costs_time_not_the_job(postgres_url, pg_proxy, models_dir, tmp_path,
+                                                                          slow_steps, retries):
     direct, worker_engine, settings, storage = behind_proxy(postgres_url, pg_proxy, models_dir, tmp_path, outage_retry_s=60)
     job_id = create_job(direct, storage, hyper=stored_config(max_steps=12, checkpoint_every=4))
     thread, outcome = run_in_thread(job_id, settings, make_session_factory(worker_engine), storage)
     wait_until(lambda: len(metric_steps(direct, job_id)) >= 2, 60, message="step 2")
     pg_proxy.cut()
     cut_at = metric_steps(direct, job_id)[-1]
-    time.sleep(20)
+    # Four retries of one write, ~4 s of backoff: a worker that gave up at the first refusal would have logged none.
+    wait_until(lambda: retries.of("database write") >= 4, 60, message="four retries of a database write")
     assert thread.is_alive() and get_job(direct, job_id).status == "running", outcome  # waiting, not failed
     pg_proxy.restore()
     thread.join(120)
@@ -110,7 +136,8 @@ def test_a_lasting_database_outage_leaves_the_job_to_the_sweeper_which_resumes_i
         def send_task(self, *args, **kwargs):  # noqa: ANN002, ANN003
             pass
 
-    wait_until(lambda: sweep(settings, direct, Sent())["requeued"] == [job_id], 30, interval_s=0.5, message="the requeue")
+    # The sweeper's clock past the heartbeat timeout, instead of waiting for it.
+    assert sweep(settings, direct, Sent(), clock=lambda: time.time() + settings.heartbeat_timeout_s + 1)["requeued"] == [job_id]
     assert runner.run_job(job_id, settings, direct, storage) == runner.SUCCEEDED
     job = get_job(direct, job_id)
     assert job.status == "succeeded" and job.attempt == 2
@@ -121,7 +148,7 @@ def test_a_lasting_database_outage_leaves_the_job_to_the_sweeper_which_resumes_i
 
 @pytest.mark.timeout(180)
 def test_the_object_store_unreachable_during_uploads_costs_time_not_the_job(postgres_url, s3_endpoint, aws_test_credentials,
-                                                                            models_dir, tmp_path, slow_steps):
+                                                                            models_dir, tmp_path, slow_steps, retries):
     proxy = TcpProxy(urlsplit(s3_endpoint).port)
     direct = make_session_factory(make_engine(postgres_url))
     settings = Settings(home=tmp_path, database_url=postgres_url, storage="s3", s3_endpoint=f"http://127.0.0.1:{proxy.port}",
@@ -134,9 +161,9 @@ def test_the_object_store_unreachable_during_uploads_costs_time_not_the_job(post
     wait_until(lambda: len(metric_steps(direct, job_id)) >= 1, 60, message="step 1")
     proxy.cut()  # from before the first upload (the step-3 checkpoint) ...
     wait_until(lambda: len(metric_steps(direct, job_id)) >= 3, 60, message="step 3")
-    time.sleep(8)
+    wait_until(lambda: retries.of("checkpoint upload") >= 3, 60, message="three retries of the checkpoint upload")
     assert checkpoints(direct, job_id) == [] and thread.is_alive()
-    proxy.restore()  # ... until 8 s after training reached it
+    proxy.restore()  # ... until the step-3 checkpoint's upload was retried three times
     thread.join(120)
     proxy.close()
     assert outcome == [runner.SUCCEEDED]
@@ -177,7 +204,8 @@ def test_a_full_local_disk_stops_the_run_without_failing_the_job(postgres_url, m
             def send_task(self, *args, **kwargs):  # noqa: ANN002, ANN003
                 pass
 
-        wait_until(lambda: sweep(settings, factory, Sent())["requeued"] == [job_id], 30, interval_s=0.5, message="the requeue")
+        later = time.time() + settings.heartbeat_timeout_s + 1  # the sweeper's clock past the heartbeat timeout
+        assert sweep(settings, factory, Sent(), clock=lambda: later)["requeued"] == [job_id]
         assert runner.run_job(job_id, settings, factory, storage) == runner.SUCCEEDED
         assert metric_steps(factory, job_id) == list(range(1, 7))
         assert [c.step for c in checkpoints(factory, job_id)] == [2, 4, 6]

@@ -15,7 +15,8 @@ from sqlalchemy import select, update
 
 from api.schemas import FineTuningJob
 from core.db import session_scope
-from core.jobs import cancel_job, fine_tuned_model_name
+from core.jobs import cancel_job
+from core.model_names import fine_tuned_model_name
 from core.models import File, Job, JobMetric
 from core.storage import S3Storage
 from tests.worker.helpers import (
@@ -443,11 +444,15 @@ def test_a_job_resumes_on_a_worker_where_auto_decides_lean_activations_otherwise
                                                                                   monkeypatch):
     """lean_activations stays 'auto' in the job: checkpointed where auto means lean (as on a GPU, injected), the job
     resumes where it does not (this CPU) instead of failing on changed options."""
-    from contract.options import TrainingConfig
+    import dataclasses
+
+    from worker.training import model as model_module
 
     settings = make_settings(heartbeat_timeout_s=60)
     job_id = create_job(session_factory, storage, hyper=stored_config(max_steps=4, checkpoint_every=2))
-    monkeypatch.setattr(TrainingConfig, "resolved_lean_activations", lambda self, device_type: self.lean_activations is not False)
+    decide = model_module.decide_auto  # lean_activations 'auto' decided as on a GPU, the rest for this CPU
+    monkeypatch.setattr(model_module, "decide_auto", lambda cfg, *a, **k: dataclasses.replace(
+        decide(cfg, *a, **k), lean_activations=cfg.lean_activations is not False))
     worker_dies_after(monkeypatch, session_factory, job_id, "checkpoint", 2)
     assert runner.run_job(job_id, settings, session_factory, storage) == runner.STOPPED
     monkeypatch.undo()

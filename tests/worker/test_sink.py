@@ -46,6 +46,7 @@ def test_sink_writes_events_metrics_and_checkpoints(session_factory, storage, tm
     assert [(step, values["train_loss"]) for step, values in rows] == [(1, 2.5), (2, 1.5)]  # upserted by (job, step)
     job = get_job(session_factory, job_id)
     assert job.heartbeat_at > before and job.estimated_finish is not None and job.estimated_finish >= int(time.time()) - 1
+    assert job.total_steps == 10  # on the row, where the job object and /metrics read it
 
     ckpt_dir = tmp_path / "step-000002"
     ckpt_dir.mkdir()

@@ -30,8 +30,8 @@ from contract.data_format import DataValidationError
 from contract.options import ConfigError, TrainingConfig
 from core import logs
 from core.db import session_scope
-from core.jobs import add_event, claim_job, fail_job, record_resolved_options
-from core.models import Job
+from core.jobs import add_event, claim_job, fail_job, pause_running_job, record_resolved_options
+from core.models import Checkpoint, Job
 from core.settings import Settings
 from core.storage import ObjectStorage
 from worker.database_sink import DatabaseSink
@@ -40,7 +40,7 @@ from worker.runner.claim import Heartbeat, default_worker_id
 from worker.runner.inputs import JobFailure, download, load_spec, unpack_archive
 from worker.runner.results import store_results
 from worker.training.checkpoint import CheckpointError
-from worker.training.model import pick_device, resolve_compute_dtype
+from worker.training.model import decide_for_device, pick_device
 from worker.training.trainer import NonFiniteLossError, TrainingRequest, train
 
 __all__ = ["FAILED", "NOT_CLAIMED", "STOPPED", "SUCCEEDED", "JobFailure", "default_worker_id", "remove_dead_workdirs",
@@ -53,13 +53,14 @@ NOT_CLAIMED = "not_claimed"  # the job was not queued (cancelled, running elsewh
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 STOPPED = "stopped"  # the job stopped being ours (cancelled or taken over) while we ran it: nothing more written
+PAUSED = "paused"  # paused on request after a step, with a checkpoint to resume from; the worker is free
 
 
 def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
             worker_id: str | None = None, dispatch_next: Callable[[str], object] | None = None) -> str:
     """Run job `job_id` to its end on this worker. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, STOPPED.
-    `dispatch_next(project)` is called once the job is claimed and again when it ends, so that the project's next
-    queued job is sent (core/dispatch.py)."""
+    `dispatch_next(project)` is called once the job is claimed, so that the project's next queued job is sent
+    (core/dispatch.py); what follows the job's end is core/job_events.py's, announced by the commit that ends it."""
     with logs.bound(job_id=job_id):  # every line logged meanwhile carries the job's id
         return _run_job(job_id, settings, session_factory, storage, worker_id or default_worker_id(), dispatch_next)
 
@@ -77,7 +78,7 @@ def _run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sess
         dispatch_next(project)
 
     stop = threading.Event()
-    beat = Heartbeat(job_id, worker_id, session_factory, settings.heartbeat_interval_s, on_lost=stop.set)
+    beat = Heartbeat(Job, job_id, worker_id, session_factory, settings.heartbeat_interval_s, on_lost=stop.set)
     beat.start()
     remove_dead_workdirs()
     workdir = Path(tempfile.mkdtemp(prefix=f"qlora-{job_id}-{os.getpid()}-"))
@@ -100,8 +101,6 @@ def _run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sess
         beat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     log.info("job %s on %s: %s", job_id, worker_id, outcome)
-    if dispatch_next is not None:
-        dispatch_next(project)
     return outcome
 
 
@@ -131,8 +130,8 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     config = TrainingConfig.from_dict(spec.training_config)  # the row's resolved options, as the API accepted them
     if config.compute_dtype == "auto":
         # Decided once, on the machine that first runs the job, and stored: a resumed run keeps the same dtype.
-        # Only the dtype: lean_activations stays 'auto', decided by each run for its own device.
-        config = config.model_copy(update={"compute_dtype": resolve_compute_dtype("auto", pick_device(), quantization=config.quantization)})
+        # Only the dtype: the other 'auto' options stay so, decided by each run for its own device (docs/training.md).
+        config = config.model_copy(update={"compute_dtype": decide_for_device(config, pick_device()).compute_dtype})
         with session_scope(session_factory) as session:
             record_resolved_options(session, job_id, worker_id, {"compute_dtype": config.compute_dtype})
     assert settings.models_dir is not None
@@ -157,13 +156,21 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     job = TrainingRequest(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",
                       config=config, validation_file=valid_path)
     deadline = time.monotonic() + settings.max_job_seconds
+    pause = PauseWatch(session_factory, job_id, settings.heartbeat_interval_s)
     try:
-        result = train(job, sink, should_stop=lambda: stop.is_set() or time.monotonic() > deadline, resume_from=resume_from)
+        result = train(job, sink, should_stop=lambda: stop.is_set() or time.monotonic() > deadline, resume_from=resume_from,
+                       should_pause=pause)
     except DataValidationError as exc:
         raise JobFailure(f"invalid_{exc.role}_file", exc.message, f"{exc.role}_file") from exc
     if result.status != "succeeded" and not stop.is_set() and time.monotonic() > deadline:
         raise JobFailure("job_timeout", f"The job ran longer than {settings.max_job_seconds:.0f} s (QLORA_MAX_JOB_SECONDS) and was "
                          f"stopped at step {result.steps} of {result.total_steps}.")
+    if result.status != "succeeded" and pause.requested and not stop.is_set():
+        with session_scope(session_factory) as session:
+            newest = session.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1))
+            if newest is not None and pause_running_job(session, job_id, worker_id, newest):
+                log.info("job %s paused at step %d", job_id, result.steps)
+                return PAUSED
     if result.status != "succeeded" or stop.is_set():
         log.info("job %s stopped at step %d: no longer ours", job_id, result.steps)
         return STOPPED
@@ -171,6 +178,27 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     committed = store_results(spec, worker_id, session_factory, storage, workdir, result.adapter_dir, result.trained_tokens,
                               settings.outage_retry_s)
     return SUCCEEDED if committed else STOPPED
+
+
+class PauseWatch:
+    """Whether the job was asked to pause (POST .../pause marks its row), read at most every `interval_s` seconds:
+    the engine asks after every step."""
+
+    def __init__(self, session_factory: sessionmaker[Session], job_id: str, interval_s: float):
+        self.session_factory, self.job_id, self.interval_s = session_factory, job_id, interval_s
+        self.requested = False
+        self._next_read = 0.0
+
+    def __call__(self) -> bool:
+        if not self.requested and time.monotonic() >= self._next_read:
+            self._next_read = time.monotonic() + self.interval_s
+            try:
+                with session_scope(self.session_factory) as session:
+                    marked = session.scalar(select(Job.pause_requested_at).where(Job.id == self.job_id))
+                self.requested = marked is not None
+            except Exception:  # a database blip: asked again after the next step
+                log.warning("could not read whether job %s should pause", self.job_id, exc_info=True)
+        return self.requested
 
 
 def _error_of(exc: Exception) -> tuple[str, str, str | None]:

@@ -1,4 +1,5 @@
-"""A job's claim while it runs: the worker id that owns it and the heartbeat thread that keeps the claim alive."""
+"""A claim while it runs: the worker id that owns it and the heartbeat thread that keeps its lease alive
+(core/leases.py), for a job (the runner) and a merged export (worker/export.py) alike."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import logs
 from core.db import session_scope
-from core.jobs import heartbeat
+from core.leases import Leased, renew
 
 log = logging.getLogger(__name__)
 
@@ -24,29 +25,32 @@ def default_worker_id(tag: str | None = None) -> str:
 
 
 class Heartbeat(threading.Thread):
-    """Writes the job's heartbeat every `interval_s`; calls `on_lost` (once) when the job is no longer ours."""
+    """Renews the lease of row `row_id` of `table` (a job or an export) every `interval_s`; when the row is no
+    longer ours (cancelled, failed or taken over) it says so, calls `on_lost` (if given) and stops."""
 
-    def __init__(self, job_id: str, worker_id: str, session_factory: sessionmaker[Session], interval_s: float,
-                 on_lost: Callable[[], None]):
-        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.job_id, self.worker_id, self.session_factory = job_id, worker_id, session_factory
+    def __init__(self, table: Leased, row_id: str, worker_id: str, session_factory: sessionmaker[Session], interval_s: float,
+                 on_lost: Callable[[], None] | None = None):
+        self.kind = table.__name__.lower()  # "job" or "export": the log lines' words and context key
+        super().__init__(name=f"heartbeat-{row_id}", daemon=True)
+        self.table, self.row_id, self.worker_id, self.session_factory = table, row_id, worker_id, session_factory
         self.interval_s, self.on_lost = interval_s, on_lost
         self._done = threading.Event()
 
     def run(self) -> None:
-        logs.bind(job_id=self.job_id)  # a thread starts with an empty context
+        logs.bind(**{f"{self.kind}_id": self.row_id})  # a thread starts with an empty context
         while not self._done.wait(self.interval_s):
             try:
                 with session_scope(self.session_factory) as session:
-                    alive = heartbeat(session, self.job_id, self.worker_id)
+                    alive = renew(session, self.table, self.row_id, self.worker_id)
             except Exception:
-                # A database blip: keep trying. If it lasts, the sweeper takes the job as lost and our next
+                # A database blip: keep trying. If it lasts, the sweeper takes the row as lost and our next
                 # successful heartbeat finds it is no longer ours.
-                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+                log.warning("heartbeat of %s %s failed", self.kind, self.row_id, exc_info=True)
                 continue
             if not alive:
-                log.warning("job %s is no longer run by %s (cancelled or taken over): stopping", self.job_id, self.worker_id)
-                self.on_lost()
+                log.warning("%s %s is no longer run by %s (cancelled or taken over): stopping", self.kind, self.row_id, self.worker_id)
+                if self.on_lost is not None:
+                    self.on_lost()
                 return
 
     def stop(self) -> None:

@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import ids
 from core.db import session_scope
-from core.jobs import add_event, fine_tuned_model_name, succeed_job
+from core.jobs import add_event, succeed_job
+from core.model_names import fine_tuned_model_name
 from core.models import File, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
 from worker.database_sink import pack_directory

@@ -25,8 +25,6 @@ from typing import Any
 
 from contract.metrics import StepMetrics
 
-JOB_KEYS = {"base_model", "train_file", "validation_file", "output_dir", "hyperparameters"}
-
 
 class ProgressSink:
     """A tqdm bar over optimizer steps; events are printed above it."""
@@ -57,28 +55,6 @@ class ProgressSink:
         self.bar.close()
 
 
-def read_job_file(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    unknown = set(data) - JOB_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (expected {sorted(JOB_KEYS)})")
-    return data
-
-
-def base_config_json(base_model: Path) -> dict[str, Any] | None:
-    """The base model's config.json, or None when it has none (the engine reports that with param='model')."""
-    path = base_model / "config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job_file", type=Path, help="YAML or JSON job file")
@@ -87,14 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, help="resume from this checkpoint directory")
     args = parser.parse_args(argv)
 
+    from contract.base_model import read_config_json
     from contract.data_format import DataValidationError
+    from contract.job_file import ENGINE_KEYS, read_job_file
     from contract.options import ConfigError, TrainingConfig
     from contract.prequantized import decide_quantization
     from worker.training.sinks import JsonlSink, MultiSink
     from worker.training.trainer import TrainingRequest, train
 
     try:
-        spec = read_job_file(args.job_file)
+        spec = read_job_file(args.job_file, ENGINE_KEYS)
         here = args.job_file.resolve().parent
 
         def path_of(key: str, override: Path | None = None) -> Path | None:
@@ -108,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             if value is None:
                 raise ValueError(f"{args.job_file}: {key} is required")
         # A pre-quantized base decides the quantization; the options as given are checked against it.
-        config = TrainingConfig.from_dict(decide_quantization(spec.get("hyperparameters") or {}, base_config_json(base_model)))
+        config = TrainingConfig.from_dict(decide_quantization(spec.get("hyperparameters") or {}, read_config_json(base_model)))
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from contract.memory import linear_shapes
+from contract.base_model import linear_shapes
 from contract.options import ConfigError, TrainingConfig
 
 # Linear layers hqq leaves in the compute dtype: the output head (hqq's own default).

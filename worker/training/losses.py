@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from contract.memory import LOSS_CHUNK_TOKENS, fused_loss_chunk_bytes
+from contract.memory import fused_loss_chunk_bytes
+from worker.training.tunables import LOSS_CHUNK_TOKENS
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from contract.memory import LAYER_MODES, decoder_layer_count, estimate_memory
+from contract.base_model import PREQUANTIZED_METHODS, base_quantization, read_config_json
+from contract.device_choices import AutoChoices, DeviceFacts, decide_auto
+from contract.memory import LAYER_MODES
 from contract.options import ALL_LINEAR, ConfigError, TrainingConfig
 from worker.training import attention, lean_activations
+from worker.training.tunables import FREE_MEMORY_BUDGET_SHARE, LOSS_CHUNK_TOKENS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -55,33 +58,42 @@ def cpu_bf16_is_fast() -> bool:
     return min(t16 for t16, _ in tries) < 2 * min(t32 for _, t32 in tries)
 
 
-def resolve_compute_dtype(requested: str, device: torch.device, *, cpu_fast_bf16: bool | None = None, quantization: str = "4bit") -> str:
-    """The compute dtype a job runs with: an explicit one as given; 'auto' the fast one for `device`, or for a
-    pre-quantized base (quantization 'gptq'/'awq') a 16-bit one, the only kind gptqmodel's kernels compute in."""
-    if requested != "auto":
-        return requested
-    if quantization in ("gptq", "awq") and (device.type == "cpu" or quantization == "awq"):
-        return "bf16" if device.type == "cpu" else "fp16"  # gptqmodel's AWQ CUDA kernels take fp16 only
+def device_facts(device: torch.device, *, bf16: bool = True, budget: bool = True) -> DeviceFacts:
+    """What the 'auto' options depend on, measured on `device`: whether it computes bf16 fast (when `bf16`) and, on
+    CUDA, the memory budget: a share of the memory free now (when `budget`)."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        free = torch.cuda.mem_get_info(device)[0] if budget else None
+        return DeviceFacts("cuda", fast_bf16=torch.cuda.is_bf16_supported() if bf16 else None,
+                           memory_budget_bytes=int(free * FREE_MEMORY_BUDGET_SHARE) if free is not None else None)
     if device.type == "cpu":
-        return "bf16" if (cpu_bf16_is_fast() if cpu_fast_bf16 is None else cpu_fast_bf16) else "fp32"
-    return "fp32"
+        return DeviceFacts("cpu", fast_bf16=cpu_bf16_is_fast() if bf16 else None)
+    return DeviceFacts(device.type)
 
 
-def resolve_for_device(cfg: TrainingConfig, device: torch.device) -> TrainingConfig:
+def decide_for_device(cfg: TrainingConfig, device: torch.device, *, model_config: Any = None, tokens_per_micro_batch: int | None = None,
+                      earlier: dict[str, Any] | None = None) -> AutoChoices:
+    """Every 'auto' option of `cfg` decided for `device` (contract.device_choices.decide_auto), measuring only the facts
+    the decision needs; with `model_config` the checkpointing plan too. `earlier`: a resumed run's checkpoint config."""
+    facts = device_facts(device, bf16=cfg.compute_dtype == "auto",
+                         budget=model_config is not None and cfg.gradient_checkpointing == "auto" and cfg.memory_budget_gb is None)
+    return decide_auto(cfg, facts, model_config=model_config, tokens_per_micro_batch=tokens_per_micro_batch,
+                       loss_chunk_tokens=LOSS_CHUNK_TOKENS, earlier=earlier)
+
+
+def resolve_for_device(cfg: TrainingConfig, device: torch.device, *, earlier: dict[str, Any] | None = None) -> TrainingConfig:
     """`cfg` with its device-dependent 'auto' options (compute_dtype, lean_activations) decided for `device`."""
-    update: dict[str, Any] = {}
-    if cfg.compute_dtype == "auto":
-        update["compute_dtype"] = resolve_compute_dtype("auto", device, quantization=cfg.quantization)
-    if cfg.lean_activations == "auto":
-        update["lean_activations"] = cfg.resolved_lean_activations(device.type)
-    return cfg.model_copy(update=update) if update else cfg
+    return decide_for_device(cfg, device, earlier=earlier).apply(cfg)
+
+
+def resolve_compute_dtype(requested: str, device: torch.device, *, quantization: str = "4bit") -> str:
+    """What compute_dtype `requested` becomes on `device` for a job on a `quantization` base, for code without a
+    job config (the inference server, benchmarks)."""
+    return decide_for_device(TrainingConfig(compute_dtype=requested, quantization=quantization), device).compute_dtype
 
 
 def compute_dtype(cfg: TrainingConfig, device: torch.device | None = None) -> torch.dtype:
     """The torch dtype of the job's matmuls ('auto' decided for `device`, default the device a job would use)."""
-    return DTYPES[resolve_compute_dtype(cfg.compute_dtype, device or pick_device(), quantization=cfg.quantization)]
+    return DTYPES[decide_for_device(cfg, device or pick_device()).compute_dtype]
 
 
 def quantization_config(cfg: TrainingConfig) -> Any:
@@ -129,41 +141,6 @@ def check_runtime(cfg: TrainingConfig, device_type: str) -> None:
         # torch's compiled CPU kernel for it reads past short sequences on AVX2 CPUs: losses vary run to run or are NaN.
         raise ConfigError("attn_implementation='flex_attention' needs a CUDA GPU (its CPU kernel gives wrong results on some CPUs); "
                           "use 'auto', 'varlen' or 'sdpa'", param="attn_implementation")
-
-
-def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, budget_bytes: int) -> tuple[str, ...]:
-    """The fastest checkpointing of the decoder layers whose estimate fits ``budget_bytes``: as many layers
-    'off' (nothing recomputed) as fit, the rest 'on'. When nothing fits, every layer is 'on' (the least memory).
-    'selective' layers are not planned: unmeasured on a GPU since their policy was fixed (docs/performance.md)."""
-    layers = decoder_layer_count(model_config)
-    for n_off in range(layers, -1, -1):
-        modes = ["on"] * (layers - n_off) + ["off"] * n_off
-        if estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes).total <= budget_bytes:
-            return tuple(modes)
-    return tuple(["on"] * layers)
-
-
-def resolve_checkpoint_plan(cfg: TrainingConfig, model_config: Any, device: torch.device, tokens_per_micro_batch: int) -> tuple[str, ...]:
-    """The checkpointing of each decoder layer: 'off', 'selective' or 'on' (see plan_checkpointing).
-
-    'auto' on a GPU plans the fastest mix that the memory estimate fits into ``memory_budget_gb`` (default: 85%
-    of the memory free now, before the weights are loaded); on the CPU memory is rarely the limit and
-    recomputation costs time, so 'auto' is 'off' there."""
-    n_layers = int(model_config.num_hidden_layers)
-    if cfg.gradient_checkpointing != "auto":
-        return (cfg.gradient_checkpointing,) * n_layers
-    if device.type != "cuda":
-        return ("off",) * n_layers
-    if cfg.memory_budget_gb is not None:
-        budget = int(cfg.memory_budget_gb * 1024**3)
-    else:
-        free, _total = torch.cuda.mem_get_info(device)
-        # A margin for what the estimate does not model (allocator fragmentation, kernels' workspaces).
-        budget = int(free * 0.85)
-    try:
-        return plan_checkpointing(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, budget_bytes=budget)
-    except ValueError:  # an architecture the estimate does not model: full checkpointing is the safe choice
-        return ("on",) * n_layers
 
 
 def selective_checkpoint_policy(lora_r: int):
@@ -220,12 +197,13 @@ def apply_checkpoint_plan(model: torch.nn.Module, plan: tuple[str, ...], lora_r:
 
 
 def read_model_config(base_model_dir: str | Path) -> Any:
+    """The base's transformers config. Raises ConfigError (param "model") for a directory without a readable
+    config.json (contract.base_model.read_config_json, the check the API and the CLI run too); transformers then
+    builds the config of its model_type (AutoConfig applies its own fix-ups, which a dict alone would miss)."""
     from transformers import AutoConfig
 
-    path = Path(base_model_dir)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"base model directory {str(path)!r} has no config.json", param="model", code="model_not_found")
-    return AutoConfig.from_pretrained(path)
+    read_config_json(base_model_dir)
+    return AutoConfig.from_pretrained(Path(base_model_dir))
 
 
 def check_target_modules(model_config: Any, cfg: TrainingConfig) -> None:
@@ -268,6 +246,7 @@ class BuiltModel:
     checkpoint_plan: tuple[str, ...]  # per decoder layer: 'off', 'selective' or 'on'
     trainable_parameters: int
     total_parameters: int
+    choices: AutoChoices  # what every 'auto' option became (the plan included)
     not_lean: tuple[str, ...] = ()  # with lean activations on: the modules that were expected to run lean but do not
 
     @property
@@ -283,14 +262,16 @@ def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torc
                 tokens_per_micro_batch: int | None = None) -> BuiltModel:
     """Load the base by its quantization route, freeze it, and wrap it with fresh LoRA adapters."""
     device = device or pick_device()
-    cfg = resolve_for_device(cfg, device)
     model_config = read_model_config(base_model_dir)
+    choices = decide_for_device(cfg, device, model_config=model_config,
+                                tokens_per_micro_batch=tokens_per_micro_batch or cfg.max_tokens_per_micro_batch)
+    cfg = choices.apply(cfg)
     check_target_modules(model_config, cfg)
-    plan = resolve_checkpoint_plan(cfg, model_config, device, tokens_per_micro_batch or cfg.max_tokens_per_micro_batch)
-    attn = attention.use(cfg.resolved_attn_implementation)
+    attn = attention.use(choices.attn_implementation)
     check_base_quantization(model_config, cfg)
     model = load_base(base_model_dir, model_config, cfg, device, attn)
-    return add_adapters(model, cfg, device, plan)
+    assert choices.checkpoint_plan is not None  # planned: a model config was given
+    return add_adapters(model, cfg, device, choices.checkpoint_plan, choices)
 
 
 def load_base(base_model_dir: str | Path, model_config: Any, cfg: TrainingConfig, device: torch.device, attn: str) -> Any:
@@ -321,9 +302,9 @@ def check_base_quantization(model_config: Any, cfg: TrainingConfig) -> str | Non
     """The method the base (its config, as read_model_config gives it) is pre-quantized with (None: a float base),
     checked against cfg.quantization: a job's quantization is decided from the base when it is created
     (contract.prequantized.decide_quantization)."""
-    from contract.prequantized import PREQUANTIZED_METHODS, QUANTIZE_HINT, base_quantization
+    from contract.prequantized import QUANTIZE_HINT
 
-    method = base_quantization(model_config.to_dict())
+    method = base_quantization(model_config)
     if method is not None and cfg.quantization != method:
         raise ConfigError(f"the base model is pre-quantized with {method.upper()}: train it with quantization={method!r}, "
                           f"not {cfg.quantization!r}", param="quantization")
@@ -348,11 +329,18 @@ def lora_targets(model: Any, cfg: TrainingConfig) -> list[str] | str:
                    if isinstance(m, QuantizedLinear | torch.nn.Linear) and m is not head})
 
 
-def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tuple[str, ...]) -> BuiltModel:
-    """Freeze a loaded base, set its checkpointing plan, and wrap it with fresh LoRA adapters."""
+def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tuple[str, ...],
+                 choices: AutoChoices | None = None) -> BuiltModel:
+    """Freeze a loaded base, set its checkpointing plan, and wrap it with fresh LoRA adapters (lean activations and
+    fused kernels as `choices` say, decided for `device` when not given)."""
+    choices = replace(choices or decide_for_device(cfg, device), checkpoint_plan=tuple(plan))
     from peft import LoraConfig, get_peft_model
 
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if getattr(model, "use_kernels", False):
+        # transformers (with the `kernels` package, a dependency since 5.2x) swaps the norms' forwards for Hub
+        # kernels at load and again on every .train()/.eval(), which would silently undo lean.apply below.
+        model.use_kernels = False  # back to torch's forwards, and no re-kernelizing
     for param in model.parameters():
         param.requires_grad_(False)
     apply_checkpoint_plan(model, plan, cfg.lora_r)
@@ -370,7 +358,7 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    lean_on = cfg.resolved_lean_activations(device.type)
-    lean_activations.apply(peft_model, lean_on, cfg.resolved_fused_kernels(device.type))
+    lean_activations.apply(peft_model, choices.lean_activations, choices.fused_kernels)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    return BuiltModel(peft_model, device, tuple(plan), trainable, total, tuple(lean_activations.not_lean(peft_model)) if lean_on else ())
+    not_lean = tuple(lean_activations.not_lean(peft_model)) if choices.lean_activations else ()
+    return BuiltModel(peft_model, device, tuple(plan), trainable, total, choices, not_lean)

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from contract.base_model import PREQUANTIZED_METHODS
 from contract.options import ConfigError, TrainingConfig
-from contract.prequantized import PREQUANTIZED_METHODS
 
 # The backend (gptqmodel's BACKEND value) a job trains with, per quantization method and device type.
 TRAINING_BACKENDS = {

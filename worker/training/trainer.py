@@ -149,8 +149,10 @@ class TrainingState:
 
 
 def train(request: TrainingRequest, sink: Sink | None = None, should_stop: Callable[[], bool] | None = None,
-          resume_from: Path | None = None) -> TrainingResult:
-    """Run one training job to the end, or until `should_stop()` returns True (checked between micro-batches)."""
+          resume_from: Path | None = None, should_pause: Callable[[], bool] | None = None) -> TrainingResult:
+    """Run one training job to the end, or until `should_stop()` returns True (checked between micro-batches), or
+    `should_pause()` does (checked after each step but the last: the run then writes a checkpoint of that step, if
+    it has none, and stops; resumed from it, the run goes on as if never paused)."""
     run = setup(request, sink or NullSink(), should_stop or (lambda: False), resume_from)
     cfg, position = run.cfg, run.position
     while position.step < run.total_steps and not run.stopped:
@@ -173,6 +175,11 @@ def train(request: TrainingRequest, sink: Sink | None = None, should_stop: Calla
                 wants_checkpoint = position.batch_in_epoch == run.steps_per_epoch
             if wants_checkpoint and not last_step:  # the last step's checkpoint is written by finish()
                 write_checkpoint(run, metrics)
+            if should_pause is not None and not last_step and should_pause():
+                if not wants_checkpoint:
+                    write_checkpoint(run, metrics)
+                run.stopped = True
+                break
             if run.should_stop():
                 run.stopped = True
                 break
@@ -202,7 +209,7 @@ def setup(request: TrainingRequest, sink: Sink, should_stop: Callable[[], bool],
     total_steps = cfg.total_steps(len(train_units))
     resumed_state = read_checkpoint_config(Path(resume_from)) if resume_from is not None else {}
     if resume_from is not None:
-        cfg = _resumable_config(request.config, cfg, resumed_state["config"], device)
+        cfg = _resumable_config(request.config, resumed_state["config"], device)
 
     # The seed is set before LoRA init so that adapters start the same.
     seed_everything(cfg.seed)
@@ -223,15 +230,14 @@ def setup(request: TrainingRequest, sink: Sink, should_stop: Callable[[], bool],
         restore_rng(state["rng"])
         objective.load_state_dict(state.get("objective", {}))
         sink.event("info", f"Resumed from {resume_from} at step {position.step}")
-    fused = cfg.resolved_fused_kernels(device.type)
+    fused = built.choices.fused_kernels
     sink.start(total_steps)
     sink.event("info", f"Model loaded: {built.trainable_parameters:,} trainable of {built.total_parameters:,} parameters, "
-               f"quantization={cfg.quantization}, compute_dtype={cfg.compute_dtype}, attention={cfg.resolved_attn_implementation}, "
+               f"quantization={cfg.quantization}, compute_dtype={cfg.compute_dtype}, attention={built.choices.attn_implementation}, "
                f"lean activations={'on' if cfg.lean_activations else 'off'}, fused kernels={'on' if fused else 'off'}, "
                f"checkpointing per layer: {built.plan_summary()}, device={device.type}",
                {"trainable_parameters": built.trainable_parameters, "gradient_checkpointing": built.gradient_checkpointing,
-                "checkpoint_plan": list(built.checkpoint_plan), "compute_dtype": cfg.compute_dtype, "lean_activations": cfg.lean_activations,
-                "fused_kernels": fused, "total_steps": total_steps})
+                **built.choices.to_dict(), "total_steps": total_steps})
     if built.not_lean:
         sink.event("warn", f"lean_activations: {len(built.not_lean)} modules run their own forward, not the lean one "
                    f"({', '.join(built.not_lean[:3])}{', ...' if len(built.not_lean) > 3 else ''}): slower, and more memory "
@@ -261,14 +267,13 @@ def setup(request: TrainingRequest, sink: Sink, should_stop: Callable[[], bool],
     return run
 
 
-def _resumable_config(given: TrainingConfig, cfg: TrainingConfig, saved: dict[str, Any], device: torch.device) -> TrainingConfig:
+def _resumable_config(given: TrainingConfig, saved: dict[str, Any], device: torch.device) -> TrainingConfig:
     """The config a resumed run continues with: the checkpoint's compute dtype where the job left it 'auto'.
     Raises ConfigError if any other option differs from the checkpoint's. An option newer than the checkpoint (such
     as `method`) counts with its default, the behaviour the checkpoint was trained with."""
     saved = {**{k: v for k, v in TrainingConfig().resolved().items() if k not in saved}, **saved}
-    if given.compute_dtype == "auto" and saved.get("compute_dtype") in ("bf16", "fp16", "fp32"):
-        cfg = cfg.model_copy(update={"compute_dtype": saved["compute_dtype"]})  # a resumed run keeps the dtype it began with
-        check_runtime(cfg, device.type)
+    cfg = resolve_for_device(given, device, earlier=saved)  # a resumed run keeps the dtype it began with
+    check_runtime(cfg, device.type)
     if given.lean_activations == "auto":  # decided per device; the results are the same either way
         saved = {**saved, "lean_activations": cfg.lean_activations}
     if saved != cfg.resolved():
@@ -376,10 +381,10 @@ def finish(run: TrainingState) -> TrainingResult:
                          adapter_dir, run.checkpoints, run.train_stats.to_dict(), valid_stats, time.time() - run.started)
     (output_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     run.sink.event("info", f"Training finished: {position.step} steps, {position.trained_tokens} tokens, "
-                   f"final train_loss={_loss_text(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
+                   f"final train_loss={_loss_or_na(result.final_train_loss)}", {"adapter_dir": str(adapter_dir)})
     return result
 
 
-def _loss_text(value: float | None) -> str:
-    """A loss with four decimals, or "n/a" for a run that trained no step."""
+def _loss_or_na(value: float | None) -> str:
+    """A loss to 4 decimals; "n/a" for a run that has none."""
     return "n/a" if value is None else f"{value:.4f}"

@@ -4,8 +4,8 @@ A job's method must match its files (a 400 on training_file / validation_file ot
 the shape it found. Files uploaded before this revision could not hold pairs (they failed validation), so the
 processed ones are supervised; a file that failed validation has no kind.
 
-Revision ID: preference_file_kind
-Revises: engine_seam_job_method
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-07
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "preference_file_kind"
-down_revision: str | None = "engine_seam_job_method"
+revision: str = "0014"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -5,8 +5,8 @@ and echoed from there. Every job created before this revision was a supervised o
 so existing rows get that value. A downgrade removes the option again, and refuses while a job of another method
 exists: the older schema could not show or run it.
 
-Revision ID: engine_seam_job_method
-Revises: 0006
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-07
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "engine_seam_job_method"
-down_revision: str | None = "0006"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

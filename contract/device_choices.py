@@ -1,0 +1,135 @@
+"""What each 'auto' option becomes on a device: one function, `decide_auto`, given the device's facts.
+
+The options with an 'auto' value are compute_dtype, attn_implementation, lean_activations, fused_kernels and
+gradient_checkpointing (a plan per decoder layer, against memory_budget_gb or the device's budget). Torch-free: the
+engine measures the facts (worker/training/model.device_facts) and runs with the choices; the memory estimate
+decides for `PLANNED_GPU`; tests decide for any device without having one. What a job records of the choices:
+docs/training.md ("What 'auto' becomes").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from contract.base_model import PREQUANTIZED_METHODS, decoder_layer_count
+
+if TYPE_CHECKING:  # importing the module must not build pydantic models
+    from contract.options import TrainingConfig
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the 'auto' options depend on, measured by the engine on the device a run uses."""
+
+    type: str  # "cuda" or "cpu"
+    # Whether the device computes bf16 fast: a CUDA card's bf16 support, or a CPU's native bf16 (measured). None:
+    # not measured, so compute_dtype='auto' cannot be decided (the engine measures it only when it is 'auto').
+    fast_bf16: bool | None = None
+    # What gradient_checkpointing='auto' plans for when memory_budget_gb is not set (the engine: 85% of the GPU
+    # memory free when the run starts). None on the CPU.
+    memory_budget_bytes: int | None = None
+
+
+# The device the memory estimate plans for: a GPU computing bf16 (the estimate counts 16-bit compute for 'auto').
+PLANNED_GPU = DeviceFacts("cuda", fast_bf16=True)
+
+
+@dataclass(frozen=True)
+class AutoChoices:
+    """Every 'auto' option decided (explicit values as given)."""
+
+    compute_dtype: str  # bf16, fp16 or fp32
+    attn_implementation: str
+    lean_activations: bool
+    fused_kernels: bool
+    # Checkpointing per decoder layer ('off', 'selective' or 'on'); None where no model config was given.
+    checkpoint_plan: tuple[str, ...] | None = None
+    memory_budget_gb: float | None = None  # the budget the plan was made for; None where memory was not planned
+
+    def apply(self, cfg: TrainingConfig) -> TrainingConfig:
+        """`cfg` with compute_dtype and lean_activations as chosen: what a run trains with and its checkpoints save.
+        The others stay as given in the config (a resumed run decides them again) and are read from here."""
+        return cfg.model_copy(update={"compute_dtype": self.compute_dtype, "lean_activations": self.lean_activations})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"compute_dtype": self.compute_dtype, "attn_implementation": self.attn_implementation,
+                "lean_activations": self.lean_activations, "fused_kernels": self.fused_kernels,
+                "checkpoint_plan": list(self.checkpoint_plan) if self.checkpoint_plan is not None else None,
+                "memory_budget_gb": self.memory_budget_gb}
+
+
+def decide_auto(cfg: TrainingConfig, device: DeviceFacts, *, model_config: Any = None, tokens_per_micro_batch: int | None = None,
+                loss_chunk_tokens: int | None = None, earlier: Mapping[str, Any] | None = None) -> AutoChoices:
+    """Decide every 'auto' option of `cfg` for `device`.
+
+    compute_dtype: `earlier`'s (the config a resumed run's checkpoint saved: a job keeps the dtype it began with);
+    on a GPTQ/AWQ base a 16-bit one (gptqmodel's kernels compute in nothing else; AWQ's CUDA kernels take fp16 only);
+    else bf16 where the device computes it fast, otherwise fp16 on CUDA and fp32 on the CPU.
+    attn_implementation: varlen with packing, else sdpa. lean_activations: on with CUDA (or fused_kernels='on'),
+    off on the CPU. fused_kernels: on with CUDA where lean_activations is.
+    gradient_checkpointing (needs `model_config`, and `tokens_per_micro_batch` and the engine's `loss_chunk_tokens`
+    to plan): off on the CPU, where memory is rarely the limit and recomputation costs time; on CUDA the fastest
+    plan whose memory estimate fits memory_budget_gb (else the device's budget), full checkpointing for an
+    architecture the estimate does not model."""
+    dtype = _compute_dtype(cfg, device, earlier)
+    lean = (device.type == "cuda" or cfg.fused_kernels == "on") if cfg.lean_activations == "auto" else bool(cfg.lean_activations)
+    fused = (lean and device.type == "cuda") if cfg.fused_kernels == "auto" else cfg.fused_kernels == "on"
+    attn = ("varlen" if cfg.packing else "sdpa") if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    choices = AutoChoices(compute_dtype=dtype, attn_implementation=attn, lean_activations=lean, fused_kernels=fused)
+    if model_config is None:
+        return choices
+    layers = decoder_layer_count(model_config)
+    if cfg.gradient_checkpointing != "auto":
+        return _with_plan(choices, (cfg.gradient_checkpointing,) * layers)
+    if device.type != "cuda":
+        return _with_plan(choices, ("off",) * layers)
+    budget = int(cfg.memory_budget_gb * GIB) if cfg.memory_budget_gb is not None else device.memory_budget_bytes
+    if budget is None or tokens_per_micro_batch is None or loss_chunk_tokens is None:
+        raise ValueError("gradient_checkpointing='auto' on a GPU plans with a memory budget, the tokens per micro-batch and the loss chunk")
+    try:
+        plan = plan_checkpointing(model_config, choices.apply(cfg), tokens_per_micro_batch=tokens_per_micro_batch,
+                                  budget_bytes=budget, loss_chunk_tokens=loss_chunk_tokens)
+    except ValueError:  # an architecture the estimate does not model: full checkpointing is the safe choice
+        plan = ("on",) * layers
+    return _with_plan(choices, plan, round(budget / GIB, 3))
+
+
+def _with_plan(choices: AutoChoices, plan: tuple[str, ...], budget_gb: float | None = None) -> AutoChoices:
+    return AutoChoices(choices.compute_dtype, choices.attn_implementation, choices.lean_activations, choices.fused_kernels, plan, budget_gb)
+
+
+def _compute_dtype(cfg: TrainingConfig, device: DeviceFacts, earlier: Mapping[str, Any] | None) -> str:
+    if cfg.compute_dtype != "auto":
+        return cfg.compute_dtype
+    if earlier is not None and earlier.get("compute_dtype") in ("bf16", "fp16", "fp32"):
+        return earlier["compute_dtype"]
+    if cfg.quantization in PREQUANTIZED_METHODS and (device.type == "cpu" or cfg.quantization == "awq"):
+        return "bf16" if device.type == "cpu" else "fp16"
+    if device.type not in ("cuda", "cpu"):
+        return "fp32"
+    if device.fast_bf16 is None:
+        raise ValueError("compute_dtype='auto' needs to know whether the device computes bf16 fast")
+    if device.type == "cuda":
+        return "bf16" if device.fast_bf16 else "fp16"
+    return "bf16" if device.fast_bf16 else "fp32"
+
+
+def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, budget_bytes: int,
+                       loss_chunk_tokens: int) -> tuple[str, ...]:
+    """The fastest checkpointing of the decoder layers whose estimate fits ``budget_bytes``: as many layers
+    'off' (nothing recomputed) as fit, the rest 'on'. When nothing fits, every layer is 'on' (the least memory).
+    'selective' layers are not planned: unmeasured on a GPU since their policy was fixed (docs/performance.md)."""
+    from contract.memory import estimate_memory  # here: the estimate decides its own 'auto' options with decide_auto
+
+    layers = decoder_layer_count(model_config)
+    for n_off in range(layers, -1, -1):
+        modes = ["on"] * (layers - n_off) + ["off"] * n_off
+        estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes,
+                                   loss_chunk_tokens=loss_chunk_tokens)
+        if estimate.total <= budget_bytes:
+            return tuple(modes)
+    return tuple(["on"] * layers)
