@@ -90,8 +90,13 @@ def test_a_dpo_job_refuses_a_supervised_file_and_a_trained_head(tiny_model_dir, 
 
 
 def test_the_memory_estimate_of_a_dpo_job_counts_both_answers_of_each_pair():
-    from contract.memory import estimate_memory
+    from functools import partial
+
+    from contract.memory import estimate_memory as estimate
     from tests.api.helpers import TINY_LLAMA_CONFIG as TINY_CONFIG
+    from worker.training.tunables import LOSS_CHUNK_TOKENS
+
+    estimate_memory = partial(estimate, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
 
     supervised = TrainingConfig(micro_batch_size=2, max_seq_length=512)
     dpo = TrainingConfig(method="dpo", micro_batch_size=2, max_seq_length=512)
