@@ -52,6 +52,7 @@ from worker.training.data import (
 from worker.training.losses import linear_cross_entropy
 from worker.training.model import BuiltModel, build_model, check_runtime, compute_dtype, pick_device, read_model_config, resolve_for_device
 from worker.training.optim import build_optimizer, build_scheduler
+from worker.training.parallel import Replicas
 from worker.training.sinks import NullSink, Sink
 
 
@@ -277,6 +278,7 @@ class TrainingRun:
     resumed_at_end: bool  # resumed from the final checkpoint: no step left, the checkpoint is the adapter
     checkpoints: list[Path] = field(default_factory=list)
     stopped: bool = False
+    replicas: Replicas = field(default_factory=Replicas)  # the processes sharing each step (parallel.py); one by default
 
     @property
     def model(self) -> Any:
@@ -284,11 +286,15 @@ class TrainingRun:
 
 
 def train(job: TrainingJob, sink: Sink | None = None, should_stop: Callable[[], bool] | None = None,
-          resume_from: Path | None = None, should_pause: Callable[[], bool] | None = None) -> TrainResult:
+          resume_from: Path | None = None, should_pause: Callable[[], bool] | None = None,
+          replicas: Replicas | None = None) -> TrainResult:
     """Run one training job to the end, or until `should_stop()` returns True (checked between micro-batches), or
     `should_pause()` does (checked after each step but the last: the run then writes a checkpoint of that step, if
-    it has none, and stops; resumed from it, the run goes on as if never paused)."""
+    it has none, and stops; resumed from it, the run goes on as if never paused). `replicas`: the processes that
+    share each step (worker/training/distributed.py); only the main one writes and reports."""
     run = setup(job, sink or NullSink(), should_stop or (lambda: False), resume_from)
+    if replicas is not None:
+        run.replicas = replicas
     cfg, position = run.cfg, run.position
     while position.step < run.total_steps and not run.stopped:
         order = epoch_order(len(run.train_tok), position.epoch, cfg)
@@ -409,10 +415,10 @@ def train_step(run: TrainingRun, order: list[int]) -> StepMetrics | None:
     to those of one big batch. Returns its metrics, or None if `should_stop()` interrupted it (nothing applied)."""
     cfg, position, optimizer, scaler = run.cfg, run.position, run.optimizer, run.scaler
     start = position.batch_in_epoch * cfg.batch_size
-    step_examples = [run.train_tok[i] for i in order[start : start + cfg.batch_size]]
+    step_examples = run.replicas.share([run.train_tok[i] for i in order[start : start + cfg.batch_size]])
     batches = list(micro_batches(step_examples, cfg, None, run.tokenizer.pad_token_id))
-    step_targets = sum(count_targets(b) for b in batches)
-    step_tokens = sum(count_tokens(b) for b in batches)
+    totals = run.replicas.sum({"targets": sum(count_targets(b) for b in batches), "tokens": sum(count_tokens(b) for b in batches)})
+    step_targets, step_tokens = int(totals["targets"]), int(totals["tokens"])
     t0 = time.perf_counter()
     loss_total, correct = 0.0, 0
     for batch in batches:
@@ -425,6 +431,9 @@ def train_step(run: TrainingRun, order: list[int]) -> StepMetrics | None:
         scaler.scale(loss_sum / max(step_targets, 1)).backward()
         loss_total += float(loss_sum.detach())
         correct += c
+    run.replicas.reduce_gradients(run.model.parameters())
+    totals = run.replicas.sum({"loss": loss_total, "correct": correct})
+    loss_total, correct = totals["loss"], int(totals["correct"])
     if not math.isfinite(loss_total):
         raise NonFiniteLossError(position.step + 1, cfg.compute_dtype)
     scaler.unscale_(optimizer)
@@ -464,8 +473,11 @@ def evaluate_step(run: TrainingRun) -> dict[str, float]:
 
 
 def write_checkpoint(run: TrainingRun, metrics: StepMetrics) -> Path:
-    """Save and verify a checkpoint of the current position, report it, and drop the oldest past keep_checkpoints."""
+    """Save and verify a checkpoint of the current position, report it, and drop the oldest past keep_checkpoints.
+    Only the main process writes (the others hold the same weights); they return where it writes."""
     cfg = run.cfg
+    if not run.replicas.is_main:
+        return Path(run.job.output_dir) / "checkpoints" / checkpoint_name(run.position.step)
     path = save_checkpoint(run.model, run.optimizer, run.scheduler, run.position,
                            Path(run.job.output_dir) / "checkpoints" / checkpoint_name(run.position.step), config=cfg.resolved(),
                            extra={"base_model": str(run.job.base_model_dir), "versions": versions(), "metrics": metrics.checkpoint_metrics()})
@@ -496,6 +508,9 @@ def finish(run: TrainingRun) -> TrainResult:
         final = Path(run.resume_from)
     else:
         final = write_checkpoint(run, run.last or StepMetrics(step=position.step))
+    if not run.replicas.is_main:  # the main process writes the adapter and the result
+        return TrainResult("succeeded", position.step, run.total_steps, position.trained_tokens, final_train_loss, final_valid_loss,
+                           None, [], run.train_stats.to_dict(), valid_stats, time.time() - run.started)
     adapter_dir = output_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(final, adapter_dir, ignore=shutil.ignore_patterns("trainer_state.pt"))

@@ -1,0 +1,117 @@
+"""One job on two processes: `torchrun --nproc_per_node 2 -m worker.training.distributed` on gloo (CPU), over the
+real bitsandbytes NF4 + LoRA model, against the same job trained by one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from contract.options import TrainingConfig
+from tests.training.test_trainer import write_chat_file
+from worker.training.checkpoint import load_adapter_weights
+from worker.training.model import build_model
+from worker.training.parallel import Replicas
+from worker.training.sinks import JsonlSink
+from worker.training.trainer import TrainingJob, evaluate, load_tokenizer, prepare_data, train
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+# 10 examples in steps of 3: steps of 3, 3, 3 and 1 examples. On 2 ranks a step of 3 is 2 + 1 examples,
+# 2 and 1 micro-batches (uneven); the last step, of 1, leaves rank 1 with nothing to train on.
+OPTIONS = {"max_steps": 4, "batch_size": 3, "micro_batch_size": 1, "learning_rate": 1e-3, "lora_dropout": 0.0,
+           "compute_dtype": "fp32", "checkpoint_every": 2, "eval_every": 2}
+
+
+def torchrun(job_file: Path, *extra: str) -> subprocess.Popen:
+    """Start `torchrun --standalone --nproc_per_node 2 -m worker.training.distributed JOB_FILE`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "worker.training.distributed", str(job_file), *extra]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Wait for a torchrun launch (killed past `timeout`) and return its outcome."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def step_losses(metrics_file: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    return {r["step"]: r for r in records if r.get("kind") == "metrics"}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """The same job trained by one process (in this one) and by two (torchrun)."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    train_file = write_chat_file(tmp / "train.jsonl", 10)
+    valid_file = write_chat_file(tmp / "valid.jsonl", 3, seed=1)
+    job_file = tmp / "job.json"
+    job_file.write_text(json.dumps({"base_model": str(tiny_model_dir), "train_file": str(train_file),
+                                    "validation_file": str(valid_file), "output_dir": str(tmp / "two"),
+                                    "hyperparameters": OPTIONS}))
+    launched = torchrun(job_file)  # the two processes start while this one trains
+    single = train(TrainingJob(tiny_model_dir, train_file, tmp / "single", TrainingConfig(**OPTIONS), valid_file),
+                   JsonlSink(tmp / "single" / "metrics.jsonl"))
+    two = finished(launched)
+    assert two.returncode == 0, two.stderr[-4000:]
+    return {"tmp": tmp, "single": single, "two": two, "valid_file": valid_file, "job_file": job_file}
+
+
+def test_two_processes_train_the_losses_of_one(runs):
+    single = step_losses(runs["tmp"] / "single" / "metrics.jsonl")
+    two = step_losses(runs["tmp"] / "two" / "metrics.jsonl")
+    assert sorted(two) == sorted(single) == [1, 2, 3, 4]
+    for step in single:
+        for key in ("train_loss", "grad_norm", "train_mean_token_accuracy"):
+            assert two[step][key] == pytest.approx(single[step][key], abs=1e-6), (step, key)
+        # tokens and targets are the whole step's, not rank 0's share
+        assert two[step]["tokens"] == single[step]["tokens"] and two[step]["target_tokens"] == single[step]["target_tokens"]
+    assert two[2]["valid_loss"] == pytest.approx(single[2]["valid_loss"], abs=1e-6)
+    assert two[4]["valid_loss"] == pytest.approx(single[4]["valid_loss"], abs=1e-6)
+
+
+def test_rank_0_writes_once_in_the_single_process_layout(runs):
+    out = runs["tmp"] / "two"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(p.name for p in (runs["tmp"] / "single" / "checkpoints").iterdir())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("kind") == "metrics"] == [1, 2, 3, 4]  # once each: only rank 0 reports
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "succeeded" and result["steps"] == 4
+    assert json.loads(runs["two"].stdout[runs["two"].stdout.index("{"):])["world_size"] == 2
+
+
+def test_rank_0_adapter_loads_back_with_the_same_eval_loss(runs, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    out = runs["tmp"] / "two"
+    cfg = TrainingConfig(**OPTIONS)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    job = TrainingJob(tiny_model_dir, runs["tmp"] / "train.jsonl", out, cfg, runs["valid_file"])
+    _train, _stats, valid, _vstats = prepare_data(job, tokenizer)
+    built = build_model(tiny_model_dir, cfg, device=torch.device("cpu"))  # the NF4 base with fresh LoRA
+    fresh = evaluate(built.model, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
+    load_adapter_weights(built.model, out / "adapter")
+    reloaded = evaluate(built.model, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
+    reported = json.loads((out / "result.json").read_text())["final_valid_loss"]
+    assert reloaded == pytest.approx(reported, abs=1e-6) and abs(fresh - reported) > 1e-4
+    # and it is the single process's adapter
+    two, one = load_file(out / "adapter" / "adapter_model.safetensors"), load_file(runs["tmp"] / "single" / "adapter" / "adapter_model.safetensors")
+    assert two.keys() == one.keys() and all(torch.allclose(two[k], one[k], atol=1e-6) for k in one)
+
+
+def test_a_single_process_shares_nothing():
+    replicas = Replicas()
+    assert replicas.share([1, 2, 3]) == [1, 2, 3] and replicas.sum({"a": 2.0}) == {"a": 2.0} and replicas.is_main
