@@ -115,3 +115,16 @@ def test_rank_0_adapter_loads_back_with_the_same_eval_loss(runs, tiny_model_dir)
 def test_a_single_process_shares_nothing():
     replicas = Replicas()
     assert replicas.share([1, 2, 3]) == [1, 2, 3] and replicas.sum({"a": 2.0}) == {"a": 2.0} and replicas.is_main
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(runs, tiny_model_dir, tmp_path):
+    """Rank 0's checkpoint holds the whole adapter and optimizer state: one process goes on with the losses of the
+    run that never stopped."""
+    tmp = runs["tmp"]
+    resumed = train(TrainingJob(tiny_model_dir, tmp / "train.jsonl", tmp_path / "resumed", TrainingConfig(**OPTIONS), runs["valid_file"]),
+                    JsonlSink(tmp_path / "resumed" / "metrics.jsonl"), resume_from=tmp / "two" / "checkpoints" / "step-000002")
+    assert resumed.status == "succeeded" and resumed.steps == 4
+    after, single = step_losses(tmp_path / "resumed" / "metrics.jsonl"), step_losses(tmp / "single" / "metrics.jsonl")
+    assert sorted(after) == [3, 4]
+    for step in (3, 4):
+        assert after[step]["train_loss"] == pytest.approx(single[step]["train_loss"], abs=1e-6)
