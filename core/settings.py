@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     inference_cache_max_bytes: int = Field(20 << 30, ge=1, description="Inference backends: bytes of unpacked adapters kept on disk; past it the least recently used ones not attached are deleted.")
     inference_secret: str = Field("", description="The shared secret the API sends to the inference backends (a bearer token; vLLM's --api-key); empty: the one in $QLORA_HOME/inference_secret, generated on first use.")
     chat_max_tokens: int = Field(4096, ge=1, description="Most tokens a chat completion may ask for (max_tokens / max_completion_tokens); more is a 400 naming the parameter.")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Port of the API process's Prometheus listener (GET /metrics), apart from the API's port so that only the monitoring network reaches it; unset: no metrics served.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds (compose: 0.0.0.0 inside the container, the port not published).")
     log_format: Literal["text", "json"] = Field("text", description="Log lines of every process: 'text' (readable) or 'json' (one object a line, with request_id and job_id).")
     outage_retry_s: float = Field(120.0, gt=0, description="How long a running job's writes are retried through a database or storage outage before the run stops and the sweeper takes the job over.")
 
