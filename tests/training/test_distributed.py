@@ -16,7 +16,7 @@ from contract.options import TrainingConfig
 from tests.training.test_trainer import write_chat_file
 from worker.training.checkpoint import load_adapter_weights
 from worker.training.model import build_model
-from worker.training.parallel import Replicas
+from worker.training.parallel import DataParallel, Replicas
 from worker.training.sinks import JsonlSink
 from worker.training.trainer import TrainingJob, evaluate, load_tokenizer, prepare_data, train
 
@@ -128,3 +128,13 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tiny_model_dir, t
     assert sorted(after) == [3, 4]
     for step in (3, 4):
         assert after[step]["train_loss"] == pytest.approx(single[step]["train_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize(("n", "world", "parts"), [(3, 2, [[0, 1], [2]]), (1, 2, [[0], []]), (6, 4, [[0, 1], [2, 3], [4], [5]])])
+def test_a_step_is_split_in_rank_order_into_near_equal_parts(n, world, parts):
+    def share(rank: int) -> list[int]:
+        replicas = object.__new__(DataParallel)  # the split alone, without a process group
+        replicas.rank, replicas.world_size = rank, world
+        return replicas.share(list(range(n)))
+
+    assert [share(rank) for rank in range(world)] == parts
