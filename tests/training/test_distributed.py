@@ -138,3 +138,12 @@ def test_a_step_is_split_in_rank_order_into_near_equal_parts(n, world, parts):
         return replicas.share(list(range(n)))
 
     assert [share(rank) for rank in range(world)] == parts
+
+
+def test_the_entrypoint_outside_torchrun_says_how_to_run_it(monkeypatch, tmp_path):
+    from worker.training import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit, match="run under torchrun"):
+        distributed.main([str(tmp_path / "job.yaml")])
