@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a running job writes its heartbeat (and sees a cancel).")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A running job whose heartbeat is older is taken as lost.")
     sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper looks for lost jobs and expired tasks.")
+    job_ended_resend_after_s: float = Field(60.0, ge=0, description="A job's end whose follow-up (qlora.job_ended: the project's next job, webhooks) is still not done this long after its message was sent is sent again by the sweeper.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job at most (a lost worker's job resumes from its last checkpoint).")
     inference_url: str = Field("", description="The inference backend's base URL (the embedded server or vLLM's OpenAI server), e.g. http://127.0.0.1:8001; empty: chat completions answer 503.")
     inference_timeout_s: float = Field(300.0, gt=0, description="How long the API waits for the inference backend's answer (or its next streamed chunk).")
