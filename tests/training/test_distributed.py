@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,30 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tiny_model_dir, t
     assert sorted(after) == [3, 4]
     for step in (3, 4):
         assert after[step]["train_loss"] == pytest.approx(single[step]["train_loss"], abs=1e-6)
+
+
+def test_a_stop_asked_of_one_rank_stops_both_after_the_same_step(runs, tmp_path):
+    """SIGUSR1 to rank 1 alone: both ranks stop after one step (a rank that went on would wait forever in the
+    next step's collective, and the launch would time out)."""
+    import psutil
+
+    spec = json.loads(runs["job_file"].read_text())
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps({**spec, "output_dir": str(tmp_path / "out"),
+                                    "hyperparameters": {**OPTIONS, "max_steps": 200, "checkpoint_every": None, "eval_every": None}}))
+    launched = torchrun(job_file)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and step_losses(metrics)) and time.monotonic() < deadline and launched.poll() is None:
+        time.sleep(0.2)
+    rank_1 = [p for p in psutil.Process(launched.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(rank_1) == 1, "rank 1 is not running"
+    rank_1[0].send_signal(signal.SIGUSR1)
+    outcome = finished(launched, timeout=120)
+    assert "stopped at step" in outcome.stdout, outcome.stderr[-3000:]
+    stopped_at = int(outcome.stdout.split("stopped at step")[1].split()[0].rstrip(";"))
+    assert sorted(step_losses(metrics)) == list(range(1, stopped_at + 1)) and stopped_at < 200
+    assert not (tmp_path / "out" / "adapter").exists()
 
 
 @pytest.mark.parametrize(("n", "world", "parts"), [(3, 2, [[0, 1], [2]]), (1, 2, [[0], []]), (6, 4, [[0, 1], [2, 3], [4], [5]])])

@@ -8,14 +8,17 @@ batch of the whole step, split across the processes, and the loss is divided by 
 step, so the losses and gradients equal one process training the whole batch (worker/training/parallel.py).
 Rank 0 alone reports (a progress bar and OUTPUT/metrics.jsonl) and writes checkpoints, the adapter and
 result.json, in the single-process layout: a job resumes on any number of processes.
-Backend: NCCL with CUDA (process i on cuda:LOCAL_RANK), gloo on the CPU. Exit status as the CLI's: 0 succeeded,
-2 invalid options or data (every rank finds the fault before any collective call).
+Backend: NCCL with CUDA (process i on cuda:LOCAL_RANK), gloo on the CPU. SIGUSR1 to any rank stops all of them
+after the same step (torchrun itself ends its processes on SIGINT/SIGTERM, without a clean stop). Exit status as
+the CLI's: 0 succeeded, 2 invalid options or data (every rank finds the fault before any collective call), 130
+stopped.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -65,6 +68,13 @@ def _run(args: Any) -> int:
         job = read_job(args)
     except (ValueError, OSError) as exc:
         return fail(str(exc))
+    stop_requested = False
+
+    def request_stop(signum: int, frame: Any) -> None:  # SIGUSR1 to any rank: all stop after the same step
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGUSR1, request_stop)
     progress = ProgressSink() if main_rank else None
     sink = MultiSink(progress, JsonlSink(job.output_dir / "metrics.jsonl")) if progress else NullSink()
     try:
@@ -72,7 +82,8 @@ def _run(args: Any) -> int:
             sink.event("info", f"Data parallel over {replicas.world_size} processes ({dist.get_backend()}): "
                        f"each step's batch of {job.config.batch_size} is split between them",
                        {"world_size": replicas.world_size, "parallelism": "data"})
-        result = train(job, sink, resume_from=args.resume, replicas=replicas)
+        result = train(job, sink, should_stop=replicas.agreed_stop(lambda: stop_requested), resume_from=args.resume,
+                       replicas=replicas)
     except DataValidationError as exc:
         return fail(str(exc))
     except ConfigError as exc:
@@ -80,6 +91,11 @@ def _run(args: Any) -> int:
     finally:
         if progress:
             progress.close()
+    if result.status == "stopped":
+        if main_rank:
+            last = f"; resume with --resume {result.checkpoints[-1]}" if result.checkpoints else ""
+            print(f"stopped at step {result.steps}{last}")
+        return 130
     if main_rank:
         print(json.dumps({"status": result.status, "steps": result.steps, "world_size": replicas.world_size,
                           "final_train_loss": result.final_train_loss, "final_valid_loss": result.final_valid_loss,

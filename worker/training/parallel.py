@@ -10,7 +10,7 @@ step, so the loss and the gradients are those of one process training the whole 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import torch
@@ -40,6 +40,10 @@ class Replicas:
     def reduce_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Make each trainable parameter's gradient the sum of all processes' gradients."""
 
+    def agreed_stop(self, requested: Callable[[], bool]) -> Callable[[], bool]:
+        """A `should_stop` for the recipe that is true on every process at once: here, `requested` itself."""
+        return requested
+
 
 class DataParallel(Replicas):
     """Data parallelism over the default process group (`torch.distributed.init_process_group` already called).
@@ -59,8 +63,10 @@ class DataParallel(Replicas):
         self._dist = dist
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self._in_step = False
 
     def share(self, units: Sequence[T]) -> list[T]:
+        self._in_step = True  # until reduce_gradients: the step's micro-batches, a different count per process
         base, extra = divmod(len(units), self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return list(units[start : start + base + (1 if self.rank < extra else 0)])
@@ -74,7 +80,22 @@ class DataParallel(Replicas):
                 totals[key] = totals.get(key, 0.0) + value
         return totals
 
+    def agreed_stop(self, requested: Callable[[], bool]) -> Callable[[], bool]:
+        """A `should_stop` that stops every process after the same step: between steps (the recipe asks once per
+        step on every process) it is true if `requested()` is on any process (an all-reduce MAX); within a step,
+        where processes ask once per micro-batch, as many times as they have micro-batches, it is false."""
+
+        def should_stop() -> bool:
+            if self._in_step:
+                return False
+            flag = torch.tensor([1 if requested() else 0])
+            self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX)
+            return bool(flag.item())
+
+        return should_stop
+
     def reduce_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        self._in_step = False
         params = [p for p in parameters if p.requires_grad]
         if not params:
             return
