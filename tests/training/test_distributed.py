@@ -17,10 +17,12 @@ import torch
 from contract.options import TrainingConfig
 from tests.training.test_trainer import write_chat_file
 from worker.training.checkpoint import load_adapter_weights
+from worker.training.data import load_tokenizer
 from worker.training.model import build_model
+from worker.training.objectives import build_objective
 from worker.training.parallel import DataParallel, Replicas
 from worker.training.sinks import JsonlSink
-from worker.training.trainer import TrainingJob, evaluate, load_tokenizer, prepare_data, train
+from worker.training.trainer import TrainingRequest, evaluate, train
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +67,7 @@ def runs(tiny_model_dir, tmp_path_factory):
                                     "validation_file": str(valid_file), "output_dir": str(tmp / "two"),
                                     "hyperparameters": OPTIONS}))
     launched = torchrun(job_file)  # the two processes start while this one trains
-    single = train(TrainingJob(tiny_model_dir, train_file, tmp / "single", TrainingConfig(**OPTIONS), valid_file),
+    single = train(TrainingRequest(tiny_model_dir, train_file, tmp / "single", TrainingConfig(**OPTIONS), valid_file),
                    JsonlSink(tmp / "single" / "metrics.jsonl"))
     two = finished(launched)
     assert two.returncode == 0, two.stderr[-4000:]
@@ -101,12 +103,12 @@ def test_rank_0_adapter_loads_back_with_the_same_eval_loss(runs, tiny_model_dir)
     out = runs["tmp"] / "two"
     cfg = TrainingConfig(**OPTIONS)
     tokenizer = load_tokenizer(tiny_model_dir)
-    job = TrainingJob(tiny_model_dir, runs["tmp"] / "train.jsonl", out, cfg, runs["valid_file"])
-    _train, _stats, valid, _vstats = prepare_data(job, tokenizer)
+    objective = build_objective(cfg)
+    valid, _stats = objective.load(runs["valid_file"], tokenizer, role="validation")
     built = build_model(tiny_model_dir, cfg, device=torch.device("cpu"))  # the NF4 base with fresh LoRA
-    fresh = evaluate(built.model, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
+    fresh = evaluate(built.model, objective, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
     load_adapter_weights(built.model, out / "adapter")
-    reloaded = evaluate(built.model, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
+    reloaded = evaluate(built.model, objective, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
     reported = json.loads((out / "result.json").read_text())["final_valid_loss"]
     assert reloaded == pytest.approx(reported, abs=1e-6) and abs(fresh - reported) > 1e-4
     # and it is the single process's adapter
@@ -123,7 +125,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tiny_model_dir, t
     """Rank 0's checkpoint holds the whole adapter and optimizer state: one process goes on with the losses of the
     run that never stopped."""
     tmp = runs["tmp"]
-    resumed = train(TrainingJob(tiny_model_dir, tmp / "train.jsonl", tmp_path / "resumed", TrainingConfig(**OPTIONS), runs["valid_file"]),
+    resumed = train(TrainingRequest(tiny_model_dir, tmp / "train.jsonl", tmp_path / "resumed", TrainingConfig(**OPTIONS), runs["valid_file"]),
                     JsonlSink(tmp_path / "resumed" / "metrics.jsonl"), resume_from=tmp / "two" / "checkpoints" / "step-000002")
     assert resumed.status == "succeeded" and resumed.steps == 4
     after, single = step_losses(tmp_path / "resumed" / "metrics.jsonl"), step_losses(tmp / "single" / "metrics.jsonl")

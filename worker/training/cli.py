@@ -66,12 +66,12 @@ def parse_args(argv: list[str] | None, prog: str = "qlora-train", description: s
 
 
 def read_job(args: argparse.Namespace) -> Any:
-    """The TrainingJob a job file and its overrides name. Raises ValueError or OSError (a bad file or option)."""
+    """The TrainingRequest a job file and its overrides name. Raises ValueError or OSError (a bad file or option)."""
     from contract.base_model import read_config_json
     from contract.job_file import ENGINE_KEYS, read_job_file
     from contract.options import TrainingConfig
     from contract.prequantized import decide_quantization
-    from worker.training.trainer import TrainingJob
+    from worker.training.trainer import TrainingRequest
 
     spec = read_job_file(args.job_file, ENGINE_KEYS)
     here = args.job_file.resolve().parent
@@ -88,7 +88,7 @@ def read_job(args: argparse.Namespace) -> Any:
             raise ValueError(f"{args.job_file}: {key} is required")
     # A pre-quantized base decides the quantization; the options as given are checked against it.
     config = TrainingConfig.from_dict(decide_quantization(spec.get("hyperparameters") or {}, read_config_json(base_model)))
-    return TrainingJob(base_model, train_file, output_dir, config, path_of("validation_file"))
+    return TrainingRequest(base_model, train_file, output_dir, config, path_of("validation_file"))
 
 
 def main(argv: list[str] | None = None) -> int:
