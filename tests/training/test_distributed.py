@@ -175,3 +175,21 @@ def test_the_entrypoint_outside_torchrun_says_how_to_run_it(monkeypatch, tmp_pat
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SystemExit, match="run under torchrun"):
         distributed.main([str(tmp_path / "job.yaml")])
+
+
+def test_invalid_options_exit_2_before_any_collective(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    """A process group of one (the entrypoint's own setup, on gloo): the fault is printed and the exit status is 2."""
+    from tests.conftest import free_port
+    from worker.training import distributed
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps({"base_model": str(tiny_model_dir), "train_file": str(write_chat_file(tmp_path / "t.jsonl", 10)),
+                                    "output_dir": str(tmp_path / "out"), "hyperparameters": {"batch_size": 3, "micro_batch_size": 2}}))
+    assert distributed.main([str(job_file)]) == 2
+    assert "micro_batch_size" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
