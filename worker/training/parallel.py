@@ -64,6 +64,8 @@ class DataParallel(Replicas):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self._in_step = False
+        # NCCL reduces CUDA tensors only: the stop flag lives on this rank's GPU there.
+        self._flag_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def share(self, units: Sequence[T]) -> list[T]:
         self._in_step = True  # until reduce_gradients: the step's micro-batches, a different count per process
@@ -88,7 +90,7 @@ class DataParallel(Replicas):
         def should_stop() -> bool:
             if self._in_step:
                 return False
-            flag = torch.tensor([1 if requested() else 0])
+            flag = torch.tensor([1 if requested() else 0], device=self._flag_device)
             self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX)
             return bool(flag.item())
 
