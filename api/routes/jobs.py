@@ -166,7 +166,8 @@ def create_job(
     # could both count N-1 active jobs and both add one, passing the limit.
     session.execute(select(Project.name).where(Project.name == project).with_for_update())
     active = dict(session.execute(select(Job.status, func.count()).where(
-        Job.project == project, Job.status.not_in([status.value for status in TERMINAL])).group_by(Job.status)).all())
+        # The active statuses named (not "not terminal"): the (project, status) index then skips the project's history.
+        Job.project == project, Job.status.in_([status.value for status in JobStatus if status not in TERMINAL])).group_by(Job.status)).all())
     if sum(active.values()) >= settings.max_active_jobs_per_project:
         raise quota_exceeded(f"This project has {sum(active.values())} queued or running jobs, the most it may have at once",
                              "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT")
