@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
@@ -68,6 +68,17 @@ def dispatch_quietly(session_factory: sessionmaker[Session], celery_app: Any, se
         return []
 
 
-def projects_with_unsent_jobs(session: Session) -> list[str]:
-    return list(session.scalars(select(Job.project).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))
-                                .distinct()))
+def projects_with_room(session: Session, settings: Settings) -> list[str]:
+    """The projects with unsent queued jobs whose share has room for one now (`dispatch` would send something), in one
+    query: the sweeper dispatches only these, instead of taking the row lock of every project with a backlog on every
+    pass (docs/operations.md "Scale")."""
+    return list(session.scalars(projects_with_room_query(settings)))
+
+
+def projects_with_room_query(settings: Settings) -> Select[tuple[str]]:
+    queued, running = JobStatus.QUEUED.value, JobStatus.RUNNING.value
+    unsent = func.count().filter(Job.status == queued, Job.enqueued_at.is_(None))
+    waiting = func.count().filter(Job.status == queued, Job.enqueued_at.is_not(None))
+    busy = func.count().filter((Job.status == running) | ((Job.status == queued) & Job.enqueued_at.is_not(None)))
+    return (select(Job.project).where(Job.status.in_([queued, running])).group_by(Job.project)
+            .having(unsent > 0, waiting < settings.queued_messages_per_project, busy < settings.max_running_jobs_per_project))

@@ -29,7 +29,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
-from core.dispatch import dispatch_quietly, projects_with_unsent_jobs
+from core.dispatch import dispatch_quietly, projects_with_room
 from core.exports import fail_lost_exports, mark_export_enqueued, unsent_queued_exports
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
 from core.models import File, SweeperAction, now
@@ -125,8 +125,8 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         sent.append(job_id)
         log.info("sent the training task of job %s", job_id)
     with session_scope(session_factory) as session:
-        projects = projects_with_unsent_jobs(session)
-    for project in projects:  # the jobs waiting their turn, and those the broker refused when they were created
+        projects = projects_with_room(session, settings)
+    for project in projects:  # the jobs whose turn has come, and those the broker refused when they were created
         dispatched = dispatch_quietly(session_factory, celery_app, settings, project)
         sent += dispatched
         for job_id in dispatched:
