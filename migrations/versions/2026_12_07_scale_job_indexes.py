@@ -9,7 +9,7 @@
 The single-column (project) index is dropped: both composites begin with it.
 
 Revision ID: scale_job_indexes
-Revises: 0010
+Revises: 0013
 Create Date: 2026-12-07
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "scale_job_indexes"
-down_revision: str | None = "0010"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
