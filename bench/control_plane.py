@@ -60,7 +60,7 @@ def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: 
     import worker.tasks as tasks
     from contract.metrics import StepMetrics
     from core.db import make_engine, make_session_factory
-    from worker.training.trainer import TrainResult
+    from worker.training.trainer import TrainingResult
 
     log_lock = threading.Lock()
     log_file = log_path.open("a")
@@ -70,7 +70,7 @@ def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: 
             log_file.write(json.dumps({**row, "t": time.time(), "thread": threading.get_ident()}) + "\n")
             log_file.flush()
 
-    def fake_train(job, sink, should_stop, resume_from=None, should_pause=None):  # noqa: ANN001, ANN202
+    def fake_train(request, sink, should_stop, resume_from=None, should_pause=None):  # noqa: ANN001, ANN202
         sink.start(steps)
         done = 0
         for step in range(1, steps + 1):
@@ -79,11 +79,11 @@ def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: 
             time.sleep(step_seconds)
             sink.metrics(step, StepMetrics(step=step, train_loss=1.0 / step, tokens=512, step_seconds=step_seconds))
             done = step
-        adapter = job.output_dir / "adapter"
+        adapter = request.output_dir / "adapter"
         adapter.mkdir(parents=True, exist_ok=True)
         (adapter / "adapter_config.json").write_text("{}")
         status = "succeeded" if done == steps and not should_stop() else "stopped"
-        return TrainResult(status=status, steps=done, total_steps=steps, trained_tokens=512 * done, final_train_loss=None,
+        return TrainingResult(status=status, steps=done, total_steps=steps, trained_tokens=512 * done, final_train_loss=None,
                            final_valid_loss=None, adapter_dir=adapter, checkpoints=[], train_stats={}, validation_stats=None,
                            seconds=done * step_seconds)
 
@@ -363,6 +363,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "API_KEYS": ",".join(f"{key}={project}" for project, key in keys.items()),
         "MAX_ACTIVE_JOBS_PER_PROJECT": "100000", "MAX_QUEUED_JOBS_PER_PROJECT": "100000",
         "HEARTBEAT_INTERVAL_S": str(args.heartbeat_s), "DB_POOL_SIZE": "10", "LOG_FORMAT": "text",
+        "METRICS_PORT": str(free_port()), "METRICS_HOST": "127.0.0.1",  # GET /metrics has a listener of its own
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
     env.update({f"QLORA_{k}": v for k, v in env_settings.items()})
@@ -436,7 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     ("list_jobs", f"{base}/v1/fine_tuning/jobs?limit=20", {"Authorization": f"Bearer {keys[project]}"}),
                     ("events_page", f"{base}/v1/fine_tuning/jobs/{big_job}/events?limit=20",
                      {"Authorization": f"Bearer {keys[projects[(args.create - 1) % len(projects)]]}"}),
-                    ("metrics", f"{base}/metrics", {}),
+                    ("metrics", f"http://127.0.0.1:{env_settings['METRICS_PORT']}/metrics", {}),
                 ):
                     started = time.perf_counter()
                     answer = client.get(url, headers=headers)
@@ -515,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--create-concurrency", type=int, default=8)
     parser.add_argument("--heavy", type=int, default=0, help="extra queued jobs of the first project (fairness backlog)")
     parser.add_argument("--big-events", type=int, default=100_000, help="events of the job whose events page is timed")
-    parser.add_argument("--api-workers", type=int, default=2)
+    parser.add_argument("--api-workers", type=int, default=1,
+                        help="uvicorn processes; more than 1 fails while every API process binds the one QLORA_METRICS_PORT")
     parser.add_argument("--steps", type=int, default=3, help="steps of each simulated job")
     parser.add_argument("--step-seconds", type=float, default=0.5)
     parser.add_argument("--heartbeat-s", type=float, default=2.0)
