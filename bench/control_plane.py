@@ -500,7 +500,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         engine.dispose()
         drop_database(database_url)
         client_redis = redis.Redis.from_url(REDIS_URL)
-        for name in client_redis.scan_iter(f"{queue}*"):
+        for name in [*client_redis.scan_iter(f"{queue}*"), *client_redis.scan_iter(f"_kombu.binding.{queue}*")]:
             client_redis.delete(name)
         import shutil
 
