@@ -32,7 +32,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
-from core.dispatch import dispatch_quietly, projects_with_unsent_jobs
+from core.dispatch import dispatch_quietly, projects_with_room
 from core.exports import expired_queued_exports, fail_lost_exports, mark_export_enqueued
 from core.job_events import due_for_resend, mark_resent
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
@@ -148,7 +148,7 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         sent.append(job_id)
         log.info("sent the training task of job %s", job_id)
     with session_scope(session_factory) as session:
-        projects = projects_with_unsent_jobs(session)
+        projects = projects_with_room(session, settings)  # only those whose turn has come
     # Catching up: the jobs the broker refused when they were created or at a claim (a job's end dispatches through
     # core/job_events.py, resent above when its message was lost).
     for project in projects:

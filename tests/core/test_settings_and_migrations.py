@@ -265,7 +265,7 @@ def test_jobs_before_the_method_option_become_supervised_jobs(tmp_path):
         command.upgrade(config, "head")
         assert stored() == {**old_config, "method": "supervised"}
         assert TrainingConfig.from_dict(stored()).method == "supervised"
-        command.downgrade(config, "0012")  # to before 0013, the method's migration
+        command.downgrade(config, "0012")  # below 0013, whatever migrations follow it
         assert stored() == old_config
     finally:
         engine.dispose()
