@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from contract.hyperparameters import Hyperparameters, method_object, wire_hyperparameters
 from contract.metrics import finite_floats
 from contract.options import METHODS
-from core.models import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, now
+from core.tables import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, now
 
 T = TypeVar("T")
 

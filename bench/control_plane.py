@@ -215,8 +215,8 @@ def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[st
 
     from core.dispatch import projects_with_room_query
     from core.leases import lapsed
-    from core.models import Job, JobEvent, JobMetric
     from core.settings import Settings
+    from core.tables import Job, JobEvent, JobMetric
 
     queries = {
         "claim": update(Job).where(Job.id == job_id, Job.status.in_(["queued"])).values(status="running", worker_id=worker_id),
@@ -277,7 +277,7 @@ def explain(engine: Any, queries: dict[str, Any]) -> dict[str, Any]:
 def seed(session_factory: Any, storage: Any, projects: list[str], tmp: Path) -> dict[str, str]:
     """The projects' rows and one processed training file each (a real object in storage): project -> file id."""
     from core import ids
-    from core.models import File, Project, now
+    from core.tables import File, Project, now
 
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
@@ -345,10 +345,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from sqlalchemy import func, select, text
 
     from core.db import make_engine, make_session_factory
-    from core.models import Job, JobEvent, JobMetric
     from core.queue import make_celery
     from core.settings import Settings
     from core.storage import make_storage
+    from core.tables import Job, JobEvent, JobMetric
 
     record: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
                               "params": {k: v for k, v in vars(args).items() if k != "out"}}

@@ -23,10 +23,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import session_scope
 from core.exports import ACTIVE, ExportStatus, mark_export_enqueued
 from core.jobs import JobStatus, mark_enqueued
-from core.models import Export, Job
 from core.queue import send_export_task, send_training_task
 from core.quotas import training_queue_room
 from core.settings import Settings
+from core.tables import Export, Job
 
 log = logging.getLogger(__name__)
 

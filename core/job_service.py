@@ -25,9 +25,9 @@ from contract.options import TrainingConfig
 from core import ids
 from core.dispatch import DispatchError, dispatch
 from core.jobs import JobStatus, add_event
-from core.models import File, Job, file_is_live, now
 from core.quotas import check_job_slots, lock_project
 from core.settings import Settings
+from core.tables import File, Job, file_is_live, now
 
 log = logging.getLogger(__name__)
 

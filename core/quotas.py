@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 
 from core.exports import ACTIVE, ExportStatus
 from core.jobs import TERMINAL, JobStatus
-from core.models import Export, Job, Project, file_is_live
-from core.models import File as FileRow
 from core.settings import Settings
+from core.tables import Export, Job, Project, file_is_live
+from core.tables import File as FileRow
 from core.uploads import reserved_bytes as reserved_upload_bytes
 
 

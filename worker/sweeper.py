@@ -10,7 +10,7 @@
   or refused by a broker that was down) is dispatched with the jobs; a running one whose heartbeat stopped is
   failed with `worker_lost` (a new POST .../export merges again).
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
-  Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
+  Readers stopped seeing them at `expires_at` already (`core.tables.file_is_live`).
 - Uploads of the Uploads API pending past their hour become `expired`; the parts of every upload that is no longer
   pending (expired, cancelled, completed) are deleted (`core.uploads.sweep_uploads`).
 - The local backend's `*.partial` files that a killed writer left (untouched for 15 minutes) are deleted.
@@ -36,10 +36,10 @@ from core.dispatch import dispatch_quietly, projects_with_room
 from core.exports import expired_queued_exports, fail_lost_exports, mark_export_enqueued
 from core.job_events import due_for_resend, mark_resent
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
-from core.models import File, SweeperAction, now
 from core.queue import queued_training_jobs, send_export_task, send_job_ended_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly, remove_stale_partials
+from core.tables import File, SweeperAction, now
 from core.uploads import sweep_uploads
 
 log = logging.getLogger(__name__)

@@ -29,11 +29,11 @@ from api.pagination import cursor_seq, fetch_page
 from api.schemas import CursorPage, FileDeleted, FileObject
 from contract.data_format import ValidationReport, validate_file
 from core import ids
-from core.models import File as FileRow
-from core.models import file_is_live, now
 from core.quotas import check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectTooLarge, delete_quietly, spool_stream
+from core.tables import File as FileRow
+from core.tables import file_is_live, now
 
 UPLOAD_PURPOSES = ("fine-tune",)
 # Room for the multipart framing around the file: boundaries, part headers (filename), the purpose and

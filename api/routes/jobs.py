@@ -39,8 +39,8 @@ from contract.options import TrainingConfig
 from core import job_service
 from core.job_service import NewJob
 from core.jobs import JobStatus, cancel_job
-from core.models import Checkpoint, Job, JobEvent, JobMetric
 from core.storage import ObjectNotFound
+from core.tables import Checkpoint, Job, JobEvent, JobMetric
 from worker.training.tunables import LOSS_CHUNK_TOKENS
 
 logger = logging.getLogger("api")

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from api.main import create_app
 from contract.options import DPO_OPTIONS, TrainingConfig
 from core.jobs import claim_job
-from core.models import File, Job, JobEvent
 from core.queue import TRAIN_TASK
+from core.tables import File, Job, JobEvent
 from tests.api.conftest import make_settings
 from tests.api.helpers import (
     KEY_A,

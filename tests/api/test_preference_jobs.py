@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from core.models import File
+from core.tables import File
 from tests.api.helpers import assert_error, create_job, db, upload_ok
 
 

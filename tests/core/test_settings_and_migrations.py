@@ -12,8 +12,8 @@ from sqlalchemy import inspect
 
 from core.bootstrap import REPO, bootstrap, ensure_api_key
 from core.db import make_engine
-from core.models import Base
 from core.settings import Settings
+from core.tables import Base
 
 OPERATIONS_DOC = REPO / "docs" / "operations.md"
 

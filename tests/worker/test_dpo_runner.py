@@ -7,7 +7,7 @@ import json
 
 from sqlalchemy import select
 
-from core.models import JobMetric
+from core.tables import JobMetric
 from tests.worker.helpers import create_job, events, get_job, put_jsonl, stored_config
 from worker import runner
 

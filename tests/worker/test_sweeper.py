@@ -10,8 +10,8 @@ from sqlalchemy import text
 
 from core import ids
 from core.db import session_scope
-from core.models import Checkpoint, now
 from core.queue import make_celery
+from core.tables import Checkpoint, now
 from tests.worker.helpers import create_job, events, get_job
 from worker.sweeper import sweep
 
@@ -112,7 +112,7 @@ def test_a_failed_send_leaves_the_job_for_the_next_sweep(make_settings, session_
 def test_expired_files_are_deleted_row_first_then_object(make_settings, session_factory, storage, tmp_path):
     from sqlalchemy import select
 
-    from core.models import File, Project
+    from core.tables import File, Project
 
     payload = tmp_path / "data.jsonl"
     payload.write_text("{}\n")
