@@ -32,9 +32,9 @@ def test_the_api_process_logs_json_lines_with_the_request_id(tmp_path, sqlite_ur
     assert access[("POST", "/v1/files", 200)] == "req-test-upload"
     assert access[("POST", "/v1/fine_tuning/jobs", 200)] == "req-test-job"
     assert access[("GET", "/v1/files", 401)] == refused.headers["x-request-id"]
-    # A line the route logs (in the thread pool that runs sync routes) carries it too.
+    # A line logged while the route runs (in the thread pool that runs sync routes) carries it too.
     [sent] = [r for r in records if r["message"].startswith(f"job {created.json()['id']} sent to the training queue")]
-    assert sent["request_id"] == "req-test-job" and sent["logger"] == "api"
+    assert sent["request_id"] == "req-test-job" and sent["logger"] == "core.job_service"  # job creation lives there
     assert any(r["logger"] == "uvicorn.error" and r["message"].startswith("Started server process") for r in records)
 
 
