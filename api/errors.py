@@ -155,6 +155,25 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected_error)
 
 
+def register_service_error_handlers(app: FastAPI) -> None:
+    """The refusals of core's services as the envelope: a project over one of its limits (core/quotas.py, 429) and a
+    job request refused (core/job_service.py, 400). Apart from `register_error_handlers`, which the inference servers
+    share and which must not import the database layer."""
+    from core.job_service import JobRequestError
+    from core.quotas import QuotaExceeded
+
+    async def job_request_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, JobRequestError)
+        return await _http_error(request, bad_request(exc.message, param=exc.param, code=exc.code))
+
+    async def quota_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, QuotaExceeded)
+        return await _http_error(request, quota_exceeded(exc.message, exc.setting))
+
+    app.add_exception_handler(JobRequestError, job_request_error)
+    app.add_exception_handler(QuotaExceeded, quota_error)
+
+
 # --- headers on every response -------------------------------------------------------------------------------
 
 _CLIENT_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: safe to echo in a header

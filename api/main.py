@@ -16,13 +16,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api.errors import RequestIdMiddleware, register_error_handlers
+from api.errors import RequestIdMiddleware, register_error_handlers, register_service_error_handlers
 from api.guard import RequestGuard
-from api.metrics import Metrics, MetricsMiddleware
+from api.metrics import Metrics, MetricsMiddleware, serve_metrics
 from api.openapi import V1_ERRORS, drop_422
-from api.routes import chat, checkpoint_permissions, files, health, job_pause, jobs, models, uploads
-from api.ui import mount_dashboard
+from api.routes import chat, checkpoint_permissions, exports, files, health, job_pause, jobs, models, uploads
+from api.ui import SecurityHeaders, mount_pages
 from core.db import make_engine, make_session_factory
+from core.job_events import send_on_commit
 from core.logs import configure_logging
 from core.queue import make_celery
 from core.settings import Settings, get_settings
@@ -38,7 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Prometheus' scrape target, on a port of its own (not the API's): docs/operations.md, "Security model".
+        stop_metrics = serve_metrics(_app.state.metrics, settings.metrics_host, settings.metrics_port) if settings.metrics_port else None
         yield
+        if stop_metrics:
+            stop_metrics()
         await _app.state.inference.aclose()
         _app.state.database_probe.close()
         celery_app.close()
@@ -49,9 +54,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="OpenAI-compatible fine-tuning API: point the openai SDK at http://HOST:PORT/v1.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI is served from the package's files, not a CDN (api/ui.py)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.session_factory = make_session_factory(engine)
+    send_on_commit(app.state.session_factory, celery_app, settings)  # a job the API ends (cancel) is announced on commit
     app.state.storage = make_storage(settings)
     app.state.celery = celery_app
     app.state.inference = chat.InferenceClient(settings)
@@ -59,14 +67,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database_probe = health.DatabaseProbe(app.state.session_factory)
 
     register_error_handlers(app)
+    register_service_error_handlers(app)  # core's refusals (quotas, job requests) as the envelope
     app.add_middleware(RequestGuard, settings=settings)  # the key and the body cap, before any body is read
     app.add_middleware(RequestIdMiddleware)  # outside the guard, so the guard's answers get the ids too
+    app.add_middleware(SecurityHeaders)  # CSP, nosniff, no referrer, no framing: on every answer, the guard's too
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: every answer is counted
-    for router in (files.router, uploads.router, jobs.router, job_pause.router, checkpoint_permissions.router, models.router,
-                   chat.router):
+    for router in (files.router, uploads.router, jobs.router, exports.router, job_pause.router, checkpoint_permissions.router,
+                   models.router, chat.router):
         app.include_router(router, prefix="/v1", responses=V1_ERRORS)
     app.include_router(health.router)
-    mount_dashboard(app)  # the dashboard's static files at /ui (it calls the /v1 routes with the signed-in key)
+    mount_pages(app)  # the dashboard at /ui (it calls the /v1 routes with the signed-in key), Swagger UI at /docs
     drop_422(app)  # the document lists the 400 envelopes the API sends instead
     return app
 

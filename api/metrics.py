@@ -1,5 +1,6 @@
-"""Prometheus metrics of the service, scraped at the API's GET /metrics (no API key: expose it to the monitoring
-network only). Request counts and latency by route template and status of this process, and, read at scrape time,
+"""Prometheus metrics of the service, served by each API process on a port of their own (`QLORA_METRICS_PORT`, not
+the API's port: they name jobs, workers and every project's counts, so only the monitoring network may reach
+them; docs/operations.md, "Security model"). Request counts and latency by route template and status of this process, and, read at scrape time,
 what the workers and the sweeper wrote to the database: jobs by status, each running job's progress (step, step
 time, tokens/s, peak memory), the sweeper's actions; and the training queue's depth in the broker. The workers
 export nothing themselves: a Celery child lives for one job, the database outlives it.
@@ -7,20 +8,22 @@ export nothing themselves: a Celery child lives for one job, the database outliv
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.openapi import path_patterns
 from core.models import Job, JobMetric, SweeperAction
 from core.queue import queued_training_jobs
 from core.settings import Settings
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ServiceCollector(Collector):
@@ -98,19 +101,48 @@ class Metrics:
                                  registry=self.registry)
         self.registry.register(ServiceCollector(session_factory, celery_app, settings))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> Callable[[], None]:
+    """Serve `metrics` at http://HOST:PORT/metrics from a thread of this process; returns what stops it. A port
+    in use is an OSError here, so the API does not start without its metrics."""
+    server, thread = start_http_server(port, host, registry=metrics.registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    return stop
 
 
-def route_template(scope: Scope) -> str:
-    """`/v1/files/{file_id}` for `/v1/files/file-abc`: label values stay few. 'unrouted' for a request that never
-    reached a route (refused by the guard, an unknown URL)."""
-    if "route" not in scope:
-        return "unrouted"
-    path = scope["path"]
-    for name, value in scope.get("path_params", {}).items():
-        path = path.replace(str(value), "{" + name + "}", 1)
-    return path
+# Label values come from this fixed set, never from the request as sent: a caller choosing the method or the
+# path must not be able to add series (each one lives as long as the process, and every scrape lists them).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(scope: Scope) -> str:
+    method = scope["method"]
+    return method if method in METHODS else "other"
+
+
+def route_templates(app: Any) -> list[tuple[re.Pattern[str], str]]:
+    """The app's own route templates, each with the pattern of the paths it serves: its OpenAPI paths (literal
+    ones first), then the other routes and mounts (/docs, /ui/{path})."""
+    templates = [(regex, path) for regex, path, _ in path_patterns(app)]
+    known = {path for _, path in templates}
+    return templates + [(route.path_regex, route.path_format) for route in app.routes
+                        if isinstance(route, (Route, Mount)) and route.path_format not in known]
+
+
+def route_template(scope: Scope, templates: list[tuple[re.Pattern[str], str]]) -> str:
+    """The template of the route that served the request (`/v1/files/{file_id}` for `/v1/files/file-abc`): one of
+    `templates`, never the path as sent. 'unrouted' for a request that never reached a route (refused by the
+    guard, an unknown URL)."""
+    if "endpoint" in scope:  # set by the router for its routes and mounts alike
+        for regex, template in templates:
+            if regex.match(scope["path"]):
+                return template
+    return "unrouted"
 
 
 class MetricsMiddleware:
@@ -118,6 +150,7 @@ class MetricsMiddleware:
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
+        self.templates: list[tuple[re.Pattern[str], str]] | None = None  # read from the app on its first request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,6 +168,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = route_template(scope)
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            if self.templates is None:
+                self.templates = route_templates(scope["app"])
+            method, route = method_label(scope), route_template(scope, self.templates)
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - started)

@@ -8,10 +8,12 @@ removes FastAPI's 422 entries and their schemas from the generated document.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
+from starlette.routing import compile_path
 
 
 class ErrorObject(BaseModel):
@@ -35,6 +37,7 @@ ERROR_DESCRIPTIONS = {
     404: "No such object in the caller's project; `code` says which kind.",
     409: "The object is not in a state that allows the operation.",
     413: "The request body is over the service's limit (`request_too_large`, or `file_too_large` for uploads).",
+    415: "A multipart body sent to an operation that takes no files (`unsupported_media_type`).",
     429: "Over one of the project's limits (`quota_exceeded`); the message names the setting.",
     500: "A server fault the API names (`code`).",
     503: "A backend this operation needs is unavailable or busy; retry shortly.",
@@ -51,8 +54,22 @@ def error_responses(*statuses: int, **descriptions: str) -> dict[int | str, dict
 
 
 # Every operation under /v1 may answer these: a NUL character in the URL or an invalid parameter (400), a missing
-# or wrong key (401, api/guard.py) and a body over the cap (413, checked on Content-Length for every request).
-V1_ERRORS = error_responses(400, 401, 413)
+# or wrong key (401, api/guard.py), a body over the cap (413, checked on Content-Length for every request) and a
+# multipart body where no file is taken (415, api/guard.py).
+V1_ERRORS = error_responses(400, 401, 413, 415)
+
+
+def path_patterns(app: FastAPI) -> list[tuple[re.Pattern[str], str, dict[str, Any]]]:
+    """Each path of the app's OpenAPI document: the pattern of the request paths it serves, the path itself
+    (`/v1/files/{file_id}`) and its operations by lowercase method. Literal paths first, so that
+    `/v1/fine_tuning/jobs` is not taken for a parameter of another."""
+    paths = app.openapi()["paths"]
+    return [(compile_path(path)[0], path, paths[path]) for path in sorted(paths, key=lambda path: (path.count("{"), path))]
+
+
+def takes_multipart(operation: dict[str, Any]) -> bool:
+    """The operation's body is a multipart form (it takes files)."""
+    return "multipart/form-data" in operation.get("requestBody", {}).get("content", {})
 
 
 def drop_422(app: FastAPI) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -307,13 +308,56 @@ def _sci(value: Any) -> str | None:
 
 
 # --- download -----------------------------------------------------------------------------------------------
+# What the server sends is not trusted: ids must have their documented shape before they go into a URL, names are
+# bare file names, files are written under local temp names and moved into the output directory only once every
+# one of them arrived and unpacked; anything else is a one-line error (exit 1) with nothing left behind.
+
+FILE_ID = re.compile(r"file-[A-Za-z0-9_-]{1,100}")
+CHECKPOINT_ID = re.compile(r"ftckpt[_-][A-Za-z0-9_-]{1,100}")
 
 
-def _extract(archive: Path, into: Path) -> list[str]:
-    with tarfile.open(archive, mode="r:gz") as tar:
-        names = [m.name for m in tar.getmembers() if m.isfile()]
-        tar.extractall(into, filter="data")  # no absolute paths, no '..', no devices
+def _well_formed(value: Any, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise CommandFailed(f"error: the server sent a malformed {what} {value!r}; nothing was downloaded")
+    return value
+
+
+def _bare_name(filename: Any, file_id: str) -> str:
+    """The server's file name as a name in the output directory: no directory part, not '.', '..' or empty."""
+    name = filename if isinstance(filename, str) else ""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise CommandFailed(f"error: the server named file {file_id} {filename!r}, not a plain file name; nothing was downloaded")
+    return name
+
+
+def _extract(archive: Path, into: Path, what: str) -> list[str]:
+    """Unpack a .tar.gz into `into` (a staging directory); the member names, relative to it."""
+    names: list[str] = []
+
+    def keep(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        member = tarfile.data_filter(member, path)  # leading '/' dropped; '..' out, links out, devices refused
+        if member.isfile():
+            names.append(member.name)  # the name as extracted
+        return member
+
+    try:
+        with tarfile.open(archive, mode="r:gz") as tar:
+            tar.extractall(into, filter=keep)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise CommandFailed(f"error: {what} is not a valid .tar.gz archive ({exc}); nothing was downloaded") from None
     return names
+
+
+def _move_into(stage: Path, names: list[str], into: Path) -> list[str]:
+    """Move the staged files into the output directory (made now, once everything has arrived)."""
+    into.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in names:
+        target = into / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(stage / name, target)
+        written.append(str(target))
+    return written
 
 
 def cmd_download(ctx: Context) -> int:
@@ -322,29 +366,32 @@ def cmd_download(ctx: Context) -> int:
     client, job_id = ctx.client, ctx.args.job
     job = as_dict(client.fine_tuning.jobs.retrieve(job_id))
     into: Path = ctx.args.output or Path(job_id)
-    written: list[str] = []
     with tempfile.TemporaryDirectory(prefix="qlora-download-") as tmp:
+        stage = Path(tmp) / "stage"
+        stage.mkdir()
+        names: list[str] = []
         if ctx.args.checkpoint:
             checkpoint = _find_checkpoint(client, job_id, ctx.args.checkpoint)
+            checkpoint_id = _well_formed(checkpoint.get("id"), CHECKPOINT_ID, "checkpoint id")
             archive = Path(tmp) / "checkpoint.tar.gz"
-            archive.write_bytes(client.get(f"/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint['id']}/content", cast_to=bytes))
-            into.mkdir(parents=True, exist_ok=True)
-            written = [str(into / name) for name in _extract(archive, into)]
+            archive.write_bytes(client.get(f"/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/content", cast_to=bytes))
+            names = _extract(archive, stage, f"checkpoint {checkpoint_id}")
         else:
-            if job["status"] != "succeeded" or not job.get("result_files"):
-                raise CommandFailed(f"error: job {job_id} is {job['status']}; only a succeeded job has an adapter to download "
+            if job.get("status") != "succeeded" or not isinstance(job.get("result_files"), list) or not job["result_files"]:
+                raise CommandFailed(f"error: job {job_id} is {job.get('status')}; only a succeeded job has an adapter to download "
                                     "(--checkpoint STEP downloads a checkpoint)")
-            into.mkdir(parents=True, exist_ok=True)
-            for file_id in job["result_files"]:
-                name = Path(client.files.retrieve(file_id).filename).name  # a bare name: never a path out of `into`
-                local = Path(tmp) / file_id
+            file_ids = [_well_formed(file_id, FILE_ID, "file id") for file_id in job["result_files"]]
+            for index, file_id in enumerate(file_ids):
+                name = _bare_name(client.files.retrieve(file_id).filename, file_id)
+                local = Path(tmp) / f"download-{index}"  # a local name: nothing the server chose
                 with client.with_streaming_response.files.content(file_id) as response:
                     response.stream_to_file(local)
                 if name.endswith(".tar.gz"):
-                    written += [str(into / n) for n in _extract(local, into)]
+                    names += _extract(local, stage, f"{name} ({file_id})")
                 else:
-                    shutil.move(local, into / name)
-                    written.append(str(into / name))
+                    shutil.move(local, stage / name)
+                    names.append(name)
+        written = _move_into(stage, list(dict.fromkeys(names)), into)
     if ctx.json:
         ctx.emit_json({"job": job_id, "directory": str(into), "files": written})
     else:
@@ -357,7 +404,7 @@ def _find_checkpoint(client: openai.OpenAI, job_id: str, wanted: str) -> dict[st
     """A checkpoint by id or by step number."""
     for checkpoint in client.fine_tuning.jobs.checkpoints.list(job_id, limit=100):
         c = as_dict(checkpoint)
-        if c["id"] == wanted or str(c["step_number"]) == wanted:
+        if c.get("id") == wanted or str(c.get("step_number")) == wanted:
             return c
     raise CommandFailed(f"error: job {job_id} has no checkpoint {wanted!r} (qlora jobs checkpoints {job_id} lists them)")
 

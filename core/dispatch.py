@@ -1,27 +1,31 @@
 """Fair dispatch: the database is the queue; the broker holds only the next job or two of each project.
 
-A new job is a queued row with no task message yet (`enqueued_at` NULL). `dispatch` sends the training tasks of a
-project's oldest unsent jobs while the project has fewer than `QLORA_QUEUED_MESSAGES_PER_PROJECT` messages waiting
-in the broker and fewer than `QLORA_MAX_RUNNING_JOBS_PER_PROJECT` jobs running or about to. So one project's 200
-queued jobs put one message in the broker, and another project's first job waits behind that one only.
+A new job or merged export is a queued row with no task message yet (`enqueued_at` NULL). `dispatch` sends the tasks
+of a project's oldest unsent exports, then jobs, while the project has fewer than
+`QLORA_QUEUED_MESSAGES_PER_PROJECT` messages waiting in the broker and fewer than
+`QLORA_MAX_RUNNING_JOBS_PER_PROJECT` jobs and exports running or about to (core/quotas.py counts them). So one
+project's 200 queued jobs (or exports) put one message in the broker, and another project's first job waits behind
+that one only.
 
-It runs when a job is created, when a worker claims a job (the next one of that project moves up), when a job
-ends or is cancelled, and on every sweep (catching up after a broker outage). Holding the project's row lock makes
-concurrent dispatches of one project send no more than the limits allow.
-"""
+It runs when a job or export is created, when a worker claims one (the next one of that project moves up), when an
+export ends, when a job ends or is cancelled (core/job_events.py, the one consumer of a job's end), and on every
+sweep (catching up after a broker outage). Holding the project's row lock makes concurrent dispatches of one project
+send no more than the limits allow."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
+from core.exports import ExportStatus, mark_export_enqueued
 from core.jobs import JobStatus, mark_enqueued
-from core.models import Job, Project
-from core.queue import send_training_task
+from core.models import Export, Job
+from core.queue import send_export_task, send_training_task
+from core.quotas import training_queue_room
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,27 +36,27 @@ class DispatchError(RuntimeError):
 
 
 def dispatch(session: Session, celery_app: Any, settings: Settings, project: str) -> list[str]:
-    """Send the tasks of `project`'s oldest unsent queued jobs that its share allows, and commit; returns their ids.
-    Raises DispatchError (after committing what was sent) if the broker does not answer."""
-    session.execute(select(Project.name).where(Project.name == project).with_for_update())
-    counts = dict(session.execute(
-        select(Job.status, func.count()).where(Job.project == project, Job.status.in_([JobStatus.RUNNING.value, JobStatus.QUEUED.value]),
-                                               (Job.status == JobStatus.RUNNING.value) | Job.enqueued_at.is_not(None))
-        .group_by(Job.status)).all())
-    waiting, running = counts.get(JobStatus.QUEUED.value, 0), counts.get(JobStatus.RUNNING.value, 0)
-    room = min(settings.queued_messages_per_project - waiting, settings.max_running_jobs_per_project - running - waiting)
+    """Send the tasks of `project`'s oldest unsent merged exports, then of its oldest unsent queued jobs, as many as
+    its share allows, and commit; returns their ids. Raises DispatchError (after committing what was sent) if the
+    broker does not answer."""
+    room = training_queue_room(session, settings, project)  # under the project's row lock
     sent: list[str] = []
     if room > 0:
-        unsent = session.scalars(select(Job.id).where(Job.project == project, Job.status == JobStatus.QUEUED.value,
-                                                      Job.enqueued_at.is_(None)).order_by(Job.seq).limit(room)).all()
-        for job_id in unsent:
+        exports = session.scalars(select(Export.id).join(Job, Job.id == Export.job_id).where(
+            Job.project == project, Export.status == ExportStatus.QUEUED.value, Export.enqueued_at.is_(None))
+            .order_by(Export.seq).limit(room)).all()
+        jobs = session.scalars(select(Job.id).where(Job.project == project, Job.status == JobStatus.QUEUED.value,
+                                                    Job.enqueued_at.is_(None)).order_by(Job.seq).limit(room - len(exports))).all()
+        unsent = [(export_id, send_export_task, mark_export_enqueued) for export_id in exports]
+        unsent += [(job_id, send_training_task, mark_enqueued) for job_id in jobs]
+        for item, send, mark in unsent:
             try:
-                send_training_task(celery_app, settings, job_id)
+                send(celery_app, settings, item)
             except Exception as exc:
                 session.commit()
-                raise DispatchError(f"the broker refused the task of {job_id} ({type(exc).__name__})") from exc
-            mark_enqueued(session, job_id)
-            sent.append(job_id)
+                raise DispatchError(f"the broker refused the task of {item} ({type(exc).__name__})") from exc
+            mark(session, item)
+            sent.append(item)
     session.commit()
     return sent
 
@@ -69,5 +73,8 @@ def dispatch_quietly(session_factory: sessionmaker[Session], celery_app: Any, se
 
 
 def projects_with_unsent_jobs(session: Session) -> list[str]:
-    return list(session.scalars(select(Job.project).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))
-                                .distinct()))
+    """The projects with queued jobs or merged exports never sent."""
+    jobs = select(Job.project).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))
+    exports = select(Job.project).join(Export, Export.job_id == Job.id).where(Export.status == ExportStatus.QUEUED.value,
+                                                                              Export.enqueued_at.is_(None))
+    return sorted(set(session.scalars(jobs.distinct())) | set(session.scalars(exports.distinct())))

@@ -75,11 +75,10 @@ def finish_export(session: Session, export_id: str, worker_id: str, *, file_id: 
     return result.rowcount == 1
 
 
-def unsent_queued_exports(session: Session, *, expires_s: float, at: float | None = None) -> list[str]:
-    """Queued exports whose task was never sent (the broker was down) or expired before a worker took it, by Unix time
-    `at` (now by default)."""
+def expired_queued_exports(session: Session, *, expires_s: float, at: float | None = None) -> list[str]:
+    """Queued exports whose task expired before a worker took it, by Unix time `at` (now by default). Those never
+    sent wait their project's turn (core/dispatch.py)."""
     cutoff = (time.time() if at is None else at) - expires_s
     return list(session.execute(
-        select(Export.id).where(Export.status == ExportStatus.QUEUED.value,
-                                Export.enqueued_at.is_(None) | (Export.enqueued_at < cutoff))
+        select(Export.id).where(Export.status == ExportStatus.QUEUED.value, Export.enqueued_at < cutoff)
     ).scalars())

@@ -1,4 +1,4 @@
-"""Object ids in OpenAI's shapes: file-..., ftjob-..., ftevent-..., ftckpt_...; and ours, export-..."""
+"""Object ids in OpenAI's shapes: file-..., ftjob-..., ftevent-..., ftckpt_...; and ours, export-..., jobend-..."""
 
 import secrets
 
@@ -27,6 +27,10 @@ def checkpoint_id() -> str:
 
 def export_id() -> str:
     return f"export-{_token()}"
+
+
+def job_ended_id() -> str:
+    return f"jobend-{_token()}"
 
 
 def upload_id() -> str:

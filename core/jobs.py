@@ -11,6 +11,9 @@ Every change is one conditional UPDATE (`... WHERE id = :id AND status IN (:allo
 can never both move a job: a worker claims a queued job only if it is still queued, a cancel wins over a
 finishing worker only if it commits first, and a sweeper requeues a running job only if its heartbeat is
 still stale when the update runs. The caller commits.
+
+A move to a terminal status also writes a `job_outbox` row in the same transaction: "a job ended", which
+core/job_events.py consumes (the project's next job, webhooks). Nothing else reacts to a job's end.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from core import ids
 from core.leases import lapsed, renew, taken
-from core.models import Checkpoint, Job, JobEvent, JobMetric, now
+from core.models import Checkpoint, Job, JobEvent, JobMetric, JobOutbox, now
 
 
 class JobStatus(StrEnum):
@@ -37,6 +40,9 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# session.info key: the outbox rows this session's transaction wrote, for core/job_events.py to announce on commit.
+ENDED_IN_SESSION = "qlora_jobs_ended"
 
 # Allowed moves: from -> to. RUNNING -> QUEUED is the requeue of a job whose worker died. A paused job holds no
 # worker; it goes back to QUEUED when resumed (from the checkpoint its pause wrote, if it ran).
@@ -58,7 +64,7 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: set[J
                owner: str | None = None, when: ColumnElement[bool] | None = None, **fields: Any) -> bool:
     """Move job `job_id` to `to` if its current status allows it (and, when given, only from `only_from`,
     only if worker `owner` still holds it and only if `when` holds for the row). Returns whether it moved.
-    Sets `finished_at` on terminal states."""
+    Sets `finished_at` on terminal states and writes their outbox row (`record_job_ended`)."""
     allowed = set(sources_of(to))
     if only_from is not None:
         allowed &= {s.value for s in only_from}
@@ -71,7 +77,19 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: set[J
     if when is not None:
         stmt = stmt.where(when)
     result = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
-    return result.rowcount == 1
+    moved = result.rowcount == 1
+    if moved and to in TERMINAL:
+        record_job_ended(session, job_id, to)
+    return moved
+
+
+def record_job_ended(session: Session, job_id: str, status: JobStatus) -> str:
+    """The outbox row of a job's end, in the caller's transaction: it exists if and only if the move commits.
+    Its id is remembered on the session so that the commit can announce it (core/job_events.py)."""
+    row_id = ids.job_ended_id()
+    session.add(JobOutbox(id=row_id, job_id=job_id, status=status.value, created_at=time.time()))
+    session.info.setdefault(ENDED_IN_SESSION, []).append(row_id)
+    return row_id
 
 
 def add_event(session: Session, job_id: str, level: str, message: str, *, type: str = "message",

@@ -137,6 +137,21 @@ class JobEvent(Base):
     __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq"),)
 
 
+class JobOutbox(Base):
+    """"A job ended": one row per job that reached a terminal status, written by `core.jobs.transition` in the same
+    transaction as the move. The `qlora.job_ended` task (core/job_events.py) does what follows a job's end and sets
+    `handled_at`; the sweeper sends the task again for a row left unhandled (its message lost)."""
+
+    __tablename__ = "job_outbox"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(32))  # the terminal status: succeeded | failed | cancelled
+    created_at: Mapped[float] = mapped_column(Float)
+    sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # the sweeper's last resend
+    handled_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+
+
 class JobMetric(Base):
     __tablename__ = "job_metrics"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -194,6 +209,8 @@ class Export(Base):
     enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The bytes the export holds against the project's stored-bytes limit while queued or running (core/quotas.py).
+    reserved_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (Index("ix_exports_job_seq", "job_id", "seq"),)
 

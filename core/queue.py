@@ -18,6 +18,9 @@ TRAIN_TASK = "qlora.train"
 SWEEP_TASK = "qlora.sweep"
 # A merged export needs the base model in 16 bits and the memory training needs, so it runs on the training queue.
 EXPORT_TASK = "qlora.export"
+# "A job ended" (core/job_events.py): what follows a job's end. On the control queue: it must not wait behind hours of
+# training.
+JOB_ENDED_TASK = "qlora.job_ended"
 
 
 def control_queue(settings: Settings) -> str:
@@ -64,7 +67,7 @@ def make_celery(settings: Settings) -> Celery:
         # The sweeper (lost workers, expired queued tasks) runs on Celery beat: `celery worker -B` in the
         # embedded mode, one beat process in a deployment.
         # A sweep not started within one interval is dropped (the next one is on its way), so sweeps never pile up.
-        task_routes={SWEEP_TASK: {"queue": control_queue(settings)}},
+        task_routes={SWEEP_TASK: {"queue": control_queue(settings)}, JOB_ENDED_TASK: {"queue": control_queue(settings)}},
         beat_schedule={
             "sweep-lost-jobs": {"task": SWEEP_TASK, "schedule": settings.sweep_interval_s, "options": {"expires": settings.sweep_interval_s}}
         },
@@ -103,3 +106,9 @@ def send_export_task(app: Celery, settings: Settings, export_id: str) -> None:
     """Send the export task by name to the training queue, with the same expiry as a training task (the sweeper
     sends a queued export again, as it does a job)."""
     app.send_task(EXPORT_TASK, args=[export_id], queue=settings.task_queue, expires=settings.task_expires_s)
+
+
+def send_job_ended_task(app: Celery, settings: Settings, outbox_id: str) -> None:
+    """Send "job ended" (an outbox row's id) to the control queue. No expiry: a late message is still worth handling,
+    and a handled row makes a second one do nothing."""
+    app.send_task(JOB_ENDED_TASK, args=[outbox_id], queue=control_queue(settings))

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often a running job writes its heartbeat (and sees a cancel).")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A running job whose heartbeat is older is taken as lost.")
     sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper looks for lost jobs and expired tasks.")
+    job_ended_resend_after_s: float = Field(60.0, ge=0, description="A job's end whose follow-up (qlora.job_ended: the project's next job, webhooks) is still not done this long after its message was sent is sent again by the sweeper.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job at most (a lost worker's job resumes from its last checkpoint).")
     inference_url: str = Field("", description="The inference backend's base URL (the embedded server or vLLM's OpenAI server), e.g. http://127.0.0.1:8001; empty: chat completions answer 503.")
     inference_timeout_s: float = Field(300.0, gt=0, description="How long the API waits for the inference backend's answer (or its next streamed chunk).")
@@ -62,6 +63,8 @@ class Settings(BaseSettings):
     inference_cache_max_bytes: int = Field(20 << 30, ge=1, description="Inference backends: bytes of unpacked adapters kept on disk; past it the least recently used ones not attached are deleted.")
     inference_secret: str = Field("", description="The shared secret the API sends to the inference backends (a bearer token; vLLM's --api-key); empty: the one in $QLORA_HOME/inference_secret, generated on first use.")
     chat_max_tokens: int = Field(4096, ge=1, description="Most tokens a chat completion may ask for (max_tokens / max_completion_tokens); more is a 400 naming the parameter.")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Port of the API process's Prometheus listener (GET /metrics), apart from the API's port so that only the monitoring network reaches it; unset: no metrics served.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics listener binds (compose: 0.0.0.0 inside the container, the port not published).")
     log_format: Literal["text", "json"] = Field("text", description="Log lines of every process: 'text' (readable) or 'json' (one object a line, with request_id and job_id).")
     outage_retry_s: float = Field(120.0, gt=0, description="How long a running job's writes are retried through a database or storage outage before the run stops and the sweeper takes the job over.")
 

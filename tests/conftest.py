@@ -227,3 +227,14 @@ def gptq_model_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def awq_model_dir(tmp_path_factory, tokenizer) -> Path:
     return make_prequantized(tmp_path_factory.mktemp("awq"), tokenizer, "awq")
+
+
+@pytest.fixture
+def announcing_factory(session_factory, settings, redis_url):
+    """(the session factory, a Celery app on the test's Redis broker) where every commit announces the job ends it
+    wrote, as worker/tasks.py and api/main.py set it up (core/job_events.py). Needs `session_factory` and a `settings`
+    with a Redis broker from the test's directory."""
+    from tests.job_ended import announcing
+
+    with announcing(session_factory, settings, redis_url) as app:
+        yield session_factory, app

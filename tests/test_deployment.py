@@ -98,7 +98,11 @@ def test_compose_prometheus_scrapes_the_api_behind_a_profile(config):
     source = Path(mount.split(":")[0])
     assert source == REPO / "deploy" / "prometheus.yml"
     scrape = yaml.safe_load(source.read_text())["scrape_configs"]
-    assert [(s["metrics_path"], s["static_configs"][0]["targets"]) for s in scrape] == [("/metrics", ["api:8000"])]
+    assert [(s["metrics_path"], s["static_configs"][0]["targets"]) for s in scrape] == [("/metrics", ["api:9100"])]
+    # The API serves its metrics on that port only, not published on the host (the API's port is the only one).
+    api = config["services"]["api"]
+    assert api["environment"]["QLORA_METRICS_PORT"] == "9100" and api["environment"]["QLORA_METRICS_HOST"] == "0.0.0.0"
+    assert [p["target"] for p in api["ports"]] == [8000]
     assert prometheus["ports"] == ["127.0.0.1:9090:9090/tcp"], "the UI on the host's loopback only"
 
 

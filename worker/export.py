@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from core.jobs import JobStatus, add_event
 from core.model_deletion import lock_live_model_job
 from core.model_names import adapter_filename, merged_filename
 from core.models import Export, File, Job, now
+from core.quotas import QuotaExceeded, check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, StoredObject, delete_quietly
 from worker.database_sink import pack_directory
@@ -93,27 +95,37 @@ def merge_adapter(base_model_dir: Path, adapter_dir: Path, output_dir: Path) -> 
 
 
 def run_export(export_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
-               worker_id: str | None = None) -> str:
-    """Run export `export_id` to its end. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, DISCARDED."""
-    job_id = _job_of(session_factory, export_id)
+               worker_id: str | None = None, dispatch_next: Callable[[str], object] | None = None) -> str:
+    """Run export `export_id` to its end. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, DISCARDED.
+    `dispatch_next(project)` is called once it is claimed and again when it ends: an export holds one of its project's
+    places on the training queue (core/dispatch.py), and each moves the project's next job or export up."""
+    job_id, project = _job_of(session_factory, export_id)
     with logs.bound(export_id=export_id, job_id=job_id):  # every line logged meanwhile carries both ids
-        return _run_export(export_id, settings, session_factory, storage, worker_id or default_worker_id())
+        outcome = _run_export(export_id, settings, session_factory, storage, worker_id or default_worker_id(),
+                              lambda: dispatch_next(project) if dispatch_next and project else None)
+    if dispatch_next is not None and project is not None and outcome != NOT_CLAIMED:
+        dispatch_next(project)
+    return outcome
 
 
-def _job_of(session_factory: sessionmaker[Session], export_id: str) -> str | None:
+def _job_of(session_factory: sessionmaker[Session], export_id: str) -> tuple[str | None, str | None]:
+    """(the export's job id, its project), or Nones."""
     try:
         with session_scope(session_factory) as session:
-            return session.execute(select(Export.job_id).where(Export.id == export_id)).scalar_one_or_none()
+            row = session.execute(select(Export.job_id, Job.project).join(Job, Job.id == Export.job_id)
+                                  .where(Export.id == export_id)).one_or_none()
+            return (row.job_id, row.project) if row is not None else (None, None)
     except Exception:  # the database is down: the claim below meets it too and says so
-        return None
+        return None, None
 
 
 def _run_export(export_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
-                worker_id: str) -> str:
+                worker_id: str, claimed: Callable[[], object]) -> str:
     with session_scope(session_factory) as session:
         if not claim_export(session, export_id, worker_id):
             log.info("export %s not claimed by %s: it is not queued", export_id, worker_id)
             return NOT_CLAIMED
+    claimed()
     # A lost lease is only logged: the final commit finds the export is no longer ours and discards the merge.
     beat = Heartbeat(Export, export_id, worker_id, session_factory, settings.heartbeat_interval_s)
     beat.start()
@@ -125,7 +137,7 @@ def _run_export(export_id: str, settings: Settings, session_factory: sessionmake
         spec = _load_spec(session_factory, export_id)
         uploaded = _merge_and_upload(spec, settings, storage, workdir)
         stored = uploaded
-        committed = outlast(lambda: _commit(spec, worker_id, session_factory, stored), settings.outage_retry_s,
+        committed = outlast(lambda: _commit(spec, worker_id, session_factory, stored, settings), settings.outage_retry_s,
                             f"export {export_id}: commit")
         if not committed:
             delete_quietly(storage, uploaded.key)
@@ -136,7 +148,7 @@ def _run_export(export_id: str, settings: Settings, session_factory: sessionmake
         if uploaded is not None:
             delete_quietly(storage, uploaded.key)
         code, message = _error_of(exc)
-        if isinstance(exc, ExportFailure):
+        if isinstance(exc, (ExportFailure, QuotaExceeded)):
             log.warning("export %s failed: %s", export_id, message)
         else:
             log.exception("export %s failed", export_id)
@@ -182,12 +194,20 @@ def _merge_and_upload(spec: ExportSpec, settings: Settings, storage: ObjectStora
     return outlast(lambda: storage.put_file(key, packed), window, f"export {spec.id}: upload")
 
 
-def _commit(spec: ExportSpec, worker_id: str, session_factory: sessionmaker[Session], stored: StoredObject) -> bool:
+def _commit(spec: ExportSpec, worker_id: str, session_factory: sessionmaker[Session], stored: StoredObject,
+            settings: Settings) -> bool:
     """The merged file's row, the export's move to succeeded and the job's event, in one transaction; False when the
-    model was deleted or the export is no longer ours."""
+    model was deleted or the export is no longer ours. Raises QuotaExceeded when the merged file, at its real size,
+    would pass the project's stored-bytes limit (checked again here, under the project's lock: the reservation made
+    at the request was an estimate, and other files may have been stored since)."""
     file_id = stored.key.removeprefix("files/")
     with session_scope(session_factory) as session:
-        if lock_live_model_job(session, spec.job_id) is None or not finish_export(session, spec.id, worker_id, file_id=file_id):
+        if lock_live_model_job(session, spec.job_id) is None:
+            session.rollback()
+            return False
+        lock_project(session, spec.project)
+        check_stored_bytes(session, settings, spec.project, stored.size, "the merged model's ", except_export=spec.id)
+        if not finish_export(session, spec.id, worker_id, file_id=file_id):
             session.rollback()
             return False
         session.add(File(id=file_id, project=spec.project, filename=merged_filename(spec.job_id), purpose="fine-tune-results",
@@ -210,6 +230,8 @@ def _fail(session_factory: sessionmaker[Session], export_id: str, worker_id: str
 def _error_of(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, ExportFailure):
         return exc.code, exc.message
+    if isinstance(exc, QuotaExceeded):
+        return "quota_exceeded", f"{exc.message} (limit set by {exc.setting}); the merged model was not stored."
     if isinstance(exc, Outage):
         return "storage_unavailable", "The database or object storage stayed unreachable; start the export again."
     return "export_error", f"The merge failed ({type(exc).__name__}: {str(exc)[:300]})."

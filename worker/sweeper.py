@@ -6,13 +6,16 @@
 - A queued job whose task message expired before a worker took it, or is no longer in the broker's queue (Redis restarted without persistence; checked on Redis
   only, for jobs sent more than QLORA_LOST_MESSAGE_AFTER_S ago) is sent again; queued jobs never sent (waiting
   their project's turn, or refused by a broker that was down) are dispatched (core/dispatch.py).
-- A queued merged export whose task was never sent (the broker was down) or expired unconsumed is sent again; a
-  running one whose heartbeat stopped is failed with `worker_lost` (a new POST .../export merges again).
+- A queued merged export whose task expired unconsumed is sent again; one never sent (waiting its project's turn,
+  or refused by a broker that was down) is dispatched with the jobs; a running one whose heartbeat stopped is
+  failed with `worker_lost` (a new POST .../export merges again).
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
   Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
 - Uploads of the Uploads API pending past their hour become `expired`; the parts of every upload that is no longer
   pending (expired, cancelled, completed) are deleted (`core.uploads.sweep_uploads`).
 - The local backend's `*.partial` files that a killed writer left (untouched for 15 minutes) are deleted.
+- A job's end whose follow-up was not done (its qlora.job_ended message lost, or the broker refused the next job's
+  dispatch) is sent again (core/job_events.py). Jobs this pass fails are announced by its commit, like any other end.
 
 The database changes commit before any message is sent, so a worker that gets the message finds the row
 already queued. A message sent twice is harmless: only one claim of a queued job succeeds.
@@ -30,10 +33,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
 from core.dispatch import dispatch_quietly, projects_with_unsent_jobs
-from core.exports import fail_lost_exports, mark_export_enqueued, unsent_queued_exports
+from core.exports import expired_queued_exports, fail_lost_exports, mark_export_enqueued
+from core.job_events import due_for_resend, mark_resent
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
 from core.models import File, SweeperAction, now
-from core.queue import queued_training_jobs, send_export_task, send_training_task
+from core.queue import queued_training_jobs, send_export_task, send_job_ended_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly, remove_stale_partials
 from core.uploads import sweep_uploads
@@ -70,24 +74,43 @@ def lost_messages(settings: Settings, celery_app: Any, waiting: list[str]) -> li
     return lost
 
 
-def send_unsent_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
-                        at: float | None = None) -> list[str]:
-    """Send the task of every queued export that was never sent or whose message expired by Unix time `at`; returns
-    their ids."""
-    with session_scope(session_factory) as session:
-        unsent = unsent_queued_exports(session, expires_s=settings.task_expires_s, at=at)
+def send_each(session_factory: sessionmaker[Session], ids: list[str], send: Callable[[str], None],
+              mark: Callable[[Session, str], None], what: str) -> list[str]:
+    """Send `what` for each id, marking each after its send (if the mark fails the next sweep sends again, which is
+    harmless; marked before, a failed send would go unnoticed); returns the ids sent. A refused send is logged and
+    left for the next sweep."""
     sent = []
-    for export_id in unsent:
+    for item in ids:
         try:
-            send_export_task(celery_app, settings, export_id)
+            send(item)
         except Exception:
-            log.exception("could not send the export task of %s", export_id)
+            log.exception("could not send %s for %s", what, item)
             continue
-        with session_scope(session_factory) as session:  # marked after the send, as for jobs
-            mark_export_enqueued(session, export_id)
-        sent.append(export_id)
-        log.info("sent the export task of %s", export_id)
+        with session_scope(session_factory) as session:
+            mark(session, item)
+        sent.append(item)
+        log.info("sent %s for %s", what, item)
     return sent
+
+
+def resend_expired_exports(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
+                           at: float | None = None) -> list[str]:
+    """Send the task of every queued export whose message expired by Unix time `at`; returns their ids. (Exports never
+    sent wait their project's turn: the sweep's dispatch sends them.)"""
+    with session_scope(session_factory) as session:
+        unsent = expired_queued_exports(session, expires_s=settings.task_expires_s, at=at)
+    return send_each(session_factory, unsent, lambda export_id: send_export_task(celery_app, settings, export_id),
+                     mark_export_enqueued, "the export task")
+
+
+def resend_job_ended(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
+                     at: float | None = None) -> list[str]:
+    """Send qlora.job_ended again for the job ends still unhandled a while (by Unix time `at`) after their last send;
+    returns the outbox ids."""
+    with session_scope(session_factory) as session:
+        due = due_for_resend(session, settings, at)
+    return send_each(session_factory, due, lambda outbox_id: send_job_ended_task(celery_app, settings, outbox_id),
+                     mark_resent, "qlora.job_ended again (the job's end was not handled yet)")
 
 
 def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
@@ -126,15 +149,18 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         log.info("sent the training task of job %s", job_id)
     with session_scope(session_factory) as session:
         projects = projects_with_unsent_jobs(session)
-    for project in projects:  # the jobs waiting their turn, and those the broker refused when they were created
+    # Catching up: the jobs the broker refused when they were created or at a claim (a job's end dispatches through
+    # core/job_events.py, resent above when its message was lost).
+    for project in projects:
         dispatched = dispatch_quietly(session_factory, celery_app, settings, project)
         sent += dispatched
         for job_id in dispatched:
             log.info("sent the training task of job %s", job_id)
+    resent_ended = resend_job_ended(settings, session_factory, celery_app, at)
     with session_scope(session_factory) as session:
         failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, at=at)
     result = {"requeued": requeued, "failed": failed, "sent": sent, "failed_exports": failed_exports,
-              "sent_exports": send_unsent_exports(settings, session_factory, celery_app, at)}
+              "sent_exports": resend_expired_exports(settings, session_factory, celery_app, at)}
     if storage is not None:
         result["expired_files"] = expire_files(session_factory, storage, at)
         result["cleaned_uploads"] = sweep_uploads(session_factory, storage, at)
@@ -145,7 +171,7 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
             result["stale_partials"] = []
     count_actions(session_factory, {"sweeps": 1, "requeued": len(requeued), "failed": len(failed), "resent": len(set(sent) - set(requeued)),
                                     "failed_exports": len(failed_exports), "resent_exports": len(result["sent_exports"]),
-                                    "expired_files": len(result.get("expired_files", []))})
+                                    "expired_files": len(result.get("expired_files", [])), "resent_job_ended": len(resent_ended)})
     return result
 
 

@@ -1,4 +1,5 @@
-"""The Celery tasks: thin wrappers, by name, over plain functions (worker.runner, worker.export, worker.sweeper).
+"""The Celery tasks: thin wrappers, by name, over plain functions (worker.runner, worker.export, worker.sweeper,
+core.job_events).
 
 The settings, the database engine and the object storage are built once per process, on first use: in the
 prefork pool that is inside the child that runs the task, so no connection is shared across a fork.
@@ -15,9 +16,10 @@ from functools import lru_cache
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import job_events
 from core.db import make_engine, make_session_factory
 from core.dispatch import dispatch_quietly
-from core.queue import EXPORT_TASK, SWEEP_TASK, TRAIN_TASK
+from core.queue import EXPORT_TASK, JOB_ENDED_TASK, SWEEP_TASK, TRAIN_TASK
 from core.settings import Settings, get_settings
 from core.storage import ObjectStorage, make_storage
 from worker import export, runner, sweeper
@@ -30,7 +32,9 @@ def settings() -> Settings:
 
 @lru_cache(maxsize=1)
 def session_factory() -> sessionmaker[Session]:
-    return make_session_factory(make_engine(settings().database_url))
+    factory = make_session_factory(make_engine(settings().database_url))
+    job_events.send_on_commit(factory, app, settings())  # a job this process ends is announced on commit
+    return factory
 
 
 @lru_cache(maxsize=1)
@@ -46,7 +50,13 @@ def train(self, job_id: str) -> str:  # noqa: ANN001
 
 @app.task(name=EXPORT_TASK, bind=True)
 def export_model(self, export_id: str) -> str:  # noqa: ANN001
-    return export.run_export(export_id, settings(), session_factory(), storage(), worker_id=runner.default_worker_id(self.request.id))
+    return export.run_export(export_id, settings(), session_factory(), storage(), worker_id=runner.default_worker_id(self.request.id),
+                             dispatch_next=lambda project: dispatch_quietly(session_factory(), app, settings(), project))
+
+
+@app.task(name=JOB_ENDED_TASK)
+def job_ended(outbox_id: str) -> bool:
+    return job_events.handle_job_ended(session_factory(), app, settings(), outbox_id)
 
 
 @app.task(name=SWEEP_TASK)

@@ -26,12 +26,12 @@ from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found
 from api.openapi import error_responses
 from api.pagination import cursor_seq, fetch_page
-from api.quotas import check_stored_bytes
 from api.schemas import CursorPage, FileDeleted, FileObject
 from contract.data_format import ValidationReport, validate_file
 from core import ids
 from core.models import File as FileRow
-from core.models import Project, file_is_live, now
+from core.models import file_is_live, now
+from core.quotas import check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectTooLarge, delete_quietly, spool_stream
 
@@ -187,7 +187,7 @@ def upload_file(
         try:
             # The project's row lock (PostgreSQL) orders concurrent uploads of one project from the count to the
             # commit: without it two uploads could both fit under the limit and together pass it.
-            session.execute(select(Project.name).where(Project.name == project).with_for_update())
+            lock_project(session, project)
             check_stored_bytes(session, settings, project, size)
             session.add(row)
             session.commit()

@@ -2,7 +2,8 @@
 
     GET /healthz   200 while the process serves requests
     GET /readyz    200 when the database, the broker and the object storage answer; else 503 naming what failed
-    GET /metrics   Prometheus metrics of this API process (api/metrics.py)
+
+Prometheus metrics are not here: they have a port of their own (api/metrics.py, QLORA_METRICS_PORT).
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
-
-from api.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["health"])
 
@@ -28,11 +27,6 @@ CHECK_TIMEOUT_S = 3.0
 @router.get("/healthz", summary="The process is up")
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
-
-
-@router.get("/metrics", summary="Prometheus metrics of this API process", response_class=Response)
-def metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/readyz", summary="The database, broker and storage are reachable", responses={503: {"description": "A dependency failed"}})

@@ -21,13 +21,13 @@ from sqlalchemy.orm import Session
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found
 from api.openapi import error_responses
-from api.quotas import check_stored_bytes
 from api.routes.files import UploadRoute, check_purpose, summarize_faults
 from api.schemas import UploadComplete, UploadCreate, UploadObject, UploadPartObject, first_unstorable
 from contract.data_format import validate_file
 from core import ids
 from core.models import File as FileRow
-from core.models import Project, Upload, UploadPart, now
+from core.models import Upload, UploadPart, now
+from core.quotas import check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import CHUNK, ConcatenatedReader, ObjectNotFound, delete_quietly
 from core.uploads import MAX_PART_BYTES, UPLOAD_LIFETIME_S, discard_parts
@@ -77,7 +77,7 @@ def create_upload(body: UploadCreate, project: CurrentProject, session: SessionD
                  bytes=body.bytes, status="pending", created_at=created_at, expires_at=created_at + UPLOAD_LIFETIME_S,
                  file_expires_after=body.expires_after.seconds if body.expires_after else None)
     # The project's row lock orders this reservation with concurrent uploads and exports (see POST /v1/files).
-    session.execute(select(Project.name).where(Project.name == project).with_for_update())
+    lock_project(session, project)
     check_stored_bytes(session, settings, project, body.bytes)
     session.add(row)
     session.commit()

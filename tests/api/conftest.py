@@ -31,7 +31,7 @@ def queue_name(redis_url: str):
     name = f"qlora-api-test-{secrets.token_hex(6)}"
     yield name
     client = redis.Redis.from_url(redis_url)
-    client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+    client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}", f"{name}-control", f"_kombu.binding.{name}-control")
 
 
 def make_settings(tmp_path: Path, database_url: str, broker_url: str, task_queue: str, models_dir: Path, **overrides) -> Settings:

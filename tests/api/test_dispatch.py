@@ -12,6 +12,7 @@ from core.dispatch import dispatch_quietly
 from core.models import Job
 from core.settings import Settings
 from tests.api.helpers import KEY_A, KEY_B, MODEL, create_job, db, queued_tasks, upload_ok
+from tests.job_ended import deliver_job_ended, outbox_rows
 from worker import runner
 
 
@@ -45,9 +46,15 @@ def test_another_projects_first_job_waits_behind_one_job(settings, redis_url):
         dispatch = lambda project: dispatch_quietly(app.state.session_factory, app.state.celery, settings, project)  # noqa: E731
         assert runner.run_job(a[0], settings, app.state.session_factory, app.state.storage, dispatch_next=dispatch) == runner.FAILED
         assert in_broker(redis_url, settings) == [a[0], b, a[1]]
-        # Cancelling a sent job passes its turn on too.
+        # Cancelling a sent job passes its turn on too, through "a job ended" (core/job_events.py): the cancel's
+        # commit announces it, the control worker's handling sends the next job.
         assert client.post(f"/v1/fine_tuning/jobs/{a[1]}/cancel", headers=KEY_A).status_code == 200
-        assert in_broker(redis_url, settings)[-1] == a[2]
+        assert in_broker(redis_url, settings)[-1] == a[1]
+        assert deliver_job_ended(redis_url, settings, app.state.session_factory, app.state.celery) == [True, True]  # a[0]'s, a[1]'s
+        assert in_broker(redis_url, settings) == [a[0], b, a[1], a[2]]
+        for job_id, status in ((a[0], "failed"), (a[1], "cancelled")):
+            [row] = outbox_rows(app.state.session_factory, job_id)
+            assert row.status == status and row.handled_at is not None
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

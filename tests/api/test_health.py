@@ -1,10 +1,28 @@
-"""/healthz and /readyz: no key needed; readiness names the dependency that fails."""
+"""/healthz and /readyz: no key needed; readiness names the dependency that fails. Prometheus metrics on their own
+port (QLORA_METRICS_PORT), never the API's."""
 
+import random
+import string
+
+import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from tests.api.conftest import make_settings
 from tests.conftest import free_port
+
+
+@pytest.fixture
+def settings(tmp_path, database_url, redis_url, queue_name, models_dir):
+    return make_settings(tmp_path, database_url, redis_url, queue_name, models_dir, metrics_port=free_port())
+
+
+def scrape(client) -> str:
+    """GET /metrics from the app's metrics listener, as Prometheus does."""
+    response = httpx.get(f"http://127.0.0.1:{client.app.state.settings.metrics_port}/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain"), response.text
+    return response.text
 
 
 def test_health_and_readiness_with_everything_up(client):
@@ -30,9 +48,7 @@ def test_prometheus_metrics_count_requests_by_route_and_read_jobs_and_the_queue(
     create_job(client, file_id)
     client.get("/v1/files/file-nope", headers=KEY_A)
     client.get("/v1/files", headers={"Authorization": "Bearer wrong"})
-    response = client.get("/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    text = response.text
+    text = scrape(client)
     assert 'qlora_api_requests_total{method="POST",route="/v1/files",status="200"} 1.0' in text
     assert 'qlora_api_requests_total{method="GET",route="/v1/files/{file_id}",status="404"} 1.0' in text  # the template, not the id
     assert 'qlora_api_requests_total{method="GET",route="unrouted",status="401"} 1.0' in text  # refused by the guard, counted
@@ -121,7 +137,7 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
 
     with session_scope(state.session_factory) as session:  # the numbers come from job_metrics and the job row, not events
         session.execute(delete(JobEvent).where(JobEvent.job_id == running))
-    text = client.get("/metrics").text
+    text = scrape(client)
     labels = f'job_id="{running}",worker="gpu-a:4242"'
     assert f"qlora_job_step{{{labels}}} 2.0" in text
     assert f"qlora_job_total_steps{{{labels}}} 10.0" in text
@@ -132,10 +148,45 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
     assert 'qlora_sweeper_actions_total{action="failed"} 0.0' in text and "qlora_sweeper_last_sweep_timestamp_seconds" not in text
 
     assert sweep(settings, state.session_factory, state.celery)["failed"] == [lost]
-    text = client.get("/metrics").text
+    text = scrape(client)
     assert 'qlora_sweeper_actions_total{action="sweeps"} 1.0' in text
     assert 'qlora_sweeper_actions_total{action="failed"} 1.0' in text
     assert 'qlora_sweeper_actions_total{action="requeued"} 0.0' in text and 'qlora_sweeper_actions_total{action="resent"} 0.0' in text
     [last] = [line for line in text.splitlines() if line.startswith("qlora_sweeper_last_sweep_timestamp_seconds ")]
     assert abs(float(last.split()[1]) - time.time()) < 60
     assert 'qlora_jobs{status="failed"} 1.0' in text and 'qlora_jobs{status="running"} 1.0' in text
+
+
+def test_metrics_are_served_on_their_own_port_only(client, settings, tmp_path, database_url, redis_url, queue_name, models_dir):
+    """They name running jobs, workers and every project's counts: not on the API's port, with or without a key."""
+    from tests.api.helpers import KEY_A
+
+    assert "qlora_api_requests_total" in scrape(client)
+    assert client.get("/metrics").status_code == 404 and client.get("/metrics", headers=KEY_A).status_code == 404
+    assert "/metrics" not in client.get("/openapi.json").json()["paths"]
+    # A port already taken: the API does not start (without its metrics, unnoticed).
+    with pytest.raises(OSError):
+        with TestClient(create_app(make_settings(tmp_path / "b", database_url, redis_url, queue_name, models_dir,
+                                                 metrics_port=settings.metrics_port))):
+            pass
+
+
+def test_callers_cannot_add_label_values(client):
+    """Methods and paths are the caller's choice: the series stay those of a fixed set of methods and the app's own
+    route templates, however many different ones are sent."""
+    from api.metrics import METHODS, route_templates
+    from tests.api.helpers import KEY_A
+
+    rng = random.Random(0)
+    for i in range(60):
+        method = "".join(rng.choices(string.ascii_uppercase, k=12))
+        path = rng.choice(["/v1/files", f"/v1/files/file-{i}", f"/ui/{i}.js", f"/nowhere/{i}", "/healthz"])
+        assert client.request(method, path, headers=KEY_A).status_code < 500
+    client.request("get", "/healthz")  # methods are case-sensitive: this one is not GET either
+    templates = {template for _, template in route_templates(client.app)} | {"unrouted"}
+    series = [line for line in scrape(client).splitlines() if line.startswith("qlora_api_requests_total{")]
+    methods = {line.split('method="')[1].split('"')[0] for line in series}
+    routes = {line.split('route="')[1].split('"')[0] for line in series}
+    assert methods <= METHODS | {"other"} and "other" in methods, methods
+    assert routes <= templates and "/ui/{path}" in routes, routes
+    assert len(series) < 30, series

@@ -17,7 +17,7 @@ from core.models import File as FileRow
 from tests.api.conftest import make_settings
 from tests.api.helpers import KEY_A, KEY_B, MODEL, assert_error, chat_jsonl, create_job_ok, db, queued_tasks, upload_ok
 from tests.conftest import free_port
-from worker.sweeper import send_unsent_exports
+from worker.sweeper import sweep
 
 
 def _stored_file(client, tmp_path, project: str, filename: str, content: bytes) -> FileRow:
@@ -134,6 +134,8 @@ def test_export_routes(client, tmp_path, redis_url, queue_name):
     job_id = done["job_id"]
     queued_job = create_job_ok(client, upload_ok(client)["id"])
     assert_error(client.post(_export_url(queued_job["id"]), headers=KEY_A), 409, code="job_not_succeeded", param="job_id")
+    # Cancelled, it frees the project's one place on the training queue, which the export takes (core/dispatch.py).
+    assert client.post(f"/v1/fine_tuning/jobs/{queued_job['id']}/cancel", headers=KEY_A).status_code == 200
     assert_error(client.post(_export_url(job_id), headers=KEY_B), 404, code="job_not_found", param="job_id")
     assert_error(client.post(_export_url("ftjob-nope"), headers=KEY_A), 404, code="job_not_found", param="job_id")
 
@@ -194,10 +196,10 @@ def test_an_export_the_broker_did_not_take_is_sent_by_the_sweeper(tmp_path, sqli
             def send_task(self, name, args=None, queue=None, expires=None, **_):  # noqa: ANN001, ANN202
                 self.sent.append((name, list(args or []), queue))
 
-        celery = Recording()
-        assert send_unsent_exports(settings, client.app.state.session_factory, celery) == [export["id"]]
+        celery = Recording()  # the broker is back: the sweep's dispatch sends the export at its project's turn
+        assert sweep(settings, client.app.state.session_factory, celery)["sent"] == [export["id"]]
         assert celery.sent == [("qlora.export", [export["id"]], queue_name)]
-        assert send_unsent_exports(settings, client.app.state.session_factory, celery) == []  # sent: not again
+        assert sweep(settings, client.app.state.session_factory, celery)["sent"] == []  # sent: not again
 
 
 def test_an_export_is_refused_when_the_project_is_over_its_stored_bytes(tmp_path, database_url, redis_url, queue_name, models_dir):
@@ -229,3 +231,66 @@ def test_an_export_is_refused_when_the_merged_model_would_pass_the_stored_bytes(
         assert answer.status_code == status, answer.json()
         if status == 429:
             assert "a merged model of about 4096 more" in answer.json()["error"]["message"]
+
+
+def test_an_export_storm_under_a_quota_that_fits_one_merge_runs_one(tmp_path, database_url, redis_url, queue_name, models_dir):
+    """Each accepted export reserves its merged model's size until it is stored (core/quotas.py): N exports of N
+    jobs against a limit with room for one merge are one export queued and N-1 answers 429."""
+    from sqlalchemy import func
+
+    (models_dir / MODEL / "model.safetensors").write_bytes(b"\0" * 4096)
+    with TestClient(create_app(make_settings(tmp_path, database_url, redis_url, queue_name, models_dir))) as client:
+        jobs = [finished_job(client, tmp_path)["job_id"] for _ in range(3)]
+        with db(client) as session:
+            stored = session.scalar(select(func.sum(FileRow.bytes)))
+    settings = make_settings(tmp_path, database_url, redis_url, queue_name, models_dir, max_stored_bytes_per_project=stored + 4096 + 100)
+    with TestClient(create_app(settings)) as client:
+        answers = [client.post(_export_url(job_id), headers=KEY_A) for job_id in jobs]
+        assert [a.status_code for a in answers] == [200, 429, 429], [a.json() for a in answers]
+        error = answers[1].json()["error"]
+        assert error["code"] == "quota_exceeded" and "4096 bytes reserved by uploads and merged exports not yet stored" in error["message"]
+        with db(client) as session:
+            queued = session.scalars(select(Export.id).where(Export.status == "queued")).all()
+        assert queued == [answers[0].json()["id"]]
+        assert [t for t in queued_tasks(redis_url, queue_name) if t[0] == "qlora.export"] == [("qlora.export", queued)]
+        # Once that export is over (failed here), its reservation is released: the next one is accepted.
+        with db(client) as session:
+            session.get(Export, _seq_of(session, queued[0])).status = "failed"
+        assert client.post(_export_url(jobs[1]), headers=KEY_A).status_code == 200
+
+
+def test_an_export_of_a_job_on_a_prequantized_base_is_refused(client, tmp_path, models_dir):
+    """A GPTQ/AWQ base stores 4-bit weights: nothing 16-bit to merge into, so no merged export (a 400 saying so)."""
+    import json
+
+    done = finished_job(client, tmp_path)
+    config_path = models_dir / MODEL / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}))
+    error = assert_error(client.post(_export_url(done["job_id"]), headers=KEY_A), 400, code="unsupported_model", param="job_id")
+    assert "pre-quantized (gptq)" in error["message"] and "not supported" in error["message"]
+    with db(client) as session:
+        assert session.scalars(select(Export.id).where(Export.status == "queued")).all() == []
+
+
+def test_an_export_waits_its_projects_turn_on_the_training_queue(tmp_path, database_url, redis_url, queue_name, models_dir):
+    """An export takes one of its project's places on the training queue, as a job does (core/dispatch.py): with one
+    place, taken by a job sent and waiting, the export waits unsent; the job's end sends it."""
+    from tests.job_ended import deliver_job_ended
+
+    settings = make_settings(tmp_path, database_url, redis_url, queue_name, models_dir, max_running_jobs_per_project=1)
+    with TestClient(create_app(settings)) as client:
+        done = finished_job(client, tmp_path)
+        waiting_job = create_job_ok(client, upload_ok(client)["id"])
+        export = client.post(_export_url(done["job_id"]), headers=KEY_A).json()
+        assert export["status"] == "queued"
+        assert [t for t in queued_tasks(redis_url, queue_name) if t[0] == "qlora.export"] == []
+        with db(client) as session:
+            assert session.scalar(select(Export.enqueued_at).where(Export.id == export["id"])) is None
+        assert client.post(f"/v1/fine_tuning/jobs/{waiting_job['id']}/cancel", headers=KEY_A).status_code == 200
+        deliver_job_ended(redis_url, settings, client.app.state.session_factory, client.app.state.celery)
+        assert [t for t in queued_tasks(redis_url, queue_name) if t[0] == "qlora.export"] == [("qlora.export", [export["id"]])]
+        # Sent, the export holds that place: the project's next job waits for it.
+        next_job = create_job_ok(client, upload_ok(client)["id"])
+        with db(client) as session:
+            assert session.scalar(select(Job.enqueued_at).where(Job.id == next_job["id"])) is None

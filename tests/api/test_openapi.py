@@ -37,7 +37,7 @@ def test_every_v1_operation_documents_the_envelope_errors_every_request_may_get(
     for path, method, operation in operations(spec):
         if not path.startswith("/v1/"):
             continue
-        assert {"400", "401", "413"} <= set(operation["responses"]), (method, path)
+        assert {"400", "401", "413", "415"} <= set(operation["responses"]), (method, path)
         for status, response in operation["responses"].items():
             if status.startswith(("4", "5")):
                 assert response["content"]["application/json"]["schema"] == ENVELOPE, (method, path, status)
@@ -45,11 +45,11 @@ def test_every_v1_operation_documents_the_envelope_errors_every_request_may_get(
 
 
 def test_each_operation_documents_its_own_errors(spec):
-    assert statuses(spec, "/v1/fine_tuning/jobs", "POST") == {"200", "400", "401", "413", "429"}
-    assert statuses(spec, "/v1/files", "POST") == {"200", "400", "401", "413", "429"}
-    assert statuses(spec, "/v1/fine_tuning/jobs/{job_id}/export", "POST") == {"200", "400", "401", "404", "409", "413", "429"}
-    assert statuses(spec, "/v1/models/{model_id}", "DELETE") == {"200", "400", "401", "403", "404", "413"}
-    assert statuses(spec, "/v1/chat/completions", "POST") == {"200", "400", "401", "404", "413", "500", "503"}
+    assert statuses(spec, "/v1/fine_tuning/jobs", "POST") == {"200", "400", "401", "413", "415", "429"}
+    assert statuses(spec, "/v1/files", "POST") == {"200", "400", "401", "413", "415", "429"}
+    assert statuses(spec, "/v1/fine_tuning/jobs/{job_id}/export", "POST") == {"200", "400", "401", "404", "409", "413", "415", "429"}
+    assert statuses(spec, "/v1/models/{model_id}", "DELETE") == {"200", "400", "401", "403", "404", "413", "415"}
+    assert statuses(spec, "/v1/chat/completions", "POST") == {"200", "400", "401", "404", "413", "415", "429", "500", "503"}
     for path in ("/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/fine_tuning/jobs/{job_id}",
                  "/v1/fine_tuning/jobs/{job_id}/cancel", "/v1/fine_tuning/jobs/{job_id}/events",
                  "/v1/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/content", "/v1/models/{model_id}"):

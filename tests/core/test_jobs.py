@@ -31,7 +31,7 @@ from core.jobs import (
     sweep_lost_jobs,
     transition,
 )
-from core.models import Checkpoint, Job, JobEvent, JobMetric, Project
+from core.models import Checkpoint, Job, JobEvent, JobMetric, JobOutbox, Project
 
 TIMEOUT_S = 120.0
 MAX_ATTEMPTS = 3
@@ -154,6 +154,10 @@ def test_transition_follows_the_table(session_factory, source, target):
         assert job.finished_at is not None and abs(job.finished_at - time.time()) < 60
     else:
         assert job.finished_at is None
+    # "A job ended" is one outbox row, written with the move to a terminal status and only then.
+    with session_factory() as session:
+        ended = session.execute(select(JobOutbox.status).where(JobOutbox.job_id == job_id)).scalars().all()
+    assert ended == ([target.value] if allowed and target in TERMINAL else [])
 
 
 def test_transition_only_from_narrows_the_sources(session_factory):

@@ -238,7 +238,11 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     page.screenshot(path=shots / "job-1280.png", full_page=True)
     # Phone width: the job page has no horizontal scroll (tables and charts fit or scroll inside themselves).
     page.set_viewport_size({"width": 375, "height": 800})
-    page.wait_for_function("document.querySelector('[data-chart=loss] canvas').getBoundingClientRect().width <= 375")
+    # The page's CSP (no 'unsafe-eval') refuses wait_for_function's string predicate: wait by polling the layout.
+    chart = page.locator("[data-chart=loss] canvas")
+    deadline = time.monotonic() + 10
+    while chart.bounding_box()["width"] > 375 and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
     assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth"), \
         page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     page.screenshot(path=shots / "job-375.png", full_page=True)

@@ -253,11 +253,15 @@ class StopForward(Exception):
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "peft"])
 def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples, lean):
-    """The estimate of an 'off' layer (what gradient_checkpointing=auto trades against recomputation) equals
-    the bytes autograd saves in one decoder layer on a real forward pass with the defaults (bf16 autocast,
-    varlen attention, LoRA with dropout on every linear), counted once per storage, weights excluded. Without
-    lean activations the CPU stores peft's dropout masks in the input dtype (2 bytes) where CUDA stores bool (1
-    byte, what the estimate counts); lean layers keep no mask at all."""
+    """The estimate of an 'off' layer (what gradient_checkpointing=auto trades against recomputation) is what
+    autograd saves in one decoder layer on a real forward pass with the defaults (bf16 autocast, varlen
+    attention, LoRA with dropout on every linear), counted once per storage, weights excluded. The estimate
+    models CUDA's kernels; the CPU's differ by terms named below, so the count holds for the one CPU attention
+    kernel pinned here (SDPA's flash kernel: another backend, e.g. the math one, keeps the s^2 scores), on every
+    ISA. Without lean activations the CPU stores peft's dropout masks in the input dtype (2 bytes) where CUDA
+    stores bool (1 byte, what the estimate counts); lean layers keep no mask at all."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from worker.training.model import decoder_layers
 
     cfg = TrainingConfig(gradient_checkpointing="off", lean_activations=lean, compute_dtype="bf16")  # the count is of bf16 bytes
@@ -265,6 +269,9 @@ def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples,
     built.model.train()
     resident = {t.untyped_storage().data_ptr() for t in list(built.model.parameters()) + list(built.model.buffers())}
     layer = decoder_layers(built.model)[0]
+    # .train() must not give the layers other forwards (transformers' Hub kernels did, undoing lean.apply).
+    lean_forwards = {name: "forward" in vars(m) for name, m in layer.named_modules() if name.endswith(("norm", "mlp"))}
+    assert lean_forwards == dict.fromkeys(lean_forwards, lean) and len(lean_forwards) == 3, lean_forwards
     seen: dict[int, int] = {}
     active = [False]
 
@@ -277,7 +284,7 @@ def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples,
     layer.register_forward_pre_hook(lambda *a: active.__setitem__(0, True))
     layer.register_forward_hook(lambda *a: active.__setitem__(0, False))
     batch = collate_packed(examples)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         forward_loss(built.model, batch, built.device, torch.bfloat16, True)
     tokens = batch["input_ids"].numel()
     config = read_model_config(tiny_model_dir)
@@ -289,7 +296,7 @@ def test_estimate_counts_what_an_unchecked_layer_saves(tiny_model_dir, examples,
         cpu_masks = tokens * sum(fan_in for fan_in, _ in linear_shapes(config).values())  # +1 byte per mask element
         assert sum(seen.values()) == pytest.approx(one_layer + cpu_masks, rel=0.02), (sum(seen.values()), one_layer, cpu_masks)
         return
-    # Lean: exact, once two things of this particular count are named. The CPU's per-example attention returns a
+    # Lean: exact with the pinned kernel, once two CPU terms are named. The CPU's per-example attention returns a
     # fresh output tensor (CUDA's varlen kernel returns the one it keeps, which o_proj's LoRA then shares); and
     # RoPE's cos/sin (shared by all layers, counted outside them) are first seen in layer 0. (Layer 0's input norm
     # keeps nothing, its input needing no gradient, but the q/k/v branch then keeps that input and scale itself.)

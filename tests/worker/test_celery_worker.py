@@ -28,6 +28,7 @@ from core.models import Export
 from core.queue import control_queue, make_celery, send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import LocalStorage
+from tests.job_ended import outbox_rows
 from tests.worker.helpers import checkpoints, create_job, events, get_job, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,6 +180,9 @@ def test_embedded_mode_worker_with_sqlite_and_the_sqlalchemy_broker(sqlite_url, 
             device = "cuda" if torch.cuda.is_available() else "cpu"
             assert any(e.message.startswith("Model loaded") and e.message.endswith(f"device={device}") for e in events(factory, job_id))
             assert "qlora.sweep" in log_path.read_text()  # beat runs over the same broker
+            # The job's end, announced by the worker's commit over the same broker, handled by the same worker.
+            wait_until(lambda: [r.handled_at is not None for r in outbox_rows(factory, job_id)] == [True], JOB_TIMEOUT_S, interval_s=0.25,
+                       message="the job's end handled (qlora.job_ended)")
     finally:
         engine.dispose()
 

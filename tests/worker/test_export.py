@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from api.main import create_app
 from core import ids
@@ -244,3 +244,32 @@ def test_a_running_export_writes_a_heartbeat_and_the_sweeper_fails_one_whose_hea
     assert get_export(session_factory, alive).status == "running"
     last = events(session_factory, job_id)[-1]
     assert last.level == "error" and lost in last.message
+
+
+def test_a_merge_past_the_stored_bytes_at_commit_is_failed_and_deleted(make_settings, session_factory, storage, succeeded_job,
+                                                                       monkeypatch, tmp_path):
+    """The worker checks the quota again with the merged file's real size, under the project's lock: a merge that no
+    longer fits (the request's reservation was an estimate; other files came since) fails with quota_exceeded and
+    leaves nothing stored. The export's own reservation does not count against it."""
+    job_id, _ = succeeded_job
+    with session_scope(session_factory) as session:
+        stored = session.scalar(select(func.sum(File.bytes)))
+    monkeypatch.setattr(export_worker, "merge_adapter", fake_merge)
+    export_id = add_export(session_factory, job_id)
+    with session_scope(session_factory) as session:  # reserved at the request: counted for other exports, not itself
+        session.execute(update(Export).where(Export.id == export_id).values(reserved_bytes=10**6))
+    before = local_objects(tmp_path / "objects")
+    settings = make_settings(max_stored_bytes_per_project=stored + 10)  # the packed merge is larger than 10 bytes
+    assert export_worker.run_export(export_id, settings, session_factory, storage) == export_worker.FAILED
+    export = get_export(session_factory, export_id)
+    assert export.status == "failed" and export.error["code"] == "quota_exceeded" and export.file_id is None
+    assert "QLORA_MAX_STORED_BYTES_PER_PROJECT" in export.error["message"]
+    assert merged_files(session_factory) == [] and local_objects(tmp_path / "objects") == before
+
+    fits = add_export(session_factory, job_id)
+    with session_scope(session_factory) as session:
+        session.execute(update(Export).where(Export.id == fits).values(reserved_bytes=10**6))
+    moved_up: list[str] = []  # an export holds a place of its project on the training queue: claim and end pass it on
+    assert export_worker.run_export(fits, make_settings(max_stored_bytes_per_project=stored + 10**6), session_factory,
+                                    storage, dispatch_next=moved_up.append) == export_worker.SUCCEEDED
+    assert moved_up == [PROJECT, PROJECT]

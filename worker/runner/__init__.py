@@ -59,8 +59,8 @@ PAUSED = "paused"  # paused on request after a step, with a checkpoint to resume
 def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Session], storage: ObjectStorage,
             worker_id: str | None = None, dispatch_next: Callable[[str], object] | None = None) -> str:
     """Run job `job_id` to its end on this worker. Returns one of NOT_CLAIMED, SUCCEEDED, FAILED, STOPPED.
-    `dispatch_next(project)` is called once the job is claimed and again when it ends, so that the project's next
-    queued job is sent (core/dispatch.py)."""
+    `dispatch_next(project)` is called once the job is claimed, so that the project's next queued job is sent
+    (core/dispatch.py); what follows the job's end is core/job_events.py's, announced by the commit that ends it."""
     with logs.bound(job_id=job_id):  # every line logged meanwhile carries the job's id
         return _run_job(job_id, settings, session_factory, storage, worker_id or default_worker_id(), dispatch_next)
 
@@ -101,8 +101,6 @@ def _run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sess
         beat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     log.info("job %s on %s: %s", job_id, worker_id, outcome)
-    if dispatch_next is not None:
-        dispatch_next(project)
     return outcome
 
 

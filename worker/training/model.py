@@ -336,6 +336,10 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
     from peft import LoraConfig, get_peft_model
 
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if getattr(model, "use_kernels", False):
+        # transformers (with the `kernels` package, a dependency since 5.2x) swaps the norms' forwards for Hub
+        # kernels at load and again on every .train()/.eval(), which would silently undo lean.apply below.
+        model.use_kernels = False  # back to torch's forwards, and no re-kernelizing
     for param in model.parameters():
         param.requires_grad_(False)
     apply_checkpoint_plan(model, plan, cfg.lora_r)
