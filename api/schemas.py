@@ -11,8 +11,9 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from contract.hyperparameters import Hyperparameters, wire_hyperparameters
+from contract.hyperparameters import Hyperparameters, method_object, wire_hyperparameters
 from contract.metrics import finite_floats
+from contract.options import METHODS
 from core.models import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, now
 
 T = TypeVar("T")
@@ -130,7 +131,7 @@ class FineTuningJob(BaseModel):
             training_file=row.training_file,
             validation_file=row.validation_file,
             hyperparameters=hyperparameters,
-            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            method=method_object(row.training_config["method"], hyperparameters),
             result_files=list(row.result_files or []),
             seed=row.training_config["seed"],
             error=JobError(**row.error) if row.error else None,
@@ -260,7 +261,9 @@ class SupervisedMethod(_ClosedBody):
 
 
 class Method(_ClosedBody):
-    type: str = Field(description="Only 'supervised' is supported.")
+    # A string, not a Literal, so that an unsupported method gets the clear 400 of api.hyperparameters; the schema
+    # lists the supported ones (the dashboard offers them).
+    type: str = Field(description="The training method.", json_schema_extra={"enum": list(METHODS)})
     supervised: SupervisedMethod | None = None
     # Accepted here so that a 'dpo' or 'reinforcement' request gets the clear "not supported" answer.
     dpo: dict[str, Any] | None = None

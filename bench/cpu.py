@@ -99,13 +99,13 @@ def summarise(name: str, steps: list[tuple[int, float, float]], warm: int, **ext
 
 def run_engine(model_dir: Path, data: Path, args, workdir: Path, name: str = "engine defaults", **options) -> dict:
     from contract.options import TrainingConfig
-    from worker.training.trainer import TrainingJob, train
+    from worker.training.trainer import TrainingRequest, train
 
     cfg = TrainingConfig(batch_size=args.batch_size, micro_batch_size=args.batch_size, max_seq_length=args.max_seq_length,
                          max_steps=args.warm + args.steps, shuffle=False, checkpoint_every=10_000, **options)
     sink = StepTimes()
     started = time.perf_counter()
-    train(TrainingJob(model_dir, data, workdir / name.replace(" ", "-"), cfg), sink)
+    train(TrainingRequest(model_dir, data, workdir / name.replace(" ", "-"), cfg), sink)
     loaded = next(m for m in sink.events if m.startswith("Model loaded"))
     return summarise(name, sink.steps, args.warm, wall_seconds=round(time.perf_counter() - started, 1), model_loaded=loaded)
 
@@ -116,9 +116,8 @@ def run_plain(model_dir: Path, data: Path, args, dtype_name: str, checkpointing:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from contract.data_format import load_examples
-    from worker.training.data import collate_padded, tokenize_examples
+    from worker.training.data import collate_padded, load_tokenizer, tokenize_examples
     from worker.training.model import DTYPES
-    from worker.training.trainer import load_tokenizer
 
     started = time.perf_counter()
     dtype = DTYPES[dtype_name]

@@ -283,11 +283,12 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
     """One engine variant on `base`: adapters, plan and options from `cfg`, the trainer's loss and optimizer.
     Returns (result, base with the adapters removed)."""
     from contract.memory import LAYER_MODES, estimate_memory
-    from worker.training import lean
+    from worker.training import lean_activations
     from worker.training.data import collate_packed
     from worker.training.model import add_adapters, decide_for_device
-    from worker.training.optim import build_optimizer
-    from worker.training.trainer import autocast_dtype, clip_and_norm, forward_loss
+    from worker.training.objectives.sft import forward_loss
+    from worker.training.optim import build_optimizer, clip_and_norm
+    from worker.training.runtime import autocast_dtype
     from worker.training.tunables import LOSS_CHUNK_TOKENS
 
     choices = decide_for_device(cfg, device, model_config=model_config, tokens_per_micro_batch=tokens_per_micro)
@@ -323,7 +324,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
                   options={k: v for k, v in cfg.resolved().items() if k in ("attn_implementation", "fused_cross_entropy",
                                                                             "gradient_checkpointing", "memory_budget_gb",
                                                                             "micro_batch_tokens", "lean_activations", "fused_kernels")},
-                  fused_kernels_on=fused_on, fused_kernels_failed=lean.fused_fallbacks() if fused_on else None)
+                  fused_kernels_on=fused_on, fused_kernels_failed=lean_activations.fused_fallbacks() if fused_on else None)
     base = model.unload()  # the frozen base without adapters, for the next variant
     optimizer = model = built = None
     free_memory(device)
@@ -334,7 +335,8 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
     """The optimized path's loss equals the plain path's on the same packed batch and weights."""
     from worker.training.data import collate_packed
     from worker.training.model import add_adapters, decoder_layers
-    from worker.training.trainer import autocast_dtype, forward_loss
+    from worker.training.objectives.sft import forward_loss
+    from worker.training.runtime import autocast_dtype
 
     batch = collate_packed(groups[0])
     out = {}
@@ -359,7 +361,7 @@ def loss_guard(base, groups: list[list], device: torch.device) -> dict:
 
 def versions() -> dict:
     """The trainer's version record (what every checkpoint stores) plus the CUDA version."""
-    from worker.training.trainer import versions as engine_versions
+    from worker.training.runtime import versions as engine_versions
 
     return {**engine_versions(), "cuda": torch.version.cuda}
 

@@ -107,7 +107,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainingConfig(**spec["options"])
     sink = StepTimes()
     started = time.perf_counter()
-    trainer.train(trainer.TrainingJob(Path(spec["model"]), Path(spec["data"]), Path(spec["workdir"]), cfg), sink)
+    trainer.train(trainer.TrainingRequest(Path(spec["model"]), Path(spec["data"]), Path(spec["workdir"]), cfg), sink)
     result = summarise(spec["label"], sink.steps, spec["warm"], wall_seconds=round(time.perf_counter() - started, 1))
     result["seconds_per_step"] = round(result["seconds"] / max(result["timed_steps"], 1), 3)
     result.update(captured, peak_rss_bytes=_status_bytes("VmHWM"), options=spec["options"],

@@ -83,10 +83,10 @@ class Traffic(TorchDispatchMode):
 
 def one_pass_kernels(traffic: Traffic):
     """The lean kernels, each run eagerly but counted as one fused pass over its inputs and outputs."""
-    from worker.training import lean
+    from worker.training import lean_activations
 
     def counted(name):
-        eager = getattr(lean.EAGER, name)
+        eager = getattr(lean_activations.EAGER, name)
 
         def kernel(*args):
             traffic.inside_kernel = True
@@ -100,17 +100,17 @@ def one_pass_kernels(traffic: Traffic):
 
         return kernel
 
-    return lean.Kernels(*(counted(f.name) for f in dataclasses.fields(lean.Kernels)))
+    return lean_activations.Kernels(*(counted(f.name) for f in dataclasses.fields(lean_activations.Kernels)))
 
 
 def count(widths: dict, variant: str, tokens: int) -> dict:
     from transformers import LlamaConfig
 
     from bench.random_base import build_random_base
-    from worker.training import lean
+    from worker.training import lean_activations
     from worker.training.data import collate_packed
     from worker.training.model import add_adapters, decide_for_device, decoder_layers
-    from worker.training.trainer import forward_loss
+    from worker.training.objectives.sft import forward_loss
 
     config = LlamaConfig(vocab_size=512, num_hidden_layers=2, max_position_embeddings=max(4096, tokens), **widths)
     cfg = perf.engine_config(gradient_checkpointing="off", lean_activations=variant != "peft", fused_kernels="off")
@@ -123,7 +123,7 @@ def count(widths: dict, variant: str, tokens: int) -> dict:
     if variant == "lean+fused":
         kernels = one_pass_kernels(traffic)
         for module in model.modules():
-            if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) in (lean.rmsnorm_forward, lean.mlp_forward):
+            if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) in (lean_activations.rmsnorm_forward, lean_activations.mlp_forward):
                 module.__dict__["lean_kernels"] = kernels
     layer = decoder_layers(model)[1]
     layer.register_forward_pre_hook(lambda *a: setattr(traffic, "on", True))
@@ -149,7 +149,7 @@ def kernel_times(widths: dict, tokens: int, repeats: int = 5) -> dict:
     """Milliseconds per call of each lean kernel, eager and compiled, on the CPU with one thread."""
     import time
 
-    from worker.training import lean
+    from worker.training import lean_activations
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -158,19 +158,19 @@ def kernel_times(widths: dict, tokens: int, repeats: int = 5) -> dict:
         x, grad = (torch.randn(1, tokens, hidden, dtype=torch.bfloat16) for _ in range(2))
         weight = torch.randn(hidden, dtype=torch.bfloat16)
         gate, up, grad_h = (torch.randn(1, tokens, inter, dtype=torch.bfloat16) for _ in range(3))
-        _out, rstd = lean.EAGER.rms_forward(x, weight, 1e-5)
+        _out, rstd = lean_activations.EAGER.rms_forward(x, weight, 1e-5)
         cases = {"rms_forward": (x, weight, 1e-5), "rms_backward": (grad, x, weight, rstd), "normed": (x, weight, rstd),
                  "swiglu": (gate, up), "swiglu_backward": (grad_h, gate, up)}
         times = {}
         for name, args in cases.items():
             row = {}
-            for kind, fn in (("eager_ms", getattr(lean.EAGER, name)), ("compiled_ms", getattr(lean.compiled_kernels(), name))):
+            for kind, fn in (("eager_ms", getattr(lean_activations.EAGER, name)), ("compiled_ms", getattr(lean_activations.compiled_kernels(), name))):
                 fn(*args)  # compiles (once per process) and warms up
                 start = time.perf_counter()
                 for _ in range(repeats):
                     fn(*args)
                 row[kind] = round((time.perf_counter() - start) / repeats * 1000, 2)
-            row["compiled"] = name not in lean.fused_fallbacks()
+            row["compiled"] = name not in lean_activations.fused_fallbacks()
             times[name] = row
         return times
     finally:

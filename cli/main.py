@@ -25,6 +25,8 @@ from cli.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from contract.job_file import SERVICE_KEYS, JobFileError, read_job_file
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+# OpenAI's method.type when a request names none; --method names any other the service supports (docs/training.md).
+DEFAULT_METHOD = "supervised"
 
 
 class UsageError(Exception):
@@ -177,8 +179,8 @@ def job_request(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
     metadata = {**(request.get("metadata") or {}), **key_values(args.metadata, "--metadata", typed=False)}
     if metadata:
         request["metadata"] = {str(k): str(v) for k, v in metadata.items()}
-    if hyper:
-        request["method"] = {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+    if hyper or args.method != DEFAULT_METHOD:
+        request["method"] = {"type": args.method, args.method: {"hyperparameters": hyper}}
     for required in ("model", "training_file"):
         if required not in request:
             raise UsageError(f"a job needs --{required.replace('_', '-')} (or `{required}:` in the job file)")
@@ -458,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--validation-file", help="a file id, or a local JSONL file to upload first")
     p.add_argument("--suffix", help="part of the fine-tuned model's name")
     p.add_argument("--seed", type=int)
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"the training method, OpenAI's method.type (default {DEFAULT_METHOD})")
     p.add_argument("--n-epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)

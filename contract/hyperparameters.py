@@ -7,8 +7,10 @@ the engine options' of the same name, one set for the API and the engine):
 - `learning_rate_multiplier` > 0, auto -> 1.0: the engine's learning_rate is multiplier x 2e-4 (its default).
 Every other key is an engine option (`lora_r`, `quant_type`, `max_steps`, ...), checked by `TrainingConfig`
 itself. `resolve` validates the object once, at the request; a job stores the object as given and the resolved
-`TrainingConfig` (`resolved()`), and `wire_hyperparameters` renders what the wire shows from those two: the three OpenAI keys as
-numbers plus every engine option. `Hyperparameters` is the typed shape of the object for the OpenAPI schema.
+`TrainingConfig` (`resolved()`), and `wire_hyperparameters` renders what the wire shows from those two: the three OpenAI
+keys as numbers plus every engine option; `method_object` wraps that in the job's `method` (the config's `method`
+option, which the request sets with `method.type`, never among the hyperparameters). `Hyperparameters` is the typed
+shape of the object for the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from contract.options import ConfigError, TrainingConfig, unused_options
+
+DEFAULT_METHOD: str = TrainingConfig.model_fields["method"].default
 
 BASE_LEARNING_RATE: float = TrainingConfig.model_fields["learning_rate"].default
 DEFAULT_MICRO_BATCH: int = TrainingConfig.model_fields["micro_batch_size"].default
@@ -72,13 +76,14 @@ def _micro_batch_for(batch_size: int) -> int:
     return max(d for d in range(1, DEFAULT_MICRO_BATCH + 1) if batch_size % d == 0)
 
 
-def resolve(given: Mapping[str, Any], *, seed: int) -> tuple[TrainingConfig, dict[str, Any]]:
-    """Build the engine config from a hyperparameters object and return it with the values the wire shows (`wire_hyperparameters`).
-    Raises ConfigError whose `param` is a key of `given`; naming an option that has no effect with the others is
-    an error too."""
+def resolve(given: Mapping[str, Any], *, seed: int, method: str = DEFAULT_METHOD) -> tuple[TrainingConfig, dict[str, Any]]:
+    """Build the engine config of a `method` job from a hyperparameters object and return it with the values the wire
+    shows (`wire_hyperparameters`). Raises ConfigError whose `param` is a key of `given`; naming an option that has no
+    effect with the others is an error too."""
     values = dict(given)
-    if "seed" in values:
-        raise ConfigError("Set the seed with the top-level 'seed' parameter, not in hyperparameters", param="seed")
+    for key, where in (("seed", "the top-level 'seed' parameter"), ("method", "'method.type'")):
+        if key in values:
+            raise ConfigError(f"Set the {key} with {where}, not in hyperparameters", param=key)
     openai = _read_openai_keys(values)
     for name in ("n_epochs", "batch_size"):  # 'auto': the engine's default
         value = getattr(openai, name)
@@ -91,7 +96,7 @@ def resolve(given: Mapping[str, Any], *, seed: int) -> tuple[TrainingConfig, dic
             raise ConfigError("Set either 'learning_rate' or 'learning_rate_multiplier', not both", param="learning_rate")
         values["learning_rate"] = multiplier * BASE_LEARNING_RATE
 
-    values["seed"] = seed
+    values.update(seed=seed, method=method)
     if "micro_batch_size" not in values and values.get("micro_batch_tokens") is None and batch_size % DEFAULT_MICRO_BATCH:
         values["micro_batch_size"] = _micro_batch_for(batch_size)
     try:
@@ -119,13 +124,19 @@ def wire_hyperparameters(given: Mapping[str, Any], config: Mapping[str, Any]) ->
     if _is_auto(multiplier):
         multiplier = config["learning_rate"] / BASE_LEARNING_RATE
     echoed = {"n_epochs": config["n_epochs"], "batch_size": config["batch_size"], "learning_rate_multiplier": float(multiplier)}
-    return echoed | {k: v for k, v in config.items() if k not in echoed}
+    return echoed | {k: v for k, v in config.items() if k not in echoed and k != "method"}
+
+
+def method_object(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """A job's `method` as the wire shows it (OpenAI's shape), from its config's `method` and `wire_hyperparameters`:
+    {"type": "supervised", "supervised": {"hyperparameters": {...}}}."""
+    return {"type": method, method: {"hyperparameters": hyperparameters}}
 
 
 def _schema_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {name: (field.annotation, field) for name, field in OpenAIHyperparameters.model_fields.items()}
     for name, field in TrainingConfig.model_fields.items():
-        if name not in fields and name != "seed":  # the seed is the job's top-level `seed`
+        if name not in fields and name not in ("seed", "method"):  # the job's top-level `seed` and `method.type`
             fields[name] = (field.annotation, field)
     return fields
 

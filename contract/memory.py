@@ -257,7 +257,7 @@ def _as_planned(cfg: TrainingConfig) -> TrainingConfig:
 
 
 def _lean_lora(cfg: TrainingConfig) -> bool:
-    """Whether the LoRA branches run lean.LoraBranch (lean activations; DoRA keeps peft's own path)."""
+    """Whether the LoRA branches run lean_activations.LoraBranch (lean activations; DoRA keeps peft's own path)."""
     return cfg.lean_activations and not cfg.use_dora
 
 
@@ -295,7 +295,7 @@ def _layer_saved_bytes_per_token(
     For Llama-3-8B with LoRA on all 7 linears, r=16, dropout 0.05, flash attention:
       23h + 7q + 4kv + 9i + 14r + 4*heads + 8  (q = heads*head_dim, kv = kv_heads*head_dim) = 256,360 bytes.
 
-    With lean_activations (worker/training/lean.py) three of those terms shrink:
+    With lean_activations (worker/training/lean_activations.py) three of those terms shrink:
       2 * (c*h + 4)         each RMSNorm keeps its input in the compute dtype (and the fp32 scale)
       2 * c * i             SwiGLU keeps gate and up; silu is recomputed
       c * r                 per adapted module: its input is rebuilt in backward (q/k/v and gate/up: the norm's
@@ -418,7 +418,7 @@ def estimate_memory(
     per_token = _layer_saved_bytes_per_token(s, cfg, shapes, targets, attn_per_token, attn_saves_output)
     # Per layer, not per token: the attention's s^2 tensors, and the compute-dtype copies of the fp32 LoRA
     # weights that autocast makes and the LoRA matmuls save (none without autocast, i.e. fp32 compute).
-    # (lean.LoraBranch casts the weights again in backward instead of keeping the casts.)
+    # (lean_activations.LoraBranch casts the weights again in backward instead of keeping the casts.)
     weight_casts = sum(cfg.lora_r * sum(shapes[name]) for name in targets) * c if c < 4 and not _lean_lora(cfg) else 0
     one_layer = tokens * per_token + rows * attn_s2_per_row + weight_casts
     # transformers' non-reentrant checkpointing per decoder layer keeps each checkpointed layer's input hidden

@@ -11,12 +11,15 @@ docs/training.md lists every option; keep the two in step.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from contract.errors import ConfigError
 
+# The training methods (OpenAI's `method.type`); each has an objective in worker/training/objectives/.
+Method = Literal["supervised"]
+METHODS: tuple[str, ...] = get_args(Method)
 QuantizationMode = Literal["4bit", "8bit", "hqq", "none", "gptq", "awq"]
 HqqBits = Literal[2, 3, 4, 8]
 QuantType = Literal["nf4", "fp4"]
@@ -44,6 +47,9 @@ class TrainingConfig(BaseModel):
     8-bit AdamW)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    # --- method -----------------------------------------------------------------------------------
+    method: Method = Field("supervised", description="The training method, OpenAI's method.type (set there, not among the hyperparameters). supervised: next-token cross-entropy on the target tokens.")
 
     # --- data -------------------------------------------------------------------------------------
     max_seq_length: int = Field(2048, ge=16, le=131072, description="Tokens per example; longer examples are truncated (and counted).")
@@ -84,7 +90,7 @@ class TrainingConfig(BaseModel):
     n_epochs: int = Field(3, ge=1, le=50, description="Passes over the training file, 1 to 50 (OpenAI's bounds; ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides n_epochs).")
     fused_cross_entropy: bool = Field(True, description="Compute the loss from the hidden states chunk by chunk, never holding the whole [tokens x vocabulary] logits. False: the plain head + cross-entropy.")
-    lean_activations: bool | Literal["auto"] = Field("auto", description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean.py); same results, so gradient_checkpointing=auto leaves more layers unchecked. auto: on with CUDA, off on the CPU.")
+    lean_activations: bool | Literal["auto"] = Field("auto", description="Keep fewer bytes per token for the backward pass and redo cheap work instead (worker/training/lean_activations.py); same results, so gradient_checkpointing=auto leaves more layers unchecked. auto: on with CUDA, off on the CPU.")
     fused_kernels: FusedKernels = Field("auto", description="Compile the elementwise math of lean_activations into fused kernels with torch.compile (the eager math runs if compiling fails, logged). auto: on with CUDA, off on the CPU. Needs lean_activations.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seeds data order, LoRA init and dropout.")
 

@@ -30,7 +30,7 @@ from core.jobs import add_event, heartbeat
 from core.model_names import checkpoint_model_name, fine_tuned_model_name
 from core.models import Checkpoint, Job, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
-from worker.retry import outlast
+from worker.retry import retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class DatabaseSink:
         archive = Path(name)
         try:
             pack_directory(Path(path), archive)
-            outlast(lambda: self.storage.put_file(key, archive), self.retry_window_s, f"job {self.job_id}: checkpoint upload")
+            retry_transient(lambda: self.storage.put_file(key, archive), self.retry_window_s, f"job {self.job_id}: checkpoint upload")
         finally:
             archive.unlink(missing_ok=True)
 
@@ -170,7 +170,7 @@ class DatabaseSink:
             self._discard(uploaded)
             return False
         try:
-            written = outlast(lambda: self._transaction(write), self.retry_window_s, f"job {self.job_id}: database write")
+            written = retry_transient(lambda: self._transaction(write), self.retry_window_s, f"job {self.job_id}: database write")
         except BaseException:
             self._discard(uploaded)
             raise

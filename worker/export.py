@@ -33,7 +33,7 @@ from core.quotas import QuotaExceeded, check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, StoredObject, delete_quietly
 from worker.database_sink import pack_directory
-from worker.retry import Outage, outlast
+from worker.retry import Outage, retry_transient
 from worker.runner import default_worker_id, remove_dead_workdirs, unpack_archive
 from worker.runner.claim import Heartbeat
 
@@ -137,7 +137,7 @@ def _run_export(export_id: str, settings: Settings, session_factory: sessionmake
         spec = _load_spec(session_factory, export_id)
         uploaded = _merge_and_upload(spec, settings, storage, workdir)
         stored = uploaded
-        committed = outlast(lambda: _commit(spec, worker_id, session_factory, stored, settings), settings.outage_retry_s,
+        committed = retry_transient(lambda: _commit(spec, worker_id, session_factory, stored, settings), settings.outage_retry_s,
                             f"export {export_id}: commit")
         if not committed:
             delete_quietly(storage, uploaded.key)
@@ -182,7 +182,7 @@ def _merge_and_upload(spec: ExportSpec, settings: Settings, storage: ObjectStora
     window = settings.outage_retry_s
     archive = workdir / "adapter.tar.gz"
     try:
-        outlast(lambda: storage.download(spec.adapter_key, archive), window, f"export {spec.id}: adapter download")
+        retry_transient(lambda: storage.download(spec.adapter_key, archive), window, f"export {spec.id}: adapter download")
     except ObjectNotFound:
         raise ExportFailure("adapter_not_found", f"The adapter of job {spec.job_id} is missing from object storage.") from None
     adapter_dir = unpack_archive(archive, workdir / "adapter")
@@ -191,7 +191,7 @@ def _merge_and_upload(spec: ExportSpec, settings: Settings, storage: ObjectStora
     packed = pack_directory(merged_dir, workdir / "merged.tar.gz")
     shutil.rmtree(merged_dir, ignore_errors=True)
     key = f"files/{ids.file_id()}"
-    return outlast(lambda: storage.put_file(key, packed), window, f"export {spec.id}: upload")
+    return retry_transient(lambda: storage.put_file(key, packed), window, f"export {spec.id}: upload")
 
 
 def _commit(spec: ExportSpec, worker_id: str, session_factory: sessionmaker[Session], stored: StoredObject,

@@ -1,7 +1,7 @@
 """Riding out brief outages of the database and the object store while a job trains.
 
 Every write of a running job (events, metrics, checkpoint rows and uploads, the final results) goes through
-`outlast`: a transient error (connection refused or lost, a timeout, an S3 5xx, a full disk) is retried with
+`retry_transient`: a transient error (connection refused or lost, a timeout, an S3 5xx, a full disk) is retried with
 exponential backoff for up to `Settings.outage_retry_s`, and the training loop, which calls the sink, waits
 meanwhile. An outage that lasts longer raises `Outage`: the run stops without failing the job, its heartbeat goes
 stale, and the sweeper resumes it from its last checkpoint. Any other error is raised at once.
@@ -53,8 +53,8 @@ def is_transient(exc: BaseException) -> bool:
     return cause is not None and cause is not exc and type(exc).__name__ == "S3UploadFailedError" and is_transient(cause)
 
 
-def outlast(action: Callable[[], T], window_s: float, what: str) -> T:
-    """Run `action`, retrying transient errors for up to `window_s` seconds; `Outage` if they outlast it."""
+def retry_transient(action: Callable[[], T], window_s: float, what: str) -> T:
+    """Run `action`, retrying transient errors for up to `window_s` seconds; `Outage` if they last longer."""
 
     def warn(state) -> None:  # noqa: ANN001
         log.warning("%s failed (%s), retrying for up to %.0f s", what, type(state.outcome.exception()).__name__, window_s)

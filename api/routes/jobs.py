@@ -32,6 +32,7 @@ from api.schemas import (
     Page,
     first_unstorable,
 )
+from contract.hyperparameters import DEFAULT_METHOD
 from contract.memory import MemoryEstimate, estimate_memory
 from contract.metrics import StepMetrics
 from contract.options import TrainingConfig
@@ -90,7 +91,8 @@ def create_job(
                      metadata=body.metadata, integrations=body.integrations,
                      estimate=lambda cfg: _memory_estimate(model_config, cfg),
                      resolve=lambda: job_options(body, seed, model_config),
-                     options_param="hyperparameters" if body.hyperparameters is not None else "method.supervised.hyperparameters")
+                     options_param="hyperparameters" if body.hyperparameters is not None
+                     else f"method.{body.method.type if body.method else DEFAULT_METHOD}.hyperparameters")
     return FineTuningJob.from_row(job_service.create_job(session, celery_app, settings, project, request))
 
 

@@ -15,8 +15,20 @@ def test_auto_resolves_to_numbers():
     assert (cfg.n_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed) == (3, 8, 2e-4, 7)
     assert (echoed["n_epochs"], echoed["batch_size"], echoed["learning_rate_multiplier"]) == (3, 8, 1.0)
     assert list(echoed)[:3] == ["n_epochs", "batch_size", "learning_rate_multiplier"]
-    assert set(echoed) == set(TrainingConfig.model_fields) | {"learning_rate_multiplier"}
+    # Every engine option but the method, which the job's `method.type` shows (contract.hyperparameters.method_object).
+    assert set(echoed) == set(TrainingConfig.model_fields) - {"method"} | {"learning_rate_multiplier"}
     assert resolve({}, seed=7)[1] == echoed
+
+
+def test_the_method_is_the_configs_and_not_a_hyperparameter():
+    cfg, echoed = resolve({}, seed=0, method="supervised")
+    assert cfg.method == "supervised" and cfg.resolved()["method"] == "supervised" and "method" not in echoed
+    with pytest.raises(ConfigError) as info:
+        resolve({"method": "supervised"}, seed=0)
+    assert info.value.param == "method" and "method.type" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        resolve({}, seed=0, method="reinforcement")
+    assert info.value.param == "method"
 
 
 @pytest.mark.parametrize(("batch_size", "micro"), [(8, 4), (12, 4), (6, 3), (2, 2), (1, 1), (5, 1), (9, 3), (256, 4)])

@@ -90,7 +90,7 @@ def test_create_job_with_lora_hyperparameters(client, training_file, settings, r
     hp = job["hyperparameters"]
     # "auto" resolved to numbers, OpenAI's keys echoed, and every engine option present.
     assert (hp["n_epochs"], hp["batch_size"], hp["learning_rate_multiplier"]) == (3, 16, 2.0)
-    assert set(TrainingConfig.model_fields) <= set(hp)
+    assert set(TrainingConfig.model_fields) - {"method"} <= set(hp) and "method" not in hp  # the method is method.type
     assert hp["learning_rate"] == pytest.approx(4e-4)
     assert (hp["lora_r"], hp["lora_alpha"], hp["quant_type"], hp["max_steps"], hp["seed"]) == (8, 16, "fp4", 5, 1234)
     assert hp["target_modules"] == ["q_proj", "v_proj"] and hp["micro_batch_size"] == 4 and hp["lora_dropout"] == 0.05
@@ -102,7 +102,7 @@ def test_create_job_with_lora_hyperparameters(client, training_file, settings, r
     with db(client) as session:
         row = session.scalar(select(Job).where(Job.id == job["id"]))
         assert row.enqueued_at is not None and row.project == "proj-a"
-        assert TrainingConfig.from_dict(row.training_config)
+        assert TrainingConfig.from_dict(row.training_config).method == row.training_config["method"] == "supervised"
 
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=KEY_A).json()["data"]
     assert [e["level"] for e in events] == ["info", "info"]
@@ -124,6 +124,25 @@ def test_deprecated_top_level_hyperparameters(client, training_file):
     defaults = create_job_ok(client, training_file)["hyperparameters"]
     assert (defaults["n_epochs"], defaults["batch_size"], defaults["learning_rate_multiplier"]) == (3, 8, 1.0)
     assert defaults["learning_rate"] == 2e-4 and defaults["lora_r"] == 16
+
+
+def test_the_method_is_echoed_from_the_job_row(client, training_file):
+    """`method` on the wire is the stored config's method with the echoed hyperparameters under its name (OpenAI's
+    shape); nothing is hard-wired to one method."""
+    job = create_job_ok(client, training_file)
+    with db(client) as session:
+        row = session.scalar(select(Job).where(Job.id == job["id"]))
+        row.training_config = {**row.training_config, "method": "dpo"}
+        session.commit()
+    shown = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=KEY_A).json()
+    assert shown["method"] == {"type": "dpo", "dpo": {"hyperparameters": job["hyperparameters"]}}
+    assert shown["hyperparameters"] == job["hyperparameters"]
+
+
+def test_a_method_in_the_hyperparameters_is_refused(client, training_file):
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"method": "supervised"}}}
+    assert_error(create_job(client, training_file, method=method), 400, code="invalid_hyperparameter",
+                 param="method.supervised.hyperparameters.method")
 
 
 HYPERPARAMETER_ERRORS = [

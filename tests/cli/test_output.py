@@ -70,6 +70,13 @@ class Terminal(io.StringIO):
         return True
 
 
+def test_the_method_flag_names_where_the_hyperparameters_go():
+    args = build_parser().parse_args(["jobs", "create", "-m", "m", "-t", "t", "--method", "dpo", "--lora-r", "8"])
+    assert job_request(args)[0]["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"lora_r": 8}}}
+    plain = build_parser().parse_args(["jobs", "create", "-m", "m", "-t", "t"])
+    assert "method" not in job_request(plain)[0]  # the service's default method, with default hyperparameters
+
+
 def test_on_a_terminal_progress_is_a_bar_with_events_above_it():
     out = Terminal()
     args = build_parser().parse_args(["jobs", "watch", "ftjob-x"])

@@ -234,3 +234,38 @@ def test_the_job_totals_migration_takes_them_from_the_events(postgres_url):
     assert (get_job(factory, old).total_steps, get_job(factory, old).memory_estimate) == (7, {"total": 1 << 30})
     assert (get_job(factory, bare).total_steps, get_job(factory, bare).memory_estimate) == (None, None)
     engine.dispose()
+
+
+def test_jobs_before_the_method_option_become_supervised_jobs(tmp_path):
+    """A job stored before `method` was an option gets method 'supervised' in its config, and loses it on downgrade."""
+    import json
+
+    import sqlalchemy as sa
+    from alembic import command
+
+    from contract.options import TrainingConfig
+
+    url = f"sqlite:///{tmp_path / 'qlora.db'}"
+    config = alembic_config(url)
+    command.upgrade(config, "0006")
+    old_config = {k: v for k, v in TrainingConfig().resolved().items() if k != "method"}
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO projects (name, created_at) VALUES ('p', 0)"))
+            conn.execute(sa.text(
+                "INSERT INTO jobs (id, project, model, training_file, hyperparameters, training_config, status, result_files, "
+                "created_at, attempt) VALUES ('ftjob-old', 'p', 'm', 'file-x', '{}', :config, 'succeeded', '[]', 0, 0)"),
+                {"config": json.dumps(old_config)})
+
+        def stored() -> dict:
+            with engine.connect() as conn:
+                return json.loads(conn.execute(sa.text("SELECT training_config FROM jobs")).scalar_one())
+
+        command.upgrade(config, "head")
+        assert stored() == {**old_config, "method": "supervised"}
+        assert TrainingConfig.from_dict(stored()).method == "supervised"
+        command.downgrade(config, "-1")
+        assert stored() == old_config
+    finally:
+        engine.dispose()

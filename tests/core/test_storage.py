@@ -232,7 +232,7 @@ def small_disk(tmp_path):
 def test_a_write_to_a_full_disk_leaves_nothing_and_counts_as_an_outage(small_disk, tmp_path):
     import errno
 
-    from worker.retry import Outage, is_transient, outlast
+    from worker.retry import Outage, is_transient, retry_transient
 
     storage = LocalStorage(small_disk / "objects")
     storage.put_file("files/small", write(tmp_path / "small", b"x" * 1000))
@@ -242,5 +242,5 @@ def test_a_write_to_a_full_disk_leaves_nothing_and_counts_as_an_outage(small_dis
     assert failed.value.errno == errno.ENOSPC and is_transient(failed.value)  # retried, then left to the sweeper
     assert sorted(p.name for p in (storage.root / "files").iterdir()) == ["small"]  # no partial, no object
     with pytest.raises(Outage):
-        outlast(lambda: storage.put_file("files/big", big), 1.0, "upload")
+        retry_transient(lambda: storage.put_file("files/big", big), 1.0, "upload")
     assert not storage.exists("files/big") and storage.exists("files/small")

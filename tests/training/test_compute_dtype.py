@@ -13,7 +13,7 @@ from contract.device_choices import DeviceFacts, decide_auto
 from contract.options import TrainingConfig
 from worker.training import model as model_module
 from worker.training.model import build_model, resolve_for_device
-from worker.training.trainer import TrainingJob, train
+from worker.training.trainer import TrainingRequest, train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -61,7 +61,7 @@ def test_a_job_on_auto_runs_with_the_resolved_dtype_and_says_so(monkeypatch, tin
 
     sink = RecordingSink()
     cfg = TrainingConfig(max_steps=1, batch_size=2, micro_batch_size=2, max_seq_length=64)
-    result = train(TrainingJob(tiny_model_dir, write_chat_file(tmp_path / "train.jsonl", 10), tmp_path / "out", cfg), sink)
+    result = train(TrainingRequest(tiny_model_dir, write_chat_file(tmp_path / "train.jsonl", 10), tmp_path / "out", cfg), sink)
     loaded = next(data for _level, message, data in sink.events if message.startswith("Model loaded"))
     assert loaded["compute_dtype"] == expected
     assert f"compute_dtype={expected}" in next(m for _l, m, _d in sink.events if m.startswith("Model loaded"))
@@ -75,10 +75,10 @@ def test_a_resumed_auto_job_keeps_the_dtype_it_began_with(monkeypatch, tiny_mode
     data = write_chat_file(tmp_path / "train.jsonl", 10)
     cfg = TrainingConfig(max_steps=2, batch_size=2, micro_batch_size=2, max_seq_length=64, checkpoint_every=1)
     monkeypatch.setattr(model_module, "cpu_bf16_is_fast", lambda: True)
-    first = train(TrainingJob(tiny_model_dir, data, tmp_path / "a", cfg), RecordingSink())
+    first = train(TrainingRequest(tiny_model_dir, data, tmp_path / "a", cfg), RecordingSink())
     monkeypatch.setattr(model_module, "cpu_bf16_is_fast", lambda: False)
     sink = RecordingSink()
-    resumed = train(TrainingJob(tiny_model_dir, data, tmp_path / "b", cfg), sink, resume_from=first.checkpoints[0])
+    resumed = train(TrainingRequest(tiny_model_dir, data, tmp_path / "b", cfg), sink, resume_from=first.checkpoints[0])
     assert resumed.status == "succeeded"
     loaded = next(data for _level, message, data in sink.events if message.startswith("Model loaded"))
     assert loaded["compute_dtype"] == "bf16"

@@ -54,12 +54,12 @@ def test_a_resumed_run_keeps_the_dtype_it_began_with_and_a_missing_fact_is_an_er
 def test_a_run_records_every_choice(tiny_model_dir, tmp_path, monkeypatch):
     from tests.training.test_trainer import RecordingSink, write_chat_file
     from worker.training import model as model_module
-    from worker.training.trainer import TrainingJob, train
+    from worker.training.trainer import TrainingRequest, train
 
     monkeypatch.setattr(model_module, "cpu_bf16_is_fast", lambda: False)
     sink = RecordingSink()
     cfg = TrainingConfig(max_steps=1, batch_size=2, micro_batch_size=2, max_seq_length=64)
-    train(TrainingJob(tiny_model_dir, write_chat_file(tmp_path / "train.jsonl", 10), tmp_path / "out", cfg), sink)
+    train(TrainingRequest(tiny_model_dir, write_chat_file(tmp_path / "train.jsonl", 10), tmp_path / "out", cfg), sink)
     loaded = next(data for _level, message, data in sink.events if message.startswith("Model loaded"))
     assert {k: loaded[k] for k in ("compute_dtype", "attn_implementation", "lean_activations", "fused_kernels",
                                    "checkpoint_plan", "memory_budget_gb")} == {

@@ -16,7 +16,8 @@ from tests.training.gradient_check import lora_gradients, worst_relative_error
 from tests.training.test_trainer import RecordingSink, write_chat_file
 from worker.training.data import tokenize_examples
 from worker.training.model import build_model
-from worker.training.trainer import TrainingJob, evaluate, train
+from worker.training.objectives.sft import SupervisedObjective
+from worker.training.trainer import TrainingRequest, evaluate, train
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -89,7 +90,7 @@ def hqq_pair(tiny_model_dir):
 
 @pytest.mark.parametrize("lean_activations", [False, True], ids=["peft", "lean"])
 def test_lora_gradients_on_hqq_match_the_dequantized_model_before_and_after_an_evaluation(hqq_pair, batch, lean_activations):
-    from worker.training import lean
+    from worker.training import lean_activations
 
     built, reference = hqq_pair
     layers = [m for m in built.model.modules() if isinstance(m, HQQLinear)]
@@ -97,14 +98,14 @@ def test_lora_gradients_on_hqq_match_the_dequantized_model_before_and_after_an_e
     assert HQQLinear.backend == HQQBackend.PYTORCH, "the trainable forward with hqq's explicit backward"
     targets = {n.split(".")[-4] for n, _ in built.model.named_parameters() if "lora_A" in n}
     assert targets == set(LINEARS), "'all-linear' reaches every hqq layer"
-    counts = lean.apply(built.model, lean_activations)  # the lean LoRA branch is the GPU default
+    counts = lean_activations.apply(built.model, lean_activations)  # the lean LoRA branch is the GPU default
     try:
         assert counts["lora"] == (2 * 7 if lean_activations else 0)
         assert_lora_gradients_match(built.model, reference, batch)
         evaluation_pass(built.model, batch)
         assert_lora_gradients_match(built.model, reference, batch)
     finally:
-        lean.apply(built.model, False)
+        lean_activations.apply(built.model, False)
 
 
 def test_the_gradient_check_catches_a_backend_that_locks_into_inference_after_a_no_grad_forward(hqq_pair, batch, monkeypatch):
@@ -151,7 +152,7 @@ def test_hqq_trains_through_the_engine_and_its_adapter_reloads(tiny_model_dir, t
     valid_file = write_chat_file(tmp_path / "valid.jsonl", 2, seed=1)
     cfg = hqq_cfg(hqq_bits=3, hqq_group_size=32)
     sink = RecordingSink()
-    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "out", cfg, valid_file), sink)
+    result = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "out", cfg, valid_file), sink)
     assert result.status == "succeeded" and result.steps == 2
     assert all(math.isfinite(s["train_loss"]) for s in sink.steps)
     [(_, message, _)] = [e for e in sink.events if e[1].startswith("Model loaded")]
@@ -170,7 +171,7 @@ def test_hqq_trains_through_the_engine_and_its_adapter_reloads(tiny_model_dir, t
     weights = sum(math.prod(m.meta["shape"]) for m in base.modules() if isinstance(m, HQQLinear))
     assert weights * bits_per_weight("hqq", compute_dtype="fp32", hqq_bits=3, hqq_group_size=32) / 8 == \
         pytest.approx(hqq.quantized_weight_bytes(base), rel=0.02), "3-bit: ten weights per int32 word"
-    reloaded_loss = evaluate(reloaded, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
+    reloaded_loss = evaluate(reloaded, SupervisedObjective(cfg), valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
     assert reloaded_loss == pytest.approx(result.final_valid_loss, rel=1e-5)
 
     # The inference server serves such an adapter on the 16-bit base (or NF4): it loads there (same module names),
@@ -178,7 +179,7 @@ def test_hqq_trains_through_the_engine_and_its_adapter_reloads(tiny_model_dir, t
     from transformers import AutoModelForCausalLM
 
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), result.adapter_dir)
-    plain_loss = evaluate(plain, valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
+    plain_loss = evaluate(plain, SupervisedObjective(cfg), valid, cfg, torch.device("cpu"), tokenizer.pad_token_id)["valid_loss"]
     assert plain_loss == pytest.approx(result.final_valid_loss, rel=0.05) and plain_loss != reloaded_loss
 
 

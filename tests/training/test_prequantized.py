@@ -14,7 +14,7 @@ from tests.training.gradient_check import check_lora_gradients, float_reference,
 from tests.training.test_trainer import RecordingSink, write_chat_file
 from worker.training import prequantized
 from worker.training.model import build_model, compute_dtype, resolve_for_device
-from worker.training.trainer import TrainingJob, train
+from worker.training.trainer import TrainingRequest, train
 
 # gptqmodel's default CPU kernels, which fix themselves in a forward-only mode on their first no-grad forward.
 BROKEN_BACKENDS = {"gptq": "gptq_torch_aten", "awq": "awq_torch_aten"}
@@ -46,7 +46,7 @@ def test_a_prequantized_base_trains_round_trips_its_adapter_and_passes_the_gradi
     cfg = TrainingConfig(quantization=method, max_steps=2, batch_size=2, micro_batch_size=2, eval_every=1, eval_batch_size=10,
                          learning_rate=1e-2)
     sink = RecordingSink()
-    result = train(TrainingJob(base, write_chat_file(tmp_path / "train.jsonl", 10), tmp_path / "out", cfg,
+    result = train(TrainingRequest(base, write_chat_file(tmp_path / "train.jsonl", 10), tmp_path / "out", cfg,
                                write_chat_file(tmp_path / "valid.jsonl", 10, seed=1)), sink)
     assert result.status == "succeeded" and result.steps == 2
     assert all(torch.isfinite(torch.tensor(s["train_loss"])) for s in sink.steps)

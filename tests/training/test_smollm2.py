@@ -10,7 +10,7 @@ import pytest
 
 from contract.options import TrainingConfig
 from worker.training.sinks import NullSink
-from worker.training.trainer import TrainingJob, train
+from worker.training.trainer import TrainingRequest, train
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_nf4_tracks_plain_lora(demo_model_dir, tmp_path):
         cfg = TrainingConfig(quantization=quantization, max_steps=8, batch_size=4, micro_batch_size=4, learning_rate=3e-4,
                              lr_scheduler="constant", warmup_steps=0, eval_every=4, max_seq_length=256, lora_dropout=0.0,
                              checkpoint_every=100)
-        train(TrainingJob(demo_model_dir, TRAIN, tmp_path / quantization, cfg, VALID), sink)
+        train(TrainingRequest(demo_model_dir, TRAIN, tmp_path / quantization, cfg, VALID), sink)
         final[quantization] = sink.valid[8]
         assert sink.valid[8] < sink.valid[4]
     assert final["4bit"] == pytest.approx(final["none"], rel=0.05), final

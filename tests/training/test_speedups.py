@@ -16,7 +16,7 @@ from contract.device_choices import DeviceFacts, decide_auto
 from contract.options import ConfigError, TrainingConfig
 from worker.training.data import collate_packed, tokenize_examples
 from worker.training.model import build_model, read_model_config
-from worker.training.trainer import forward_loss
+from worker.training.objectives.sft import forward_loss
 from worker.training.tunables import LOSS_CHUNK_TOKENS
 
 from .test_trainer import write_chat_file
@@ -89,7 +89,7 @@ def test_lean_activations_match_peft_on_other_bases(tiny_model_dir, examples, qu
     lean = loss_and_grads(tiny_model_dir, examples, **{**options, "lean_activations": True})
     from peft.tuners.lora import LoraLayer
 
-    from worker.training import lean as lean_module
+    from worker.training import lean_activations as lean_module
 
     lora_layers = [m for m in lean[4].model.modules() if isinstance(m, LoraLayer)]
     assert len(lora_layers) == 14 and all(m.forward.__func__ is lean_module.lora_forward for m in lora_layers)

@@ -14,8 +14,9 @@ from contract.options import ConfigError, TrainingConfig
 from worker.training.checkpoint import CheckpointError, verify_adapter
 from worker.training.data import collate_packed, collate_padded, tokenize_examples
 from worker.training.model import build_model
+from worker.training.objectives.sft import SupervisedObjective, forward_loss
 from worker.training.sinks import JsonlSink
-from worker.training.trainer import TrainingJob, forward_loss, train
+from worker.training.trainer import TrainingRequest, train
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -61,7 +62,7 @@ def test_training_writes_peft_checkpoints_and_metrics(tiny_model_dir, train_file
     cfg = TrainingConfig(max_steps=4, batch_size=4, micro_batch_size=2, checkpoint_every=2, eval_every=2, learning_rate=1e-3)
     sink = RecordingSink()
     valid = write_chat_file(tmp_path / "valid.jsonl", 4, seed=1)
-    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "out", cfg, valid), sink)
+    result = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "out", cfg, valid), sink)
 
     assert result.status == "succeeded" and result.steps == 4
     assert [s["step"] for s in sink.steps] == [1, 2, 3, 4]
@@ -89,23 +90,23 @@ def test_training_writes_peft_checkpoints_and_metrics(tiny_model_dir, train_file
 
 
 def test_the_job_says_whether_fused_kernels_run_and_when_one_fell_back(tiny_model_dir, train_file, tmp_path, monkeypatch):
-    from worker.training import lean
+    from worker.training import lean_activations
 
     def model_loaded(sink):
         [(_level, message, data)] = [e for e in sink.events if e[1].startswith("Model loaded")]
         return message, data
 
     sink = RecordingSink()
-    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "cpu", TrainingConfig(max_steps=1, batch_size=2, micro_batch_size=2)), sink)
+    train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "cpu", TrainingConfig(max_steps=1, batch_size=2, micro_batch_size=2)), sink)
     message, data = model_loaded(sink)
     auto = torch.cuda.is_available()  # auto: on with CUDA, off on the CPU
     assert f"fused kernels={'on' if auto else 'off'}" in message and data["fused_kernels"] is auto
     assert data["lean_activations"] is auto and not any(level == "warn" for level, *_ in sink.events)  # auto: on with CUDA
 
-    monkeypatch.setattr(lean, "fused_fallbacks", lambda: ["rms_backward"])  # as if Triton had refused one kernel
+    monkeypatch.setattr(lean_activations, "fused_fallbacks", lambda: ["rms_backward"])  # as if Triton had refused one kernel
     sink = RecordingSink()
     cfg = TrainingConfig(max_steps=2, batch_size=2, micro_batch_size=2, fused_kernels="on")
-    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "fused", cfg), sink)
+    train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "fused", cfg), sink)
     message, data = model_loaded(sink)
     assert "fused kernels=on" in message and data["fused_kernels"] is True
     [warning] = [e for e in sink.events if e[0] == "warn"]  # once, after the first step
@@ -152,7 +153,7 @@ def test_8bit_trains(tiny_model_dir, train_file, tmp_path):
     built = build_model(tiny_model_dir, TrainingConfig(quantization="8bit"))
     assert len([m for m in built.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]) == 2 * 7
     sink = RecordingSink()
-    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "out", TrainingConfig(quantization="8bit", max_steps=2, batch_size=4,
+    result = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "out", TrainingConfig(quantization="8bit", max_steps=2, batch_size=4,
                                                                                              micro_batch_size=4)), sink)
     assert result.status == "succeeded" and all(math.isfinite(s["train_loss"]) for s in sink.steps)
 
@@ -178,7 +179,7 @@ def test_bad_data_fails_before_the_model_loads(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
     with pytest.raises(DataValidationError) as err:
-        train(TrainingJob(tiny_model_dir, bad, tmp_path / "out", TrainingConfig()))
+        train(TrainingRequest(tiny_model_dir, bad, tmp_path / "out", TrainingConfig()))
     lines = {f.line for f in err.value.faults}
     assert {1, 2} <= lines
     assert not (tmp_path / "out").exists(), "nothing is written for a job whose data is invalid"
@@ -215,7 +216,7 @@ def test_packed_and_padded_training_agree(tiny_model_dir, train_file, tmp_path):
         sink = RecordingSink()
         cfg = TrainingConfig(packing=packing, max_steps=3, batch_size=4, micro_batch_size=4, compute_dtype="fp32",
                              lora_dropout=0.0, optimizer="adamw_torch", learning_rate=1e-3)
-        train(TrainingJob(tiny_model_dir, train_file, tmp_path / f"out-{packing}", cfg), sink)
+        train(TrainingRequest(tiny_model_dir, train_file, tmp_path / f"out-{packing}", cfg), sink)
         losses[packing] = [s["train_loss"] for s in sink.steps]
         if not packing:
             assert sink.steps[0]["tokens"] < sink.steps[0]["target_tokens"] * 10  # useful tokens exclude padding
@@ -232,7 +233,7 @@ def test_gradient_accumulation_averages_over_all_target_tokens(tiny_model_dir, t
         sink = RecordingSink()
         cfg = TrainingConfig(max_steps=2, batch_size=4, max_seq_length=128, compute_dtype="fp32", lora_dropout=0.0,
                              optimizer="adamw_torch", learning_rate=1e-3, checkpoint_every=1, **grouping)
-        train(TrainingJob(tiny_model_dir, train_file, tmp_path / f"out-{name}", cfg), sink)
+        train(TrainingRequest(tiny_model_dir, train_file, tmp_path / f"out-{name}", cfg), sink)
         results[name] = ([s["train_loss"] for s in sink.steps], [s["grad_norm"] for s in sink.steps],
                          load_file(sink.checkpoints[-1][1] / "adapter_model.safetensors"), sink.steps)
     for other in ("1", "tokens"):
@@ -245,12 +246,12 @@ def test_gradient_accumulation_averages_over_all_target_tokens(tiny_model_dir, t
 
 def test_micro_batch_tokens_packs_each_step_into_full_rows(train_file, tokenizer):
     """With micro_batch_tokens a step's examples become rows of at most that many tokens: none lost, none split."""
-    from worker.training.trainer import micro_batches
+    from worker.training.data import collate, micro_batches
 
     examples, _ = tokenize_examples(tokenizer, load_examples(train_file)[:8], max_seq_length=128)
     lengths = sorted(len(e.input_ids) for e in examples)
     cfg = TrainingConfig(batch_size=8, max_seq_length=128, micro_batch_tokens=128)
-    rows = list(micro_batches(examples, cfg, None, tokenizer.pad_token_id))
+    rows = list(micro_batches(examples, cfg, None, lambda row: collate(row, cfg, tokenizer.pad_token_id)))
     assert all(row["input_ids"].shape[0] == 1 and row["input_ids"].shape[1] <= 128 for row in rows)
     assert sum(row["input_ids"].numel() for row in rows) == sum(lengths)
     assert len(rows) < len(examples) and len(rows) >= math.ceil(sum(lengths) / 128)
@@ -258,7 +259,7 @@ def test_micro_batch_tokens_packs_each_step_into_full_rows(train_file, tokenizer
         [row["position_ids"][0], torch.zeros(1, dtype=torch.long)]) == 0).flatten()))
     assert segments == lengths  # every example whole, in exactly one row
     # Evaluation groups the same way unless eval_batch_size says otherwise.
-    assert len(list(micro_batches(examples, cfg, 2, tokenizer.pad_token_id))) == 4
+    assert len(list(micro_batches(examples, cfg, 2, lambda row: collate(row, cfg, tokenizer.pad_token_id)))) == 4
 
 
 @pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_torch"])
@@ -268,7 +269,7 @@ def test_resume_continues_exactly(tiny_model_dir, train_file, tmp_path, optimize
     cfg = TrainingConfig(max_steps=2 * n, batch_size=4, micro_batch_size=2, checkpoint_every=n, lora_dropout=0.1,
                          optimizer=optimizer, learning_rate=1e-3, lr_scheduler="cosine", warmup_steps=1, n_epochs=1)
     straight = RecordingSink()
-    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "straight", cfg), straight)
+    train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "straight", cfg), straight)
 
     first = RecordingSink()
     stop_after = {"calls": 0}
@@ -277,12 +278,12 @@ def test_resume_continues_exactly(tiny_model_dir, train_file, tmp_path, optimize
         stop_after["calls"] += 1
         return bool(first.checkpoints)
 
-    interrupted = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "resumed", cfg), first, should_stop=stop_after_checkpoint)
+    interrupted = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "resumed", cfg), first, should_stop=stop_after_checkpoint)
     assert interrupted.status == "stopped" and interrupted.steps == n
     # scramble the global RNG as a new process would have it
     torch.manual_seed(12345)
     second = RecordingSink()
-    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "resumed", cfg), second, resume_from=first.checkpoints[0][1])
+    result = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "resumed", cfg), second, resume_from=first.checkpoints[0][1])
     assert result.status == "succeeded" and result.steps == 2 * n
     straight_losses = [s["train_loss"] for s in straight.steps]
     resumed_losses = [s["train_loss"] for s in first.steps] + [s["train_loss"] for s in second.steps]
@@ -294,10 +295,23 @@ def test_resume_continues_exactly(tiny_model_dir, train_file, tmp_path, optimize
 def test_resume_refuses_changed_options(tiny_model_dir, train_file, tmp_path):
     cfg = TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=4, checkpoint_every=1)
     sink = RecordingSink()
-    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "a", cfg), sink)
+    train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "a", cfg), sink)
     changed = TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=4, checkpoint_every=1, lora_r=8)
     with pytest.raises(ConfigError) as err:
-        train(TrainingJob(tiny_model_dir, train_file, tmp_path / "b", changed), resume_from=sink.checkpoints[0][1])
+        train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "b", changed), resume_from=sink.checkpoints[0][1])
+    assert err.value.param == "lora_r"
+
+
+def test_a_checkpoint_older_than_an_option_resumes_with_its_default():
+    """A checkpoint written before `method` existed was a supervised run: it resumes as one, and still refuses changes."""
+    from worker.training.model import resolve_for_device
+    from worker.training.trainer import _resumable_config
+
+    cfg = TrainingConfig(compute_dtype="fp32")
+    older = {k: v for k, v in resolve_for_device(cfg, torch.device("cpu")).resolved().items() if k != "method"}
+    assert _resumable_config(cfg, older, torch.device("cpu")) == resolve_for_device(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError) as err:
+        _resumable_config(cfg, {**older, "lora_r": 8}, torch.device("cpu"))
     assert err.value.param == "lora_r"
 
 
@@ -309,7 +323,7 @@ def test_stop_flag_ends_within_one_step(tiny_model_dir, train_file, tmp_path):
         calls["n"] += 1
         return len(sink.steps) >= 2
 
-    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "out", TrainingConfig(max_steps=50, batch_size=4, micro_batch_size=2)),
+    result = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "out", TrainingConfig(max_steps=50, batch_size=4, micro_batch_size=2)),
                    sink, should_stop=stop)
     assert result.status == "stopped"
     assert result.steps == 2 and len(sink.steps) == 2
@@ -318,7 +332,7 @@ def test_stop_flag_ends_within_one_step(tiny_model_dir, train_file, tmp_path):
 
 def test_truncated_adapter_is_detected(tiny_model_dir, train_file, tmp_path):
     sink = RecordingSink()
-    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "out", TrainingConfig(max_steps=1, batch_size=4, micro_batch_size=4)), sink)
+    train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "out", TrainingConfig(max_steps=1, batch_size=4, micro_batch_size=4)), sink)
     path = sink.checkpoints[-1][1]
     data = (path / "adapter_model.safetensors").read_bytes()
     (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
@@ -332,7 +346,7 @@ def test_truncated_adapter_is_detected(tiny_model_dir, train_file, tmp_path):
 def test_epochs_and_checkpoint_per_epoch(tiny_model_dir, train_file, tmp_path):
     sink = RecordingSink()
     cfg = TrainingConfig(n_epochs=2, batch_size=8, micro_batch_size=4, keep_checkpoints=1)
-    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "out", cfg), sink)
+    result = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "out", cfg), sink)
     assert result.steps == 4  # 16 examples / 8 per step * 2 epochs
     assert [c[0] for c in sink.checkpoints] == [2, 4]
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-000004"]  # keep_checkpoints=1
@@ -340,7 +354,7 @@ def test_epochs_and_checkpoint_per_epoch(tiny_model_dir, train_file, tmp_path):
 
 def test_jsonl_sink_records_everything(tiny_model_dir, train_file, tmp_path):
     log = tmp_path / "metrics.jsonl"
-    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "out", TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=4)),
+    train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "out", TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=4)),
           JsonlSink(log))
     records = [json.loads(line) for line in log.read_text().splitlines()]
     kinds = [r["kind"] for r in records]
@@ -376,7 +390,7 @@ def test_gradients_after_an_evaluation_match_a_dequantized_reference(tiny_model_
                 dense.weight.requires_grad_(False)
                 setattr(module, child_name, dense)
 
-    evaluate(built.model, examples, cfg, built.device, tokenizer.pad_token_id)  # the step that used to break training
+    evaluate(built.model, SupervisedObjective(cfg), examples, cfg, built.device, tokenizer.pad_token_id)  # the step that used to break training
     grads = {}
     for label, model in (("nf4", built.model), ("reference", reference)):
         model.train()
@@ -410,7 +424,7 @@ def test_a_non_finite_loss_stops_the_job_before_the_optimizer_applies_it(tiny_mo
     sink = RecordingSink()
     cfg = TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=2, checkpoint_every=1)
     with pytest.raises(NonFiniteLossError, match="step 1 is not a finite number"):
-        train(TrainingJob(broken, train_file, tmp_path / "out", cfg), sink)
+        train(TrainingRequest(broken, train_file, tmp_path / "out", cfg), sink)
     assert sink.steps == [] and sink.checkpoints == []
     assert not (tmp_path / "out" / "checkpoints").exists()
 
@@ -422,10 +436,10 @@ def test_resume_from_the_final_checkpoint_finishes_cleanly(tiny_model_dir, train
 
     cfg = TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=4, checkpoint_every=1)
     first = RecordingSink()
-    done = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "a", cfg), first)
+    done = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "a", cfg), first)
     final = first.checkpoints[-1][1]
     second = RecordingSink()
-    result = train(TrainingJob(tiny_model_dir, train_file, tmp_path / "b", cfg), second, resume_from=final)
+    result = train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "b", cfg), second, resume_from=final)
     assert result.status == "succeeded" and result.steps == 2
     assert second.steps == [] and second.checkpoints == []
     assert result.final_train_loss == pytest.approx(done.final_train_loss)
@@ -443,7 +457,7 @@ def test_trainer_state_is_loaded_without_running_pickled_code(tiny_model_dir, tr
 
     cfg = TrainingConfig(max_steps=2, batch_size=4, micro_batch_size=4, checkpoint_every=1)
     sink = RecordingSink()
-    train(TrainingJob(tiny_model_dir, train_file, tmp_path / "a", cfg), sink)
+    train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "a", cfg), sink)
     checkpoint = sink.checkpoints[0][1]
     assert set(load_trainer_state(checkpoint)) == {"optimizer", "scheduler", "rng", "position"}  # ours loads
 
@@ -457,5 +471,5 @@ def test_trainer_state_is_loaded_without_running_pickled_code(tiny_model_dir, tr
     with pytest.raises(CheckpointError, match="not loaded"):
         load_trainer_state(checkpoint)
     with pytest.raises(CheckpointError):
-        train(TrainingJob(tiny_model_dir, train_file, tmp_path / "b", cfg), resume_from=checkpoint)
+        train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "b", cfg), resume_from=checkpoint)
     assert not marker.exists()

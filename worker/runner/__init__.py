@@ -41,7 +41,7 @@ from worker.runner.inputs import JobFailure, download, load_spec, unpack_archive
 from worker.runner.results import store_results
 from worker.training.checkpoint import CheckpointError
 from worker.training.model import decide_for_device, pick_device
-from worker.training.trainer import NonFiniteLossError, TrainingJob, train
+from worker.training.trainer import NonFiniteLossError, TrainingRequest, train
 
 __all__ = ["FAILED", "NOT_CLAIMED", "STOPPED", "SUCCEEDED", "JobFailure", "default_worker_id", "remove_dead_workdirs",
            "run_job", "unpack_archive"]
@@ -153,7 +153,7 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
 
     sink = DatabaseSink(job_id, worker_id, session_factory, storage, on_lost=stop.set, retry_window_s=settings.outage_retry_s,
                         keep_checkpoints=config.keep_checkpoints)
-    job = TrainingJob(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",
+    job = TrainingRequest(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",
                       config=config, validation_file=valid_path)
     deadline = time.monotonic() + settings.max_job_seconds
     pause = PauseWatch(session_factory, job_id, settings.heartbeat_interval_s)

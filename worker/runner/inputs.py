@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import session_scope
 from core.models import Checkpoint, File, Job
 from core.storage import ObjectNotFound, ObjectStorage
-from worker.retry import outlast
+from worker.retry import retry_transient
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def load_spec(session_factory: sessionmaker[Session], job_id: str) -> JobSpec:
 
 def download(storage: ObjectStorage, key: str, path: Path, param: str | None, retry_window_s: float) -> Path:
     try:
-        outlast(lambda: storage.download(key, path), retry_window_s, f"download of {key}")
+        retry_transient(lambda: storage.download(key, path), retry_window_s, f"download of {key}")
     except ObjectNotFound:
         what = {"training_file": "Training file", "validation_file": "Validation file"}.get(param or "", "Checkpoint")
         code = f"invalid_{param}" if param else "checkpoint_error"

@@ -18,7 +18,7 @@ from core.model_names import fine_tuned_model_name
 from core.models import File, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
 from worker.database_sink import pack_directory
-from worker.retry import outlast
+from worker.retry import retry_transient
 from worker.runner.inputs import JobSpec
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def store_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[S
     """Upload the adapter and the metrics CSV, then in one transaction (only if the job is still ours) add their
     File rows and move the job to succeeded. If the job was cancelled meanwhile, delete the objects. Each upload
     and the transaction are retried through an outage (worker/retry.py). Returns whether the results were committed."""
-    csv_path = outlast(lambda: metrics_csv(session_factory, spec.id, workdir / "metrics.csv"), retry_window_s, f"job {spec.id}: metrics")
+    csv_path = retry_transient(lambda: metrics_csv(session_factory, spec.id, workdir / "metrics.csv"), retry_window_s, f"job {spec.id}: metrics")
     uploads: list[tuple[str, str, Path]] = [
         (ids.file_id(), f"{spec.id}-metrics.csv", csv_path),
         (ids.file_id(), f"{spec.id}-adapter.tar.gz", pack_directory(adapter_dir, workdir / "adapter.tar.gz")),
@@ -56,9 +56,9 @@ def store_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[S
     stored: list[tuple[str, str, Any]] = []
     try:
         for file_id, filename, path in uploads:
-            obj = outlast(lambda f=file_id, p=path: storage.put_file(f"files/{f}", p), retry_window_s, f"job {spec.id}: result upload")
+            obj = retry_transient(lambda f=file_id, p=path: storage.put_file(f"files/{f}", p), retry_window_s, f"job {spec.id}: result upload")
             stored.append((file_id, filename, obj))
-        committed = outlast(lambda: commit_results(spec, worker_id, session_factory, stored, trained_tokens), retry_window_s,
+        committed = retry_transient(lambda: commit_results(spec, worker_id, session_factory, stored, trained_tokens), retry_window_s,
                             f"job {spec.id}: result commit")
     except BaseException:
         delete_quietly(storage, *(obj.key for _, _, obj in stored))

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds
   adapter_config.json, adapter_model.safetensors   the LoRA adapter, loadable with `PeftModel.from_pretrained`
-  trainer_state.pt      optimizer, scheduler, RNG states (torch CPU/CUDA, python, numpy), step and data position
+  trainer_state.pt      optimizer, scheduler, RNG states (torch CPU/CUDA, python, numpy), step and data position,
+                        and the objective's state if its method keeps one (objectives/base.py)
   trainer_state.json    the same position and the resolved config, readable without torch
 
 Resume restores all of it: restoring only the adapter weights (what many tools do) makes the loss jump
@@ -110,8 +111,10 @@ def verify_adapter(directory: Path, expected: dict[str, torch.Tensor] | None = N
 
 
 def save_checkpoint(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, position: TrainerPosition,
-                    directory: Path, *, config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Write, verify and atomically publish a checkpoint directory; returns its final path."""
+                    directory: Path, *, config: dict[str, Any], objective_state: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write, verify and atomically publish a checkpoint directory; returns its final path. `objective_state`: what
+    the method keeps across a resume (`Objective.state_dict`), stored in trainer_state.pt if not empty."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -123,6 +126,7 @@ def save_checkpoint(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
             "scheduler": scheduler.state_dict(),
             "rng": capture_rng(),
             "position": asdict(position),
+            **({"objective": objective_state} if objective_state else {}),
         },
         tmp / STATE_PT,
     )

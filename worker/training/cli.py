@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from contract.options import ConfigError, TrainingConfig
     from contract.prequantized import decide_quantization
     from worker.training.sinks import JsonlSink, MultiSink
-    from worker.training.trainer import TrainingJob, train
+    from worker.training.trainer import TrainingRequest, train
 
     try:
         spec = read_job_file(args.job_file, ENGINE_KEYS)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    job = TrainingJob(base_model, train_file, output_dir, config, path_of("validation_file"))
+    job = TrainingRequest(base_model, train_file, output_dir, config, path_of("validation_file"))
     stop_requested = False
 
     def request_stop(signum, frame):  # first Ctrl-C stops cleanly after the current micro-batch

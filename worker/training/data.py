@@ -1,21 +1,27 @@
-"""Training data for the engine: tokenize examples with loss masks, pack them into rows and batch them.
+"""Training data for the engine: load and tokenize a file, order its units each epoch, group them into
+micro-batches and collate those into tensors.
 
-`tokenize_example` turns an example (parsed and validated by contract.data_format) into input ids and labels
-that train only on what the model should learn to write (assistant turns, completions) unless
-``train_on_inputs`` is set, always keeping the EOS token in the labels so the model learns to stop.
-`collate_packed` and `collate_padded` build the micro-batches. The tokenizer is a transformers tokenizer
-passed in.
+`load_tokenized` is the loader of the SFT formats (chat, prompt/completion, text): `tokenize_example` turns an
+example (parsed and validated by contract.data_format) into input ids and labels that train only on what the
+model should learn to write (assistant turns, completions) unless ``train_on_inputs`` is set, always keeping
+the EOS token in the labels so the model learns to stop. A method with another data shape adds its loader here.
+`epoch_order` and `micro_batches` work on any method's units (anything with `n_tokens`); `collate_packed` and
+`collate_padded` build the micro-batches of token rows. The tokenizer is a transformers tokenizer passed in.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 
-from contract.data_format import Example
+from contract.data_format import Example, load_examples
+from contract.options import TrainingConfig
 
 IGNORE_INDEX = -100  # labels value that the Hugging Face loss skips
 
@@ -35,6 +41,10 @@ class TokenizedExample:
     @property
     def n_target_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,25 @@ def tokenize_examples(
     """Tokenize every example and summarise the result."""
     tokenized = [tokenize_example(tokenizer, ex, max_seq_length=max_seq_length, train_on_inputs=train_on_inputs) for ex in examples]
     return tokenized, token_stats(tokenized)
+
+
+def load_tokenized(path: Path, tokenizer: Any, cfg: TrainingConfig, *,
+                   role: Literal["training", "validation"] = "training") -> tuple[list[TokenizedExample], TokenStats]:
+    """The loader of the SFT formats: validate a JSONL file (contract.data_format raises DataValidationError with
+    every fault) and tokenize its examples. A validation file needs one example, a training file the minimum."""
+    examples = load_examples(path, min_examples=1, role=role) if role == "validation" else load_examples(path, role=role)
+    return tokenize_examples(tokenizer, examples, max_seq_length=cfg.max_seq_length, train_on_inputs=cfg.train_on_inputs)
+
+
+def load_tokenizer(base_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Padding is masked out of the labels; if pad were the EOS token a careless mask would hide EOS too.
+        # Our collators mask by position, not by token id, so any distinct id will do.
+        tokenizer.pad_token_id = 0 if tokenizer.eos_token_id != 0 else 1
+    return tokenizer
 
 
 def token_stats(tokenized: list[TokenizedExample]) -> TokenStats:
@@ -195,17 +224,64 @@ def _tokenize_chat(tokenizer: Any, example: Example, train_on_inputs: bool) -> t
 # --- batching -----------------------------------------------------------------------------------------------
 
 
-def pack_by_tokens(examples: list[TokenizedExample], budget: int) -> list[list[TokenizedExample]]:
+class Unit(Protocol):
+    """A unit of training data (an example, a preference pair): the tokens it puts into a micro-batch."""
+
+    @property
+    def n_tokens(self) -> int: ...
+
+
+U = TypeVar("U", bound=Unit)
+
+
+def epoch_order(n_units: int, epoch: int, cfg: TrainingConfig) -> list[int]:
+    """The unit order of an epoch: a function of (seed, epoch) only, so a resumed job sees the same order."""
+    if not cfg.shuffle:
+        return list(range(n_units))
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    return torch.randperm(n_units, generator=generator).tolist()
+
+
+def micro_batches(units: Sequence[U], cfg: TrainingConfig, size: int | None,
+                  collate_units: Callable[[list[U]], dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """The passes over `units`, each collated by `collate_units`: `size` units each, or with size=None the
+    configured grouping: rows of at most micro_batch_tokens tokens (best fit, `pack_by_tokens`) if set, else
+    micro_batch_size units."""
+    if size is None and cfg.micro_batch_tokens is not None:
+        for row in pack_by_tokens(list(units), cfg.micro_batch_tokens):
+            yield collate_units(row)
+        return
+    size = size or cfg.micro_batch_size
+    for start in range(0, len(units), size):
+        yield collate_units(list(units[start : start + size]))
+
+
+def collate(batch: list[TokenizedExample], cfg: TrainingConfig, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch of examples: one packed row with `packing`, else padded rows."""
+    return collate_packed(batch) if cfg.packing else collate_padded(batch, pad_token_id)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a micro-batch that are predicted and trained on (the first token of a row never is)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Useful (non-pad) tokens in a micro-batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def pack_by_tokens(examples: list[U], budget: int) -> list[list[U]]:
     """Group examples into rows of at most `budget` tokens with as little room left as possible (best-fit
     decreasing: longest first, each into the fullest row it still fits, else a new row). Deterministic: equal
     lengths keep their order, so a resumed job builds the same rows. Every example must fit (`budget` >= its length).
     The more examples there are to choose from, the fuller the rows (docs/performance.md)."""
-    import bisect
-
-    rows: list[list[TokenizedExample]] = []
+    rows: list[list[U]] = []
     by_room: list[tuple[int, int]] = []  # (room left, row index), sorted: the best fit is the first with room >= n
-    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
-        n = len(ex.input_ids)
+    for ex in sorted(examples, key=lambda e: -e.n_tokens):
+        n = ex.n_tokens
         if n > budget:
             raise ValueError(f"an example of {n} tokens does not fit a row of {budget}")
         at = bisect.bisect_left(by_room, (n, -1))

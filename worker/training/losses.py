@@ -108,11 +108,11 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, val
            grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk, in its own function so that its [chunk, V] buffer is freed on return: a loop variable would
     keep it alive while the next chunk's logits are made, doubling the peak."""
-    h = hidden.to(weight.dtype)
+    hidden_cast = hidden.to(weight.dtype)  # the head's matmuls run in its dtype
     # Ignored rows get class 0 so that gather and scatter stay in range; their results are masked out.
     label = torch.where(valid, labels, 0).unsqueeze(1)
 
-    logits = (h @ weight.t()).float()  # the head's own-dtype output is freed once upcast
+    logits = (hidden_cast @ weight.t()).float()  # the head's own-dtype output is freed once upcast
     target_logit = logits.gather(1, label).squeeze(1)
     row_max, predicted = logits.max(dim=1)
     probs = logits.sub_(row_max.unsqueeze(1)).exp_()  # in place: the fp32 buffer is the only [chunk, V] one
@@ -128,5 +128,5 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, val
         if grad_hidden is not None:
             grad_hidden.copy_(grad_logits.to(weight.dtype) @ weight)
         if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.t(), h.float())
+            grad_weight.addmm_(grad_logits.t(), hidden_cast.float())
     return loss, correct

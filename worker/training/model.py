@@ -23,7 +23,7 @@ from contract.base_model import PREQUANTIZED_METHODS, base_quantization, read_co
 from contract.device_choices import AutoChoices, DeviceFacts, decide_auto
 from contract.memory import LAYER_MODES
 from contract.options import ALL_LINEAR, ConfigError, TrainingConfig
-from worker.training import attention, lean
+from worker.training import attention, lean_activations
 from worker.training.tunables import FREE_MEMORY_BUDGET_SHARE, LOSS_CHUNK_TOKENS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -247,6 +247,7 @@ class BuiltModel:
     trainable_parameters: int
     total_parameters: int
     choices: AutoChoices  # what every 'auto' option became (the plan included)
+    not_lean: tuple[str, ...] = ()  # with lean activations on: the modules that were expected to run lean but do not
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -357,6 +358,7 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    lean.apply(peft_model, choices.lean_activations, choices.fused_kernels)
+    lean_activations.apply(peft_model, choices.lean_activations, choices.fused_kernels)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    return BuiltModel(peft_model, device, tuple(plan), trainable, total, choices)
+    not_lean = tuple(lean_activations.not_lean(peft_model)) if choices.lean_activations else ()
+    return BuiltModel(peft_model, device, tuple(plan), trainable, total, choices, not_lean)

@@ -54,3 +54,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps=total_steps, warmup=warmup, kind=cfg.lr_scheduler)
     )
+
+
+def clip_and_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm of the trained parameters to `max_norm` (0: no clipping); returns the norm before."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))

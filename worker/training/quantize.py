@@ -75,8 +75,7 @@ def calibration_examples(base_dir: Path, calibration: Path, max_examples: int, m
     """The calibration file's examples as token ids, formatted as in training (the base's chat template), and the
     tokenizer."""
     from contract.data_format import DataValidationError, load_examples
-    from worker.training.data import tokenize_example
-    from worker.training.trainer import load_tokenizer
+    from worker.training.data import load_tokenizer, tokenize_example
 
     try:
         examples = load_examples(calibration, min_examples=1, role="training")

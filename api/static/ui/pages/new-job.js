@@ -5,13 +5,14 @@ import {act, h, main, routeParams, setTitle} from "../dom.js";
 
 let openapiCache = null;
 
-// The typed hyperparameters object of the create-job body, from the service's own OpenAPI document.
+// The typed hyperparameters object of the create-job body and the training methods, from the service's own
+// OpenAPI document.
 async function hyperparameterSchema() {
   openapiCache = openapiCache || await (await fetch("/openapi.json")).json();
   const schemas = openapiCache.components.schemas;
-  const holder = (schemas.SupervisedMethod || schemas.JobCreate).properties.hyperparameters;
+  const holder = schemas.JobCreate.properties.hyperparameters;
   const typed = (holder.anyOf || [holder]).find((s) => s.properties) || {};
-  return {job: schemas.JobCreate, hyper: typed};
+  return {job: schemas.JobCreate, hyper: typed, methods: schemas.Method.properties.type};
 }
 
 // The kinds of value a property takes: its types, its fixed strings (enum/const), and whether it may be null.
@@ -79,7 +80,7 @@ const OPENAI_KEYS = ["n_epochs", "batch_size", "learning_rate_multiplier"];
 export async function newJobPage(current) {
   setTitle("New job");
   const params = routeParams();
-  const [{job: jobSchema, hyper}, models, files] = await Promise.all([
+  const [{job: jobSchema, hyper, methods}, models, files] = await Promise.all([
     hyperparameterSchema(), api("/v1/models"), listAll("/v1/files?purpose=fine-tune", 1000)]);
   if (!current.alive) return;
   const usable = files.filter((f) => f.status === "processed");
@@ -97,6 +98,8 @@ export async function newJobPage(current) {
     h("option", {value: ""}, "none"), fileOptions(null));
   const suffix = h("input", {id: "job-suffix", name: "suffix", type: "text", maxlength: 64, autocomplete: "off", "aria-describedby": "job-suffix-desc"});
   const seed = h("input", {id: "job-seed", name: "seed", type: "text", inputmode: "numeric", autocomplete: "off", "aria-describedby": "job-seed-desc"});
+  const methodSelect = h("select", {id: "job-method", name: "type", required: true, "aria-describedby": "job-method-desc"},
+    methods.enum.map((m) => h("option", {value: m}, m)));
 
   const props = hyper.properties || {};
   const openaiFields = OPENAI_KEYS.filter((k) => props[k]).map((k) => hyperInput(k, props[k]));
@@ -110,6 +113,7 @@ export async function newJobPage(current) {
     field("job-validation-file", "Validation file", validSelect, "Optional: evaluated every eval_every steps and at the end."),
     field("job-suffix", "Suffix", suffix, "Part of the fine-tuned model's name (1 to 64 characters, no ':')."),
     field("job-seed", "Seed", seed, "Optional; the job draws one when empty."),
+    field("job-method", "Method", methodSelect, methods.description),
     h("fieldset", {}, h("legend", {}, "Hyperparameters"), openaiFields),
     h("details", {id: "engine-options"}, h("summary", {}, `Engine options (${engineNames.length})`),
       h("p", {class: "help"}, "From the service's OpenAPI document; leave a field empty for its default."),
@@ -127,7 +131,7 @@ export async function newJobPage(current) {
         if (text !== "") hyperparameters[el.dataset.hyper] = parseHyper(props[el.dataset.hyper], text);
       }
       const body = {model: modelSelect.value, training_file: trainSelect.value,
-                    method: {type: "supervised", supervised: {hyperparameters}}};
+                    method: {type: methodSelect.value, [methodSelect.value]: {hyperparameters}}};
       if (validSelect.value) body.validation_file = validSelect.value;
       if (suffix.value.trim()) body.suffix = suffix.value.trim();
       if (seed.value.trim()) body.seed = Number.isNaN(Number(seed.value)) ? seed.value.trim() : Number(seed.value);

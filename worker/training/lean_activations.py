@@ -26,15 +26,16 @@ place; and with `fused_kernels` the norm's and SwiGLU's elementwise math runs as
 `compiled_kernels()`), one pass over memory each.
 
 `apply(model, enabled, fused_kernels)` switches a built model (after peft wrapped it) either way and can be called
-again (the bench reuses one base for several variants). Only modules whose code is known are changed: norms and MLPs whose
-``forward`` is textually Llama's (Mistral and Qwen2/3 share it), and LoRA layers running plain LoRA (not DoRA,
-not merged, one active adapter); everything else keeps its own forward.
+again (the bench reuses one base for several variants). Only modules whose code is known are changed: the norm and MLP
+classes of Llama, Mistral and Qwen2/3 (`NORM_CLASSES`, `MLP_CLASSES`, matched by class; each is tested against the
+math here), and LoRA layers running plain LoRA (not DoRA, not merged, one active adapter); everything else keeps its
+own forward. `not_lean` names what a lean model should have made lean but did not (an unknown family, a renamed
+class): a job reports it as a warning event.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import types
 import weakref
@@ -378,16 +379,24 @@ def lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
 
 # --- switching a model -------------------------------------------------------------------------------------
 
+# The transformers classes whose forward is Llama's RMSNorm (fp32 math, weight * normed) or SwiGLU MLP
+# (down(act(gate(x)) * up(x))), by model family. Matched by exact class: a subclass may change forward. Each is checked
+# against the lean math in tests/training/test_lean_activations.py, so a transformers release that changes or drops one fails there.
+NORM_CLASSES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
+MLP_CLASSES = {"llama": "LlamaMLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "qwen3": "Qwen3MLP"}
+
+
+def _transformers_class(family: str, name: str) -> type:
+    import importlib
+
+    return getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)
+
+
 @cache
-def _source(function: Any) -> str:
-    try:
-        return inspect.getsource(function).strip()
-    except (OSError, TypeError):
-        return ""
-
-
-def _same_code(cls: type, reference: Any) -> bool:
-    return _source(cls.forward) == _source(reference) != ""
+def known_classes() -> dict[type, str]:
+    """The norm and MLP classes lean activations replace the forward of: class -> "norms" or "mlps"."""
+    known = {_transformers_class(family, name): "norms" for family, name in NORM_CLASSES.items()}
+    return known | {_transformers_class(family, name): "mlps" for family, name in MLP_CLASSES.items()}
 
 
 def _silu(module: torch.nn.Module) -> bool:
@@ -398,19 +407,19 @@ def _silu(module: torch.nn.Module) -> bool:
 def apply(model: torch.nn.Module, enabled: bool, fused_kernels: bool = False) -> dict[str, int]:
     """Give every known norm, MLP and LoRA layer of `model` the lean forward (enabled) or its own (not); the norms
     and MLPs run the compiled kernels (`compiled_kernels()`) when `fused_kernels`, else the eager math. Returns how many
-    modules of each kind are lean now."""
+    modules of each kind are lean now (`not_lean` names the ones a lean model was expected to have but has not)."""
     from peft.tuners.lora import LoraLayer
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
+    known = known_classes()
     counts = {"norms": 0, "mlps": 0, "lora": 0}
     for module in model.modules():
-        cls = type(module)
+        kind = known.get(type(module))
         if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module):
             kind, forward = "lora", lora_forward
-        elif _same_code(cls, LlamaRMSNorm.forward):
-            kind, forward = "norms", rmsnorm_forward
-        elif _same_code(cls, LlamaMLP.forward) and _silu(module):
-            kind, forward = "mlps", mlp_forward
+        elif kind == "norms":
+            forward = rmsnorm_forward
+        elif kind == "mlps" and _silu(module):
+            forward = mlp_forward
         else:
             continue
         module.__dict__.pop("forward", None)  # back to the class's forward
@@ -421,3 +430,16 @@ def apply(model: torch.nn.Module, enabled: bool, fused_kernels: bool = False) ->
                 module.__dict__["lean_kernels"] = compiled_kernels()
             counts[kind] += 1
     return counts
+
+
+def not_lean(model: torch.nn.Module) -> list[str]:
+    """The modules that the memory plan of lean activations counts as lean (contract/memory.py: every RMSNorm and
+    each decoder layer's MLP) but that run their own forward: "name (class)" each. Empty after `apply(model, True)` on
+    a model of a known family; anything else means the speed-up and the planned memory are not what the job gets."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    mlps = {id(layer.mlp) for layer in model.modules() if isinstance(layer, GradientCheckpointingLayer) and hasattr(layer, "mlp")}
+    lean_forwards = (rmsnorm_forward, mlp_forward)
+    return [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+            if (type(m).__name__.endswith("RMSNorm") or id(m) in mlps)
+            and getattr(m.__dict__.get("forward"), "__func__", None) not in lean_forwards]
