@@ -13,8 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
-from core.models import Project, now
 from core.settings import Settings
+from core.tables import Project, now
 
 # auto_error=False: a missing header is answered with our envelope, not FastAPI's {"detail": ...}.
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key from QLORA_API_KEYS (or $QLORA_HOME/api_key).")

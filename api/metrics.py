@@ -21,9 +21,9 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.openapi import path_patterns
-from core.models import Job, JobMetric, SweeperAction
 from core.queue import queued_training_jobs
 from core.settings import Settings
+from core.tables import Job, JobMetric, SweeperAction
 
 
 class ServiceCollector(Collector):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from contract.hyperparameters import Hyperparameters, method_object, wire_hyperparameters
 from contract.metrics import finite_floats
 from contract.options import METHODS
-from core.models import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, now
+from core.tables import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, now
 
 T = TypeVar("T")
 
@@ -260,13 +260,17 @@ class SupervisedMethod(_ClosedBody):
     hyperparameters: HyperparametersObject | None = None
 
 
+class DpoMethod(_ClosedBody):
+    hyperparameters: HyperparametersObject | None = None
+
+
 class Method(_ClosedBody):
     # A string, not a Literal, so that an unsupported method gets the clear 400 of api.hyperparameters; the schema
     # lists the supported ones (the dashboard offers them).
     type: str = Field(description="The training method.", json_schema_extra={"enum": list(METHODS)})
     supervised: SupervisedMethod | None = None
-    # Accepted here so that a 'dpo' or 'reinforcement' request gets the clear "not supported" answer.
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
+    # Accepted here so that a 'reinforcement' request gets the clear "not supported" answer.
     reinforcement: dict[str, Any] | None = None
 
 

@@ -80,7 +80,8 @@ def eta_seconds(data: Mapping[str, Any]) -> float | None:
 def progress_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     """What a progress update says, from a metrics event's data (worker/database_sink.py: the step's metrics and
     total_steps): the machine-readable form of `progress_line`."""
-    keys = ("step", "total_steps", "train_loss", "valid_loss", "train_mean_token_accuracy", "learning_rate", "tokens_per_second", "epoch")
+    keys = ("step", "total_steps", "train_loss", "valid_loss", "train_mean_token_accuracy", "train_rewards_accuracies",
+            "train_rewards_margins", "learning_rate", "tokens_per_second", "epoch")
     fields = {k: data.get(k) for k in keys if data.get(k) is not None}
     eta = eta_seconds(data)
     if eta is not None:
@@ -106,6 +107,10 @@ def _metric_parts(data: Mapping[str, Any]) -> list[str]:
     for key, label in (("train_loss", "loss"), ("valid_loss", "valid")):
         if isinstance(data.get(key), int | float):
             parts.append(f"{label} {data[key]:.4f}")
+    # A dpo job's reward accuracy and margin (docs/training.md, "Preference tuning (DPO)").
+    for key, label in (("train_rewards_accuracies", "reward acc"), ("train_rewards_margins", "margin")):
+        if isinstance(data.get(key), int | float):
+            parts.append(f"{label} {data[key]:.3f}")
     if isinstance(data.get("learning_rate"), int | float):
         parts.append(f"lr {data['learning_rate']:.2e}")
     if isinstance(data.get("tokens_per_second"), int | float):

@@ -1,10 +1,16 @@
 """The training file format: parse and validate a JSONL file of examples, for the API's upload check and the engine.
 
-A training file holds one example a line, in one of three shapes (mixed shapes are allowed):
+A training file holds one example a line, in one of three supervised shapes (mixed shapes are allowed):
 
 - chat: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str, "weight"?: 0|1}, ...]}``
 - prompt/completion: ``{"prompt": str, "completion": str}``
 - plain text: ``{"text": str}``
+
+or, for preference tuning (``method.type = "dpo"``), one pair a line in OpenAI's DPO shape, never mixed with the
+supervised shapes: ``{"input": {"messages": [...], "tools"?: [...], "parallel_tool_calls"?: bool},
+"preferred_output": [one assistant message], "non_preferred_output": [one assistant message]}``. The input's
+messages end before the answer (no trailing assistant turn); `tools` and `parallel_tool_calls` are accepted and
+ignored (only text is trained on here). `ValidationReport.kind` says which of the two a file is.
 
 `validate_file` reads the file once and reports every fault it finds (OpenAI's codes ``invalid_file_format``
 and ``invalid_n_examples``), with bounded memory even for a hostile file; `load_examples` does the same and
@@ -29,7 +35,9 @@ MAX_FAULT_MESSAGE_CHARS = 300
 INVALID_FILE_FORMAT = "invalid_file_format"
 INVALID_N_EXAMPLES = "invalid_n_examples"
 
-ExampleFormat = Literal["chat", "prompt_completion", "text"]
+ExampleFormat = Literal["chat", "prompt_completion", "text", "preference"]
+# What a file is for: the job's method must match (OpenAI's method types "supervised" and "dpo").
+FileKind = Literal["supervised", "preference"]
 
 ROLES = ("system", "user", "assistant", "tool")
 # Keys OpenAI's chat format allows on a message that do not change what we train on; accepted and dropped.
@@ -41,8 +49,10 @@ SHAPE_KEYS: dict[str, frozenset[str]] = {
     "chat": frozenset({"messages"}),
     "prompt_completion": frozenset({"prompt", "completion"}),
     "text": frozenset({"text"}),
+    "preference": frozenset({"input", "preferred_output", "non_preferred_output"}),
 }
-EXPECTED_SHAPES = "'messages' (chat), 'prompt' and 'completion', or 'text'"
+EXPECTED_SHAPES = "'messages' (chat), 'prompt' and 'completion', 'text', or 'input', 'preferred_output' and 'non_preferred_output' (preference)"
+PREFERENCE_INPUT_KEYS = frozenset({"messages", "tools", "parallel_tool_calls"})
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _SKIP_CHUNK_BYTES = 1024 * 1024  # the rest of an over-long line is read and dropped in pieces this size
@@ -91,7 +101,8 @@ class DataValidationError(ValueError):
 @dataclass(frozen=True)
 class Example:
     """One valid line of a training file, normalised: chat message contents are strings and each message
-    holds only role, content and (when given) weight."""
+    holds only role, content and (when given) weight. A preference pair keeps its input's messages in `messages`
+    and the two answers' contents in `preferred` and `non_preferred`."""
 
     line: int
     format: ExampleFormat
@@ -99,6 +110,8 @@ class Example:
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
+    preferred: str | None = None
+    non_preferred: str | None = None
 
 
 @dataclass
@@ -113,6 +126,13 @@ class ValidationReport:
     @property
     def ok(self) -> bool:
         return self.n_faults == 0
+
+    @property
+    def kind(self) -> FileKind | None:
+        """"preference" for a file of pairs, "supervised" for one of examples, None when no line was valid."""
+        if not self.formats:
+            return None
+        return "preference" if "preference" in self.formats else "supervised"
 
 
 class _LineFault(Exception):
@@ -195,6 +215,10 @@ def _scan(path: str | os.PathLike[str] | BinaryIO, *, min_examples: int, keep_ex
 
     n_examples = sum(formats.values())
     file_faults: list[DataFault] = []
+    if formats.get("preference") and n_examples > formats["preference"]:
+        file_faults.append(DataFault(line=None, code=INVALID_FILE_FORMAT, message=(
+            f"{_label(role)} mixes {formats['preference']} preference pair(s) with {n_examples - formats['preference']} "
+            "supervised example(s); a file holds one or the other")))
     if n_nonblank == 0:
         file_faults.append(DataFault(line=None, code=INVALID_FILE_FORMAT, message=f"{_label(role)} is empty"))
     elif n_examples < min_examples:
@@ -248,6 +272,8 @@ def _parse_line(line_no: int, text: str) -> Example:
 
     if shape == "chat":
         return Example(line=line_no, format="chat", messages=_check_messages(obj["messages"]))
+    if shape == "preference":
+        return _parse_preference(line_no, obj)
     if shape == "prompt_completion":
         for key in ("prompt", "completion"):
             if key not in obj:
@@ -265,15 +291,58 @@ def _parse_line(line_no: int, text: str) -> Example:
     return Example(line=line_no, format="text", text=value)
 
 
-def _check_messages(messages: Any) -> list[dict[str, Any]]:
+def _parse_preference(line_no: int, obj: dict[str, Any]) -> Example:
+    for key in sorted(SHAPE_KEYS["preference"]):
+        if key not in obj:
+            raise _LineFault(f"a preference pair needs 'input', 'preferred_output' and 'non_preferred_output' (missing {key!r})")
+    given = obj["input"]
+    if not isinstance(given, dict):
+        raise _LineFault(f"'input' must be an object, got {_json_type(given)}")
+    if "messages" not in given:
+        raise _LineFault("'input' has no 'messages'")
+    unknown = given.keys() - PREFERENCE_INPUT_KEYS
+    if unknown:
+        raise _LineFault(f"'input' has unknown key(s) {_key_list(unknown)} (allowed: {', '.join(sorted(PREFERENCE_INPUT_KEYS))})")
+    if "tools" in given and not isinstance(given["tools"], list):
+        raise _LineFault(f"'input.tools' must be a list, got {_json_type(given['tools'])}")
+    messages = _check_messages(given["messages"], where_prefix="input ", needs_target=False)
+    if messages[-1]["role"] == "assistant":
+        raise _LineFault("'input.messages' ends with an assistant message; the answers go in 'preferred_output' and 'non_preferred_output'")
+    if any("weight" in m for m in messages):
+        raise _LineFault("'input.messages' has a weight; in a preference pair only the outputs are trained on")
+    preferred = _single_answer(obj, "preferred_output")
+    non_preferred = _single_answer(obj, "non_preferred_output")
+    return Example(line=line_no, format="preference", messages=messages, preferred=preferred, non_preferred=non_preferred)
+
+
+def _single_answer(obj: dict[str, Any], key: str) -> str:
+    """The content of a preference output: a list of exactly one assistant message with non-empty text."""
+    value = obj[key]
+    if not isinstance(value, list) or len(value) != 1:
+        got = f"{len(value)} messages" if isinstance(value, list) else _json_type(value)
+        raise _LineFault(f"{key!r} must be a list of exactly one assistant message, got {got}")
+    (message,) = _check_messages(value, where_prefix=f"{key} ", needs_target=False)
+    if message["role"] != "assistant":
+        raise _LineFault(f"{key!r} holds a {message['role']} message; it must be an assistant message")
+    if "weight" in message:
+        raise _LineFault(f"{key!r} has a weight; both outputs of a pair are always trained on")
+    if not message["content"].strip():
+        raise _LineFault(f"{key!r} has empty content (nothing to compare)")
+    return message["content"]
+
+
+def _check_messages(messages: Any, *, where_prefix: str = "", needs_target: bool = True) -> list[dict[str, Any]]:
+    """Normalised messages; `needs_target=False` for a preference pair's input and outputs, which need no trained
+    assistant message of their own. `where_prefix` names the list in faults ("input message 2 ...")."""
+    name = "'input.messages'" if where_prefix == "input " else "'messages'"
     if not isinstance(messages, list):
-        raise _LineFault(f"'messages' must be a list, got {_json_type(messages)}")
+        raise _LineFault(f"{name} must be a list, got {_json_type(messages)}")
     if not messages:
-        raise _LineFault("'messages' is empty")
+        raise _LineFault(f"{name} is empty")
     normalised: list[dict[str, Any]] = []
     n_assistant = n_trained = 0
     for i, message in enumerate(messages, start=1):
-        where = f"message {i}"
+        where = f"{where_prefix}message {i}"
         if not isinstance(message, dict):
             raise _LineFault(f"{where} must be an object, got {_json_type(message)}")
         for key in ("role", "content"):
@@ -299,6 +368,8 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
             n_assistant += 1
             n_trained += entry.get("weight", 1)
         normalised.append(entry)
+    if not needs_target:
+        return normalised
     if n_assistant == 0:
         raise _LineFault("has no assistant message (nothing to train on)")
     if n_trained == 0:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, create_model
 
-from contract.options import ConfigError, TrainingConfig, unused_options
+from contract.options import DPO_OPTIONS, ConfigError, TrainingConfig, unused_options
 
 DEFAULT_METHOD: str = TrainingConfig.model_fields["method"].default
 
@@ -84,6 +84,8 @@ def resolve(given: Mapping[str, Any], *, seed: int, method: str = DEFAULT_METHOD
     for key, where in (("seed", "the top-level 'seed' parameter"), ("method", "'method.type'")):
         if key in values:
             raise ConfigError(f"Set the {key} with {where}, not in hyperparameters", param=key)
+    if _is_auto(values.get("beta", 0)):  # OpenAI's beta "auto": the engine's default
+        values.pop("beta")
     openai = _read_openai_keys(values)
     for name in ("n_epochs", "batch_size"):  # 'auto': the engine's default
         value = getattr(openai, name)
@@ -124,7 +126,8 @@ def wire_hyperparameters(given: Mapping[str, Any], config: Mapping[str, Any]) ->
     if _is_auto(multiplier):
         multiplier = config["learning_rate"] / BASE_LEARNING_RATE
     echoed = {"n_epochs": config["n_epochs"], "batch_size": config["batch_size"], "learning_rate_multiplier": float(multiplier)}
-    return echoed | {k: v for k, v in config.items() if k not in echoed and k != "method"}
+    hidden = {"method"} | (set() if config.get("method") == "dpo" else set(DPO_OPTIONS))
+    return echoed | {k: v for k, v in config.items() if k not in echoed and k not in hidden}
 
 
 def method_object(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +138,7 @@ def method_object(method: str, hyperparameters: dict[str, Any]) -> dict[str, Any
 
 def _schema_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {name: (field.annotation, field) for name, field in OpenAIHyperparameters.model_fields.items()}
+    fields["beta"] = (float | Literal["auto"], Field("auto", description=TrainingConfig.model_fields["beta"].description + " 'auto' or absent: 0.1."))
     for name, field in TrainingConfig.model_fields.items():
         if name not in fields and name not in ("seed", "method"):  # the job's top-level `seed` and `method.type`
             fields[name] = (field.annotation, field)

@@ -362,7 +362,7 @@ def estimate_memory(
     an engine setting the estimate models, so its callers pass it).
 
     tokens_per_micro_batch: tokens in one forward/backward pass; default ``micro_batch_size * max_seq_length``
-    (every example at full length, the worst case). With packing the micro-batch is one row of that many tokens;
+    (every example at full length, the worst case; twice that for method dpo, whose units are pairs). With packing the micro-batch is one row of that many tokens;
     without, rows of at most ``max_seq_length``.
     gradient_checkpointing: None takes it from ``cfg``: 'on' -> True, 'off' -> False, 'selective' -> every layer
     selective, and 'auto' -> True (the least memory; the engine decides 'auto' with
@@ -374,6 +374,10 @@ def estimate_memory(
     s = read_shape(model_config)
     c = _compute_bytes(cfg.compute_dtype)
     tokens = tokens_per_micro_batch if tokens_per_micro_batch is not None else cfg.micro_batch_size * cfg.max_seq_length
+    if tokens_per_micro_batch is None and cfg.method == "dpo":
+        # A dpo micro-batch holds micro_batch_size pairs: both answers go through one forward. The reference pass
+        # runs before step 1 without gradients (no saved activations), so it stays below the training peak.
+        tokens *= 2
     if tokens < 1:
         raise ValueError("tokens_per_micro_batch must be positive")
     if layer_modes is None:

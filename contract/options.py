@@ -18,7 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from contract.errors import ConfigError
 
 # The training methods (OpenAI's `method.type`); each has an objective in worker/training/objectives/.
-Method = Literal["supervised"]
+Method = Literal["supervised", "dpo"]
+PreferenceLoss = Literal["sigmoid", "ipo", "simpo", "orpo"]
+# The options of method dpo; a supervised job that names one is refused (`unused_options`).
+DPO_OPTIONS = ("beta", "loss_type", "simpo_gamma", "rpo_alpha")
 METHODS: tuple[str, ...] = get_args(Method)
 QuantizationMode = Literal["4bit", "8bit", "hqq", "none", "gptq", "awq"]
 HqqBits = Literal[2, 3, 4, 8]
@@ -49,7 +52,13 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     # --- method -----------------------------------------------------------------------------------
-    method: Method = Field("supervised", description="The training method, OpenAI's method.type (set there, not among the hyperparameters). supervised: next-token cross-entropy on the target tokens.")
+    method: Method = Field("supervised", description="The training method, OpenAI's method.type (set there, not among the hyperparameters). supervised: next-token cross-entropy on the target tokens. dpo: preference pairs (docs/training.md, DPO).")
+
+    # --- preference tuning (method dpo) -----------------------------------------------------------
+    beta: float = Field(0.1, gt=0, le=2, description="dpo: OpenAI's beta, 0 < beta <= 2: how far the policy may move from the reference (sigmoid, ipo), SimPO's reward scale, ORPO's lambda.")
+    loss_type: PreferenceLoss = Field("sigmoid", description="dpo: sigmoid (DPO), ipo, or the reference-free simpo and orpo.")
+    simpo_gamma: float = Field(0.5, ge=0, le=10, description="dpo with loss_type='simpo': the target reward margin gamma.")
+    rpo_alpha: float | None = Field(None, ge=0, le=10, description="dpo: weight of an extra NLL term on the preferred answer (length-normalised, RPO); keeps answers well-formed.")
 
     # --- data -------------------------------------------------------------------------------------
     max_seq_length: int = Field(2048, ge=16, le=131072, description="Tokens per example; longer examples are truncated (and counted).")
@@ -164,6 +173,11 @@ def unused_options(cfg: TrainingConfig) -> dict[str, tuple[str, str]]:
                                       "micro_batch_tokens (tokens per pass), not both")
     if cfg.warmup_steps is not None:
         unused["warmup_ratio"] = ("warmup_steps", "set either warmup_steps or warmup_ratio, not both")
+    if cfg.method != "dpo":
+        for name in DPO_OPTIONS:
+            unused[name] = (name, f"{name!r} applies only to method 'dpo' (got {cfg.method!r})")
+    elif cfg.loss_type != "simpo":
+        unused["simpo_gamma"] = ("simpo_gamma", f"'simpo_gamma' applies only to loss_type='simpo' (got {cfg.loss_type!r})")
     return unused
 
 
@@ -187,6 +201,9 @@ def validate_combinations(cfg: TrainingConfig) -> None:
         )
     if cfg.warmup_steps is not None and cfg.max_steps is not None and cfg.warmup_steps > cfg.max_steps:
         raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) exceeds max_steps ({cfg.max_steps})", param="warmup_steps")
+    if cfg.method == "dpo" and isinstance(cfg.target_modules, list) and "lm_head" in cfg.target_modules:
+        # The per-sequence log-probs come from the chunked head (worker/training/losses.py), which needs it frozen.
+        raise ConfigError("method 'dpo' needs a frozen output head: leave 'lm_head' out of target_modules", param="target_modules")
     if isinstance(cfg.target_modules, list):
         if not cfg.target_modules:
             raise ConfigError("target_modules must name at least one module, or be 'all-linear'", param="target_modules")

@@ -17,16 +17,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, func, select, union_all
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
-from core.exports import ExportStatus, mark_export_enqueued
+from core.exports import ACTIVE, ExportStatus, mark_export_enqueued
 from core.jobs import JobStatus, mark_enqueued
-from core.models import Export, Job
 from core.queue import send_export_task, send_training_task
 from core.quotas import training_queue_room
 from core.settings import Settings
+from core.tables import Export, Job
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,21 @@ def dispatch_quietly(session_factory: sessionmaker[Session], celery_app: Any, se
         return []
 
 
-def projects_with_unsent_jobs(session: Session) -> list[str]:
-    """The projects with queued jobs or merged exports never sent."""
-    jobs = select(Job.project).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))
-    exports = select(Job.project).join(Export, Export.job_id == Job.id).where(Export.status == ExportStatus.QUEUED.value,
-                                                                              Export.enqueued_at.is_(None))
-    return sorted(set(session.scalars(jobs.distinct())) | set(session.scalars(exports.distinct())))
+def projects_with_room(session: Session, settings: Settings) -> list[str]:
+    """The projects with queued jobs or merged exports never sent whose share has room for one now (`dispatch` would
+    send something), in one query: the sweeper dispatches only these, instead of taking the row lock of every project
+    with a backlog on every pass (docs/operations.md "Scale"). The counts are `training_queue_room`'s."""
+    return list(session.scalars(projects_with_room_query(settings)))
+
+
+def projects_with_room_query(settings: Settings) -> Select[tuple[str]]:
+    queued, running = JobStatus.QUEUED.value, JobStatus.RUNNING.value
+    rows = union_all(
+        select(Job.project, Job.status, Job.enqueued_at).where(Job.status.in_([queued, running])),
+        select(Job.project, Export.status, Export.enqueued_at).join(Job, Job.id == Export.job_id).where(Export.status.in_(ACTIVE)),
+    ).subquery()
+    unsent = func.count().filter(rows.c.status == queued, rows.c.enqueued_at.is_(None))
+    waiting = func.count().filter(rows.c.status == queued, rows.c.enqueued_at.is_not(None))
+    busy = func.count().filter((rows.c.status == running) | rows.c.enqueued_at.is_not(None))
+    return (select(rows.c.project).group_by(rows.c.project)
+            .having(unsent > 0, waiting < settings.queued_messages_per_project, busy < settings.max_running_jobs_per_project))

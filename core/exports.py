@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from core.jobs import add_event
 from core.leases import lapsed, taken
-from core.models import Export, now
+from core.tables import Export, now
 
 
 class ExportStatus(StrEnum):

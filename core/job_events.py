@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from core.db import session_scope
 from core.dispatch import DispatchError, dispatch
 from core.jobs import ENDED_IN_SESSION
-from core.models import Job, JobOutbox
 from core.queue import send_job_ended_task
 from core.settings import Settings
+from core.tables import Job, JobOutbox
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from contract.options import TrainingConfig
 from core import ids
 from core.dispatch import DispatchError, dispatch
 from core.jobs import JobStatus, add_event
-from core.models import File, Job, file_is_live, now
 from core.quotas import check_job_slots, lock_project
 from core.settings import Settings
+from core.tables import File, Job, file_is_live, now
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class NewJob:
     """A create-job request as the API parsed it."""
 
     model: str
+    method: str  # method.type: "supervised" or "dpo", which decides the kind of file the job trains on
     training_file: str
     validation_file: str | None
     suffix: str | None
@@ -82,6 +83,16 @@ def check_step_limit(cfg: TrainingConfig, n_examples: int, limit: int, options_p
                               param=f"{options_param}.{key}", code="invalid_value")
 
 
+def check_file_kind(row: File, method: str, param: str) -> None:
+    """A dpo job trains on preference pairs, a supervised one on examples (the kind the upload found)."""
+    kind = row.kind or "supervised"  # rows from before files.kind hold examples: pairs failed validation then
+    wanted = "preference" if method == "dpo" else "supervised"
+    if kind != wanted:
+        found = "preference pairs" if kind == "preference" else "supervised examples"
+        needs = "preference pairs ({input, preferred_output, non_preferred_output})" if wanted == "preference" else "supervised examples"
+        raise JobRequestError(f"File {row.id} holds {found}, but a {method!r} job needs {needs}.", param=param, code="invalid_file_format")
+
+
 def create_job(session: Session, celery_app: Any, settings: Settings, project: str, request: NewJob) -> Job:
     """Check `request` against the project's files and limits, store the job (queued: its files were validated at
     upload) with its first events, commit, and send the project's next jobs. Returns the row."""
@@ -89,8 +100,9 @@ def create_job(session: Session, celery_app: Any, settings: Settings, project: s
     if training.n_examples is not None and training.n_examples < MIN_EXAMPLES:
         raise JobRequestError(f"Training file has {training.n_examples} example(s), but must have at least {MIN_EXAMPLES} examples",
                               param="training_file", code="invalid_n_examples")
+    check_file_kind(training, request.method, "training_file")
     if request.validation_file is not None:
-        usable_file(session, project, request.validation_file, "validation_file")
+        check_file_kind(usable_file(session, project, request.validation_file, "validation_file"), request.method, "validation_file")
     if request.integrations:
         raise JobRequestError("Integrations are not supported by this service.", param="integrations", code="unsupported_parameter")
     lock_project(session, project)  # orders concurrent creations of one project from the count to the commit

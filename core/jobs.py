@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from core import ids
 from core.leases import lapsed, renew, taken
-from core.models import Checkpoint, Job, JobEvent, JobMetric, JobOutbox, now
+from core.tables import Checkpoint, Job, JobEvent, JobMetric, JobOutbox, now
 
 
 class JobStatus(StrEnum):

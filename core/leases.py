@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
-from core.models import Export, Job
+from core.tables import Export, Job
 
 RUNNING = "running"  # the status both tables hold while a worker owns the row
 

@@ -9,7 +9,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from core.model_names import adapter_filename
-from core.models import Checkpoint, Export, File, Job, now
+from core.tables import Checkpoint, Export, File, Job, now
 
 
 def lock_live_model_job(session: Session, job_id: str) -> Job | None:

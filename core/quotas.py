@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 
 from core.exports import ACTIVE, ExportStatus
 from core.jobs import TERMINAL, JobStatus
-from core.models import Export, Job, Project, file_is_live
-from core.models import File as FileRow
 from core.settings import Settings
+from core.tables import Export, Job, Project, file_is_live
+from core.tables import File as FileRow
 from core.uploads import reserved_bytes as reserved_upload_bytes
 
 
@@ -36,7 +36,8 @@ def lock_project(session: Session, project: str) -> None:
 def check_job_slots(session: Session, settings: Settings, project: str) -> None:
     """Room for one more job: fewer than the active (queued or running) and queued limits. Call under `lock_project`."""
     active = dict(session.execute(select(Job.status, func.count()).where(
-        Job.project == project, Job.status.not_in([status.value for status in TERMINAL])).group_by(Job.status)).all())
+        # The active statuses named (not "not terminal"): the (project, status) index then skips the project's history.
+        Job.project == project, Job.status.in_([status.value for status in JobStatus if status not in TERMINAL])).group_by(Job.status)).all())
     if sum(active.values()) >= settings.max_active_jobs_per_project:
         raise QuotaExceeded(f"This project has {sum(active.values())} queued or running jobs, the most it may have at once",
                             "QLORA_MAX_ACTIVE_JOBS_PER_PROJECT")

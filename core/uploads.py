@@ -13,8 +13,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
-from core.models import Upload, UploadPart, now
 from core.storage import ObjectStorage
+from core.tables import Upload, UploadPart, now
 
 UPLOAD_LIFETIME_S = 3600  # OpenAI's: an upload not completed within an hour expires
 MAX_PART_BYTES = 64 * 1024 * 1024  # OpenAI's limit per part, and the SDK's default part size

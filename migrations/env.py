@@ -3,8 +3,8 @@
 from alembic import context
 
 from core.db import make_engine
-from core.models import Base
 from core.settings import Settings
+from core.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
 from core.job_events import handle_job_ended, send_on_commit
-from core.models import JobOutbox
 from core.queue import JOB_ENDED_TASK, control_queue, make_celery
 from core.settings import Settings
+from core.tables import JobOutbox
 
 
 @contextmanager

@@ -28,8 +28,8 @@ from core import ids
 from core.db import session_scope
 from core.jobs import add_event, heartbeat
 from core.model_names import checkpoint_model_name, fine_tuned_model_name
-from core.models import Checkpoint, Job, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
+from core.tables import Checkpoint, Job, JobMetric, now
 from worker.retry import retry_transient
 
 log = logging.getLogger(__name__)

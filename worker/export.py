@@ -28,10 +28,10 @@ from core.exports import claim_export, finish_export
 from core.jobs import JobStatus, add_event
 from core.model_deletion import lock_live_model_job
 from core.model_names import adapter_filename, merged_filename
-from core.models import Export, File, Job, now
 from core.quotas import QuotaExceeded, check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectStorage, StoredObject, delete_quietly
+from core.tables import Export, File, Job, now
 from worker.database_sink import pack_directory
 from worker.retry import Outage, retry_transient
 from worker.runner import default_worker_id, remove_dead_workdirs, unpack_archive

@@ -10,7 +10,7 @@
   or refused by a broker that was down) is dispatched with the jobs; a running one whose heartbeat stopped is
   failed with `worker_lost` (a new POST .../export merges again).
 - Files past their `expires_at` (uploads with `expires_after`) are deleted: the row first, then the object.
-  Readers stopped seeing them at `expires_at` already (`core.models.file_is_live`).
+  Readers stopped seeing them at `expires_at` already (`core.tables.file_is_live`).
 - Uploads of the Uploads API pending past their hour become `expired`; the parts of every upload that is no longer
   pending (expired, cancelled, completed) are deleted (`core.uploads.sweep_uploads`).
 - The local backend's `*.partial` files that a killed writer left (untouched for 15 minutes) are deleted.
@@ -32,14 +32,14 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
-from core.dispatch import dispatch_quietly, projects_with_unsent_jobs
+from core.dispatch import dispatch_quietly, projects_with_room
 from core.exports import expired_queued_exports, fail_lost_exports, mark_export_enqueued
 from core.job_events import due_for_resend, mark_resent
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
-from core.models import File, SweeperAction, now
 from core.queue import queued_training_jobs, send_export_task, send_job_ended_task, send_training_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly, remove_stale_partials
+from core.tables import File, SweeperAction, now
 from core.uploads import sweep_uploads
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         sent.append(job_id)
         log.info("sent the training task of job %s", job_id)
     with session_scope(session_factory) as session:
-        projects = projects_with_unsent_jobs(session)
+        projects = projects_with_room(session, settings)  # only those whose turn has come
     # Catching up: the jobs the broker refused when they were created or at a claim (a job's end dispatches through
     # core/job_events.py, resent above when its message was lost).
     for project in projects:

@@ -28,8 +28,8 @@ from core import logs
 from core.chat import PROJECT_HEADER, ChatCompletionCreate
 from core.jobs import JobStatus
 from core.model_names import adapter_filename
-from core.models import Checkpoint, CheckpointPermission, File, Job
 from core.settings import Settings
+from core.tables import Checkpoint, CheckpointPermission, File, Job
 
 router = APIRouter(tags=["chat"])
 

@@ -23,7 +23,7 @@ from api.openapi import error_responses
 from api.pagination import fetch_page_after
 from api.schemas import CheckpointPermissionDeleted, CheckpointPermissionObject, CursorPage, Page, PermissionCreate, first_unstorable
 from core import ids
-from core.models import Checkpoint, CheckpointPermission, Job, now
+from core.tables import Checkpoint, CheckpointPermission, Job, now
 
 router = APIRouter(prefix="/fine_tuning/checkpoints/{fine_tuned_model_checkpoint}/permissions", tags=["fine-tuning"])
 

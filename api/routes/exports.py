@@ -24,8 +24,8 @@ from core.dispatch import DispatchError, dispatch
 from core.exports import ACTIVE, ExportStatus
 from core.jobs import JobStatus, add_event
 from core.model_deletion import lock_live_model_job
-from core.models import Export, now
 from core.quotas import check_stored_bytes, lock_project
+from core.tables import Export, now
 
 logger = logging.getLogger("api")
 

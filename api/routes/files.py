@@ -29,11 +29,11 @@ from api.pagination import cursor_seq, fetch_page
 from api.schemas import CursorPage, FileDeleted, FileObject
 from contract.data_format import ValidationReport, validate_file
 from core import ids
-from core.models import File as FileRow
-from core.models import file_is_live, now
 from core.quotas import check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import ObjectNotFound, ObjectTooLarge, delete_quietly, spool_stream
+from core.tables import File as FileRow
+from core.tables import file_is_live, now
 
 UPLOAD_PURPOSES = ("fine-tune",)
 # Room for the multipart framing around the file: boundaries, part headers (filename), the purpose and
@@ -179,6 +179,7 @@ def upload_file(
             status="processed" if report.ok else "error",
             status_details=None if report.ok else summarize_faults(report),
             n_examples=report.n_examples,
+            kind=report.kind if report.ok else None,
             created_at=created_at,
             expires_at=expires_at,
         )

@@ -39,8 +39,8 @@ from contract.options import TrainingConfig
 from core import job_service
 from core.job_service import NewJob
 from core.jobs import JobStatus, cancel_job
-from core.models import Checkpoint, Job, JobEvent, JobMetric
 from core.storage import ObjectNotFound
+from core.tables import Checkpoint, Job, JobEvent, JobMetric
 from worker.training.tunables import LOSS_CHUNK_TOKENS
 
 logger = logging.getLogger("api")
@@ -87,12 +87,13 @@ def create_job(
         )
     model_config = base_config(model_dir)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    request = NewJob(model=body.model, training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
+    method = body.method.type if body.method else DEFAULT_METHOD
+    request = NewJob(model=body.model, method=method, training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
                      metadata=body.metadata, integrations=body.integrations,
                      estimate=lambda cfg: _memory_estimate(model_config, cfg),
                      resolve=lambda: job_options(body, seed, model_config),
                      options_param="hyperparameters" if body.hyperparameters is not None
-                     else f"method.{body.method.type if body.method else DEFAULT_METHOD}.hyperparameters")
+                     else f"method.{method}.hyperparameters")
     return FineTuningJob.from_row(job_service.create_job(session, celery_app, settings, project, request))
 
 

@@ -19,8 +19,8 @@ from api.openapi import error_responses
 from api.schemas import Model, ModelDeleted, ModelQuantization, Page
 from core.jobs import JobStatus
 from core.model_deletion import delete_model_rows, lock_live_model_job
-from core.models import Checkpoint, CheckpointPermission, Job
 from core.storage import delete_quietly
+from core.tables import Checkpoint, CheckpointPermission, Job
 
 router = APIRouter(prefix="/models", tags=["models"])
 

@@ -25,11 +25,11 @@ from api.routes.files import UploadRoute, check_purpose, summarize_faults
 from api.schemas import UploadComplete, UploadCreate, UploadObject, UploadPartObject, first_unstorable
 from contract.data_format import validate_file
 from core import ids
-from core.models import File as FileRow
-from core.models import Upload, UploadPart, now
 from core.quotas import check_stored_bytes, lock_project
 from core.settings import Settings
 from core.storage import CHUNK, ConcatenatedReader, ObjectNotFound, delete_quietly
+from core.tables import File as FileRow
+from core.tables import Upload, UploadPart, now
 from core.uploads import MAX_PART_BYTES, UPLOAD_LIFETIME_S, discard_parts
 
 router = APIRouter(prefix="/uploads", tags=["uploads"])

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.main import create_app
-from core.models import Project
+from core.tables import Project
 from tests.api.helpers import KEY_A, KEY_B, MAX_UPLOAD, assert_error, db, upload
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from core import ids
-from core.models import Checkpoint, File, Job, now
 from core.storage import make_storage
+from core.tables import Checkpoint, File, Job, now
 from inference.engine import ChatEngine
 from inference.server import create_app as create_inference_app
 from inference.vllm_front import create_app as create_front_app

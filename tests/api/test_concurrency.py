@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select
 
 from core.db import make_engine, make_session_factory, session_scope
-from core.models import Job
+from core.tables import Job
 from tests.api.helpers import API_KEYS, KEY_A, MODEL, chat_jsonl, queued_tasks
 from tests.conftest import free_port, wait_for_port
 

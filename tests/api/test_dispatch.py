@@ -9,8 +9,8 @@ from sqlalchemy import select
 
 from api.main import create_app
 from core.dispatch import dispatch_quietly
-from core.models import Job
 from core.settings import Settings
+from core.tables import Job
 from tests.api.helpers import KEY_A, KEY_B, MODEL, create_job, db, queued_tasks, upload_ok
 from tests.job_ended import deliver_job_ended, outbox_rows
 from worker import runner

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import File
+from core.tables import File
 from tests.api.helpers import KEY_A, KEY_B, MAX_UPLOAD, assert_error, chat_jsonl, db, upload, upload_ok
 
 FILE_FIELDS = {"id", "object", "bytes", "created_at", "filename", "purpose", "status", "expires_at", "status_details", "sha256"}
@@ -284,7 +284,7 @@ def test_overlong_filename(client, bad_name):
 
 
 def test_an_expired_file_is_gone_for_every_reader(client):
-    from core.models import now
+    from core.tables import now
 
     file = upload_ok(client, data={"expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"})
     kept = upload_ok(client)

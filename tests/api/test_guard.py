@@ -117,7 +117,7 @@ def test_a_streamed_download_holds_no_database_connection(tmp_path, database_url
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from core.models import File, now
+    from core.tables import File, now
     from tests.api.conftest import make_settings
     from tests.api.helpers import db, upload_ok
 

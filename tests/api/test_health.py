@@ -118,7 +118,7 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
     from contract.metrics import StepMetrics
     from core.db import session_scope
     from core.jobs import claim_job
-    from core.models import Job, JobEvent
+    from core.tables import Job, JobEvent
     from tests.api.helpers import create_job_ok, upload_ok
     from worker.database_sink import DatabaseSink
     from worker.sweeper import sweep

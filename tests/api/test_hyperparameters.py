@@ -7,7 +7,7 @@ import json
 import pytest
 
 from contract.hyperparameters import resolve
-from contract.options import ConfigError, TrainingConfig
+from contract.options import DPO_OPTIONS, ConfigError, TrainingConfig
 
 
 def test_auto_resolves_to_numbers():
@@ -15,8 +15,10 @@ def test_auto_resolves_to_numbers():
     assert (cfg.n_epochs, cfg.batch_size, cfg.learning_rate, cfg.seed) == (3, 8, 2e-4, 7)
     assert (echoed["n_epochs"], echoed["batch_size"], echoed["learning_rate_multiplier"]) == (3, 8, 1.0)
     assert list(echoed)[:3] == ["n_epochs", "batch_size", "learning_rate_multiplier"]
-    # Every engine option but the method, which the job's `method.type` shows (contract.hyperparameters.method_object).
-    assert set(echoed) == set(TrainingConfig.model_fields) - {"method"} | {"learning_rate_multiplier"}
+    # Every engine option but the method, which the job's `method.type` shows (contract.hyperparameters.method_object),
+    # and the options of method dpo, which a supervised job does not have.
+    assert set(echoed) == set(TrainingConfig.model_fields) - {"method", *DPO_OPTIONS} | {"learning_rate_multiplier"}
+    assert set(resolve({}, seed=7, method="dpo")[1]) == set(TrainingConfig.model_fields) - {"method"} | {"learning_rate_multiplier"}
     assert resolve({}, seed=7)[1] == echoed
 
 

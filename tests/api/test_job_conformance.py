@@ -9,7 +9,7 @@ from sqlalchemy import update
 
 from core import ids
 from core.jobs import cancel_job, claim_job, fail_job, succeed_job
-from core.models import Checkpoint, Job, now
+from core.tables import Checkpoint, Job, now
 from tests.api.helpers import create_job_ok, db, upload_ok
 
 

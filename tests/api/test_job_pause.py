@@ -12,7 +12,7 @@ import openai
 from sqlalchemy import select, update
 
 from core.jobs import claim_job, succeed_job
-from core.models import Job
+from core.tables import Job
 from tests.api.helpers import KEY_A, KEY_B, MODEL, assert_error, chat_jsonl, create_job_ok, db, queued_tasks, upload_ok
 from tests.api.processes import api_env, uvicorn_api
 from tests.conftest import REPO

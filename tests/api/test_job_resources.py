@@ -6,7 +6,7 @@ import pytest
 
 from core import ids
 from core.model_names import checkpoint_model_name, fine_tuned_model_name
-from core.models import Checkpoint, JobMetric
+from core.tables import Checkpoint, JobMetric
 from tests.api.helpers import KEY_A, KEY_B, assert_error, create_job_ok, db, upload_ok
 
 

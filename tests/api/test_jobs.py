@@ -9,10 +9,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.main import create_app
-from contract.options import TrainingConfig
+from contract.options import DPO_OPTIONS, TrainingConfig
 from core.jobs import claim_job
-from core.models import File, Job, JobEvent
 from core.queue import TRAIN_TASK
+from core.tables import File, Job, JobEvent
 from tests.api.conftest import make_settings
 from tests.api.helpers import (
     KEY_A,
@@ -90,7 +90,9 @@ def test_create_job_with_lora_hyperparameters(client, training_file, settings, r
     hp = job["hyperparameters"]
     # "auto" resolved to numbers, OpenAI's keys echoed, and every engine option present.
     assert (hp["n_epochs"], hp["batch_size"], hp["learning_rate_multiplier"]) == (3, 16, 2.0)
-    assert set(TrainingConfig.model_fields) - {"method"} <= set(hp) and "method" not in hp  # the method is method.type
+    # The method is method.type; the options of another method (dpo's beta, ...) are not a supervised job's.
+    assert set(TrainingConfig.model_fields) - {"method"} - set(DPO_OPTIONS) <= set(hp) and "method" not in hp
+    assert not set(DPO_OPTIONS) & set(hp)
     assert hp["learning_rate"] == pytest.approx(4e-4)
     assert (hp["lora_r"], hp["lora_alpha"], hp["quant_type"], hp["max_steps"], hp["seed"]) == (8, 16, "fp4", 5, 1234)
     assert hp["target_modules"] == ["q_proj", "v_proj"] and hp["micro_batch_size"] == 4 and hp["lora_dropout"] == 0.05
@@ -135,8 +137,9 @@ def test_the_method_is_echoed_from_the_job_row(client, training_file):
         row.training_config = {**row.training_config, "method": "dpo"}
         session.commit()
     shown = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=KEY_A).json()
-    assert shown["method"] == {"type": "dpo", "dpo": {"hyperparameters": job["hyperparameters"]}}
-    assert shown["hyperparameters"] == job["hyperparameters"]
+    assert shown["method"] == {"type": "dpo", "dpo": {"hyperparameters": shown["hyperparameters"]}}
+    # The same options echoed, and a dpo job's own options (beta, ...) beside them.
+    assert job["hyperparameters"].items() <= shown["hyperparameters"].items() and "beta" in shown["hyperparameters"]
 
 
 def test_a_method_in_the_hyperparameters_is_refused(client, training_file):
@@ -172,7 +175,7 @@ def test_hyperparameter_errors_name_the_key(client, training_file, redis_url, se
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
     )
     assert_error(both, 400, code="invalid_value", param="hyperparameters")
-    for method_type in ("dpo", "reinforcement"):
+    for method_type in ("reinforcement",):  # dpo: tests/api/test_preference_jobs.py
         assert_error(
             create_job(client, training_file, method={"type": method_type, method_type: {}}),
             400,

@@ -12,8 +12,8 @@ from api.main import create_app
 from core import ids
 from core.jobs import claim_job, succeed_job
 from core.model_names import checkpoint_model_name, fine_tuned_model_name
-from core.models import Checkpoint, Export, Job, now
-from core.models import File as FileRow
+from core.tables import Checkpoint, Export, Job, now
+from core.tables import File as FileRow
 from tests.api.conftest import make_settings
 from tests.api.helpers import KEY_A, KEY_B, MODEL, assert_error, chat_jsonl, create_job_ok, db, queued_tasks, upload_ok
 from tests.conftest import free_port

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.models import Job
+from core.tables import Job
 from tests.api.helpers import KEY_A, MODEL, TINY_LLAMA_CONFIG, assert_error, create_job, db, upload_ok
 
 GPTQ_MODEL = "tiny-llama-gptq"

@@ -32,7 +32,7 @@ def test_active_jobs_per_project(limited):
 def test_queued_jobs_per_project(limited):
     """Queued, not running: a project with a job running may still queue up to the limit."""
     from core.jobs import JobStatus
-    from core.models import Job
+    from core.tables import Job
     from tests.api.helpers import db
 
     with limited(max_queued_jobs_per_project=1, max_active_jobs_per_project=10) as client:

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from core.models import Checkpoint
 from core.storage import S3Storage
+from core.tables import Checkpoint
 from tests.api.conftest import make_settings
 from tests.api.helpers import KEY_A, MAX_UPLOAD, assert_error, chat_jsonl, create_job_ok, db, upload, upload_ok
 

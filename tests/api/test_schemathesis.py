@@ -38,7 +38,7 @@ from sqlalchemy import update
 from api.main import create_app
 from core import ids
 from core.model_names import checkpoint_model_name, fine_tuned_model_name
-from core.models import Checkpoint, Export, File, Job, JobMetric, now
+from core.tables import Checkpoint, Export, File, Job, JobMetric, now
 from inference.server import create_app as create_inference_app
 from tests.api.conftest import make_settings
 from tests.api.helpers import KEY_A, MODEL, create_job_ok, db, upload_ok

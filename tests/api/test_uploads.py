@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from api.main import create_app
-from core.models import Upload, UploadPart
 from core.storage import S3_MIN_PART
+from core.tables import Upload, UploadPart
 from core.uploads import MAX_PART_BYTES
 from tests.api.conftest import make_settings
 from tests.api.helpers import KEY_A, KEY_B, assert_error, chat_jsonl, db

@@ -38,6 +38,9 @@ def test_progress_line_and_eta():
     assert output.progress_line(data) == "step 3/8 (37%)  loss 2.4312  valid 2.3010  lr 1.00e-03  1,234 tok/s  ETA 0:12"
     assert output.progress_fields(data)["eta_seconds"] == 12.5
     assert output.progress_line({"step": 1}) == "step 1/?"
+    dpo = {"step": 2, "total_steps": 4, "train_loss": 0.6, "train_rewards_accuracies": 0.75, "train_rewards_margins": 0.0421}
+    assert output.progress_line(dpo) == "step 2/4 (50%)  loss 0.6000  reward acc 0.750  margin 0.042"
+    assert output.progress_fields(dpo)["train_rewards_accuracies"] == 0.75
     assert output.duration(3725) == "1:02:05" and output.duration(None) == "?"
 
 

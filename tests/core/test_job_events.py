@@ -13,9 +13,9 @@ from sqlalchemy import select
 from core.db import session_scope
 from core.job_events import handle_job_ended
 from core.jobs import JobStatus, cancel_job, fail_job, mark_enqueued, transition
-from core.models import Job
 from core.queue import make_celery, send_job_ended_task
 from core.settings import Settings
+from core.tables import Job
 from tests.api.helpers import queued_tasks
 from tests.core.test_jobs import make_job
 from tests.job_ended import deliver_job_ended, job_ended_messages, outbox_rows

@@ -31,7 +31,7 @@ from core.jobs import (
     sweep_lost_jobs,
     transition,
 )
-from core.models import Checkpoint, Job, JobEvent, JobMetric, JobOutbox, Project
+from core.tables import Checkpoint, Job, JobEvent, JobMetric, JobOutbox, Project
 
 TIMEOUT_S = 120.0
 MAX_ATTEMPTS = 3
@@ -418,7 +418,7 @@ def test_sweep_ignores_jobs_that_are_not_running(session_factory):
 def unsent_job_ids(session) -> set[str]:  # noqa: ANN001
     from sqlalchemy import select
 
-    from core.models import Job
+    from core.tables import Job
 
     return set(session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))))
 

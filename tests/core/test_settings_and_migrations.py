@@ -12,8 +12,8 @@ from sqlalchemy import inspect
 
 from core.bootstrap import REPO, bootstrap, ensure_api_key
 from core.db import make_engine
-from core.models import Base
 from core.settings import Settings
+from core.tables import Base
 
 OPERATIONS_DOC = REPO / "docs" / "operations.md"
 
@@ -265,7 +265,33 @@ def test_jobs_before_the_method_option_become_supervised_jobs(tmp_path):
         command.upgrade(config, "head")
         assert stored() == {**old_config, "method": "supervised"}
         assert TrainingConfig.from_dict(stored()).method == "supervised"
-        command.downgrade(config, "-1")
+        command.downgrade(config, "0012")  # below 0013, whatever migrations follow it
         assert stored() == old_config
+    finally:
+        engine.dispose()
+
+
+def test_files_before_the_kind_column_are_supervised_when_processed(tmp_path):
+    """Files uploaded before files.kind could not hold pairs (they failed validation): processed ones become
+    'supervised', failed ones have no kind."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'qlora.db'}"
+    config = alembic_config(url)
+    command.upgrade(config, "0013")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO projects (name, created_at) VALUES ('p', 0)"))
+            for file_id, status in (("file-ok", "processed"), ("file-bad", "error")):
+                conn.execute(sa.text(
+                    "INSERT INTO files (id, project, filename, purpose, bytes, sha256, status, storage_key, created_at) "
+                    "VALUES (:id, 'p', 'f.jsonl', 'fine-tune', 1, 'x', :status, 'files/x', 0)"), {"id": file_id, "status": status})
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            kinds = dict(conn.execute(sa.text("SELECT id, kind FROM files")).all())
+        assert kinds == {"file-ok": "supervised", "file-bad": None}
+        command.downgrade(config, "0013")
     finally:
         engine.dispose()

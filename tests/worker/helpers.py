@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.options import TrainingConfig
 from core import ids
 from core.db import session_scope
-from core.models import Checkpoint, File, Job, JobEvent, JobMetric, Project, now
 from core.storage import ObjectStorage
+from core.tables import Checkpoint, File, Job, JobEvent, JobMetric, Project, now
 
 PROJECT = "proj-test"
 MODEL = "tiny-llama"

@@ -12,8 +12,8 @@ from sqlalchemy import select, text
 
 from core.db import make_engine, make_session_factory, session_scope
 from core.jobs import cancel_job
-from core.models import File, Job
 from core.storage import LocalStorage
+from core.tables import File, Job
 from tests.worker.helpers import create_job, get_job, local_objects, wait_until
 from worker import runner
 from worker.runner.inputs import JobSpec, load_spec

@@ -24,10 +24,10 @@ from sqlalchemy import select
 from core import ids
 from core.db import make_engine, make_session_factory, session_scope
 from core.jobs import mark_enqueued
-from core.models import Export
 from core.queue import control_queue, make_celery, send_export_task, send_training_task
 from core.settings import Settings
 from core.storage import LocalStorage
+from core.tables import Export
 from tests.job_ended import outbox_rows
 from tests.worker.helpers import checkpoints, create_job, events, get_job, wait_until
 

@@ -17,7 +17,7 @@ from api.main import create_app
 from core import ids
 from core.db import session_scope
 from core.model_deletion import delete_model_rows, lock_live_model_job
-from core.models import Export, File, Job, now
+from core.tables import Export, File, Job, now
 from tests.worker.helpers import MODEL, PROJECT, create_job, events, get_job, local_objects, stored_config, wait_until
 from tests.worker.test_runner import RecordingCelery
 from worker import export as export_worker

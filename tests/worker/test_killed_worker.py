@@ -13,9 +13,9 @@ from sqlalchemy import update
 
 from core.db import make_engine, make_session_factory, session_scope
 from core.jobs import mark_enqueued
-from core.models import Job
 from core.queue import make_celery, send_training_task
 from core.storage import LocalStorage
+from core.tables import Job
 from tests.worker.helpers import checkpoints, create_job, events, get_job, metric_steps, stored_config
 from tests.worker.test_celery_worker import celery_worker, make_worker_settings, wait_for_status
 

@@ -12,7 +12,7 @@ from core import ids
 from core.db import session_scope
 from core.jobs import cancel_job
 from core.logs import configure_logging
-from core.models import Export, Job, now
+from core.tables import Export, Job, now
 from tests.worker.helpers import create_job, wait_until
 from worker import export as export_worker
 from worker import runner

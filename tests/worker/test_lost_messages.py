@@ -14,9 +14,9 @@ from sqlalchemy import update
 
 from core.db import make_engine, make_session_factory, session_scope
 from core.jobs import mark_enqueued
-from core.models import Job
 from core.queue import make_celery, send_training_task
 from core.storage import LocalStorage
+from core.tables import Job
 from tests.conftest import free_port, wait_for_port
 from tests.worker.helpers import create_job, events, get_job, wait_until
 from tests.worker.test_celery_worker import celery_worker, make_worker_settings, wait_for_status

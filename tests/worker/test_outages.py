@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import select
 
 from core.db import make_engine, make_session_factory, session_scope
-from core.models import JobEvent
 from core.settings import Settings
 from core.storage import LocalStorage, S3Storage
+from core.tables import JobEvent
 from tests.faults import TcpProxy
 from tests.worker.helpers import checkpoints, create_job, events, get_job, metric_steps, stored_config, wait_until
 from worker import runner

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from core import ids
 from core.db import session_scope
 from core.jobs import cancel_job, claim_job, request_pause, resume_job, sweep_lost_jobs
-from core.models import Checkpoint, Job, JobMetric, now
+from core.tables import Checkpoint, Job, JobMetric, now
 from tests.worker.helpers import checkpoints, create_job, events, get_job, metric_steps, stored_config, wait_until
 from worker import runner
 

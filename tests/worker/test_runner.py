@@ -17,8 +17,8 @@ from api.schemas import FineTuningJob
 from core.db import session_scope
 from core.jobs import cancel_job
 from core.model_names import fine_tuned_model_name
-from core.models import File, Job, JobMetric
 from core.storage import S3Storage
+from core.tables import File, Job, JobMetric
 from tests.worker.helpers import (
     MODEL,
     PROJECT,

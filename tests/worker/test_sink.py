@@ -11,7 +11,7 @@ from sqlalchemy import select
 from contract.metrics import StepMetrics
 from core.db import session_scope
 from core.jobs import cancel_job
-from core.models import JobMetric
+from core.tables import JobMetric
 from tests.worker.helpers import checkpoints, counts, create_job, events, get_job, local_objects
 from worker.database_sink import DatabaseSink
 

@@ -6,11 +6,12 @@ import secrets
 import time
 
 import pytest
+from sqlalchemy import text
 
 from core import ids
 from core.db import session_scope
-from core.models import Checkpoint, now
 from core.queue import make_celery
+from core.tables import Checkpoint, now
 from tests.worker.helpers import create_job, events, get_job
 from worker.sweeper import sweep
 
@@ -111,7 +112,7 @@ def test_a_failed_send_leaves_the_job_for_the_next_sweep(make_settings, session_
 def test_expired_files_are_deleted_row_first_then_object(make_settings, session_factory, storage, tmp_path):
     from sqlalchemy import select
 
-    from core.models import File, Project
+    from core.tables import File, Project
 
     payload = tmp_path / "data.jsonl"
     payload.write_text("{}\n")
@@ -147,3 +148,33 @@ def test_the_sweep_removes_partial_objects_that_killed_writers_left(make_setting
     os.utime(leftover, (old, old))
     assert sweep(make_settings(), session_factory, RecordingCelery(), storage)["stale_partials"] == [str(leftover)]
     assert not leftover.exists()
+
+
+def test_the_sweep_locks_no_project_whose_share_is_full(make_settings, session_factory, storage):
+    """A backlog whose turn has not come costs a sweep nothing: it used to take the row lock of every project with
+    unsent jobs, one transaction each (seconds per pass with hundreds of projects: docs/operations.md "Scale")."""
+    from sqlalchemy import event
+
+    settings = make_settings(queued_messages_per_project=1, max_running_jobs_per_project=2)
+    create_job(session_factory, storage, enqueued_at=time.time())  # its message waits in the broker: the share is full
+    backlog = [create_job(session_factory, storage) for _ in range(3)]
+    engine = session_factory.kw["bind"]
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *_):  # noqa: ANN001
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        celery = RecordingCelery()
+        assert sweep(settings, session_factory, celery)["sent"] == [] and celery.sent == []
+        assert not [s for s in statements if "FROM projects" in s]  # dispatch's first statement locks the project's row
+
+        # The message taken (its job running) and one more allowed to run: now the project has room, and its oldest
+        # unsent job is sent.
+        with session_scope(session_factory) as session:
+            session.execute(text("UPDATE jobs SET status = 'running', worker_id = 'w', heartbeat_at = :t WHERE enqueued_at IS NOT NULL"),
+                            {"t": time.time()})
+        assert sweep(settings, session_factory, celery)["sent"] == [backlog[0]] and celery.sent == [backlog[0]]
+    finally:
+        event.remove(engine, "before_cursor_execute", record)

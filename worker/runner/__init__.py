@@ -31,9 +31,9 @@ from contract.options import ConfigError, TrainingConfig
 from core import logs
 from core.db import session_scope
 from core.jobs import add_event, claim_job, fail_job, pause_running_job, record_resolved_options
-from core.models import Checkpoint, Job
 from core.settings import Settings
 from core.storage import ObjectStorage
+from core.tables import Checkpoint, Job
 from worker.database_sink import DatabaseSink
 from worker.retry import Outage
 from worker.runner.claim import Heartbeat, default_worker_id

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
-from core.models import Checkpoint, File, Job
 from core.storage import ObjectNotFound, ObjectStorage
+from core.tables import Checkpoint, File, Job
 from worker.retry import retry_transient
 
 

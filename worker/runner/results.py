@@ -15,8 +15,8 @@ from core import ids
 from core.db import session_scope
 from core.jobs import add_event, succeed_job
 from core.model_names import fine_tuned_model_name
-from core.models import File, JobMetric, now
 from core.storage import ObjectStorage, delete_quietly
+from core.tables import File, JobMetric, now
 from worker.database_sink import pack_directory
 from worker.retry import retry_transient
 from worker.runner.inputs import JobSpec

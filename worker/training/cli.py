@@ -55,43 +55,56 @@ class ProgressSink:
         self.bar.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qlora-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None, prog: str = "qlora-train", description: str | None = __doc__) -> argparse.Namespace:
+    """The job file and its overrides, as this CLI and the distributed entrypoint (distributed.py) take them."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job_file", type=Path, help="YAML or JSON job file")
     parser.add_argument("--base-model", type=Path, help="override base_model")
     parser.add_argument("--output", type=Path, help="override output_dir")
     parser.add_argument("--resume", type=Path, help="resume from this checkpoint directory")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def read_job(args: argparse.Namespace) -> Any:
+    """The TrainingRequest a job file and its overrides name. Raises ValueError or OSError (a bad file or option)."""
     from contract.base_model import read_config_json
-    from contract.data_format import DataValidationError
     from contract.job_file import ENGINE_KEYS, read_job_file
-    from contract.options import ConfigError, TrainingConfig
+    from contract.options import TrainingConfig
     from contract.prequantized import decide_quantization
+    from worker.training.trainer import TrainingRequest
+
+    spec = read_job_file(args.job_file, ENGINE_KEYS)
+    here = args.job_file.resolve().parent
+
+    def path_of(key: str, override: Path | None = None) -> Path | None:
+        if override is not None:
+            return override
+        value = spec.get(key)
+        return None if value is None else (here / value if not Path(value).is_absolute() else Path(value))
+
+    base_model, train_file, output_dir = path_of("base_model", args.base_model), path_of("train_file"), path_of("output_dir", args.output)
+    for key, value in (("base_model", base_model), ("train_file", train_file), ("output_dir", output_dir)):
+        if value is None:
+            raise ValueError(f"{args.job_file}: {key} is required")
+    # A pre-quantized base decides the quantization; the options as given are checked against it.
+    config = TrainingConfig.from_dict(decide_quantization(spec.get("hyperparameters") or {}, read_config_json(base_model)))
+    return TrainingRequest(base_model, train_file, output_dir, config, path_of("validation_file"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    from contract.data_format import DataValidationError
+    from contract.options import ConfigError
     from worker.training.sinks import JsonlSink, MultiSink
-    from worker.training.trainer import TrainingRequest, train
+    from worker.training.trainer import train
 
     try:
-        spec = read_job_file(args.job_file, ENGINE_KEYS)
-        here = args.job_file.resolve().parent
-
-        def path_of(key: str, override: Path | None = None) -> Path | None:
-            if override is not None:
-                return override
-            value = spec.get(key)
-            return None if value is None else (here / value if not Path(value).is_absolute() else Path(value))
-
-        base_model, train_file, output_dir = path_of("base_model", args.base_model), path_of("train_file"), path_of("output_dir", args.output)
-        for key, value in (("base_model", base_model), ("train_file", train_file), ("output_dir", output_dir)):
-            if value is None:
-                raise ValueError(f"{args.job_file}: {key} is required")
-        # A pre-quantized base decides the quantization; the options as given are checked against it.
-        config = TrainingConfig.from_dict(decide_quantization(spec.get("hyperparameters") or {}, read_config_json(base_model)))
+        job = read_job(args)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    job = TrainingRequest(base_model, train_file, output_dir, config, path_of("validation_file"))
+    output_dir = job.output_dir
     stop_requested = False
 
     def request_stop(signum, frame):  # first Ctrl-C stops cleanly after the current micro-batch

@@ -36,11 +36,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     it can be called inside the model's autocast region. The gradient of `hidden` comes back in `hidden.dtype`,
     that of `weight` in `weight.dtype` (accumulated in fp32). The computed gradients can be used by one
     backward only: a second backward through the same result (retain_graph) raises."""
-    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, H], weight [V, H], labels [N]; got {tuple(hidden.shape)}, "
-                         f"{tuple(weight.shape)}, {tuple(labels.shape)}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check_shapes(hidden, weight, labels, chunk_tokens)
     grad_enabled = torch.is_grad_enabled()
     need_hidden_grad = grad_enabled and hidden.requires_grad
     need_weight_grad = grad_enabled and weight.requires_grad
@@ -49,6 +45,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             with torch.no_grad():
                 return _chunked_loss(hidden, weight, labels, chunk_tokens, ignore_index, None, None)
         return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, ignore_index, need_hidden_grad, need_weight_grad)
+
+
+def _check_shapes(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, H], weight [V, H], labels [N]; got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(labels.shape)}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
 
 def logits_peak_bytes(chunk_tokens: int, vocab_size: int) -> int:
@@ -90,24 +94,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int, ignore_index: int,
-                  grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss sum and counts; fills grad_hidden (rows) and adds into grad_weight when they are given."""
+                  grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None,
+                  row_losses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss sum and counts; fills grad_hidden (rows) and adds into grad_weight when they are given, and writes each
+    row's -log p (0 for ignored rows) into row_losses when it is given."""
     targets = labels != ignore_index
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     n_correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
         grad_rows = grad_hidden[rows] if grad_hidden is not None else None
-        chunk_loss, chunk_correct = _chunk(hidden[rows], weight, labels[rows], targets[rows], grad_rows, grad_weight)
-        loss_sum += chunk_loss
+        chunk_rows, chunk_correct = _chunk(hidden[rows], weight, labels[rows], targets[rows], grad_rows, grad_weight)
+        loss_sum += chunk_rows.sum()
         n_correct += chunk_correct
+        if row_losses is not None:
+            row_losses[rows] = chunk_rows
     return loss_sum, targets.sum(), n_correct
 
 
 def _chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
            grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk, in its own function so that its [chunk, V] buffer is freed on return: a loop variable would
-    keep it alive while the next chunk's logits are made, doubling the peak."""
+    keep it alive while the next chunk's logits are made, doubling the peak. Returns each row's loss (0 where
+    ignored) and the count of rows whose argmax is the label."""
     hidden_cast = hidden.to(weight.dtype)  # the head's matmuls run in its dtype
     # Ignored rows get class 0 so that gather and scatter stay in range; their results are masked out.
     label = torch.where(valid, labels, 0).unsqueeze(1)
@@ -118,7 +127,7 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, val
     probs = logits.sub_(row_max.unsqueeze(1)).exp_()  # in place: the fp32 buffer is the only [chunk, V] one
     sum_exp = probs.sum(dim=1)
     row_loss = row_max + sum_exp.log() - target_logit  # logsumexp - logit[label]
-    loss = torch.where(valid, row_loss, 0.0).sum()
+    rows = torch.where(valid, row_loss, 0.0)
     correct = (valid & (predicted == label.squeeze(1))).sum()
 
     if grad_hidden is not None or grad_weight is not None:
@@ -129,4 +138,46 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, val
             grad_hidden.copy_(grad_logits.to(weight.dtype) @ weight)
         if grad_weight is not None:
             grad_weight.addmm_(grad_logits.t(), hidden_cast.float())
-    return loss, correct
+    return rows, correct
+
+
+# --- per-token log-probs for preference objectives -------------------------------------------------------
+
+def linear_token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                           chunk_tokens: int = LOSS_CHUNK_TOKENS, ignore_index: int = -100) -> torch.Tensor:
+    """Each row's log p(label) under the head, fp32 of shape [N] (0 where the label is ignored), through the same
+    chunks as `linear_cross_entropy`: no [N x vocab] logits. A preference loss sums these per sequence.
+
+    The head must be frozen (`weight.requires_grad` False while gradients are on): a per-row gradient of the head
+    would need one [V, H] buffer per distinct incoming gradient. Backward scales the gradient rows of `hidden`,
+    computed in the forward, by the incoming per-row gradient; like `linear_cross_entropy` the result can be used
+    by one backward only."""
+    _check_shapes(hidden, weight, labels, chunk_tokens)
+    grad_enabled = torch.is_grad_enabled()
+    if grad_enabled and weight.requires_grad:
+        raise ValueError("per-sequence log-probs need a frozen output head; this head is trained")
+    with torch.autocast(hidden.device.type, enabled=False):
+        if not (grad_enabled and hidden.requires_grad):
+            with torch.no_grad():
+                row_losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+                _chunked_loss(hidden, weight, labels, chunk_tokens, ignore_index, None, None, row_losses)
+                return row_losses.neg_()
+        return _LinearTokenLogProbs.apply(hidden, weight, labels, chunk_tokens, ignore_index)
+
+
+class _LinearTokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                ignore_index: int) -> torch.Tensor:
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+        row_losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        _chunked_loss(hidden, weight, labels, chunk_tokens, ignore_index, grad_hidden, None, row_losses)
+        ctx.save_for_backward(grad_hidden)
+        return row_losses.neg_()
+
+    @staticmethod
+    def backward(ctx: Any, grad_log_probs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_hidden,) = ctx.saved_tensors
+        # d log p / d hidden = -(softmax - onehot) @ W: the saved rows, scaled in place by -g per row.
+        grad_hidden = grad_hidden.mul_(grad_log_probs.neg().unsqueeze(1))
+        return grad_hidden, None, None, None, None

@@ -40,6 +40,7 @@ from worker.training.data import TokenStats, Unit, count_targets, count_tokens, 
 from worker.training.model import BuiltModel, build_model, check_runtime, pick_device, read_model_config, resolve_for_device
 from worker.training.objectives import Objective, build_objective
 from worker.training.optim import build_optimizer, build_scheduler, clip_and_norm
+from worker.training.parallel import Replicas
 from worker.training.runtime import autocast_dtype, peak_memory_bytes, seed_everything, versions
 from worker.training.sinks import NullSink, Sink
 
@@ -142,6 +143,7 @@ class TrainingState:
     resumed_at_end: bool  # resumed from the final checkpoint: no step left, the checkpoint is the adapter
     checkpoints: list[Path] = field(default_factory=list)
     stopped: bool = False
+    replicas: Replicas = field(default_factory=Replicas)  # the processes sharing each step (parallel.py); one by default
 
     @property
     def model(self) -> Any:
@@ -149,11 +151,15 @@ class TrainingState:
 
 
 def train(request: TrainingRequest, sink: Sink | None = None, should_stop: Callable[[], bool] | None = None,
-          resume_from: Path | None = None, should_pause: Callable[[], bool] | None = None) -> TrainingResult:
+          resume_from: Path | None = None, should_pause: Callable[[], bool] | None = None,
+          replicas: Replicas | None = None) -> TrainingResult:
     """Run one training job to the end, or until `should_stop()` returns True (checked between micro-batches), or
     `should_pause()` does (checked after each step but the last: the run then writes a checkpoint of that step, if
-    it has none, and stops; resumed from it, the run goes on as if never paused)."""
+    it has none, and stops; resumed from it, the run goes on as if never paused). `replicas`: the processes that
+    share each step (worker/training/distributed.py); only the main one writes and reports."""
     run = setup(request, sink or NullSink(), should_stop or (lambda: False), resume_from)
+    if replicas is not None:
+        run.replicas = replicas
     cfg, position = run.cfg, run.position
     while position.step < run.total_steps and not run.stopped:
         order = epoch_order(len(run.train_units), position.epoch, cfg)
@@ -287,10 +293,12 @@ def train_step(run: TrainingState, order: list[int]) -> StepMetrics | None:
     to those of one big batch. Returns its metrics, or None if `should_stop()` interrupted it (nothing applied)."""
     cfg, position, optimizer, scaler, objective = run.cfg, run.position, run.optimizer, run.scaler, run.objective
     start = position.batch_in_epoch * cfg.batch_size
-    step_units = [run.train_units[i] for i in order[start : start + cfg.batch_size]]
+    step_units = run.replicas.share([run.train_units[i] for i in order[start : start + cfg.batch_size]])
     batches = list(micro_batches(step_units, cfg, None, lambda row: objective.collate(row, run.tokenizer.pad_token_id)))
-    step_weight = sum(objective.weight(b) for b in batches)
-    step_tokens = sum(count_tokens(b) for b in batches)
+    # The whole step's weight and tokens: summed over the processes that share the step (one by default).
+    totals = run.replicas.sum({"weight": sum(objective.weight(b) for b in batches), "tokens": sum(count_tokens(b) for b in batches),
+                               "targets": sum(count_targets(b) for b in batches)})
+    step_weight, step_tokens, step_targets = totals["weight"], int(totals["tokens"]), int(totals["targets"])
     t0 = time.perf_counter()
     loss_total, metric_sums = 0.0, {}
     for batch in batches:
@@ -303,6 +311,9 @@ def train_step(run: TrainingState, order: list[int]) -> StepMetrics | None:
         scaler.scale(out.loss_sum / max(step_weight, 1)).backward()
         loss_total += float(out.loss_sum.detach())
         _add(metric_sums, out.metric_sums)
+    run.replicas.reduce_gradients(run.model.parameters())
+    metric_sums = run.replicas.sum({"loss": loss_total, **metric_sums})
+    loss_total = metric_sums.pop("loss")
     if not math.isfinite(loss_total):
         raise NonFiniteLossError(position.step + 1, cfg.compute_dtype)
     scaler.unscale_(optimizer)
@@ -327,7 +338,7 @@ def train_step(run: TrainingState, order: list[int]) -> StepMetrics | None:
         learning_rate=lr,
         grad_norm=grad_norm,
         tokens=step_tokens,
-        target_tokens=sum(count_targets(b) for b in batches),
+        target_tokens=step_targets,
         tokens_per_second=step_tokens / seconds,
         step_seconds=seconds,
         peak_memory_bytes=peak_memory_bytes(run.device),  # of the step, before any evaluation
@@ -342,8 +353,11 @@ def evaluate_step(run: TrainingState) -> dict[str, float]:
 
 
 def write_checkpoint(run: TrainingState, metrics: StepMetrics) -> Path:
-    """Save and verify a checkpoint of the current position, report it, and drop the oldest past keep_checkpoints."""
+    """Save and verify a checkpoint of the current position, report it, and drop the oldest past keep_checkpoints.
+    Only the main process writes (the others hold the same weights); they return where it writes."""
     cfg = run.cfg
+    if not run.replicas.is_main:
+        return Path(run.request.output_dir) / "checkpoints" / checkpoint_name(run.position.step)
     path = save_checkpoint(run.model, run.optimizer, run.scheduler, run.position,
                            Path(run.request.output_dir) / "checkpoints" / checkpoint_name(run.position.step), config=cfg.resolved(),
                            objective_state=run.objective.state_dict(), extra={"base_model": str(run.request.base_model_dir), "versions": versions(), "metrics": metrics.checkpoint_metrics()})
@@ -374,6 +388,9 @@ def finish(run: TrainingState) -> TrainingResult:
         final = Path(run.resume_from)
     else:
         final = write_checkpoint(run, run.last or StepMetrics(step=position.step))
+    if not run.replicas.is_main:  # the main process writes the adapter and the result
+        return TrainingResult("succeeded", position.step, run.total_steps, position.trained_tokens, final_train_loss, final_valid_loss,
+                              None, [], run.train_stats.to_dict(), valid_stats, time.time() - run.started)
     adapter_dir = output_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(final, adapter_dir, ignore=shutil.ignore_patterns("trainer_state.pt"))

@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 from contract.options import TrainingConfig
 from worker.training.objectives.base import Batch, LossOutput, Objective, Unit, model_inputs
+from worker.training.objectives.dpo import DpoObjective
 from worker.training.objectives.sft import SupervisedObjective
 
 OBJECTIVES: dict[str, Callable[[TrainingConfig], Objective]] = {
     "supervised": SupervisedObjective,
+    "dpo": DpoObjective,
 }
 
 

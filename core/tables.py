@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -44,6 +44,8 @@ class File(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     n_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)  # valid examples found at upload
+    # "supervised" (examples) or "preference" (pairs, for method dpo): what the upload's validation found; None if it failed
+    kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 def file_is_live(at: int | None = None):  # noqa: ANN201 (a SQL expression)
@@ -86,7 +88,7 @@ class Job(Base):
     __tablename__ = "jobs"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
-    project: Mapped[str] = mapped_column(ForeignKey("projects.name"), index=True)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.name"))  # indexed with seq and with status (below)
     model: Mapped[str] = mapped_column(String(256))
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -121,6 +123,15 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     resume_checkpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     pause_requested_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # POST .../pause while it ran
+
+    # The control plane's hot reads by project (docs/operations.md "Scale"): its jobs newest first, its active jobs
+    # counted under its row lock, and its jobs waiting their turn (a partial index: small however long the backlog).
+    __table_args__ = (
+        Index("ix_jobs_project_seq", "project", "seq"),
+        Index("ix_jobs_project_status", "project", "status"),
+        Index("ix_jobs_unsent", "project", "seq", postgresql_where=text("status = 'queued' AND enqueued_at IS NULL"),
+              sqlite_where=text("status = 'queued' AND enqueued_at IS NULL")),
+    )
 
 
 class JobEvent(Base):
