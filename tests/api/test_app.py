@@ -108,7 +108,7 @@ def test_openapi_types_every_training_option(client):
     assert supervised == deprecated
     options = supervised["properties"]
     assert set(options) == set(TrainingConfig.model_fields) - {"seed", "method"} | {"learning_rate_multiplier"}  # method.type
-    assert schemas["Method"]["properties"]["type"]["enum"] == ["supervised"]  # what the dashboard offers
+    assert schemas["Method"]["properties"]["type"]["enum"] == ["supervised", "dpo"]  # what the dashboard offers
     assert all(option["description"] for option in options.values())
     # FastAPI leaves out a null default; every other default is shown.
     assert {name for name, option in options.items() if "default" not in option} == {
