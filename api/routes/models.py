@@ -1,5 +1,7 @@
-"""/v1/models: the base models the service can train (directories under `settings.models_dir`) and the caller's
-fine-tuned models (those of its succeeded jobs whose model was not deleted); DELETE removes a fine-tuned model.
+"""/v1/models: the base models the service can train (directories under `settings.models_dir`), the caller's
+fine-tuned models (those of its succeeded jobs whose model was not deleted) and the checkpoint models other projects
+granted it (checkpoint permissions, while the grant exists and the owner's model is not deleted; `owned_by` is the
+owning project, as OpenAI's is the owning organization); DELETE removes a fine-tuned model of the caller's own.
 A base model says how its directory is stored (`quantization`, our extension: GPTQ/AWQ as read from config.json)."""
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from api.schemas import Model, ModelDeleted, ModelQuantization, Page
 from core.jobs import JobStatus
 from core.model_deletion import delete_model_rows, lock_live_model_job
 from core.storage import delete_quietly
-from core.tables import Job
+from core.tables import Checkpoint, CheckpointPermission, Job
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -40,6 +42,19 @@ def _fine_tuned_jobs(project: str) -> Select[tuple[Job]]:
                              Job.model_deleted_at.is_(None))
 
 
+def _granted_checkpoints(project: str) -> Select[tuple[Checkpoint, Job]]:
+    """The checkpoint models granted to `project` (by their owners, api/routes/checkpoint_permissions.py) whose
+    job's model is not deleted, in the order they were granted: the same rule as chat's (api/routes/chat.py)."""
+    return (select(Checkpoint, Job).join(Job, Checkpoint.job_id == Job.id)
+            .join(CheckpointPermission, CheckpointPermission.checkpoint_id == Checkpoint.id)
+            .where(CheckpointPermission.project == project, Job.model_deleted_at.is_(None))
+            .order_by(CheckpointPermission.seq))
+
+
+def _granted_model(checkpoint: Checkpoint, job: Job) -> Model:
+    return Model(id=checkpoint.fine_tuned_model_checkpoint, created=checkpoint.created_at, owned_by=job.project)
+
+
 def _model_not_found(model_id: str) -> APIError:
     return not_found(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
 
@@ -48,7 +63,8 @@ def _model_not_found(model_id: str) -> APIError:
 def list_models(project: CurrentProject, session: SessionDep, settings: SettingsDep) -> Page[Model]:
     base = [_base_model(path) for path in list_base_models(settings)]
     fine_tuned = [_fine_tuned_model(job) for job in session.scalars(_fine_tuned_jobs(project).order_by(Job.seq))]
-    return Page[Model](data=base + fine_tuned, has_more=False)
+    granted = [_granted_model(checkpoint, job) for checkpoint, job in session.execute(_granted_checkpoints(project))]
+    return Page[Model](data=base + fine_tuned + granted, has_more=False)
 
 
 @router.get("/{model_id:path}", response_model=Model, summary="Retrieve a model", responses=error_responses(404))
@@ -57,9 +73,12 @@ def retrieve_model(model_id: str, project: CurrentProject, session: SessionDep, 
     if path is not None:
         return _base_model(path)
     job = session.scalar(_fine_tuned_jobs(project).where(Job.fine_tuned_model == model_id))
-    if job is None:
+    if job is not None:
+        return _fine_tuned_model(job)
+    granted = session.execute(_granted_checkpoints(project).where(Checkpoint.fine_tuned_model_checkpoint == model_id)).first()
+    if granted is None:
         raise _model_not_found(model_id)
-    return _fine_tuned_model(job)
+    return _granted_model(*granted)
 
 
 @router.delete("/{model_id:path}", response_model=ModelDeleted, summary="Delete a fine-tuned model",

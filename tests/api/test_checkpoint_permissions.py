@@ -121,3 +121,40 @@ def test_an_empty_grant_is_refused(client, tmp_path):
     done = finished_job(client, tmp_path)
     path = f"/v1/fine_tuning/checkpoints/{done['model']}:ckpt-step-2/permissions"
     assert client.post(path, json={"project_ids": []}, headers=KEY_A).status_code == 400
+
+
+def test_a_granted_checkpoint_is_in_the_granted_projects_models_while_it_lasts(client, tmp_path):
+    """GET /v1/models of a granted project lists the checkpoint model, owned_by the owning project (OpenAI: the owning
+    organization); a revoke removes it for that project only, a deletion of the owner's model for every project."""
+    done = finished_job(client, tmp_path)
+    checkpoint = f"{done['model']}:ckpt-step-4"
+    owner, b, c = sdk(client, "key-a"), sdk(client, "key-b"), sdk(client, "key-c")
+
+    def listed(project: openai.OpenAI) -> list[str]:
+        return [m.id for m in project.models.list()]
+
+    assert checkpoint not in listed(b)
+    with pytest.raises(openai.NotFoundError):
+        b.models.retrieve(checkpoint)
+    granted = owner.fine_tuning.checkpoints.permissions.create(checkpoint, project_ids=["proj-b", "proj-c"])
+    for project in (b, c):
+        assert listed(project).count(checkpoint) == 1
+        model = project.models.retrieve(checkpoint)
+        assert (model.id, model.object, model.owned_by) == (checkpoint, "model", "proj-a")
+        assert model.created > 0
+    # Only that checkpoint: not the job's model nor its other checkpoint, and the owner's own list is unchanged.
+    assert done["model"] not in listed(b) and f"{done['model']}:ckpt-step-2" not in listed(b)
+    assert checkpoint not in listed(owner) and done["model"] in listed(owner)
+    with pytest.raises(openai.NotFoundError):  # listed is not owned: B cannot delete it
+        b.models.delete(checkpoint)
+
+    owner.fine_tuning.checkpoints.permissions.delete(granted.data[0].id, fine_tuned_model_checkpoint=checkpoint)
+    assert checkpoint not in listed(b)
+    with pytest.raises(openai.NotFoundError):
+        b.models.retrieve(checkpoint)
+    assert checkpoint in listed(c)  # C's grant stands
+
+    owner.models.delete(done["model"])
+    assert checkpoint not in listed(c)
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve(checkpoint)

@@ -97,6 +97,37 @@ def job_status(page) -> str:
     return page.locator("#job-status").inner_text().strip()
 
 
+def pause_and_resume(page, embedded_service, job_id: str) -> None:
+    """On the page of a queued job: pause it, resume it, then a pause the API refuses (the job was paused behind the
+    page's back, just before the page's own request) shows the envelope, and the page catches up to `paused`."""
+    import httpx
+
+    status = page.locator("#job-status")
+    expect(status).to_have_text(re.compile(r"queued|running"))
+    page.get_by_role("button", name="Pause job").click()
+    expect(status).to_have_text("paused")  # a queued job leaves the queue at once
+    expect(page.get_by_role("button", name="Pause job")).to_have_count(0)
+    page.get_by_role("button", name="Resume job").click()
+    expect(status).to_have_text(re.compile(r"queued|running"))
+    expect(page.get_by_role("button", name="Resume job")).to_have_count(0)
+    expect(page.locator("#events")).to_contain_text("Job resumed")
+
+    def pause_first(route) -> None:
+        with httpx.Client(base_url=embedded_service.base_url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30) as api:
+            assert api.post(f"/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+        route.continue_()
+
+    page.route(f"**/v1/fine_tuning/jobs/{job_id}/pause", pause_first)
+    page.get_by_role("button", name="Pause job").click()
+    alert = page.locator("#action-errors [role=alert]")
+    expect(alert).to_contain_text(f"Job {job_id} is paused and cannot be paused.")
+    expect(alert).to_contain_text("invalid_job_status")
+    page.unroute(f"**/v1/fine_tuning/jobs/{job_id}/pause")
+    expect(status).to_have_text("paused")  # the next poll shows the job as it is; the error stays until the next action
+    expect(page.get_by_role("button", name="Resume job")).to_be_visible()
+    expect(alert).to_be_visible()
+
+
 def test_keyboard_reaches_sign_in_and_enter_submits(page):
     page.goto("/ui/")
     expect(page.get_by_label("API key")).to_be_visible()
@@ -143,9 +174,11 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     expect(page.locator("#create-errors [role=alert]")).to_contain_text("method.supervised.hyperparameters.lora_r")
     expect(page.get_by_label("lora_r", exact=True)).to_have_attribute("aria-invalid", "true")
 
-    # Two jobs: a short one on the demo model, and another that waits behind it (one worker) and is cancelled.
+    # Two jobs: a short one on the demo model, and another that waits behind it (one worker): it is paused,
+    # resumed, and then cancelled while paused.
     job_id = create_job(page, SHORT_JOB, validation=True)
     other_id = create_job(page, {"max_steps": "50", "max_seq_length": "32"}, validation=False)
+    pause_and_resume(page, embedded_service, other_id)
     page.get_by_role("button", name="Cancel job").click()
     page.get_by_role("button", name="Yes, cancel it").click()
     expect(page.locator("#job-status")).to_have_text("cancelled")
@@ -157,6 +190,7 @@ def test_dashboard_scenario(page, embedded_service, tmp_path):
     rows = page.locator("#jobs-table tbody tr")
     expect(rows.first).to_have_attribute("data-job", other_id)
     expect(rows.nth(1)).to_have_attribute("data-job", job_id)
+    assert "paused" in page.locator("#status-filter option").all_inner_texts()
     page.get_by_label("Status").select_option("cancelled")
     expect(page.locator(f'#jobs-table tbody tr[data-job="{job_id}"]')).to_have_count(0)  # the filter is applied
     expect(rows.first).to_have_attribute("data-job", other_id)
@@ -248,6 +282,7 @@ def test_jobs_list_pages(page, embedded_service):
             created.append(job.json()["id"])
             assert api.post(f"/fine_tuning/jobs/{created[-1]}/cancel").status_code == 200
     sign_in(page, KEY_B)
+    assert "paused" in page.locator("#status-filter option").all_inner_texts()
     page.get_by_label("Status").select_option("cancelled")
     rows = page.locator("#jobs-table tbody tr")
     expect(rows).to_have_count(20)

@@ -1,7 +1,9 @@
 // Numbers, bytes, times and durations as the pages show them; "—" for a value that is missing.
 
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-export const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
+export const STATUSES = ["queued", "running", "paused", "succeeded", "failed", "cancelled"];
+// The statuses POST .../pause accepts (a running job pauses after its current step); resume takes a paused one.
+export const PAUSABLE = new Set(["queued", "running"]);
 
 export function fmtTime(unix) {
   return unix ? new Date(unix * 1000).toLocaleString() : "—";

@@ -5,7 +5,7 @@
 import {api, ApiError, listAll} from "../api.js";
 import {chartBox, COLORS, lineChart} from "../charts.js";
 import {act, download, errorBox, h, main, setTitle, statusBadge} from "../dom.js";
-import {fmtBytes, fmtNum, fmtPercent, fmtTime, jobDuration, TERMINAL} from "../format.js";
+import {fmtBytes, fmtNum, fmtPercent, fmtTime, jobDuration, PAUSABLE, TERMINAL} from "../format.js";
 
 const POLL_MS = 1000; // how often the page asks for news while the job is queued or running
 
@@ -116,7 +116,8 @@ function section(id, title, ...content) {
 export async function jobPage(current, jobId) {
   setTitle(jobId);
   const base = `/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`;
-  const errors = h("div", {id: "job-errors"});
+  const errors = h("div", {id: "job-errors"}); // the polling's errors, cleared by the next answer
+  const actionErrors = h("div", {id: "action-errors"}); // a button's error, kept until the next button is pressed
   const header = h("div", {class: "title-row"});
   const summary = h("dl", {class: "facts", id: "job-summary"});
   const stats = h("div", {class: "stats", id: "job-stats"});
@@ -129,7 +130,7 @@ export async function jobPage(current, jobId) {
   const hyper = h("div", {id: "hyperparameters"});
   const curves = section("h-curves", "Curves", lossBox, accBox, lrBox);
   curves.classList.add("charts");
-  main.append(header, errors,
+  main.append(header, actionErrors, errors,
     section("h-summary", "Summary", summary, stats),
     curves,
     section("h-checkpoints", "Checkpoints", checkpoints),
@@ -147,6 +148,7 @@ export async function jobPage(current, jobId) {
   const metrics = []; // every step so far, ascending; new ones are fetched with `after` = the last step
   const fileInfo = new Map();
   let cancelArmed = false;
+  let pauseRequested = false; // a running job's pause was accepted: it pauses after its current step
   let hyperShown = false;
   let shownStatus = null;
   let timer = null;
@@ -169,9 +171,39 @@ export async function jobPage(current, jobId) {
     drawLr([steps, col("learning_rate")]);
   }
 
-  // The title row with its buttons: "Cancel job" asks to confirm first; "Try in chat" once the job succeeded.
+  // After a button's request: the job as the API answered it, shown at once, then polled again.
+  function showUpdated(updated) {
+    renderHeader(updated);
+    shownStatus = updated.status;
+    renderSummary(summary, updated);
+    schedule(0);
+  }
+
+  // A button that POSTs `action` (pause, resume) and shows the job the API answers, or its error.
+  function moveButton(id, label, action) {
+    const button = h("button", {type: "button", id}, label);
+    button.addEventListener("click", () => act(button, actionErrors, async () => {
+      const updated = await api(`${base}/${action}`, {method: "POST"});
+      // A running job answers `running` until its worker has written the pause checkpoint.
+      pauseRequested = action === "pause" && updated.status === "running";
+      showUpdated(updated);
+    }));
+    return button;
+  }
+
+  // The title row with its buttons: "Pause job" while queued or running (a running one pauses after its current
+  // step), "Resume job" while paused, "Cancel job" (asks to confirm first) until the job ends, "Try in chat" once
+  // it succeeded.
   function renderHeader(job) {
     const buttons = h("div", {class: "actions"});
+    if (PAUSABLE.has(job.status)) {
+      if (pauseRequested && job.status === "running") {
+        buttons.append(h("span", {id: "pause-pending", class: "muted"}, "Pausing after the current step…"));
+      } else {
+        buttons.append(moveButton("pause-job", "Pause job", "pause"));
+      }
+    }
+    if (job.status === "paused") buttons.append(moveButton("resume-job", "Resume job", "resume"));
     if (!TERMINAL.has(job.status)) {
       if (!cancelArmed) {
         buttons.append(h("button", {type: "button", id: "cancel-job", class: "danger", onclick: () => {
@@ -179,13 +211,10 @@ export async function jobPage(current, jobId) {
         }}, "Cancel job"));
       } else {
         const yes = h("button", {type: "button", id: "confirm-cancel", class: "danger"}, "Yes, cancel it");
-        yes.addEventListener("click", () => act(yes, errors, async () => {
+        yes.addEventListener("click", () => act(yes, actionErrors, async () => {
           const updated = await api(`${base}/cancel`, {method: "POST"});
           cancelArmed = false;
-          renderHeader(updated);
-          shownStatus = updated.status;
-          renderSummary(summary, updated);
-          schedule(0);
+          showUpdated(updated);
         }));
         buttons.append(h("span", {class: "confirm"}, "Cancel this job?"), yes,
           h("button", {type: "button", id: "keep-job", onclick: () => { cancelArmed = false; shownStatus = null; schedule(0); }}, "Keep it"));
@@ -204,7 +233,11 @@ export async function jobPage(current, jobId) {
     if (!current.alive) return null;
     setTitle(`${job.id} (${job.status})`);
     // Rebuilt only when the status changes, so the focus stays on a button a person is about to press.
-    if (job.status !== shownStatus && !cancelArmed) { renderHeader(job); shownStatus = job.status; }
+    if (job.status !== shownStatus && !cancelArmed) {
+      if (job.status !== "running") pauseRequested = false;
+      renderHeader(job);
+      shownStatus = job.status;
+    }
     renderSummary(summary, job);
     renderStats(stats, job, metrics);
     drawCurves();
