@@ -16,18 +16,18 @@ from core.storage import LocalStorage
 from core.tables import File, Job
 from tests.worker.helpers import create_job, get_job, local_objects, wait_until
 from worker import runner
-from worker.runner.inputs import JobSpec, load_spec
+from worker.runner.inputs import ClaimedJob, load_spec
 from worker.runner.results import store_results
 
 WORKER = "race-worker"
 
 
-def running_job(factory, storage) -> tuple[str, JobSpec]:  # noqa: ANN001
+def running_job(factory, storage) -> tuple[str, ClaimedJob]:  # noqa: ANN001
     job_id = create_job(factory, storage, status="running", worker_id=WORKER, heartbeat_at=time.time(), attempt=1)
     return job_id, load_spec(factory, job_id)
 
 
-def store(spec: JobSpec, factory, storage, tmp_path: Path) -> str:  # noqa: ANN001
+def store(spec: ClaimedJob, factory, storage, tmp_path: Path) -> str:  # noqa: ANN001
     workdir = tmp_path / f"work-{spec.id}"
     adapter = workdir / "adapter"
     adapter.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""A job's inputs: what the run needs from the rows (`JobSpec`) and the files it downloads and unpacks."""
+"""A job's inputs: what the run needs from the rows (`ClaimedJob`) and the files it downloads and unpacks."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from worker.retry import retry_transient
 
 
 @dataclass(frozen=True)
-class JobSpec:
+class ClaimedJob:
     """What the run needs from the rows, read once after the claim."""
 
     id: str
@@ -40,7 +40,7 @@ class JobFailure(Exception):
         self.code, self.message, self.param = code, message, param
 
 
-def load_spec(session_factory: sessionmaker[Session], job_id: str) -> JobSpec:
+def load_spec(session_factory: sessionmaker[Session], job_id: str) -> ClaimedJob:
     with session_scope(session_factory) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
         files = {f.id: f for f in session.execute(
@@ -60,7 +60,7 @@ def load_spec(session_factory: sessionmaker[Session], job_id: str) -> JobSpec:
             if checkpoint is None:
                 raise JobFailure("checkpoint_error", f"Checkpoint {job.resume_checkpoint} to resume from does not exist")
             resume_key, resume_step = checkpoint.storage_key, checkpoint.step
-        return JobSpec(id=job.id, project=job.project, model=job.model, suffix=job.suffix, attempt=job.attempt,
+        return ClaimedJob(id=job.id, project=job.project, model=job.model, suffix=job.suffix, attempt=job.attempt,
                        training_config=dict(job.training_config), training_key=training.storage_key,
                        validation_key=validation_key, resume_key=resume_key, resume_step=resume_step)
 

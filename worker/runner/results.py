@@ -19,7 +19,7 @@ from core.storage import ObjectStorage, delete_quietly
 from core.tables import File, JobMetric, now
 from worker.database_sink import pack_directory
 from worker.retry import retry_transient
-from worker.runner.inputs import JobSpec
+from worker.runner.inputs import ClaimedJob
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def metrics_csv(session_factory: sessionmaker[Session], job_id: str, path: Path)
     return path
 
 
-def store_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[Session], storage: ObjectStorage,
+def store_results(spec: ClaimedJob, worker_id: str, session_factory: sessionmaker[Session], storage: ObjectStorage,
                    workdir: Path, adapter_dir: Path, trained_tokens: int, retry_window_s: float) -> bool:
     """Upload the adapter and the metrics CSV, then in one transaction (only if the job is still ours) add their
     File rows and move the job to succeeded. If the job was cancelled meanwhile, delete the objects. Each upload
@@ -70,7 +70,7 @@ def store_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[S
     return True
 
 
-def commit_results(spec: JobSpec, worker_id: str, session_factory: sessionmaker[Session], stored: list[tuple[str, str, Any]],
+def commit_results(spec: ClaimedJob, worker_id: str, session_factory: sessionmaker[Session], stored: list[tuple[str, str, Any]],
                     trained_tokens: int) -> bool:
     """The result files' rows and the move to succeeded, in one transaction; False if the job is no longer ours."""
     with session_scope(session_factory) as session:
