@@ -11,6 +11,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("QLORA_TEST_CACHE", REPO / ".cache"))
 
+# torch.compile's C++ kernels are cached per machine, not per ISA: a kernel built with the CPU's native ISA and
+# reused while ATEN_CPU_CAPABILITY holds the libraries to another one returned garbage (1e36) in the fused-kernel
+# tests. A run under such a hold gets a cache of its own (inherited by the processes the tests start).
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}-{os.environ['ATEN_CPU_CAPABILITY']}")
+
 
 def pytest_collection_modifyitems(config, items):
     """Files with slow tests first: `make test`'s two workers take whole files (xdist's loadfile), and the longest
