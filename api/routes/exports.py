@@ -16,7 +16,7 @@ from api.deps import CeleryDep, CurrentProject, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
 from api.model_dirs import find_base_model, stored_quantization, weights_bytes
 from api.openapi import error_responses
-from api.pagination import cursor_seq, fetch_page
+from api.pagination import fetch_page_after
 from api.routes.jobs import get_job_row
 from api.schemas import FineTuningJobExport, Page
 from core import ids
@@ -91,8 +91,7 @@ def list_exports(
     """Newest first."""
     job = get_job_row(session, project, job_id)
     where = [Export.job_id == job.id]
-    after_seq = cursor_seq(session, Export.id, Export.seq, after, *where) if after else None
-    rows, has_more = fetch_page(session, select(Export).where(*where), Export.seq, after_seq=after_seq, limit=limit, newest_first=True)
+    rows, has_more = fetch_page_after(session, Export, where, after=after, limit=limit, newest_first=True)
     return Page[FineTuningJobExport](data=[FineTuningJobExport.from_row(r) for r in rows], has_more=has_more)
 
 

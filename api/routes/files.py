@@ -25,7 +25,7 @@ from api.auth import bearer_scheme, project_for_key
 from api.deps import CurrentProject, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found
 from api.openapi import error_responses
-from api.pagination import cursor_seq, fetch_page
+from api.pagination import fetch_page_after
 from api.schemas import CursorPage, FileDeleted, FileObject
 from contract.data_format import ValidationReport, validate_file
 from core import ids
@@ -212,10 +212,7 @@ def list_files(
     where = [FileRow.project == project, file_is_live()]
     if purpose is not None:
         where.append(FileRow.purpose == purpose)
-    after_seq = cursor_seq(session, FileRow.id, FileRow.seq, after, *where) if after else None
-    rows, has_more = fetch_page(
-        session, select(FileRow).where(*where), FileRow.seq, after_seq=after_seq, limit=limit, newest_first=order == "desc"
-    )
+    rows, has_more = fetch_page_after(session, FileRow, where, after=after, limit=limit, newest_first=order == "desc")
     data = [FileObject.from_row(r) for r in rows]
     return CursorPage[FileObject](
         data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None

@@ -21,7 +21,7 @@ from api.errors import bad_request, not_found
 from api.hyperparameters import job_options
 from api.model_dirs import base_config, find_base_model
 from api.openapi import error_responses
-from api.pagination import cursor_seq, fetch_page
+from api.pagination import cursor_seq, fetch_page, fetch_page_after
 from api.schemas import (
     MAX_SEED,
     CursorPage,
@@ -150,8 +150,7 @@ def list_events(
     """Newest first."""
     job = get_job_row(session, project, job_id)
     where = [JobEvent.job_id == job.id]
-    after_seq = cursor_seq(session, JobEvent.id, JobEvent.seq, after, *where) if after else None
-    rows, has_more = fetch_page(session, select(JobEvent).where(*where), JobEvent.seq, after_seq=after_seq, limit=limit, newest_first=True)
+    rows, has_more = fetch_page_after(session, JobEvent, where, after=after, limit=limit, newest_first=True)
     return Page[FineTuningJobEvent](data=[FineTuningJobEvent.from_row(r) for r in rows], has_more=has_more)
 
 
@@ -167,10 +166,7 @@ def list_checkpoints(
     """Newest first."""
     job = get_job_row(session, project, job_id)
     where = [Checkpoint.job_id == job.id]
-    after_seq = cursor_seq(session, Checkpoint.id, Checkpoint.seq, after, *where) if after else None
-    rows, has_more = fetch_page(
-        session, select(Checkpoint).where(*where), Checkpoint.seq, after_seq=after_seq, limit=limit, newest_first=True
-    )
+    rows, has_more = fetch_page_after(session, Checkpoint, where, after=after, limit=limit, newest_first=True)
     data = [FineTuningJobCheckpoint.from_row(r) for r in rows]
     return CursorPage[FineTuningJobCheckpoint](
         data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
