@@ -3,23 +3,21 @@ what the memory estimate counts, and are planned only when the budget needs them
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from contract import device_choices
-from contract.base_model import linear_shapes
 from contract.data_format import load_examples
 from contract.errors import ConfigError
-from contract.memory import GIB, SEQUENCE_TILE_TOKENS
+from contract.memory import GIB
 from contract.memory import estimate_memory as _estimate_memory
 from contract.options import TrainingConfig
 from worker.training import lean_activations, long_context
 from worker.training.data import collate_packed, tokenize_examples
-from worker.training.model import build_model, decoder_layers, read_model_config
+from worker.training.model import apply_checkpoint_plan, build_model, decoder_layers, read_model_config
 from worker.training.objectives.sft import forward_loss
 from worker.training.tunables import LOSS_CHUNK_TOKENS
 
@@ -37,23 +35,14 @@ def examples(tmp_path, tokenizer):
     return tokenized
 
 
-def run(model_dir, batch, *, tile=None, seed=0, **options):
-    """Loss and LoRA gradients of one micro-batch, lora_B non-zero so that every adapter counts; `tile`: tile the MLPs
-    with this many tokens a tile."""
-    cfg = TrainingConfig(compute_dtype="fp32", attn_implementation="varlen", **options)
-    torch.manual_seed(0)
-    built = build_model(model_dir, cfg)
-    if tile is not None:
-        assert long_context.apply_tiling(built.model, tile) == 2
-    torch.manual_seed(1)
-    for name, param in built.model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1)
+def loss_and_grads(built, batch, seed=0):
     built.model.train()
+    for p in built.model.parameters():
+        p.grad = None
     torch.manual_seed(seed)
-    loss, n, _ = forward_loss(built.model, batch, built.device, None, cfg.fused_cross_entropy)
+    loss, n, _ = forward_loss(built.model, batch, built.device, None, True)
     loss.backward()
-    return float(loss.detach()), n, {k: p.grad.clone() for k, p in built.model.named_parameters() if p.requires_grad}, built
+    return float(loss.detach()), n, {k: p.grad.clone() for k, p in built.model.named_parameters() if p.requires_grad}
 
 
 def assert_same(reference, other):
@@ -65,26 +54,41 @@ def assert_same(reference, other):
         torch.testing.assert_close(other[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "peft"])
-@pytest.mark.parametrize("length", [1, 3, 6])  # examples packed into the row: 1 example, odd totals, all six
-def test_offload_and_tiling_equal_the_plain_path(tiny_model_dir, examples, lean, length):
-    """Offloaded checkpoints with dropout (the recomputation replays the masks) and, without dropout, the MLP in
-    tiles of 16 tokens (no row length here is a multiple of 16) on the NF4 base."""
-    batch = collate_packed(examples[:length])
-    assert batch["input_ids"].shape[1] % 16  # 63, 168, 330 tokens
-    plain = dict(gradient_checkpointing="off", lean_activations=lean, lora_dropout=0.1)
-    reference = run(tiny_model_dir, batch, **plain)
-    long_context.HOST.reset()
-    offloaded = run(tiny_model_dir, batch, **{**plain, "gradient_checkpointing": "offload"})
-    assert offloaded[3].checkpoint_plan == ("offload", "offload")
-    assert long_context.HOST.copies == 2 and long_context.HOST.live == 0  # both inputs offloaded, both freed in backward
-    assert_same(reference, offloaded)
-
-    no_dropout = {**plain, "lora_dropout": 0.0}
-    reference = run(tiny_model_dir, batch, **no_dropout)
-    both = run(tiny_model_dir, batch, tile=16, **{**no_dropout, "gradient_checkpointing": "offload"})
-    assert long_context.tiled(both[3].model)
-    assert_same(reference, both)
+@pytest.mark.parametrize(("lean", "lengths"), [(True, (1, 6)), (False, (3,))], ids=["lean", "peft"])
+def test_offload_and_tiling_equal_the_plain_path(tiny_model_dir, examples, lean, lengths):
+    """On the NF4 base, at row lengths of 63, 168 and 330 tokens: offloaded checkpoints (with dropout: the recomputation replays the
+    masks), and the MLP in tiles of 16 tokens (no row here is a multiple of 16) without dropout (with it, each tile
+    draws its own mask: test_tiled_mlp_replays_each_tiles_dropout_mask), against the plain path of the same model."""
+    cfg = TrainingConfig(compute_dtype="fp32", attn_implementation="varlen", gradient_checkpointing="off", lean_activations=lean,
+                         lora_dropout=0.1)
+    torch.manual_seed(0)
+    built = build_model(tiny_model_dir, cfg)
+    torch.manual_seed(1)
+    for name, param in built.model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    base = built.model.get_base_model()
+    dropouts = [m for m in built.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) == 14
+    for length in lengths:
+        batch = collate_packed(examples[:length])
+        assert batch["input_ids"].shape[1] % 16  # 63, 168, 330 tokens
+        for p in (0.1, 0.0):
+            for m in dropouts:
+                m.p = p
+            apply_checkpoint_plan(base, ("off", "off"), cfg.lora_r)
+            reference = loss_and_grads(built, batch)
+            apply_checkpoint_plan(base, ("offload", "offload"), cfg.lora_r)
+            long_context.HOST.reset()
+            offloaded = loss_and_grads(built, batch)
+            assert long_context.HOST.copies == 2 and long_context.HOST.live == 0  # both inputs offloaded, both freed
+            assert_same(reference, offloaded)
+            if p == 0:
+                assert long_context.apply_tiling(built.model, 16) == 2
+                assert_same(reference, loss_and_grads(built, batch))
+                apply_checkpoint_plan(base, ("off", "off"), cfg.lora_r)
+                assert_same(reference, loss_and_grads(built, batch))  # tiled alone
+                long_context.apply_tiling(built.model, None)
 
 
 def test_tiled_mlp_replays_each_tiles_dropout_mask(tiny_model_dir, examples):
@@ -231,37 +235,41 @@ def test_a_length_that_cannot_fit_is_refused_with_the_length_that_would():
                                    tokens_per_micro_batch=1048576, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
 
 
-def test_nothing_quadratic_in_the_sequence_is_kept(tiny_model_dir, tokenizer, tmp_path):
-    """A packed row of 600 tokens with varlen attention: no tensor autograd keeps, nor any the model computes,
-    has tokens^2 elements or more (no dense mask, no s x s scores), and none is [tokens x vocab] on the fused loss."""
+def test_nothing_quadratic_in_the_sequence_is_made(tiny_model_dir, tokenizer, tmp_path):
+    """A packed row of 40 examples with varlen attention: no tensor the model computes, forward or backward, is
+    [tokens x tokens] (no dense mask, no scores over the row; RoPE's tables and the position ids are [tokens x d]), and
+    none is [tokens x vocab] (the fused loss: one chunk of logits at a time). The same row with sdpa does build the
+    dense mask: what the count would catch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     rows = load_examples(write_chat_file(tmp_path / "long.jsonl", 40))
     tokenized, _ = tokenize_examples(tokenizer, rows, max_seq_length=64)
     batch = collate_packed(tokenized)
     tokens = batch["input_ids"].numel()
-    assert tokens > 500
-    cfg = TrainingConfig(compute_dtype="fp32", gradient_checkpointing="off", attn_implementation="varlen")
-    built = build_model(tiny_model_dir, cfg)
     vocab = read_model_config(tiny_model_dir).vocab_size
-    largest = [0]
+    built = build_model(tiny_model_dir, TrainingConfig(compute_dtype="fp32", gradient_checkpointing="off", attn_implementation="varlen"))
+    built.model.train()
 
-    def pack(t):
-        largest[0] = max(largest[0], t.numel())
-        return t
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, tuple | list) else (out,):
-                if isinstance(t, torch.Tensor):
-                    largest.append(t.numel())
+            self.shapes += [tuple(t.shape) for t in (out if isinstance(out, tuple | list) else (out,)) if isinstance(t, torch.Tensor)]
             return out
 
-    built.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Largest():
+    def quadratic(shapes):
+        return [shape for shape in shapes if sum(1 for d in shape if d >= tokens) >= 2]
+
+    with Shapes() as seen:
         loss, _, _ = forward_loss(built.model, batch, built.device, None, True)
-    loss.backward()
-    assert max(largest) < tokens * tokens, max(largest)
-    assert max(largest) < tokens * vocab / 2  # the fused loss: one chunk of logits, never the whole
-    del dataclasses, F, SEQUENCE_TILE_TOKENS, linear_shapes
+        loss.backward()
+    assert tokens > 2000 and seen.shapes
+    assert quadratic(seen.shapes) == []
+    assert max(math.prod(shape) for shape in seen.shapes) <= LOSS_CHUNK_TOKENS * vocab
+    built.model.get_base_model().set_attn_implementation("sdpa")
+    with Shapes() as seen:
+        forward_loss(built.model, batch, built.device, None, True)
+    assert quadratic(seen.shapes)
