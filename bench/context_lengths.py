@@ -58,7 +58,7 @@ def table() -> str:
             plain = longest(base, card_gb, gradient_checkpointing="on", sequence_tiling=False)
             host = (estimate_memory(base, config(), tokens_per_micro_batch=best, layer_modes=["offload"] * base["num_hidden_layers"],
                                     sequence_tiling=True, loss_chunk_tokens=LOSS_CHUNK_TOKENS).host_activations if best >= 16 else 0)
-            rows.append(f"| {name} | {card_gb} GB | {shown(best)} | {host / GIB:,.0f} GiB | {shown(plain)} |")
+            rows.append(f"| {name} | {card_gb} GB | {shown(best)} | {f'{host / GIB:,.0f} GiB' if host else '-'} | {shown(plain)} |")
     return "\n".join(rows) + "\n"
 
 

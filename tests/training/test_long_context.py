@@ -273,3 +273,14 @@ def test_nothing_quadratic_in_the_sequence_is_made(tiny_model_dir, tokenizer, tm
     with Shapes() as seen:
         forward_loss(built.model, batch, built.device, None, True)
     assert quadratic(seen.shapes)
+
+
+def test_the_docs_table_of_lengths_is_the_estimates():
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(repo / "bench"))
+    import context_lengths
+
+    assert context_lengths.table() in (repo / "docs" / "training.md").read_text(), "regenerate it: python bench/context_lengths.py"
