@@ -277,7 +277,10 @@ def apply_tiling(model: torch.nn.Module, tile_tokens: int | None) -> int:
         if "untiled_forward" in mlp.__dict__:  # back to the forward it had before tiling
             inner = mlp.__dict__.pop("untiled_forward")
             mlp.__dict__.pop("tile_tokens", None)
-            if getattr(inner, "__self__", None) is mlp and getattr(inner, "__func__", None) is type(mlp).forward:
+            current = mlp.__dict__.get("forward")
+            if getattr(current, "__func__", None) is not tiled_mlp_forward:
+                pass  # replaced since (lean_activations.apply switched it): that forward stays
+            elif getattr(inner, "__self__", None) is mlp and getattr(inner, "__func__", None) is type(mlp).forward:
                 mlp.__dict__.pop("forward", None)
             else:
                 mlp.forward = inner
