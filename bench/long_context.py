@@ -103,6 +103,7 @@ def probe(base, model_config, length: int, device: torch.device, steps: int, **o
                       plan={m: choices.checkpoint_plan.count(m) for m in set(choices.checkpoint_plan)},
                       sequence_tiling=choices.sequence_tiling,
                       estimate_gib=round(estimate.torch_allocated_peak / GIB, 3), host_gib=round(estimate.host_activations / GIB, 3),
+                      host_bytes=estimate.host_activations,
                       peak_gib=round(peak / GIB, 3) if peak is not None else None,
                       estimate_error=round(estimate.torch_allocated_peak / peak - 1, 3) if peak else None)
     except torch.OutOfMemoryError:
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     expected = longest_fitting_tokens(model_config, config(args.low), budget_bytes=budget, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
     high = max(args.low, int(expected * args.over))
     if args.tiny:
-        high = min(high, 512)
+        high = min(high, 192)
     record["estimated_longest"] = expected
     base = build_random_base(model_config, config(args.low, attn_implementation="varlen"), device, seed=0)
     deadline = time.time() + args.time_limit
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
                                            budget_bytes=budget, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
     length = min(plain_longest, longest) if longest else 0
     if args.tiny:
-        length = min(length, 256)
+        length = min(length, 128)
     if length >= 16:
         plain = probe(base, model_config, length, device, args.steps, gradient_checkpointing="on", sequence_tiling=False)
         offloaded = probe(base, model_config, length, device, args.steps, gradient_checkpointing="offload", sequence_tiling=True)
