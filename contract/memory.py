@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # the module must import without pydantic's cost, and never t
 LAYER_MODES = ("off", "selective", "on", "offload")
 
 # With sequence tiling, each decoder layer's MLP runs this many tokens at a time (worker/training/long_context.py):
-# an engine setting (worker/training/tunables.py re-exports it) kept here because the plan needs it too. Large enough
-# that a tile's matmuls keep a GPU busy.
+# an engine setting, kept here (the engine reads it from here) because the estimate and the plan need it too, as they
+# do on the API's side. Large enough that a tile's matmuls keep a GPU busy.
 SEQUENCE_TILE_TOKENS = 8192
 
 GIB = 1024**3

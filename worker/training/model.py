@@ -21,10 +21,10 @@ import torch
 
 from contract.base_model import PREQUANTIZED_METHODS, base_quantization, read_config_json
 from contract.device_choices import AutoChoices, DeviceFacts, decide_auto
-from contract.memory import LAYER_MODES
+from contract.memory import LAYER_MODES, SEQUENCE_TILE_TOKENS
 from contract.options import ALL_LINEAR, ConfigError, TrainingConfig
 from worker.training import attention, lean_activations, long_context
-from worker.training.tunables import FREE_MEMORY_BUDGET_SHARE, LOSS_CHUNK_TOKENS, SEQUENCE_TILE_TOKENS
+from worker.training.tunables import FREE_MEMORY_BUDGET_SHARE, LOSS_CHUNK_TOKENS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

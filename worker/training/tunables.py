@@ -8,7 +8,3 @@ LOSS_CHUNK_TOKENS = 512
 # gradient_checkpointing='auto' without memory_budget_gb plans for this share of the GPU memory free when a run
 # starts: a margin for what the estimate does not model (allocator fragmentation, kernels' workspaces).
 FREE_MEMORY_BUDGET_SHARE = 0.85
-
-# With sequence_tiling, each decoder layer's MLP runs this many tokens at a time (long_context.TiledMLP); the memory
-# estimate and the plan read the same constant.
-from contract.memory import SEQUENCE_TILE_TOKENS  # noqa: E402,F401
