@@ -177,6 +177,13 @@ def attempt_delivery(session_factory: sessionmaker[Session], settings: Settings,
         return record_attempt(session, settings, delivery_id, attempt, at, outcome)
 
 
+def deliver(session_factory: sessionmaker[Session], celery_app: Any, settings: Settings, delivery_id: str) -> None:
+    """What qlora.deliver_webhook does: the due attempt, and the next one's message when it rides on a countdown."""
+    delay = attempt_delivery(session_factory, settings, delivery_id)
+    if delay is not None:
+        send_deliveries(celery_app, settings, [delivery_id], countdown=delay)
+
+
 def record_attempt(session: Session, settings: Settings, delivery_id: str, attempt: int, at: float, outcome: Outcome) -> float | None:
     """Log the attempt and move the delivery on: delivered, due again after the schedule's next step, or failed for
     good once every attempt is used; keep the endpoint's run of failures and disable it when the run is too long."""

@@ -60,12 +60,8 @@ def job_ended(outbox_id: str) -> bool:
 
 
 @app.task(name=WEBHOOK_TASK)
-def deliver_webhook(delivery_id: str) -> bool:
-    """One attempt; a retry due soon is sent again with its countdown (a later one is the sweeper's to send)."""
-    delay = webhooks.attempt_delivery(session_factory(), settings(), delivery_id)
-    if delay is not None:
-        webhooks.send_deliveries(app, settings(), [delivery_id], countdown=delay)
-    return delay is None
+def deliver_webhook(delivery_id: str) -> None:
+    webhooks.deliver(session_factory(), app, settings(), delivery_id)
 
 
 @app.task(name=SWEEP_TASK)
