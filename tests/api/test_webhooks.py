@@ -1,7 +1,8 @@
 """Webhook endpoints over /v1/webhook_endpoints with the official SDK (`client.webhooks`, strict), and the events of
 a job's end reaching a real HTTP receiver on 127.0.0.1: through the API's commit, the job-ended message on Redis, and
 the control queue served by tests/job_ended.py's stand-in for the control worker (the real worker runs it in
-tests/worker/test_webhooks_worker.py). The schedule is shrunk to fractions of a second by its setting."""
+tests/worker/test_webhooks_worker.py). The schedule is shrunk to fractions of a second by its setting. PostgreSQL
+only, but for the endpoints and the events themselves, which run on SQLite too."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ from tests.webhook_receiver import Receiver
 from worker.sweeper import sweep
 
 ALL_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
+
+
+@pytest.fixture
+def database_url(request):
+    """PostgreSQL; the tests marked BOTH_DATABASES run on SQLite (the embedded mode) too."""
+    return request.getfixturevalue(f"{getattr(request, 'param', 'postgres')}_url")
+
+
+BOTH_DATABASES = pytest.mark.parametrize("database_url", ["postgres", "sqlite"], indirect=True)
 
 
 @pytest.fixture
@@ -83,6 +93,7 @@ def attempted(client, endpoint_id: str) -> bool:  # noqa: ANN001
         return bool(session.scalar(select(func.sum(WebhookDelivery.attempts)).where(WebhookDelivery.endpoint_id == endpoint_id)))
 
 
+@BOTH_DATABASES
 def test_endpoints_over_the_sdk(sdk, client):
     created = sdk.webhooks.create(url="http://127.0.0.1:9/a", event_types=["fine_tuning.job.succeeded"], name="ci")
     assert created.signing_secret.startswith("whsec_") and created.signing_secret_hint.endswith(created.signing_secret[-4:])
@@ -154,6 +165,7 @@ def test_the_url_policy_at_creation_and_update(client):
     assert client.get(f"/v1/webhook_endpoints/{endpoint.json()['id']}", headers=KEY_A).json()["url"] == "http://93.184.216.34/hook"
 
 
+@BOTH_DATABASES
 def test_each_end_reaches_the_receiver_once_and_unwraps(sdk, client, settings, redis_url, receiver):
     endpoint = sdk.webhooks.create(url=receiver.url, event_types=ALL_EVENTS, name="app")
     ended = {how: end_job(client, how) for how in ("succeeded", "failed", "cancelled")}
