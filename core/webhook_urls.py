@@ -109,6 +109,8 @@ def checked_addresses(url: str, allowed_networks: str, resolver: Resolver | None
             found = (resolver or _resolver)(host, port)
         except OSError as exc:
             raise UrlRefused(f"Could not resolve {host}: {exc.strerror or exc}.") from None
+        except (UnicodeError, ValueError):  # a name IDNA cannot encode (an empty or overlong label)
+            raise UrlRefused(f"Invalid host name: {host!r}.") from None
         if not found:
             raise UrlRefused(f"Could not resolve {host}.")
     allow = AllowList.parse(allowed_networks)

@@ -187,11 +187,13 @@ def deliver(session_factory: sessionmaker[Session], celery_app: Any, settings: S
 def record_attempt(session: Session, settings: Settings, delivery_id: str, attempt: int, at: float, outcome: Outcome) -> float | None:
     """Log the attempt and move the delivery on: delivered, due again after the schedule's next step, or failed for
     good once every attempt is used; keep the endpoint's run of failures and disable it when the run is too long."""
+    delivery = session.scalars(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id)).one_or_none()
+    if delivery is None:
+        return None  # deleted with its endpoint meanwhile: nothing to log it under
     session.add(WebhookAttempt(delivery_id=delivery_id, attempted_at=at, duration_ms=outcome.duration_ms,
                                status_code=outcome.status_code, error=outcome.error))
-    delivery = session.scalars(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id)).one_or_none()
-    if delivery is None or delivery.status != PENDING or delivery.attempts != attempt:
-        return None  # deleted with its endpoint meanwhile, or (a lapsed claim) attempted again since
+    if delivery.status != PENDING or delivery.attempts != attempt:
+        return None  # (a lapsed claim) attempted again since, by another worker
     endpoint = session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.id == delivery.endpoint_id).with_for_update()).one()
     delivery.lease_until = None
     if outcome.ok:

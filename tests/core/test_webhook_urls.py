@@ -58,8 +58,10 @@ def test_other_forms_are_refused(url):
     refused(url, "0.0.0.0/0")
 
 
-def test_an_unresolvable_name_is_refused():
+def test_an_unresolvable_or_unencodable_name_is_refused():
     assert "Could not resolve" in refused("http://no-such-host.invalid/")
+    assert "Invalid host name" in refused("http://a..b/")  # IDNA refuses an empty label (a UnicodeError, not an OSError)
+    assert "Invalid host name" in refused(f"http://{'a' * 70}.example/")
 
 
 def test_the_deployed_default_is_closed_and_the_embedded_one_admits_loopback(monkeypatch, tmp_path):
