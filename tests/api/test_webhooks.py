@@ -299,3 +299,18 @@ def _messages(redis_url: str, settings) -> list[tuple[str, list]]:  # noqa: ANN0
     from tests.api.helpers import queued_tasks
 
     return queued_tasks(redis_url, control_queue(settings))
+
+
+def test_an_attempt_whose_endpoint_was_deleted_meanwhile_is_dropped(sdk, client, settings, redis_url, receiver):
+    from core.webhooks import Outcome, record_attempt
+
+    endpoint = sdk.webhooks.create(url=receiver.url, event_types=ALL_EVENTS, name="app")
+    end_job(client, "cancelled")
+    assert deliver_job_ended(redis_url, settings, client.app.state.session_factory, client.app.state.celery) == [True]
+    with db(client) as session:
+        [delivery_id] = session.scalars(select(WebhookDelivery.id))
+    assert sdk.webhooks.delete(endpoint.id).deleted  # while its first attempt is under way
+    with db(client) as session:  # the attempt's answer arrives: nothing to record it under, and no error
+        assert record_attempt(session, settings, delivery_id, 1, time.time(), Outcome(200, None, 5)) is None
+    with db(client) as session:
+        assert session.scalar(select(func.count()).select_from(WebhookDelivery)) == 0
