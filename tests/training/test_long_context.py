@@ -54,9 +54,9 @@ def assert_same(reference, other):
         torch.testing.assert_close(other[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize(("lean", "lengths"), [(True, (1, 6)), (False, (3,))], ids=["lean", "peft"])
+@pytest.mark.parametrize(("lean", "lengths"), [(True, (1, 3)), (False, (3,))], ids=["lean", "peft"])
 def test_offload_and_tiling_equal_the_plain_path(tiny_model_dir, examples, lean, lengths):
-    """On the NF4 base, at row lengths of 63, 168 and 330 tokens: offloaded checkpoints (with dropout: the recomputation replays the
+    """On the NF4 base, at row lengths of 63 and 168 tokens: offloaded checkpoints (with dropout: the recomputation replays the
     masks), and the MLP in tiles of 16 tokens (no row here is a multiple of 16) without dropout (with it, each tile
     draws its own mask: test_tiled_mlp_replays_each_tiles_dropout_mask), against the plain path of the same model."""
     cfg = TrainingConfig(compute_dtype="fp32", attn_implementation="varlen", gradient_checkpointing="off", lean_activations=lean,
@@ -72,7 +72,7 @@ def test_offload_and_tiling_equal_the_plain_path(tiny_model_dir, examples, lean,
     assert len(dropouts) == 14
     for length in lengths:
         batch = collate_packed(examples[:length])
-        assert batch["input_ids"].shape[1] % 16  # 63, 168, 330 tokens
+        assert batch["input_ids"].shape[1] % 16  # 63, 168 tokens
         for p in (0.1, 0.0):
             for m in dropouts:
                 m.p = p
