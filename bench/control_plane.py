@@ -213,10 +213,11 @@ def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[st
     """The statements the service runs most, as it runs them (SQL with its parameters), by name."""
     from sqlalchemy import func, select, update
 
+    from api.metrics import running_jobs_newest_step
     from core.dispatch import projects_with_room_query
     from core.leases import lapsed
     from core.settings import Settings
-    from core.tables import Job, JobEvent, JobMetric
+    from core.tables import Job, JobEvent
 
     queries = {
         "claim": update(Job).where(Job.id == job_id, Job.status.in_(["queued"])).values(status="running", worker_id=worker_id),
@@ -234,8 +235,7 @@ def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[st
         "sweeper_expired": select(Job.id).where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < 1.0),
         "sweeper_projects_with_room": projects_with_room_query(Settings(database_url="sqlite://")),
         "metrics_jobs_by_status": select(Job.status, func.count()).group_by(Job.status),
-        "metrics_newest_step": select(JobMetric.step, JobMetric.values).where(JobMetric.job_id == job_id)
-        .order_by(JobMetric.step.desc()).limit(1),
+        "metrics_running_jobs": running_jobs_newest_step(),
     }
     return queries
 
