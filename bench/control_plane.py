@@ -214,7 +214,8 @@ def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[st
     from sqlalchemy import func, select, update
 
     from api.metrics import running_jobs_newest_step
-    from core.dispatch import projects_with_room_query
+    from api.pagination import page_query
+    from core.dispatch import next_unsent_jobs, projects_with_room_query
     from core.leases import lapsed
     from core.settings import Settings
     from core.tables import Job, JobEvent
@@ -225,12 +226,13 @@ def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[st
         "dispatch_counts": select(Job.status, func.count()).where(
             Job.project == project, Job.status.in_(["running", "queued"]),
             (Job.status == "running") | Job.enqueued_at.is_not(None)).group_by(Job.status),
-        "dispatch_unsent": select(Job.id).where(Job.project == project, Job.status == "queued", Job.enqueued_at.is_(None))
-        .order_by(Job.seq).limit(1),
+        "dispatch_unsent": next_unsent_jobs(project, 1),
         "create_active_counts": select(Job.status, func.count()).where(
             Job.project == project, Job.status.in_(["queued", "running", "paused"])).group_by(Job.status),
-        "list_jobs_by_project": select(Job).where(Job.project == project).order_by(Job.seq.desc()).limit(21),
-        "events_page": select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc()).limit(21),
+        "list_jobs_by_project": page_query(select(Job), Job.seq, after_seq=None, limit=20, newest_first=True,
+                                           owner=(Job.project, project)),
+        "events_page": page_query(select(JobEvent), JobEvent.seq, after_seq=None, limit=20, newest_first=True,
+                                  owner=(JobEvent.job_id, job_id)),
         "sweeper_lost": select(Job.id, Job.attempt, Job.worker_id, Job.pause_requested_at).where(lapsed(Job, heartbeat_timeout_s=120)),
         "sweeper_expired": select(Job.id).where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < 1.0),
         "sweeper_projects_with_room": projects_with_room_query(Settings(database_url="sqlite://")),
