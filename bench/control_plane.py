@@ -133,6 +133,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "note": os.environ.get("QLORA_BENCH_MACHINE_NOTE", ""),
             "platform": platform.platform()}
 
 
@@ -205,6 +206,34 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: floa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def write_counters(engine: Any) -> dict[str, Any]:
+    """PostgreSQL's cumulative counters of this database (transactions, rows written) and of the big tables (rows
+    inserted, updated), at this moment: two snapshots give the write load in between. Each backend reports its counts
+    when idle, at most once a second, so a snapshot lags by about a second."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))
+        db = conn.execute(text("SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted, blks_hit + blks_read "
+                               "FROM pg_stat_database WHERE datname = current_database()")).one()
+        tables = {name: {"inserted": ins, "updated": upd, "hot_updated": hot} for name, ins, upd, hot in conn.execute(text(
+            "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = ANY(:names)"),
+            {"names": ["jobs", "job_events", "job_metrics", "job_outbox"]})}
+    return {"t": time.time(), "commits": db[0], "rollbacks": db[1], "rows_inserted": db[2], "rows_updated": db[3],
+            "rows_deleted": db[4], "blocks_touched": db[5], "tables": tables}
+
+
+def write_load(before: dict[str, Any], after: dict[str, Any], steps: int, jobs_done: int) -> dict[str, Any]:
+    """Per second between two write_counters snapshots, and per job run (`steps` steps each)."""
+    seconds = max(1e-9, after["t"] - before["t"])
+    per_s = {k: round((after[k] - before[k]) / seconds, 1) for k in ("commits", "rollbacks", "rows_inserted", "rows_updated", "rows_deleted")}
+    tables = {name: {k: round((after["tables"][name][k] - before["tables"].get(name, {}).get(k, 0)) / seconds, 1)
+                     for k in ("inserted", "updated", "hot_updated")} for name in after["tables"]}
+    per_job = {k: round((after[k] - before[k]) / jobs_done, 1) for k in ("commits", "rows_inserted", "rows_updated")} if jobs_done else {}
+    return {"seconds": round(seconds, 1), "per_second": per_s, "tables_per_second": tables, "per_job_run": per_job,
+            "steps_per_job": steps}
 
 
 # --- the query plans ------------------------------------------------------------------------------------------------
@@ -358,7 +387,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     database_url = create_database()
     queue = f"bench-cp-{secrets.token_hex(4)}"
     projects = [f"p{i:04d}" for i in range(args.projects)]
-    keys = {project: f"sk-bench-{project}-{secrets.token_hex(8)}" for project in projects}
+    small = "small"  # the fairness probe: a project with no jobs until its first one, mid-run
+    keys = {project: f"sk-bench-{project}-{secrets.token_hex(8)}" for project in [*projects, small]}
     env_settings = {
         "HOME": str(tmp / "home"), "DATABASE_URL": database_url, "BROKER_URL": REDIS_URL, "TASK_QUEUE": queue,
         "STORAGE": "local", "STORAGE_DIR": str(tmp / "objects"), "MODELS_DIR": str(tmp / "models"),
@@ -381,7 +411,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     deadline = time.monotonic() + args.max_seconds
     try:
         record["versions"] = versions(engine)
-        files = seed(session_factory, storage, projects, tmp)
+        files = seed(session_factory, storage, [*projects, small], tmp)
         port = free_port()
         api_log = (tmp / "api.log").open("w")
         api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
@@ -390,23 +420,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = f"http://127.0.0.1:{port}"
         wait_for_http(base + "/healthz", 90)
 
-        # 1. creation through the API
-        def create(i: int) -> tuple[float, int, str]:
-            project = projects[i % len(projects)]
+        # 1. creation through the API, at a steady --create-rate (requests leave on schedule, whatever the answers' pace)
+        def create(i: int, project: str | None = None) -> tuple[float, int, str, float]:
+            project = project or projects[i % len(projects)]
             body = {"model": "tiny", "training_file": files[project], "hyperparameters": {"n_epochs": 1}}
+            if args.create_rate:
+                time.sleep(max(0.0, create_started + i / args.create_rate - time.perf_counter()))
             started = time.perf_counter()
             answer = client.post(f"{base}/v1/fine_tuning/jobs", json=body, headers={"Authorization": f"Bearer {keys[project]}"})
-            return time.perf_counter() - started, answer.status_code, answer.json().get("id", answer.text[:200])
+            lag = started - (create_started + i / args.create_rate) if args.create_rate else 0.0
+            return time.perf_counter() - started, answer.status_code, answer.json().get("id", answer.text[:200]), lag
 
-        with httpx.Client(timeout=60) as client, ThreadPoolExecutor(args.create_concurrency) as pool:
-            started = time.perf_counter()
+        with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=args.create_concurrency)) as client, \
+                ThreadPoolExecutor(args.create_concurrency) as pool:
+            create_started = time.perf_counter()
             created = list(pool.map(create, range(args.create)))
-            wall = time.perf_counter() - started
+            wall = time.perf_counter() - create_started
         bad = [c for c in created if c[1] != 200]
         if bad:
             raise RuntimeError(f"{len(bad)} creations failed, first: {bad[0]}")
-        record["create"] = {"requests": args.create, "concurrency": args.create_concurrency, "per_second": round(args.create / wall, 1),
-                            **percentiles([c[0] for c in created])}
+        record["create"] = {"requests": args.create, "rate_asked": args.create_rate, "max_in_flight": args.create_concurrency,
+                            "per_second": round(args.create / wall, 1), **percentiles([c[0] for c in created]),
+                            "send_lag": percentiles([c[3] for c in created])}
 
         # 2. the backlog, a job with many events, one sweeper pass that dispatches it
         backlog = max(0, args.jobs - args.create)
@@ -430,15 +465,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError("the worker process did not start:\n" + (tmp / "worker.log").read_text()[-3000:])
             time.sleep(0.2)
         run_started = time.time()
-        reads: dict[str, list[float]] = {"list_jobs": [], "events_page": [], "metrics": []}
+        counters_before = write_counters(engine)
+        reads: dict[str, list[float]] = {"list_jobs": [], "events_page": [], "events_page_deep": [], "metrics": []}
         run_until = time.monotonic() + args.run_seconds
+        probe_at = time.monotonic() + args.run_seconds / 3
+        probe: dict[str, Any] = {}
+        big_owner = {"Authorization": f"Bearer {keys[projects[(args.create - 1) % len(projects)]]}"}
         with httpx.Client(timeout=60) as client:
             while time.monotonic() < min(run_until, deadline) and worker.poll() is None:
+                if not probe and time.monotonic() >= probe_at:  # the small project's first job, every worker busy
+                    probe["created_at"] = time.time()
+                    _, status, probe["job"], _ = create(0, small)
+                    if status != 200:
+                        raise RuntimeError(f"the fairness probe's creation failed: {status} {probe['job']}")
                 project = random.choice(projects)
                 for name, url, headers in (
                     ("list_jobs", f"{base}/v1/fine_tuning/jobs?limit=20", {"Authorization": f"Bearer {keys[project]}"}),
-                    ("events_page", f"{base}/v1/fine_tuning/jobs/{big_job}/events?limit=20",
-                     {"Authorization": f"Bearer {keys[projects[(args.create - 1) % len(projects)]]}"}),
+                    ("events_page", f"{base}/v1/fine_tuning/jobs/{big_job}/events?limit=20", big_owner),
+                    ("events_page_deep", f"{base}/v1/fine_tuning/jobs/{big_job}/events?limit=20&after=ftevent-many{random.randint(21, args.big_events)}",
+                     big_owner),
                     ("metrics", f"http://127.0.0.1:{env_settings['METRICS_PORT']}/metrics", {}),
                 ):
                     started = time.perf_counter()
@@ -447,6 +492,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if answer.status_code != 200:
                         raise RuntimeError(f"GET {url}: {answer.status_code} {answer.text[:200]}")
                 time.sleep(args.read_pause_s)
+        counters_after = write_counters(engine)
         record["sweep_under_load"] = timed_sweep(settings, session_factory, celery_app, storage)
         record["reads_under_load"] = {name: percentiles(values) for name, values in reads.items()}
         stop_process(worker, signal.SIGKILL)  # a GPU fleet does not stop politely; nothing below needs it alive
@@ -483,6 +529,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "jobs_per_second": round(succeeded / run_seconds, 2), "claim_latency": percentiles(claim_latency),
             "status_counts": by_status,
         }
+        done_in_window = sum(1 for r in rows if r["kind"] == "free" and r["t"] <= counters_after["t"])
+        record["write_load"] = write_load(counters_before, counters_after, args.steps, done_in_window)
+        if probe:
+            claimed_at = next((r["t"] for r in rows if r["kind"] == "claimed" and r["job"] == probe["job"]), None)
+            freed_after = [r["t"] for r in rows if r["kind"] == "free" and r["t"] >= probe["created_at"]]
+            record["fairness"] = {
+                "heavy_project_queued": args.heavy, "job_seconds": args.steps * args.step_seconds,
+                "created_to_claimed_s": round(claimed_at - probe["created_at"], 3) if claimed_at else None,
+                # from the first worker to free up after the creation to the probe's claim: the goal is under one job's duration
+                "first_free_to_claimed_s": round(claimed_at - freed_after[0], 3) if claimed_at and freed_after else None,
+                "claims_between": sum(1 for r in rows if r["kind"] == "claimed" and claimed_at and probe["created_at"] <= r["t"] < claimed_at),
+            }
         record["integrity"] = {
             "claimed_twice": len(claimed) - len(set(claimed)),
             "succeeded_with_wrong_step_count": steps_stored[0],
@@ -515,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--projects", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=2000, help="queued jobs in all (the API creates --create of them)")
     parser.add_argument("--create", type=int, default=300, help="jobs created through the API (timed)")
-    parser.add_argument("--create-concurrency", type=int, default=8)
+    parser.add_argument("--create-rate", type=float, default=50.0, help="creations per second, sent on schedule (0: back to back)")
+    parser.add_argument("--create-concurrency", type=int, default=32, help="most creations in flight at once")
     parser.add_argument("--heavy", type=int, default=0, help="extra queued jobs of the first project (fairness backlog)")
     parser.add_argument("--big-events", type=int, default=100_000, help="events of the job whose events page is timed")
     parser.add_argument("--api-workers", type=int, default=1,
@@ -539,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(record, indent=2) + "\n")
     flagged = {name: plan["seq_scans_on_big_tables"] for name, plan in record["plans"].items() if plan["seq_scans_on_big_tables"]}
     print(json.dumps({"out": str(out), "create": record["create"], "claim_latency": record["run"]["claim_latency"],
+                      "fairness": record.get("fairness"), "write_load": record["write_load"]["per_second"],
                       "reads": record["reads_under_load"], "sweeps": [record["sweep_dispatch"], record["sweep_under_load"]],
                       "seq_scans": flagged, "integrity": record["integrity"], "load": record["machine"]["load_average"]}, indent=1))
     return 0
