@@ -263,7 +263,7 @@ def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[st
         "events_page": page_query(select(JobEvent), JobEvent.seq, after_seq=None, limit=20, newest_first=True,
                                   owner=(JobEvent.job_id, job_id)),
         "sweeper_lost": select(Job.id, Job.attempt, Job.worker_id, Job.pause_requested_at).where(lapsed(Job, heartbeat_timeout_s=120)),
-        "sweeper_expired": select(Job.id).where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < 1.0),
+        "sweeper_sent_before": select(Job.id).where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < time.time()),
         "sweeper_projects_with_room": projects_with_room_query(Settings(database_url="sqlite://")),
         "metrics_jobs_by_status": select(Job.status, func.count()).group_by(Job.status),
         "metrics_running_jobs": running_jobs_newest_step(),

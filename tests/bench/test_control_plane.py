@@ -59,6 +59,8 @@ def test_hot_queries_read_few_rows_with_a_long_history_and_a_backlog(postgres_ur
     for name in ("claim", "heartbeat", "events_page", "metrics_running_jobs"):  # by id: never a scan of the table
         assert plans["p1"][name]["rows_read"] <= 3, (name, plans["p1"][name])
     assert old_events["rows_read"] == 21, old_events
+    # The sweeper's queued jobs sent before a time: the 98 sent ones (p1-p49's 2 each), not the 14,000 other rows.
+    assert plans["p1"]["sweeper_sent_before"]["rows_read"] == 98, plans["p1"]["sweeper_sent_before"]
 
 
 @pytest.mark.bench
