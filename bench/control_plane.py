@@ -101,8 +101,11 @@ def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: 
         return outcome
 
     runner.train, runner.claim_job, runner.run_job = fake_train, claim_job, run_job
-    # One pool for all the threads, as large as the connections their processes would hold apart.
-    factory = make_session_factory(make_engine(tasks.settings().database_url, pool_size=threads + 5, max_overflow=threads))
+    # One pool for all the threads. Deployed, each GPU worker process holds its own connections (its task, its
+    # heartbeat thread); here the pool is capped (QLORA_BENCH_WORKER_CONNECTIONS, 40) so that the run stays within a shared server's
+    # max_connections, and a thread may wait for a connection that a process of its own would have had.
+    connections = int(os.environ.get("QLORA_BENCH_WORKER_CONNECTIONS", "40"))
+    factory = make_session_factory(make_engine(tasks.settings().database_url, pool_size=min(threads + 5, connections), max_overflow=0))
     tasks.session_factory = lambda: factory
     record(kind="ready")
     tasks.app.worker_main(["worker", "--pool=threads", f"--concurrency={threads}", "-Q", tasks.settings().task_queue,
