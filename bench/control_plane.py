@@ -514,6 +514,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             elif row["kind"] == "free":
                 free_since[row["thread"]] = row["t"]
         claimed = [r["job"] for r in rows if r["kind"] == "claimed"]
+        claimed_at = {r["job"]: r["t"] for r in rows if r["kind"] == "claimed"}
+        # A job's wall time in the worker, its claim to the thread's return: the steps' sleep plus the runner's own work.
+        job_wall = [r["t"] - claimed_at[r["job"]] for r in rows if r["kind"] == "free" and r["job"] in claimed_at]
         with session_factory() as session:
             by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             succeeded = session.scalar(select(func.count()).select_from(Job).where(Job.status == "succeeded"))
@@ -530,6 +533,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         record["run"] = {
             "workers": args.workers, "seconds": round(run_seconds, 1), "claims": len(claimed), "jobs_succeeded": succeeded,
             "jobs_per_second": round(succeeded / run_seconds, 2), "claim_latency": percentiles(claim_latency),
+            "job_wall": percentiles(job_wall),
             "status_counts": by_status,
         }
         done_in_window = sum(1 for r in rows if r["kind"] == "free" and r["t"] <= counters_after["t"])
