@@ -10,11 +10,14 @@ events and metrics, the result upload and the final commit are the service's own
 (`worker.runner.train`) is replaced by a stand-in that sleeps `--step-seconds` per step and reports each step
 through the sink. Everything talks to 127.0.0.1, stops by itself after `--run-seconds`, and drops its database.
 
-Measured, in order: job creation through the API (`--create` requests, throughput and latency); the rest of the
+Measured, in order: job creation through the API (`--create` requests sent at a steady `--create-rate`, throughput
+and latency); the rest of the
 backlog inserted directly, as queued unsent rows; one sweeper pass (which dispatches every project's first job);
 the query plans of the hot queries (any sequential scan on jobs, job_events or job_metrics is flagged); then,
 while the workers run, claim latency (a worker freed or started -> its next claim) and the p50/p99 of the jobs
-list, an events page of a job with `--big-events` events and GET /metrics; one more sweeper pass under load; the
+list, an events page of a job with `--big-events` events (its newest and one deep in, by `after=`) and GET /metrics,
+the fairness probe (a new project's first job, a third of the way in, behind `--heavy` queued jobs of another) and
+PostgreSQL's write load (its statistics' counters before and after); one more sweeper pass under load; the
 database size per 1,000 jobs; and the integrity of the run (every job ended at most once, every step stored once).
 The record goes to bench/results/control-plane-<date>.json with the machine, versions and load average.
 """
