@@ -57,7 +57,7 @@ TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
 # --- the simulated GPU worker (runs in the worker process) -----------------------------------------------------
 
 
-def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: Path) -> None:
+def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: Path, connections: int) -> None:
     """A Celery worker (threads pool, `threads` at once) whose engine sleeps: everything else is the service's."""
     import worker.runner as runner
     import worker.tasks as tasks
@@ -105,9 +105,8 @@ def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: 
 
     runner.train, runner.claim_job, runner.run_job = fake_train, claim_job, run_job
     # One pool for all the threads. Deployed, each GPU worker process holds its own connections (its task, its
-    # heartbeat thread); here the pool is capped (QLORA_BENCH_WORKER_CONNECTIONS, 40) so that the run stays within a shared server's
+    # heartbeat thread); here the pool is capped (--worker-connections) so that the run stays within a shared server's
     # max_connections, and a thread may wait for a connection that a process of its own would have had.
-    connections = int(os.environ.get("QLORA_BENCH_WORKER_CONNECTIONS", "40"))
     factory = make_session_factory(make_engine(tasks.settings().database_url, pool_size=min(threads + 5, connections), max_overflow=0))
     tasks.session_factory = lambda: factory
     record(kind="ready")
@@ -463,7 +462,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         worker_log = tmp / "worker.jsonl"
         worker_out = (tmp / "worker.log").open("w")
         worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker-process", "--workers", str(args.workers),
-                                   "--step-seconds", str(args.step_seconds), "--steps", str(args.steps), "--worker-log", str(worker_log)],
+                                   "--step-seconds", str(args.step_seconds), "--steps", str(args.steps), "--worker-log", str(worker_log),
+                                   "--worker-connections", str(args.worker_connections)],
                                   env=env, cwd=REPO, stdout=worker_out, stderr=subprocess.STDOUT)
         # The run starts once the worker process has imported the runner (torch included: many seconds on a busy machine).
         while not (worker_log.exists() and worker_log.read_text().strip()):
@@ -596,11 +596,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-pause-s", type=float, default=0.2)
     parser.add_argument("--max-seconds", type=float, default=900.0, help="hard bound of the whole run")
     parser.add_argument("--out", type=Path, default=None, help="the JSON record (default bench/results/control-plane-DATE-Nw.json)")
+    parser.add_argument("--worker-connections", type=int, default=40,
+                        help="database connections the simulated workers share (keep under the server's max_connections)")
     parser.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-log", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker_process:
-        run_worker_process(args.workers, args.step_seconds, args.steps, args.worker_log)
+        run_worker_process(args.workers, args.step_seconds, args.steps, args.worker_log, args.worker_connections)
         return 0
     record = run(args)
     out = args.out or REPO / "bench" / "results" / f"control-plane-{time.strftime('%Y%m%d-%H%M')}-{args.workers}w.json"
