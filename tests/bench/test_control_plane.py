@@ -69,7 +69,7 @@ def test_harness_runs_jobs_to_the_end_at_a_tiny_scale(tmp_path):
 
     out = tmp_path / "cp.json"
     assert control_plane.main(["--workers", "2", "--projects", "3", "--jobs", "12", "--create", "4", "--big-events", "200",
-                               "--steps", "2", "--step-seconds", "0.05", "--heartbeat-s", "0.5", "--run-seconds", "8",
+                               "--steps", "2", "--step-seconds", "0.05", "--heartbeat-s", "0.5", "--run-seconds", "20",
                                "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["machine"]["cores"] and record["versions"]["postgresql"] and len(record["machine"]["load_average"]) == 3
