@@ -4,8 +4,8 @@ The sweeper asks every pass for the queued jobs sent before a time (expired mess
 index that is a scan of the whole jobs table (every queued job of every backlog, and the history); with it, a read of
 the few jobs whose message waits in the broker (at most QLORA_QUEUED_MESSAGES_PER_PROJECT per project).
 
-Revision ID: 0016
-Revises: 0015
+Revision ID: 0017
+Revises: 0016
 Create Date: 2026-12-08
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0016"
-down_revision: str | None = "0015"
+revision: str = "0017"
+down_revision: str | None = "0016"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
