@@ -15,6 +15,8 @@ send no more than the limits allow."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Select, func, select, union_all
@@ -23,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import session_scope
 from core.exports import ACTIVE, ExportStatus, mark_export_enqueued
 from core.jobs import JobStatus, mark_enqueued
-from core.queue import send_export_task, send_training_task
+from core.queue import job_gpus, send_export_task, send_training_task
 from core.quotas import training_queue_room
 from core.settings import Settings
 from core.tables import Export, Job
@@ -45,10 +47,11 @@ def dispatch(session: Session, celery_app: Any, settings: Settings, project: str
         exports = session.scalars(select(Export.id).join(Job, Job.id == Export.job_id).where(
             Job.project == project, Export.status == ExportStatus.QUEUED.value, Export.enqueued_at.is_(None))
             .order_by(Export.seq).limit(room)).all()
-        jobs = session.scalars(select(Job.id).where(Job.project == project, Job.status == JobStatus.QUEUED.value,
-                                                    Job.enqueued_at.is_(None)).order_by(Job.seq).limit(room - len(exports))).all()
-        unsent = [(export_id, send_export_task, mark_export_enqueued) for export_id in exports]
-        unsent += [(job_id, send_training_task, mark_enqueued) for job_id in jobs]
+        jobs = session.execute(select(Job.id, Job.training_config).where(Job.project == project, Job.status == JobStatus.QUEUED.value,
+                                                                         Job.enqueued_at.is_(None)).order_by(Job.seq).limit(room - len(exports))).all()
+        unsent: list[tuple[str, Callable[[Any, Settings, str], None], Callable[[Session, str], None]]] = [
+            (export_id, send_export_task, mark_export_enqueued) for export_id in exports]
+        unsent += [(job_id, partial(send_training_task, n_gpus=job_gpus(config)), mark_enqueued) for job_id, config in jobs]
         for item, send, mark in unsent:
             try:
                 send(celery_app, settings, item)

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A running job whose heartbeat is older is taken as lost.")
     sweep_interval_s: float = Field(30.0, gt=0, description="How often the sweeper looks for lost jobs and expired tasks.")
     job_ended_resend_after_s: float = Field(60.0, ge=0, description="A job's end whose follow-up (qlora.job_ended: the project's next job, webhooks) is still not done this long after its message was sent is sent again by the sweeper.")
+    max_gpus_per_job: int = Field(1, ge=1, le=64, description="Most GPUs a job may ask for (hyperparameter n_gpus; more is a 400): the largest QLORA_WORKER_GPUS of the deployment's workers.")
+    worker_gpus: int = Field(1, ge=1, le=64, description="GPUs this worker owns (a setting, not probed): a job with n_gpus > 1 runs here as `torchrun --nproc_per_node n_gpus`, at most this many. The worker serves the queue of its count (docs/operations.md, Several GPUs).")
     max_attempts: int = Field(3, ge=1, description="Runs of a job at most (a lost worker's job resumes from its last checkpoint).")
     inference_url: str = Field("", description="The inference backend's base URL (the embedded server or vLLM's OpenAI server), e.g. http://127.0.0.1:8001; empty: chat completions answer 503.")
     inference_timeout_s: float = Field(300.0, gt=0, description="How long the API waits for the inference backend's answer (or its next streamed chunk).")
