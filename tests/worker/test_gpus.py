@@ -14,6 +14,7 @@ from sqlalchemy import select
 from api.main import create_app
 from core.db import make_engine, make_session_factory, session_scope
 from core.queue import control_queue, training_queue
+from core.settings import Settings
 from core.tables import JobEvent, JobMetric
 from tests.api.helpers import chat_jsonl
 from tests.worker.helpers import MODEL, checkpoints, create_job, events, get_job, stored_config, wait_until
@@ -23,6 +24,20 @@ from worker import runner
 pytestmark = pytest.mark.slow
 
 TWO_GPUS = dict(n_gpus=2, max_steps=4, batch_size=3, micro_batch_size=1, checkpoint_every=2, compute_dtype="fp32")
+
+
+@pytest.fixture
+def pg_factory(postgres_url):
+    """PostgreSQL only: each launch costs tens of seconds, and the runner's database code is the one-GPU path's."""
+    engine = make_engine(postgres_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def gpu_settings(tmp_path, postgres_url, models_dir, **overrides) -> Settings:
+    values = dict(home=tmp_path / "home", database_url=postgres_url, broker_url="memory://", storage="local",
+                  storage_dir=tmp_path / "objects", models_dir=models_dir, worker_gpus=2)
+    return Settings(**{**values, **overrides})
 
 
 def rank_processes(parent: psutil.Process) -> list[psutil.Process]:
@@ -81,8 +96,9 @@ def test_a_two_gpu_job_runs_through_the_api_and_a_celery_worker_and_writes_once(
         engine.dispose()
 
 
-def test_a_killed_rank_ends_the_launch_and_the_job_resumes_from_its_checkpoint(make_settings, session_factory, storage):
-    settings = make_settings(worker_gpus=2, heartbeat_interval_s=0.5)
+def test_a_killed_rank_ends_the_launch_and_the_job_resumes_from_its_checkpoint(tmp_path, postgres_url, pg_factory, storage, models_dir):
+    session_factory = pg_factory
+    settings = gpu_settings(tmp_path, postgres_url, models_dir, heartbeat_interval_s=0.5)
     job_id = create_job(session_factory, storage, hyper=stored_config(**{**TWO_GPUS, "max_steps": 100000, "checkpoint_every": 1}))
     outcome: dict = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("value", runner.run_job(job_id, settings, session_factory, storage)))
@@ -103,10 +119,11 @@ def test_a_killed_rank_ends_the_launch_and_the_job_resumes_from_its_checkpoint(m
     print(f"run ended {ended_in:.1f} s after rank 1 was killed")
 
 
-def test_a_cancel_stops_both_ranks_at_one_step(make_settings, session_factory, storage):
+def test_a_cancel_stops_both_ranks_at_one_step(tmp_path, postgres_url, pg_factory, storage, models_dir):
     from core.jobs import cancel_job
 
-    settings = make_settings(worker_gpus=2, heartbeat_interval_s=0.2)
+    session_factory = pg_factory
+    settings = gpu_settings(tmp_path, postgres_url, models_dir, heartbeat_interval_s=0.2)
     job_id = create_job(session_factory, storage, hyper=stored_config(**{**TWO_GPUS, "max_steps": 100000, "checkpoint_every": None}))
     outcome: dict = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("value", runner.run_job(job_id, settings, session_factory, storage)))

@@ -202,7 +202,7 @@ class _Session:
         own = [e for e in self.errors if e.get("error") != "crash"]
         if own:
             raise _job_failure(own[0])
-        if self._stop:  # ended by force after a stop: nothing to record
+        if self.stopping():  # stopped before rank 0 could report (ended by force): nothing to record
             return TrainingResult("stopped", self.last_step, self.total_steps, 0, None, None, None, [], {}, None, 0.0)
         tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
         log.warning("torchrun exited with %s without a result; its output ends with:\n%s", returncode, tail)
