@@ -63,7 +63,7 @@ class AutoChoices:
 
 
 def decide_auto(cfg: TrainingConfig, device: DeviceFacts, *, model_config: Any = None, tokens_per_micro_batch: int | None = None,
-                loss_chunk_tokens: int | None = None, earlier: Mapping[str, Any] | None = None) -> AutoChoices:
+                loss_chunk_tokens: int | None = None, earlier: Mapping[str, Any] | None = None, world_size: int = 1) -> AutoChoices:
     """Decide every 'auto' option of `cfg` for `device`.
 
     compute_dtype: `earlier`'s (the config a resumed run's checkpoint saved: a job keeps the dtype it began with);
@@ -74,7 +74,8 @@ def decide_auto(cfg: TrainingConfig, device: DeviceFacts, *, model_config: Any =
     gradient_checkpointing (needs `model_config`, and `tokens_per_micro_batch` and the engine's `loss_chunk_tokens`
     to plan): off on the CPU, where memory is rarely the limit and recomputation costs time; on CUDA the fastest
     plan whose memory estimate fits memory_budget_gb (else the device's budget), full checkpointing for an
-    architecture the estimate does not model."""
+    architecture the estimate does not model. `world_size`: the GPUs of the run (the plan fits one rank's estimate
+    into one GPU's budget)."""
     dtype = _compute_dtype(cfg, device, earlier)
     lean = (device.type == "cuda" or cfg.fused_kernels == "on") if cfg.lean_activations == "auto" else bool(cfg.lean_activations)
     fused = (lean and device.type == "cuda") if cfg.fused_kernels == "auto" else cfg.fused_kernels == "on"
@@ -92,7 +93,7 @@ def decide_auto(cfg: TrainingConfig, device: DeviceFacts, *, model_config: Any =
         raise ValueError("gradient_checkpointing='auto' on a GPU plans with a memory budget, the tokens per micro-batch and the loss chunk")
     try:
         plan = plan_checkpointing(model_config, choices.apply(cfg), tokens_per_micro_batch=tokens_per_micro_batch,
-                                  budget_bytes=budget, loss_chunk_tokens=loss_chunk_tokens)
+                                  budget_bytes=budget, loss_chunk_tokens=loss_chunk_tokens, world_size=world_size)
     except ValueError:  # an architecture the estimate does not model: full checkpointing is the safe choice
         plan = ("on",) * layers
     return _with_plan(choices, plan, round(budget / GIB, 3))
@@ -119,7 +120,7 @@ def _compute_dtype(cfg: TrainingConfig, device: DeviceFacts, earlier: Mapping[st
 
 
 def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, budget_bytes: int,
-                       loss_chunk_tokens: int) -> tuple[str, ...]:
+                       loss_chunk_tokens: int, world_size: int = 1) -> tuple[str, ...]:
     """The fastest checkpointing of the decoder layers whose estimate fits ``budget_bytes``: as many layers
     'off' (nothing recomputed) as fit, the rest 'on'. When nothing fits, every layer is 'on' (the least memory).
     'selective' layers are not planned: unmeasured on a GPU since their policy was fixed (docs/performance.md)."""
@@ -129,7 +130,7 @@ def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_mic
     for n_off in range(layers, -1, -1):
         modes = ["on"] * (layers - n_off) + ["off"] * n_off
         estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes,
-                                   loss_chunk_tokens=loss_chunk_tokens)
+                                   loss_chunk_tokens=loss_chunk_tokens, world_size=world_size)
         if estimate.total <= budget_bytes:
             return tuple(modes)
     return tuple(["on"] * layers)

@@ -124,7 +124,8 @@ def create_job(session: Session, celery_app: Any, settings: Settings, project: s
     if estimate is not None:  # as a person reads it in the job's events (the job object carries the numbers)
         checkpointing = "on" if estimate.gradient_checkpointing else "off"
         add_event(session, job.id, "info",
-                  f"Estimated peak GPU memory: {estimate.total / GIB:.2f} GiB (gradient checkpointing {checkpointing})",
+                  f"Estimated peak GPU memory: {estimate.total / GIB:.2f} GiB"
+                  f"{f' per GPU on {estimate.world_size} GPUs' if estimate.world_size > 1 else ''} (gradient checkpointing {checkpointing})",
                   data=estimate.to_dict())
     session.commit()
     _enqueue(session, celery_app, settings, project, job.id)
