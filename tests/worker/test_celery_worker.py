@@ -7,6 +7,7 @@ so each test pays several seconds before the first task runs.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -50,6 +51,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "QLORA_SWEEP_INTERVAL_S": str(settings.sweep_interval_s),
         "QLORA_WORKER_GPUS": str(settings.worker_gpus),
         "QLORA_MAX_GPUS_PER_JOB": str(settings.max_gpus_per_job),
+        "QLORA_WEBHOOK_ALLOWED_NETWORKS": settings.webhook_allowed_networks,
+        "QLORA_WEBHOOK_RETRY_SCHEDULE_S": json.dumps(settings.webhook_retry_schedule_s),
+        "QLORA_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
         "PYTHONUNBUFFERED": "1",
     })
     return env
