@@ -65,7 +65,7 @@ class AutoChoices:
 
 
 def decide_auto(cfg: TrainingConfig, device: DeviceFacts, *, model_config: Any = None, tokens_per_micro_batch: int | None = None,
-                loss_chunk_tokens: int | None = None, earlier: Mapping[str, Any] | None = None) -> AutoChoices:
+                loss_chunk_tokens: int | None = None, earlier: Mapping[str, Any] | None = None, world_size: int = 1) -> AutoChoices:
     """Decide every 'auto' option of `cfg` for `device`.
 
     compute_dtype: `earlier`'s (the config a resumed run's checkpoint saved: a job keeps the dtype it began with);
@@ -76,7 +76,8 @@ def decide_auto(cfg: TrainingConfig, device: DeviceFacts, *, model_config: Any =
     gradient_checkpointing (needs `model_config`, and `tokens_per_micro_batch` and the engine's `loss_chunk_tokens`
     to plan): off on the CPU, where memory is rarely the limit and recomputation costs time; on CUDA the fastest
     plan whose memory estimate fits memory_budget_gb (else the device's budget), full checkpointing for an
-    architecture the estimate does not model."""
+    architecture the estimate does not model. `world_size`: the GPUs of the run (the plan fits one rank's estimate
+    into one GPU's budget)."""
     dtype = _compute_dtype(cfg, device, earlier)
     lean = (device.type == "cuda" or cfg.fused_kernels == "on") if cfg.lean_activations == "auto" else bool(cfg.lean_activations)
     fused = (lean and device.type == "cuda") if cfg.fused_kernels == "auto" else cfg.fused_kernels == "on"
@@ -96,12 +97,12 @@ def decide_auto(cfg: TrainingConfig, device: DeviceFacts, *, model_config: Any =
         raise ValueError("gradient_checkpointing='auto' on a GPU plans with a memory budget, the tokens per micro-batch and the loss chunk")
     try:
         plan, tiling = plan_memory(model_config, choices.apply(cfg), tokens_per_micro_batch=tokens_per_micro_batch,
-                                   budget_bytes=budget, loss_chunk_tokens=loss_chunk_tokens)
+                                   budget_bytes=budget, loss_chunk_tokens=loss_chunk_tokens, world_size=world_size)
     except ValueError:  # an architecture the estimate does not model: full checkpointing is the safe choice
         plan = ("on",) * layers
     else:  # a plan that does not fit is the least memory there is: the job cannot run, refused before its model loads
         check_fits(model_config, choices.apply(cfg), budget_bytes=budget, loss_chunk_tokens=loss_chunk_tokens,
-                   tokens_per_micro_batch=tokens_per_micro_batch)
+                   tokens_per_micro_batch=tokens_per_micro_batch, world_size=world_size)
     return _with_plan(choices, plan, tiling, round(budget / GIB, 3))
 
 
@@ -127,10 +128,10 @@ def _compute_dtype(cfg: TrainingConfig, device: DeviceFacts, earlier: Mapping[st
 
 
 def plan_checkpointing(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, budget_bytes: int,
-                       loss_chunk_tokens: int) -> tuple[str, ...]:
-    """The checkpointing of each decoder layer that `plan_memory` chooses."""
+                       loss_chunk_tokens: int, world_size: int = 1) -> tuple[str, ...]:
+    """The checkpointing of each decoder layer that `plan_memory` chooses (for one rank of `world_size`)."""
     return plan_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, budget_bytes=budget_bytes,
-                       loss_chunk_tokens=loss_chunk_tokens)[0]
+                       loss_chunk_tokens=loss_chunk_tokens, world_size=world_size)[0]
 
 
 def _candidates(layers: int, tiling: bool | str) -> Iterator[tuple[list[str], bool]]:
@@ -149,7 +150,7 @@ def _candidates(layers: int, tiling: bool | str) -> Iterator[tuple[list[str], bo
 
 
 def plan_memory(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, budget_bytes: int,
-                loss_chunk_tokens: int) -> tuple[tuple[str, ...], bool]:
+                loss_chunk_tokens: int, world_size: int = 1) -> tuple[tuple[str, ...], bool]:
     """The fastest plan whose device estimate fits ``budget_bytes`` (`_candidates` in order): the checkpointing of
     each decoder layer and whether the MLPs run in sequence tiles. Offloading and tiling are chosen only when no plan
     without them fits. When nothing fits, the plan with the least memory (`check_fits` refuses such a job).
@@ -160,7 +161,7 @@ def plan_memory(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batc
     last: tuple[list[str], bool] = (["on"] * layers, False)
     for modes, tiling in _candidates(layers, cfg.sequence_tiling):
         estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes,
-                                   loss_chunk_tokens=loss_chunk_tokens, sequence_tiling=tiling)
+                                   loss_chunk_tokens=loss_chunk_tokens, sequence_tiling=tiling, world_size=world_size)
         if estimate.total <= budget_bytes:
             return tuple(modes), tiling
         last = (modes, tiling)
@@ -176,7 +177,8 @@ class ContextTooLong(ConfigError):
         self.longest = longest
 
 
-def least_memory_estimate(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, loss_chunk_tokens: int) -> Any:
+def least_memory_estimate(model_config: Any, cfg: TrainingConfig, *, tokens_per_micro_batch: int, loss_chunk_tokens: int,
+                          world_size: int = 1) -> Any:
     """The estimate of the plan with the least device memory the job's options allow: every layer offloaded and the
     MLPs tiled where gradient_checkpointing and sequence_tiling are 'auto', else as they are set."""
     from contract.memory import estimate_memory
@@ -185,15 +187,16 @@ def least_memory_estimate(model_config: Any, cfg: TrainingConfig, *, tokens_per_
     modes = ["offload"] * layers if cfg.gradient_checkpointing == "auto" else None
     tiling = True if cfg.sequence_tiling == "auto" else bool(cfg.sequence_tiling)
     return estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro_batch, layer_modes=modes,
-                           loss_chunk_tokens=loss_chunk_tokens, sequence_tiling=tiling)
+                           loss_chunk_tokens=loss_chunk_tokens, sequence_tiling=tiling, world_size=world_size)
 
 
 def longest_fitting_tokens(model_config: Any, cfg: TrainingConfig, *, budget_bytes: int, loss_chunk_tokens: int,
-                           limit: int = 1 << 24) -> int:
+                           limit: int = 1 << 24, world_size: int = 1) -> int:
     """The most tokens per forward/backward pass whose least-memory estimate fits `budget_bytes` (0: not even 16).
     The estimate grows with the tokens, so a binary search finds it."""
     def fits(tokens: int) -> bool:
-        return least_memory_estimate(model_config, cfg, tokens_per_micro_batch=tokens, loss_chunk_tokens=loss_chunk_tokens).total <= budget_bytes
+        return least_memory_estimate(model_config, cfg, tokens_per_micro_batch=tokens, loss_chunk_tokens=loss_chunk_tokens,
+                                     world_size=world_size).total <= budget_bytes
 
     low, high = 0, limit
     while low < high:
@@ -206,16 +209,18 @@ def longest_fitting_tokens(model_config: Any, cfg: TrainingConfig, *, budget_byt
 
 
 def check_fits(model_config: Any, cfg: TrainingConfig, *, budget_bytes: int, loss_chunk_tokens: int,
-               tokens_per_micro_batch: int | None = None) -> None:
+               tokens_per_micro_batch: int | None = None, world_size: int = 1) -> None:
     """Raise `ContextTooLong` (param max_seq_length, or micro_batch_tokens where set) when the job's longest pass
     (`tokens_per_micro_batch`, default its most: every example at max_seq_length) cannot fit `budget_bytes` with the
     least-memory plan its options allow, naming the longest length that fits (rounded down to a multiple of 256)."""
     per_example = 2 if cfg.method == "dpo" else 1  # a dpo pass holds both answers of each pair
     tokens = tokens_per_micro_batch if tokens_per_micro_batch is not None else cfg.max_tokens_per_micro_batch * per_example
-    estimate = least_memory_estimate(model_config, cfg, tokens_per_micro_batch=tokens, loss_chunk_tokens=loss_chunk_tokens)
+    estimate = least_memory_estimate(model_config, cfg, tokens_per_micro_batch=tokens, loss_chunk_tokens=loss_chunk_tokens,
+                                     world_size=world_size)
     if estimate.total <= budget_bytes:
         return
-    most = longest_fitting_tokens(model_config, cfg, budget_bytes=budget_bytes, loss_chunk_tokens=loss_chunk_tokens, limit=tokens)
+    most = longest_fitting_tokens(model_config, cfg, budget_bytes=budget_bytes, loss_chunk_tokens=loss_chunk_tokens, limit=tokens,
+                                  world_size=world_size)
     if cfg.micro_batch_tokens is not None:
         param, value, longest = "micro_batch_tokens", cfg.micro_batch_tokens, most
     else:

@@ -95,6 +95,14 @@ class MemoryEstimate:
     # Host (pinned CPU) memory the offloaded layers' inputs take at the end of the forward pass; not in `total`.
     host_activations: int = 0
     sequence_tiling: bool = False  # the MLPs run in sequence tiles (their full-length tensors never exist)
+    # One rank of a job on `world_size` GPUs (every other field is that rank's). Data parallel: the flat buffer the
+    # LoRA gradients are all-reduced in, after the backward pass (so it never coexists with the activations).
+    # Sharded (FSDP): base weights, LoRA weights, gradients and optimizer state are 1/world_size each, the
+    # quantization state is replicated, and two decoder layers are gathered whole at a time (`gathered_layers`).
+    world_size: int = 1
+    sharded: bool = False
+    communication: int = 0
+    gathered_layers: int = 0
 
     @property
     def total(self) -> int:
@@ -104,8 +112,7 @@ class MemoryEstimate:
             + self.lora_params
             + self.gradients
             + self.optimizer_state
-            + self.activations
-            + max(self.logits, self.recompute)
+            + max(self.activations + max(self.logits, self.recompute) + self.gathered_layers, self.communication)
             + self.overhead
         )
 
@@ -120,7 +127,7 @@ class MemoryEstimate:
         values["total"] = self.total
         values["torch_allocated_peak"] = self.torch_allocated_peak
         for name, value in list(values.items()):
-            if isinstance(value, int) and not isinstance(value, bool) and name != "tokens_per_micro_batch":
+            if isinstance(value, int) and not isinstance(value, bool) and name not in ("tokens_per_micro_batch", "world_size"):
                 values[f"{name}_gib"] = round(value / GIB, 3)
         return values
 
@@ -377,8 +384,12 @@ def estimate_memory(
     gradient_checkpointing: bool | None = None,
     layer_modes: Sequence[str] | None = None,
     sequence_tiling: bool | None = None,
+    world_size: int = 1,
+    sharded: bool = False,
 ) -> MemoryEstimate:
-    """Estimate the peak GPU memory of training ``model_config`` with ``cfg``.
+    """Estimate the peak GPU memory of training ``model_config`` with ``cfg``, on one GPU or, with ``world_size``,
+    on each of that many (data parallel; with ``sharded``, FSDP: see MemoryEstimate's last fields). A rank's
+    micro-batches are as large as one GPU's (a step's examples are split, not its passes), so are its activations.
 
     loss_chunk_tokens: the tokens per chunk of the engine's fused loss (``worker.training.tunables.LOSS_CHUNK_TOKENS``:
     an engine setting the estimate models, so its callers pass it).
@@ -428,6 +439,18 @@ def estimate_memory(
     if s.mlp_bias:
         unquantized += s.layers * sum(shapes[n][1] for n in ("gate_proj", "up_proj", "down_proj"))
     base_weights = math.ceil(base) + unquantized * c
+    gathered_layers = 0
+    if world_size < 1:
+        raise ValueError("world_size must be at least 1")
+    if sharded:
+        if cfg.quantization not in ("4bit", "none") or stored_format(model_config) is not None:
+            raise ValueError(f"a {cfg.quantization} base cannot be sharded (FSDP shards 4-bit and unquantized bases only)")
+        # The packed weights are sharded; the 4-bit quantization state (absmax and code tables: the bits past 4) is not.
+        layer_weights = sum(fan_in * fan_out for fan_in, fan_out in shapes.values())
+        packed = layer_weights * (4 / 8 if cfg.quantization == "4bit" else c)
+        state = base - packed * s.layers
+        base_weights = math.ceil(packed * s.layers / world_size) + math.ceil(state) + math.ceil(unquantized * c / world_size)
+        gathered_layers = 2 * math.ceil(packed)  # the layer computed and the one prefetched, whole
 
     # --- adapters, gradients, optimizer ----------------------------------------------------------------
     trainable: list[int] = []  # element counts of each trainable tensor (the 8-bit optimizer rules are per tensor)
@@ -440,6 +463,11 @@ def estimate_memory(
     lora_params = 4 * sum(trainable)
     gradients = 4 * sum(trainable)
     optimizer_state, optimizer_paged_bytes = optimizer_state_bytes(cfg.optimizer, trainable)
+    communication = gradients if world_size > 1 and not sharded else 0  # the all-reduce's flat buffer
+    if sharded:
+        gathered_layers += 2 * 4 * sum(trainable) // s.layers  # two layers' LoRA weights, gathered with the base
+        lora_params, gradients = math.ceil(lora_params / world_size), math.ceil(gradients / world_size)
+        optimizer_state, optimizer_paged_bytes = (math.ceil(optimizer_state / world_size), math.ceil(optimizer_paged_bytes / world_size))
 
     # --- activations -----------------------------------------------------------------------------------
     row_len = tokens if cfg.packing else min(tokens, cfg.max_seq_length)
@@ -518,6 +546,10 @@ def estimate_memory(
         layers_offload=n_offload,
         host_activations=host_activations,
         sequence_tiling=tiled,
+        world_size=world_size,
+        sharded=sharded,
+        communication=communication,
+        gathered_layers=gathered_layers,
     )
 
 

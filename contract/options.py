@@ -109,6 +109,9 @@ class TrainingConfig(BaseModel):
     fused_kernels: FusedKernels = Field("auto", description="Compile the elementwise math of lean_activations into fused kernels with torch.compile (the eager math runs if compiling fails, logged). auto: on with CUDA, off on the CPU. Needs lean_activations.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seeds data order, LoRA init and dropout.")
 
+    # --- parallelism ------------------------------------------------------------------------------
+    n_gpus: int = Field(1, ge=1, le=64, description="GPUs (processes, launched with torchrun) the job trains on, one machine's; each step's batch_size is split between them and the losses are one GPU's. The service refuses more than QLORA_MAX_GPUS_PER_JOB and sends the job to a worker with that many (docs/training.md, Several GPUs). The engine CLI ignores it: the launch decides.")
+
     # --- evaluation, checkpoints, logging ---------------------------------------------------------
     eval_every: int | None = Field(None, ge=1, description="Evaluate on the validation file every N steps (always at the end). None: only at the end.")
     eval_batch_size: int | None = Field(None, ge=1, le=4096, description="Examples per evaluation forward pass. None: as in training (micro_batch_tokens rows, else micro_batch_size examples), so evaluation never needs more memory than training.")

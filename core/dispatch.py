@@ -15,6 +15,8 @@ send no more than the limits allow."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Select, func, select, union_all
@@ -23,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import owned_by, session_scope
 from core.exports import ACTIVE, ExportStatus, mark_export_enqueued
 from core.jobs import JobStatus, mark_enqueued
-from core.queue import send_export_task, send_training_task
+from core.queue import job_gpus, send_export_task, send_training_task
 from core.quotas import training_queue_room
 from core.settings import Settings
 from core.tables import Export, Job
@@ -35,10 +37,11 @@ class DispatchError(RuntimeError):
     """The broker refused a send: the job stays queued and unsent, for the next dispatch."""
 
 
-def next_unsent_jobs(project: str, limit: int) -> Select[tuple[str]]:
-    """The ids of `project`'s oldest queued jobs whose task was never sent, read in order from the unsent-jobs index
+def next_unsent_jobs(project: str, limit: int) -> Select[tuple[str, Any]]:
+    """The ids and training configs (their GPU count picks the queue) of `project`'s oldest queued jobs whose task
+    was never sent, read in order from the unsent-jobs index
     (project, seq), not by walking the primary key through another project's backlog (core.db.owned_by)."""
-    return (select(Job.id).where(*owned_by(Job.project, project), Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))
+    return (select(Job.id, Job.training_config).where(*owned_by(Job.project, project), Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))
             .order_by(Job.project, Job.seq).limit(limit))
 
 
@@ -52,9 +55,10 @@ def dispatch(session: Session, celery_app: Any, settings: Settings, project: str
         exports = session.scalars(select(Export.id).join(Job, Job.id == Export.job_id).where(
             Job.project == project, Export.status == ExportStatus.QUEUED.value, Export.enqueued_at.is_(None))
             .order_by(Export.seq).limit(room)).all()
-        jobs = session.scalars(next_unsent_jobs(project, room - len(exports))).all()
-        unsent = [(export_id, send_export_task, mark_export_enqueued) for export_id in exports]
-        unsent += [(job_id, send_training_task, mark_enqueued) for job_id in jobs]
+        jobs = session.execute(next_unsent_jobs(project, room - len(exports))).all()
+        unsent: list[tuple[str, Callable[[Any, Settings, str], None], Callable[[Session, str], None]]] = [
+            (export_id, send_export_task, mark_export_enqueued) for export_id in exports]
+        unsent += [(job_id, partial(send_training_task, n_gpus=job_gpus(config)), mark_enqueued) for job_id, config in jobs]
         for item, send, mark in unsent:
             try:
                 send(celery_app, settings, item)

@@ -109,6 +109,9 @@ def create_job(session: Session, celery_app: Any, settings: Settings, project: s
     check_job_slots(session, settings, project)
     given, cfg = request.resolve()
     check_step_limit(cfg, training.n_examples or 0, settings.max_steps_per_job, request.options_param)
+    if cfg.n_gpus > settings.max_gpus_per_job:
+        raise JobRequestError(f"The job asks for {cfg.n_gpus} GPUs; this service's workers offer at most {settings.max_gpus_per_job} "
+                              "per job (QLORA_MAX_GPUS_PER_JOB).", param=f"{request.options_param}.n_gpus", code="invalid_value")
 
     job = Job(id=ids.job_id(), project=project, model=request.model, training_file=request.training_file,
               validation_file=request.validation_file, hyperparameters=given, training_config=cfg.resolved(),
@@ -122,7 +125,8 @@ def create_job(session: Session, celery_app: Any, settings: Settings, project: s
         checkpointing = "on" if estimate.gradient_checkpointing else "off"
         host = f", {estimate.host_activations / GIB:.2f} GiB of host memory for offloaded layers" if estimate.host_activations else ""
         add_event(session, job.id, "info",
-                  f"Estimated peak GPU memory: {estimate.total / GIB:.2f} GiB (gradient checkpointing {checkpointing}{host})",
+                  f"Estimated peak GPU memory: {estimate.total / GIB:.2f} GiB"
+                  f"{f' per GPU on {estimate.world_size} GPUs' if estimate.world_size > 1 else ''} (gradient checkpointing {checkpointing}{host})",
                   data=estimate.to_dict())
     session.commit()
     _enqueue(session, celery_app, settings, project, job.id)
@@ -133,7 +137,7 @@ def _enqueue(session: Session, celery_app: Any, settings: Settings, project: str
     """Send the project's next jobs, this one if its turn has come (core/dispatch.py: the others wait unsent)."""
     try:
         for sent in dispatch(session, celery_app, settings, project):
-            log.info("job %s sent to the training queue %s", sent, settings.task_queue)
+            log.info("job %s sent to the training queue", sent)
     except DispatchError as exc:  # the job is committed: the sweeper sends it later
         log.warning("could not send the training task of %s", job_id, exc_info=exc)
         # Only the exception's type in the event: its text may hold the broker URL and its password.

@@ -230,6 +230,35 @@ def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempt
     return outcome
 
 
+def recover_crashed_run(session: Session, job_id: str, worker_id: str, *, max_attempts: int, reason: str) -> str:
+    """The runner's half of a lost worker, for a run on several GPUs whose launch crashed (a rank died) while the runner
+    lives: what the sweeper would do once the heartbeat went stale, done now. Requeued (unsent: dispatch sends it) from
+    the newest checkpoint with attempts left, paused there if asked to pause, else failed. Returns "requeued",
+    "paused", "failed", or "" if the job is no longer this worker's."""
+    attempt, pause_requested_at = session.execute(select(Job.attempt, Job.pause_requested_at).where(Job.id == job_id)).one()
+    last = session.execute(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)).scalar_one_or_none()
+    if last is not None and pause_requested_at is not None:
+        if transition(session, job_id, JobStatus.PAUSED, only_from={JobStatus.RUNNING}, owner=worker_id, worker_id=None,
+                      heartbeat_at=None, pause_requested_at=None, resume_checkpoint=last.id):
+            forget_steps_after(session, job_id, last.step)
+            add_event(session, job_id, "info", f"Job paused (a training process crashed: {reason}) at the checkpoint of step {last.step}")
+            return "paused"
+    elif last is not None and attempt < max_attempts:
+        if transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.RUNNING}, owner=worker_id, worker_id=None,
+                      heartbeat_at=None, enqueued_at=None, resume_checkpoint=last.id):
+            forget_steps_after(session, job_id, last.step)
+            add_event(session, job_id, "warn", f"A training process crashed ({reason}); resuming from the checkpoint at step {last.step}")
+            return "requeued"
+    else:
+        why = "no checkpoint to resume from" if last is None else f"{attempt} attempts made"
+        message = f"Training failed: a training process crashed ({reason}; {why})."
+        if transition(session, job_id, JobStatus.FAILED, only_from={JobStatus.RUNNING}, owner=worker_id,
+                      error={"code": "training_error", "param": None, "message": message}):
+            add_event(session, job_id, "error", message)
+            return "failed"
+    return ""
+
+
 def expired_queued_jobs(session: Session, *, expires_s: float, at: float | None = None) -> list[str]:
     """Queued jobs whose task was sent longer ago than its expiry (no worker took it) by Unix time `at`: send them
     again. Jobs never sent are not here: they wait their turn (core/dispatch.py)."""

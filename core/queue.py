@@ -79,8 +79,10 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def _training_lists(settings: Settings) -> list[str]:
-    """The Redis lists of the training queue: kombu keeps one per priority step."""
-    return [settings.task_queue] + [f"{settings.task_queue}\x06\x16{step}" for step in (3, 6, 9)]
+    """The Redis lists of the training queues (one per GPU count a job may ask for): kombu keeps one list per
+    priority step of each."""
+    queues = [training_queue(settings, n) for n in range(1, settings.max_gpus_per_job + 1)]
+    return [name for queue in queues for name in [queue] + [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]]
 
 
 def training_queue_depth(app: Celery, settings: Settings) -> int | None:
@@ -91,6 +93,13 @@ def training_queue_depth(app: Celery, settings: Settings) -> int | None:
     with app.connection_for_read() as conn:
         client = conn.default_channel.client
         return sum(int(client.llen(name)) for name in _training_lists(settings))
+
+
+def training_queue(settings: Settings, n_gpus: int = 1) -> str:
+    """The queue of the training tasks of jobs on `n_gpus` GPUs: QLORA_TASK_QUEUE for one, `<queue>-<n>gpu` for more.
+    A worker with QLORA_WORKER_GPUS=n serves `<queue>-<n>gpu` (and, if it should also take smaller jobs, theirs): a
+    job reaches only workers that own enough GPUs, and the broker, not a claim-time check, keeps it waiting for one."""
+    return settings.task_queue if n_gpus <= 1 else f"{settings.task_queue}-{n_gpus}gpu"
 
 
 def queued_training_jobs(app: Celery, settings: Settings) -> set[str] | None:
@@ -114,10 +123,16 @@ def queued_training_jobs(app: Celery, settings: Settings) -> set[str] | None:
     return found
 
 
-def send_training_task(app: Celery, settings: Settings, job_id: str) -> None:
-    """Send the training task by name (the API never imports task code), with an expiry: a message that no
-    worker takes in time is dropped by the broker side and the sweeper sends the job again."""
-    app.send_task(TRAIN_TASK, args=[job_id], queue=settings.task_queue, expires=settings.task_expires_s)
+def send_training_task(app: Celery, settings: Settings, job_id: str, n_gpus: int = 1) -> None:
+    """Send the training task by name (the API never imports task code) to the queue of jobs on `n_gpus` GPUs, with
+    an expiry: a message that no worker takes in time is dropped by the broker side and the sweeper sends the job
+    again."""
+    app.send_task(TRAIN_TASK, args=[job_id], queue=training_queue(settings, n_gpus), expires=settings.task_expires_s)
+
+
+def job_gpus(training_config: dict | None) -> int:
+    """The GPUs a job's stored options ask for (rows from before n_gpus: one)."""
+    return int((training_config or {}).get("n_gpus") or 1)
 
 
 def send_export_task(app: Celery, settings: Settings, export_id: str) -> None:

@@ -20,7 +20,7 @@ import sys
 import time
 
 from core.bootstrap import bootstrap
-from core.queue import control_queue
+from core.queue import control_queue, training_queue
 from core.settings import Settings
 
 DEMO_MODEL = "SmolLM2-135M-Instruct"
@@ -118,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         import_demo_model(settings.models_dir / DEMO_MODEL)
 
     env = child_env(dict(os.environ), settings, inference_port)
-    declare_queues(settings, settings.task_queue, control_queue(settings))
+    # The one worker serves every GPU count it owns (QLORA_WORKER_GPUS): one-GPU jobs and jobs on up to all its GPUs.
+    training_queues = [training_queue(settings, n) for n in range(1, settings.worker_gpus + 1)]
+    declare_queues(settings, *training_queues, control_queue(settings))
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", f"{settings.task_queue},{control_queue(settings)}",
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", ",".join([*training_queues, control_queue(settings)]),
          "--concurrency", "1", "--loglevel", "INFO", "-s", str(settings.home / "celerybeat-schedule")],
         env=env,
     )

@@ -38,10 +38,10 @@ from core.dispatch import dispatch_quietly, projects_with_room
 from core.exports import expired_queued_exports, fail_lost_exports, mark_export_enqueued
 from core.job_events import due_for_resend, mark_resent
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
-from core.queue import queued_training_jobs, send_export_task, send_job_ended_task, send_training_task, send_webhook_task
+from core.queue import job_gpus, queued_training_jobs, send_export_task, send_job_ended_task, send_training_task, send_webhook_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly, remove_stale_partials
-from core.tables import File, SweeperAction, now
+from core.tables import File, Job, SweeperAction, now
 from core.uploads import sweep_uploads
 from core.webhooks import due_for_send, mark_sent
 
@@ -147,9 +147,12 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         log.warning("job %s lost its worker: failed (worker_lost)", job_id)
 
     sent: list[str] = []
-    for job_id in dict.fromkeys(requeued + unsent):  # ordered, without duplicates
+    to_send = list(dict.fromkeys(requeued + unsent))  # ordered, without duplicates
+    with session_scope(session_factory) as session:  # each goes to the queue of its GPU count
+        gpus = {job_id: job_gpus(config) for job_id, config in session.execute(select(Job.id, Job.training_config).where(Job.id.in_(to_send)))}
+    for job_id in to_send:
         try:
-            send_training_task(celery_app, settings, job_id)
+            send_training_task(celery_app, settings, job_id, n_gpus=gpus.get(job_id, 1))
         except Exception:
             # The broker is down: the job stays queued and the next sweep tries again.
             log.exception("could not send the training task of job %s", job_id)

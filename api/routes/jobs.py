@@ -63,7 +63,7 @@ def _memory_estimate(model_config: dict[str, Any] | None, cfg: TrainingConfig) -
     if model_config is None:
         return None
     try:
-        return estimate_memory(model_config, cfg, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
+        return estimate_memory(model_config, cfg, loss_chunk_tokens=LOSS_CHUNK_TOKENS, world_size=cfg.n_gpus)  # per GPU
     except (ValueError, ArithmeticError, TypeError) as exc:
         logger.info("no memory estimate for a job on %s: %s", model_config.get("model_type"), exc)
         return None

@@ -193,3 +193,26 @@ def test_invalid_options_exit_2_before_any_collective(monkeypatch, tmp_path, tin
     assert distributed.main([str(job_file)]) == 2
     assert "micro_batch_size" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+def test_two_nodes_on_localhost_train_one_job_with_the_losses_of_one_process(runs, tmp_path):
+    """Two torchrun launches of one process each ("nodes"), joined by c10d rendezvous on 127.0.0.1: the entrypoint of
+    several machines, with the single process's losses."""
+    from tests.conftest import free_port
+
+    spec = json.loads(runs["job_file"].read_text())
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps({**spec, "output_dir": str(tmp_path / "nodes")}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    endpoint = f"127.0.0.1:{free_port()}"
+    launches = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                                  "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "one-job",
+                                  "-m", "worker.training.distributed", str(job_file)],
+                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [finished(launch) for launch in launches]
+    assert [o.returncode for o in outcomes] == [0, 0], "\n".join(o.stderr[-3000:] for o in outcomes)
+    nodes, single = step_losses(tmp_path / "nodes" / "metrics.jsonl"), step_losses(runs["tmp"] / "single" / "metrics.jsonl")
+    assert sorted(nodes) == [1, 2, 3, 4]  # reported once, by the one global rank 0
+    for step in single:
+        assert nodes[step]["train_loss"] == pytest.approx(single[step]["train_loss"], abs=1e-6), step
+    assert sum('"world_size": 2' in o.stdout for o in outcomes) == 1

@@ -375,3 +375,49 @@ def test_small_config_fused_loss_and_selective_layers_by_hand():
     off = estimate_memory(SMALL, small_cfg(gradient_checkpointing="off"))
     one_layer = (off.activations - plain_on.activations + 2 * 64 * 64 * 2) // 2  # what an unchecked layer keeps
     assert mixed.activations == plain_on.activations - 64 * 64 * 2 + one_layer
+
+
+def test_a_data_parallel_rank_holds_one_gpus_memory_and_an_all_reduce_buffer():
+    one = estimate_memory(SMALL, small_cfg(), gradient_checkpointing=False)
+    rank = estimate_memory(SMALL, small_cfg(), gradient_checkpointing=False, world_size=2)
+    # The whole model, its LoRA state and a rank's micro-batch (as large as one GPU's) on every rank.
+    for name in ("base_weights", "lora_params", "gradients", "optimizer_state", "activations", "logits"):
+        assert getattr(rank, name) == getattr(one, name), name
+    assert rank.communication == one.gradients == 16384 * 4 and not rank.sharded and rank.gathered_layers == 0
+    # The flat buffer lives after the backward pass, when the activations are freed: the peak is the larger of the two.
+    assert rank.total == one.total
+    assert rank.to_dict()["world_size"] == 2 and "world_size_gib" not in rank.to_dict()
+
+
+def test_a_sharded_rank_holds_its_share_the_replicated_quantization_state_and_two_gathered_layers():
+    one = estimate_memory(SMALL, small_cfg(), gradient_checkpointing=False)
+    rank = estimate_memory(SMALL, small_cfg(), gradient_checkpointing=False, world_size=2, sharded=True)
+    # Per layer 36864 weights: 18432 bytes packed at 4 bits; the state (absmax, code tables) is 0.126953125 bits per
+    # weight, 585 bytes a layer (1170 for 2 layers, replicated). Packed weights and the bf16 embeddings, head and
+    # norms (26240 bytes) are halved.
+    assert rank.base_weights == 2 * 18432 // 2 + 1170 + 26240 // 2
+    assert one.base_weights == 2 * 18432 + 1170 + 26240
+    assert (rank.lora_params, rank.gradients, rank.optimizer_state) == (16384 * 4 // 2, 16384 * 4 // 2, 2 * 4 * 16384 // 2)
+    # Two layers gathered whole: their packed base weights and their fp32 LoRA weights (8192 a layer).
+    assert rank.gathered_layers == 2 * 18432 + 2 * 4 * 8192
+    assert rank.activations == one.activations and rank.communication == 0
+    assert rank.total == (rank.base_weights + rank.lora_params + rank.gradients + rank.optimizer_state + rank.activations
+                          + rank.logits + rank.gathered_layers + rank.overhead)
+    assert rank.total < one.total
+
+
+def test_only_4bit_and_unquantized_bases_can_be_sharded():
+    with pytest.raises(ValueError, match="cannot be sharded"):
+        estimate_memory(SMALL, small_cfg(quantization="8bit", quant_type="nf4"), world_size=2, sharded=True)
+    assert estimate_memory(SMALL, small_cfg(quantization="none"), world_size=4, sharded=True).world_size == 4
+
+
+def test_the_checkpointing_plan_fits_one_ranks_estimate():
+    from contract.device_choices import plan_checkpointing
+
+    cfg = small_cfg()
+    budget = estimate_memory(SMALL, cfg, gradient_checkpointing=False, world_size=2).total
+    assert plan_checkpointing(SMALL, cfg, tokens_per_micro_batch=64, budget_bytes=budget, loss_chunk_tokens=LOSS_CHUNK_TOKENS,
+                              world_size=2) == ("off", "off")
+    assert plan_checkpointing(SMALL, cfg, tokens_per_micro_batch=64, budget_bytes=budget - 1, loss_chunk_tokens=LOSS_CHUNK_TOKENS,
+                              world_size=2) != ("off", "off")

@@ -49,6 +49,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "QLORA_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
         "QLORA_HEARTBEAT_TIMEOUT_S": str(settings.heartbeat_timeout_s),
         "QLORA_SWEEP_INTERVAL_S": str(settings.sweep_interval_s),
+        "QLORA_WORKER_GPUS": str(settings.worker_gpus),
+        "QLORA_MAX_GPUS_PER_JOB": str(settings.max_gpus_per_job),
         "QLORA_WEBHOOK_ALLOWED_NETWORKS": settings.webhook_allowed_networks,
         "QLORA_WEBHOOK_RETRY_SCHEDULE_S": json.dumps(settings.webhook_retry_schedule_s),
         "QLORA_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
@@ -63,10 +65,12 @@ def worker_name(settings: Settings) -> str:
 
 
 @contextmanager
-def celery_worker(settings: Settings, app_module: str, log_path: Path) -> Iterator[subprocess.Popen]:
-    """Start `celery -A app_module worker -B` in its own process group; on the way out kill the group (the
-    worker, its pool child and the beat process) and, if the test failed, print the worker's log."""
-    command = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-Q", f"{settings.task_queue},{control_queue(settings)}", "--pool", "prefork",
+def celery_worker(settings: Settings, app_module: str, log_path: Path, queues: str | None = None) -> Iterator[subprocess.Popen]:
+    """Start `celery -A app_module worker -B` (on `queues`, default the training and control queues) in its own
+    process group; on the way out kill the group (the worker, its pool child and the beat process) and, if the test
+    failed, print the worker's log."""
+    queues = queues or f"{settings.task_queue},{control_queue(settings)}"
+    command = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-Q", queues, "--pool", "prefork",
                "--concurrency", "1", "-B", "-s", str(settings.home / "celerybeat-schedule"), "--loglevel", "INFO",
                "--hostname", worker_name(settings), "--without-mingle", "--without-gossip", "--without-heartbeat"]
     settings.home.mkdir(parents=True, exist_ok=True)

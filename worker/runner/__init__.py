@@ -30,13 +30,14 @@ from contract.data_format import DataValidationError
 from contract.options import ConfigError, TrainingConfig
 from core import logs
 from core.db import session_scope
-from core.jobs import add_event, claim_job, fail_job, pause_running_job, record_resolved_options
+from core.jobs import add_event, claim_job, fail_job, pause_running_job, record_resolved_options, recover_crashed_run
 from core.settings import Settings
 from core.storage import ObjectStorage
 from core.tables import Checkpoint, Job
 from worker.database_sink import DatabaseSink
 from worker.retry import Outage
 from worker.runner.claim import Heartbeat, default_worker_id
+from worker.runner.gpus import LaunchCrashed, train_on_gpus
 from worker.runner.inputs import JobFailure, download, load_spec, unpack_archive
 from worker.runner.results import store_results
 from worker.training.checkpoint import CheckpointError
@@ -84,6 +85,14 @@ def _run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sess
     workdir = Path(tempfile.mkdtemp(prefix=f"qlora-{job_id}-{os.getpid()}-"))
     try:
         outcome = _run_claimed(job_id, worker_id, settings, session_factory, storage, workdir, stop)
+    except LaunchCrashed as exc:
+        # A rank died while this runner lives: what the sweeper does for a dead worker, done now.
+        log.warning("job %s: its launch crashed at step %d (%s)", job_id, exc.steps, exc)
+        with session_scope(session_factory) as session:
+            recovered = recover_crashed_run(session, job_id, worker_id, max_attempts=settings.max_attempts, reason=str(exc))
+        if recovered == "requeued" and dispatch_next is not None:
+            dispatch_next(project)
+        outcome = FAILED if recovered == "failed" else PAUSED if recovered == "paused" else STOPPED
     except Outage as exc:
         # Not the job's fault: leave it running with a heartbeat that goes stale, for the sweeper to resume.
         log.warning("job %s stops on an outage (%s); the sweeper resumes it from its last checkpoint", job_id, exc)
@@ -128,7 +137,11 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
                  storage: ObjectStorage, workdir: Path, stop: threading.Event) -> str:
     spec = load_spec(session_factory, job_id)
     config = TrainingConfig.from_dict(spec.training_config)  # the row's resolved options, as the API accepted them
-    if config.compute_dtype == "auto":
+    if config.n_gpus > settings.worker_gpus:
+        raise JobFailure("insufficient_gpus", f"The job asks for {config.n_gpus} GPUs and this worker owns {settings.worker_gpus} "
+                         "(QLORA_WORKER_GPUS): it was sent to a queue this worker should not serve (docs/operations.md, Several GPUs).",
+                         "hyperparameters.n_gpus")
+    if config.compute_dtype == "auto" and config.n_gpus == 1:
         # Decided once, on the machine that first runs the job, and stored: a resumed run keeps the same dtype.
         # Only the dtype: the other 'auto' options stay so, decided by each run for its own device (docs/training.md).
         config = config.model_copy(update={"compute_dtype": decide_for_device(config, pick_device()).compute_dtype})
@@ -157,9 +170,19 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
                       config=config, validation_file=valid_path)
     deadline = time.monotonic() + settings.max_job_seconds
     pause = PauseWatch(session_factory, job_id, settings.heartbeat_interval_s)
+    should_stop = lambda: stop.is_set() or time.monotonic() > deadline  # noqa: E731
     try:
-        result = train(job, sink, should_stop=lambda: stop.is_set() or time.monotonic() > deadline, resume_from=resume_from,
-                       should_pause=pause)
+        if config.n_gpus > 1:
+            # Several GPUs: torchrun's processes train, rank 0 reports here (worker/runner/gpus.py); each rank decides
+            # compute_dtype 'auto' on its own GPU (never this process: no CUDA context here) and rank 0's is recorded.
+            def record(options: dict) -> None:
+                with session_scope(session_factory) as session:
+                    record_resolved_options(session, job_id, worker_id, options)
+
+            result = train_on_gpus(job, config.n_gpus, sink, workdir, should_stop=should_stop, should_pause=pause,
+                                   resume_from=resume_from, record_resolved=record)
+        else:
+            result = train(job, sink, should_stop=should_stop, resume_from=resume_from, should_pause=pause)
     except DataValidationError as exc:
         raise JobFailure(f"invalid_{exc.role}_file", exc.message, f"{exc.role}_file") from exc
     if result.status != "succeeded" and not stop.is_set() and time.monotonic() > deadline:

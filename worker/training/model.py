@@ -76,8 +76,11 @@ def decide_for_device(cfg: TrainingConfig, device: torch.device, *, model_config
     the decision needs; with `model_config` the checkpointing plan too. `earlier`: a resumed run's checkpoint config."""
     facts = device_facts(device, bf16=cfg.compute_dtype == "auto",
                          budget=model_config is not None and cfg.gradient_checkpointing == "auto" and cfg.memory_budget_gb is None)
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1  # the run's GPUs under torchrun
     return decide_auto(cfg, facts, model_config=model_config, tokens_per_micro_batch=tokens_per_micro_batch,
-                       loss_chunk_tokens=LOSS_CHUNK_TOKENS, earlier=earlier)
+                       loss_chunk_tokens=LOSS_CHUNK_TOKENS, earlier=earlier, world_size=world_size)
 
 
 def resolve_for_device(cfg: TrainingConfig, device: torch.device, *, earlier: dict[str, Any] | None = None) -> TrainingConfig:

@@ -282,6 +282,7 @@ def _resumable_config(given: TrainingConfig, saved: dict[str, Any], device: torc
     check_runtime(cfg, device.type)
     if given.lean_activations == "auto":  # decided per device; the results are the same either way
         saved = {**saved, "lean_activations": cfg.lean_activations}
+    saved = {**saved, "n_gpus": cfg.n_gpus}  # a checkpoint resumes on any number of GPUs: the losses are the same
     if saved != cfg.resolved():
         changed = sorted(k for k in saved if saved.get(k) != cfg.resolved().get(k))
         raise ConfigError(f"cannot resume with different options: {changed}", param=changed[0] if changed else None)
