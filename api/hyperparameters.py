@@ -51,7 +51,9 @@ def job_options(body: JobCreate, seed: int, model_config: Mapping[str, Any] | No
                               "a job from a fine-tuned model trains a copy of its adapter on the same base and quantization; "
                               f"leave {name} out", param=f"{where}.{name}", code="incompatible_with_model")
     try:
-        decided = {**decide_quantization(options, model_config), **(inherited or {})}
+        # Only the source's values that differ from the defaults: naming an option its others leave without effect is refused.
+        taken = {name: value for name, value in (inherited or {}).items() if value != TrainingConfig.model_fields[name].default}
+        decided = {**decide_quantization(options, model_config), **taken}
         cfg, _ = resolve(decided, seed=seed, method=method)
     except ConfigError as err:
         if err.param == "model":  # the base itself cannot be trained on
