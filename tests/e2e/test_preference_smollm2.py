@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import free_port
 from tests.e2e.test_openai_sdk import KEY_A, base_env, start, wait_for
 
-pytestmark = pytest.mark.bench
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(3600)]
 
 DEMO = "SmolLM2-135M-Instruct"
 MARKER = "Ahoy!"  # the preferred style: the same answer after a greeting no answer of the base starts with
@@ -89,7 +89,7 @@ def test_a_dpo_job_from_an_sft_model_learns_the_preferred_style(service):
         out = []
         for question, _ in held_out:
             reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], temperature=0,
-                                                   max_tokens=48)
+                                                   max_tokens=32)
             out.append((reply.choices[0].message.content or "", reply.choices[0].finish_reason))
         return out
 
