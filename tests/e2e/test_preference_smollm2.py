@@ -5,7 +5,8 @@ preferred style and stay well-formed (they end on their own, the greeting once);
 take it. Reward accuracy alone is no evidence (it reaches 1.0 in runs whose generations do not move): the test
 reads the generations.
 
-Minutes on the CPU: marked `bench` (make test-bench), left out of make test.
+Minutes on the CPU: marked `bench` (make test-bench), left out of make test. On a machine whose cores other processes
+share, run it with OMP_NUM_THREADS=1 (the service's processes inherit it): contended torch threads slow every step.
 """
 
 from __future__ import annotations
