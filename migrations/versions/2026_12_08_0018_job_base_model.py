@@ -4,8 +4,8 @@ A job may continue from a fine-tuned model (`model` an `ft:` model or checkpoint
 request gave (OpenAI echoes it), `base_model` names the base under it. Rows from before are jobs on a base, so the
 column is filled with their `model`.
 
-Revision ID: 0017
-Revises: 0016
+Revision ID: 0018
+Revises: 0017
 Create Date: 2026-12-08
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0017"
-down_revision: str | None = "0016"
+revision: str = "0018"
+down_revision: str | None = "0017"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
