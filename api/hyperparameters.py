@@ -15,11 +15,14 @@ from contract.options import METHODS, ConfigError, TrainingConfig
 from contract.prequantized import decide_quantization
 
 
-def job_options(body: JobCreate, seed: int, model_config: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], TrainingConfig]:
+def job_options(body: JobCreate, seed: int, model_config: Mapping[str, Any] | None = None,
+                inherited: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], TrainingConfig]:
     """Take the method from `method.type` and the hyperparameters from `method.<type>.hyperparameters` or the
     deprecated top-level `hyperparameters`, and resolve them for the base model whose config.json is `model_config`
     (a pre-quantized base decides `quantization`: contract.prequantized): the object as given and its config, what
-    the job row stores. Every error is a 400 whose `param` is the dotted path of the key."""
+    the job row stores. `inherited`: the adapter options of the fine-tuned model the job continues from
+    (core.fine_tuned_models.ADAPTER_OPTIONS), which the job takes; naming one with another value is refused. Every
+    error is a 400 whose `param` is the dotted path of the key."""
     given: Mapping[str, Any] | None = None
     method = DEFAULT_METHOD
     if body.method is not None:
@@ -42,8 +45,16 @@ def job_options(body: JobCreate, seed: int, model_config: Mapping[str, Any] | No
             )
         given, where = body.hyperparameters, "hyperparameters"
     options = dict(given or {})
+    for name, value in (inherited or {}).items():
+        if name in options and options[name] != value:
+            raise bad_request(f"{name} is {value!r} in the adapter of {body.model}, which this job continues from (got {options[name]!r}): "
+                              "a job from a fine-tuned model trains a copy of its adapter on the same base and quantization; "
+                              f"leave {name} out", param=f"{where}.{name}", code="incompatible_with_model")
     try:
-        cfg, _ = resolve(decide_quantization(options, model_config), seed=seed, method=method)
+        # Only the source's values that differ from the defaults: naming an option its others leave without effect is refused.
+        taken = {name: value for name, value in (inherited or {}).items() if value != TrainingConfig.model_fields[name].default}
+        decided = {**decide_quantization(options, model_config), **taken}
+        cfg, _ = resolve(decided, seed=seed, method=method)
         check_length_fits(cfg, model_config)
     except ConfigError as err:
         if err.param == "model":  # the base itself cannot be trained on

@@ -130,6 +130,10 @@ class FineTuningJob(BaseModel):
     integrations: list[Any] | None
     metadata: dict[str, str] | None
     user_provided_suffix: str | None = Field(description="The suffix the job was created with (OpenAI sends it too).")
+    base_model: str = Field(description="Extension: the base model the adapter is trained on: `model` itself, or the base under the "
+                            "fine-tuned model the job continues from. The job's `fine_tuned_model` is named after it.")
+    parent_model: str | None = Field(description="Extension: the fine-tuned or checkpoint model the job continues from (its adapter is "
+                                     "the job's initial weights, docs/training.md); null for a job on a base model.")
 
     @classmethod
     def from_row(cls, row: Job) -> FineTuningJob:
@@ -156,6 +160,8 @@ class FineTuningJob(BaseModel):
             integrations=row.integrations,
             metadata=row.metadata_,
             user_provided_suffix=row.suffix,
+            base_model=row.trained_base,
+            parent_model=row.continues,
         )
 
 
@@ -223,6 +229,8 @@ class Model(BaseModel):
     quantization: ModelQuantization | None = Field(None, description="Our extension, for base models: how the directory's "
                                                    "weights are stored. null: a plain 16/32-bit base, which jobs quantize on "
                                                    "load as their `quantization` option says; always null for fine-tuned models.")
+    parent: str | None = Field(None, description="Our extension, for fine-tuned and checkpoint models: the model their job started "
+                               "from, a base model or the fine-tuned model it continued (its lineage); null for base models.")
 
 
 class ModelDeleted(BaseModel):
@@ -320,7 +328,9 @@ def _text_fault(text: str, nul_ok: bool) -> str | None:
 
 
 class JobCreate(_ClosedBody):
-    model: str = Field(min_length=1, max_length=255, description="A base model: a directory under the service's models directory.")
+    model: str = Field(min_length=1, max_length=255, description="A base model (a directory under the service's models directory), or a "
+                       "fine-tuned model (`ft:...`) or checkpoint model (`ft:...:ckpt-step-N`) of your project or granted to it, "
+                       "whose adapter the job continues training.")
     training_file: str = Field(min_length=1, max_length=255)
     validation_file: str | None = Field(None, max_length=255)
     hyperparameters: HyperparametersObject | None = Field(None, description="Deprecated form of method.supervised.hyperparameters.")

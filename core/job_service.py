@@ -24,6 +24,7 @@ from contract.memory import GIB, MemoryEstimate
 from contract.options import TrainingConfig
 from core import ids
 from core.dispatch import DispatchError, dispatch
+from core.fine_tuned_models import UsableAdapter
 from core.jobs import JobStatus, add_event
 from core.quotas import check_job_slots, lock_project
 from core.settings import Settings
@@ -44,7 +45,9 @@ class JobRequestError(Exception):
 class NewJob:
     """A create-job request as the API parsed it."""
 
-    model: str
+    model: str  # as the request named it
+    base_model: str  # the base directory the adapter trains on: `model`, or the base under `source`
+    source: UsableAdapter | None  # the fine-tuned model whose adapter the job continues (core/fine_tuned_models.py)
     method: str  # method.type: "supervised" or "dpo", which decides the kind of file the job trains on
     training_file: str
     validation_file: str | None
@@ -113,7 +116,7 @@ def create_job(session: Session, celery_app: Any, settings: Settings, project: s
         raise JobRequestError(f"The job asks for {cfg.n_gpus} GPUs; this service's workers offer at most {settings.max_gpus_per_job} "
                               "per job (QLORA_MAX_GPUS_PER_JOB).", param=f"{request.options_param}.n_gpus", code="invalid_value")
 
-    job = Job(id=ids.job_id(), project=project, model=request.model, training_file=request.training_file,
+    job = Job(id=ids.job_id(), project=project, model=request.model, base_model=request.base_model, training_file=request.training_file,
               validation_file=request.validation_file, hyperparameters=given, training_config=cfg.resolved(),
               suffix=request.suffix, metadata_=request.metadata, integrations=request.integrations,
               status=JobStatus.QUEUED.value, result_files=[], created_at=now(), attempt=0,
@@ -121,6 +124,10 @@ def create_job(session: Session, celery_app: Any, settings: Settings, project: s
     session.add(job)
     session.flush()  # the events reference the job's row
     add_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
+    if request.source is not None:
+        add_event(session, job.id, "info", f"Continues from {request.source.name}: a copy of its adapter is the job's initial weights, "
+                  f"on the base {request.base_model}", data={"parent_model": request.source.name, "parent_job": request.source.job_id,
+                                                            "base_model": request.base_model, "parent_step": request.source.step})
     if estimate is not None:  # as a person reads it in the job's events (the job object carries the numbers)
         checkpointing = "on" if estimate.gradient_checkpointing else "off"
         host = f", {estimate.host_activations / GIB:.2f} GiB of host memory for offloaded layers" if estimate.host_activations else ""

@@ -89,7 +89,10 @@ class Job(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
     project: Mapped[str] = mapped_column(ForeignKey("projects.name"))  # indexed with seq and with status (below)
-    model: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(256))  # as the request named it: a base, or the fine-tuned model it continues
+    # The base model directory the adapter is trained on: `model` itself, or the base under the fine-tuned model it
+    # continues from (core/fine_tuned_models.py). None only on rows written before the column (read as `model`).
+    base_model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # The hyperparameters object as the request gave it, and the options resolved from it once, at the request
@@ -126,6 +129,16 @@ class Job(Base):
 
     # The control plane's hot reads by project (docs/operations.md "Scale"): its jobs newest first, its active jobs
     # counted under its row lock, and its jobs waiting their turn (a partial index: small however long the backlog).
+    @property
+    def trained_base(self) -> str:
+        """The base model directory the job's adapter is trained on (and served and merged on)."""
+        return self.base_model or self.model
+
+    @property
+    def continues(self) -> str | None:
+        """The fine-tuned model the job continues from (its adapter is the job's initial weights), or None."""
+        return self.model if self.base_model is not None and self.model != self.base_model else None
+
     __table_args__ = (
         Index("ix_jobs_project_seq", "project", "seq"),
         Index("ix_jobs_project_status", "project", "status"),

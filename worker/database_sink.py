@@ -201,8 +201,8 @@ class DatabaseSink:
 
     def _fine_tuned_model(self, session: Session) -> str:
         if self._model_name is None:
-            row = session.execute(select(Job.model, Job.project, Job.suffix).where(Job.id == self.job_id)).one()
-            self._model_name = fine_tuned_model_name(row.model, row.project, row.suffix, self.job_id)
+            job = session.execute(select(Job).where(Job.id == self.job_id)).scalar_one()
+            self._model_name = fine_tuned_model_name(job.trained_base, job.project, job.suffix, self.job_id)
         return self._model_name
 
     def _estimate_finish(self, step: int) -> int | None:

@@ -169,7 +169,7 @@ def _load_spec(session_factory: sessionmaker[Session], export_id: str) -> Export
                                                      File.filename == adapter_filename(job.id))).scalar_one_or_none()
         if adapter is None:
             raise ExportFailure("adapter_not_found", f"The adapter result file of job {job.id} does not exist.")
-        return ExportSpec(id=export.id, job_id=job.id, project=job.project, model=job.model, adapter_key=adapter.storage_key)
+        return ExportSpec(id=export.id, job_id=job.id, project=job.project, model=job.trained_base, adapter_key=adapter.storage_key)
 
 
 def _merge_and_upload(spec: ExportSpec, settings: Settings, storage: ObjectStorage, workdir: Path) -> StoredObject:

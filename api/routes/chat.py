@@ -16,7 +16,6 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentProject, SessionDep, SettingsDep
@@ -26,10 +25,8 @@ from api.openapi import error_responses
 from api.schemas import first_unstorable
 from core import logs
 from core.chat import PROJECT_HEADER, ChatCompletionCreate
-from core.jobs import JobStatus
-from core.model_names import adapter_filename
+from core.fine_tuned_models import find_usable_adapter
 from core.settings import Settings
-from core.tables import Checkpoint, CheckpointPermission, File, Job
 
 router = APIRouter(tags=["chat"])
 
@@ -48,24 +45,14 @@ def model_not_found(model: str) -> APIError:
 
 
 def find_served_model(session: Session, settings: Settings, project: str, model: str) -> Served:
-    """A base model, a fine-tuned model of `project` (succeeded, not deleted) or a checkpoint model of one of its
-    jobs, or granted to it (checkpoint permissions), whose model is not deleted; anything else, another project's
-    included, is model_not_found."""
+    """A base model, or a fine-tuned or checkpoint model `project` may use (core/fine_tuned_models.py: its own, or
+    a checkpoint granted to it, whose model is not deleted), served on the base its job trained on; anything else,
+    another project's included, is model_not_found."""
     if find_base_model(settings, model) is not None:
         return Served(model, model, None)
-    job = session.scalar(select(Job).where(Job.project == project, Job.fine_tuned_model == model,
-                                           Job.status == JobStatus.SUCCEEDED.value, Job.model_deleted_at.is_(None)))
-    if job is not None:
-        key = session.scalar(select(File.storage_key).where(File.id.in_(job.result_files), File.filename == adapter_filename(job.id)))
-        if key is not None:
-            return Served(model, job.model, key)
-    granted = select(CheckpointPermission.id).where(CheckpointPermission.checkpoint_id == Checkpoint.id,
-                                                    CheckpointPermission.project == project).exists()
-    row = session.execute(select(Checkpoint, Job).join(Job, Checkpoint.job_id == Job.id).where(
-        Checkpoint.fine_tuned_model_checkpoint == model, or_(Job.project == project, granted), Job.model_deleted_at.is_(None))).first()
-    if row is not None:
-        checkpoint, job = row
-        return Served(model, job.model, checkpoint.storage_key)
+    usable = find_usable_adapter(session, project, model)
+    if usable is not None:
+        return Served(model, usable.base_model, usable.storage_key)
     raise model_not_found(model)
 
 

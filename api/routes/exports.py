@@ -55,11 +55,11 @@ def create_export(
     active = session.scalar(select(Export).where(Export.job_id == job.id, Export.status.in_(ACTIVE)).order_by(Export.seq.desc()).limit(1))
     if active is not None:
         return FineTuningJobExport.from_row(active)
-    base = find_base_model(settings, job.model)
+    base = find_base_model(settings, job.trained_base)
     if base is not None and (quantized := stored_quantization(base)) is not None:
         # Its weight files are 4-bit: there is no 16-bit weight to merge the adapter into, and their size says nothing
         # of a merged copy's.
-        raise bad_request(f"Job {job_id} trained on {job.model}, a base stored pre-quantized ({quantized['method']}); merged "
+        raise bad_request(f"Job {job_id} trained on {job.trained_base}, a base stored pre-quantized ({quantized['method']}); merged "
                           "exports need a 16-bit base and are not supported for it. Serve the job's adapter with that base "
                           "instead (its fine-tuned model, or the adapter result file).", param="job_id", code="unsupported_model")
     size = weights_bytes(base) if base is not None else 0

@@ -37,6 +37,7 @@ from contract.memory import MemoryEstimate, estimate_memory
 from contract.metrics import StepMetrics
 from contract.options import TrainingConfig
 from core import job_service
+from core.fine_tuned_models import find_usable_adapter
 from core.job_service import NewJob
 from core.jobs import JobStatus, cancel_job
 from core.storage import ObjectNotFound
@@ -79,19 +80,27 @@ def create_job(
         param, reason = unstorable
         raise bad_request(f"Invalid '{param}': {reason}.", param=param or None, code="invalid_value")
     model_dir = find_base_model(settings, body.model)
+    source = None
+    if model_dir is None:  # a fine-tuned or checkpoint model the project may use: the job continues its adapter
+        source = find_usable_adapter(session, project, body.model)
+        if source is not None:
+            model_dir = find_base_model(settings, source.base_model)
     if model_dir is None:
         raise bad_request(
-            f"The model {body.model!r} does not exist: base models are the directories of the service's models directory (GET /v1/models).",
+            f"The model {body.model!r} does not exist or you do not have access to it: a job trains on a base model (a directory of "
+            "the service's models directory, GET /v1/models) or continues from a fine-tuned model or checkpoint model of your "
+            "project, or one granted to it.",
             param="model",
             code="model_not_found",
         )
     model_config = base_config(model_dir)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     method = body.method.type if body.method else DEFAULT_METHOD
-    request = NewJob(model=body.model, method=method, training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
+    inherited = source.adapter_options() if source is not None else None
+    request = NewJob(model=body.model, base_model=model_dir.name, source=source, method=method, training_file=body.training_file, validation_file=body.validation_file, suffix=body.suffix,
                      metadata=body.metadata, integrations=body.integrations,
                      estimate=lambda cfg: _memory_estimate(model_config, cfg),
-                     resolve=lambda: job_options(body, seed, model_config),
+                     resolve=lambda: job_options(body, seed, model_config, inherited),
                      options_param="hyperparameters" if body.hyperparameters is not None
                      else f"method.{method}.hyperparameters")
     return FineTuningJob.from_row(job_service.create_job(session, celery_app, settings, project, request))

@@ -33,7 +33,7 @@ def _base_model(path: Path) -> Model:
 
 def _fine_tuned_model(job: Job) -> Model:
     assert job.fine_tuned_model is not None
-    return Model(id=job.fine_tuned_model, created=job.finished_at or job.created_at, owned_by=job.project)
+    return Model(id=job.fine_tuned_model, created=job.finished_at or job.created_at, owned_by=job.project, parent=job.model)
 
 
 def _fine_tuned_jobs(project: str) -> Select[tuple[Job]]:
@@ -52,7 +52,7 @@ def _granted_checkpoints(project: str) -> Select[tuple[Checkpoint, Job]]:
 
 
 def _granted_model(checkpoint: Checkpoint, job: Job) -> Model:
-    return Model(id=checkpoint.fine_tuned_model_checkpoint, created=checkpoint.created_at, owned_by=job.project)
+    return Model(id=checkpoint.fine_tuned_model_checkpoint, created=checkpoint.created_at, owned_by=job.project, parent=job.model)
 
 
 def _model_not_found(model_id: str) -> APIError:

@@ -33,8 +33,8 @@ def test_list_and_retrieve_models(client, models_dir):
     by_id = {m["id"]: m for m in listed["data"]}
     assert list(by_id) == ["another-base", MODEL, mine]
     assert by_id[MODEL] == {"id": MODEL, "object": "model", "created": int((models_dir / MODEL).stat().st_mtime), "owned_by": "system",
-                            "quantization": None}
-    assert by_id[mine]["owned_by"] == "proj-a" and by_id[mine]["object"] == "model"
+                            "quantization": None, "parent": None}
+    assert by_id[mine]["owned_by"] == "proj-a" and by_id[mine]["object"] == "model" and by_id[mine]["parent"] == MODEL
     assert mine.startswith("ft:tiny-llama:proj-a:s1:")
 
     assert client.get(f"/v1/models/{MODEL}", headers=KEY_A).json() == by_id[MODEL]

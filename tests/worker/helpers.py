@@ -58,7 +58,7 @@ def stored_config(**options: Any) -> dict[str, Any]:
 
 def create_job(session_factory: sessionmaker[Session], storage: ObjectStorage | None = None, *, training_file: str | None = None,
                validation_file: str | None = None, hyper: dict[str, Any] | None = None, status: str = "queued",
-               n_examples: int = 12, suffix: str | None = "unit", **fields: Any) -> str:
+               n_examples: int = 12, suffix: str | None = "unit", model: str = MODEL, **fields: Any) -> str:
     """A job row as the API creates it (queued), with a training file put in storage unless one is given."""
     if training_file is None:
         assert storage is not None
@@ -67,7 +67,7 @@ def create_job(session_factory: sessionmaker[Session], storage: ObjectStorage | 
     job_id = ids.job_id()
     with session_scope(session_factory) as session:
         ensure_project(session)
-        session.add(Job(id=job_id, project=PROJECT, model=MODEL, training_file=training_file, validation_file=validation_file,
+        session.add(Job(id=job_id, project=PROJECT, model=model, training_file=training_file, validation_file=validation_file,
                         hyperparameters={}, training_config=hyper, suffix=suffix, status=status, result_files=[],
                         created_at=now(), **fields))
     return job_id

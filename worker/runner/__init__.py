@@ -150,9 +150,9 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
     assert settings.models_dir is not None
     # Lexically inside models_dir (a model directory may be a symlink to shared storage, so no resolve()).
     models_dir = Path(os.path.normpath(settings.models_dir.absolute()))
-    base_model_dir = Path(os.path.normpath(models_dir / spec.model))
+    base_model_dir = Path(os.path.normpath(models_dir / spec.base_model))
     if models_dir not in base_model_dir.parents:
-        raise JobFailure("model_not_found", f"Model {spec.model!r} is not a model directory of this service", "model")
+        raise JobFailure("model_not_found", f"Model {spec.base_model!r} is not a model directory of this service", "model")
 
     window = settings.outage_retry_s
     train_path = download(storage, spec.training_key, workdir / "train.jsonl", "training_file", window)
@@ -163,11 +163,17 @@ def _run_claimed(job_id: str, worker_id: str, settings: Settings, session_factor
         resume_from = unpack_archive(archive, workdir / "resume")
         archive.unlink()
         log.info("job %s resumes from the checkpoint at step %s", job_id, spec.resume_step)
+    initial_adapter = None
+    if spec.source_key is not None:  # a copy of the source's adapter, unpacked here: its stored archive stays as it is
+        archive = download(storage, spec.source_key, workdir / "source.tar.gz", "model", window)
+        initial_adapter = unpack_archive(archive, workdir / "source")
+        archive.unlink()
+        log.info("job %s starts from the adapter of %s", job_id, spec.model)
 
     sink = DatabaseSink(job_id, worker_id, session_factory, storage, on_lost=stop.set, retry_window_s=settings.outage_retry_s,
                         keep_checkpoints=config.keep_checkpoints)
     job = TrainingRequest(base_model_dir=base_model_dir, train_file=train_path, output_dir=workdir / "output",
-                      config=config, validation_file=valid_path)
+                          config=config, validation_file=valid_path, initial_adapter=initial_adapter)
     deadline = time.monotonic() + settings.max_job_seconds
     pause = PauseWatch(session_factory, job_id, settings.heartbeat_interval_s)
     should_stop = lambda: stop.is_set() or time.monotonic() > deadline  # noqa: E731

@@ -74,7 +74,7 @@ def commit_results(spec: ClaimedJob, worker_id: str, session_factory: sessionmak
                     trained_tokens: int) -> bool:
     """The result files' rows and the move to succeeded, in one transaction; False if the job is no longer ours."""
     with session_scope(session_factory) as session:
-        model = fine_tuned_model_name(spec.model, spec.project, spec.suffix, spec.id)
+        model = fine_tuned_model_name(spec.base_model, spec.project, spec.suffix, spec.id)
         # The conditional UPDATE comes first: it takes the row lock, so a cancel lands wholly before or after.
         if not succeed_job(session, spec.id, worker_id, fine_tuned_model=model, trained_tokens=trained_tokens,
                            result_files=[file_id for file_id, _, _ in stored]):

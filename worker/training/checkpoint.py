@@ -149,6 +149,34 @@ def load_adapter_weights(model: Any, directory: Path) -> None:
         raise CheckpointError(f"checkpoint {directory} has tensors the model lacks: {unexpected[:3]}")
 
 
+def load_initial_adapter(model: Any, directory: Path) -> int:
+    """Copy the adapter in `directory` (a fine-tuned model's, the job's starting point) into `model`'s LoRA weights.
+    The adapter must have the model's shape and scaling: the same tensors (target modules, rank) and the same
+    lora_alpha, rsLoRA and DoRA settings; else ConfigError (param "model"). Returns the number of tensors copied;
+    the files in `directory` are only read."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from contract.errors import ConfigError
+
+    verify_adapter(directory)
+    saved_config = json.loads((directory / "adapter_config.json").read_text())
+    own = model.peft_config["default"]
+    for name, default in (("r", None), ("lora_alpha", None), ("use_rslora", False), ("use_dora", False)):
+        if saved_config.get(name, default) != getattr(own, name):
+            raise ConfigError(f"the adapter of the model this job continues from has {name}={saved_config.get(name, default)!r}, "
+                              f"the job's model {name}={getattr(own, name)!r}", param="model", code="incompatible_with_model")
+    saved = load_file(directory / "adapter_model.safetensors")
+    expected = _adapter_state(model)
+    shapes = {k: tuple(v.shape) for k, v in saved.items()}
+    if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+        differ = sorted(set(shapes) ^ set(expected)) or sorted(k for k in shapes if shapes[k] != tuple(expected[k].shape))
+        raise ConfigError(f"the adapter of the model this job continues from does not fit the job's model (e.g. {differ[0]}): "
+                          "another base, rank or set of target modules", param="model", code="incompatible_with_model")
+    set_peft_model_state_dict(model, saved)
+    return len(saved)
+
+
 def load_trainer_state(directory: Path) -> dict[str, Any]:
     path = directory / STATE_PT
     if not path.is_file():

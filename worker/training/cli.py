@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None, prog: str = "qlora-train", description: s
     parser.add_argument("--base-model", type=Path, help="override base_model")
     parser.add_argument("--output", type=Path, help="override output_dir")
     parser.add_argument("--resume", type=Path, help="resume from this checkpoint directory")
+    parser.add_argument("--initial-adapter", type=Path, help="start the LoRA from this adapter directory (a fine-tuned model's, "
+                        "same base and LoRA shape) instead of a fresh one")
     return parser.parse_args(argv)
 
 
@@ -88,7 +90,8 @@ def read_job(args: argparse.Namespace) -> Any:
             raise ValueError(f"{args.job_file}: {key} is required")
     # A pre-quantized base decides the quantization; the options as given are checked against it.
     config = TrainingConfig.from_dict(decide_quantization(spec.get("hyperparameters") or {}, read_config_json(base_model)))
-    return TrainingRequest(base_model, train_file, output_dir, config, path_of("validation_file"))
+    return TrainingRequest(base_model, train_file, output_dir, config, path_of("validation_file"),
+                           initial_adapter=getattr(args, "initial_adapter", None))
 
 
 def main(argv: list[str] | None = None) -> int:

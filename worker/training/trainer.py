@@ -31,6 +31,7 @@ from worker.training.checkpoint import (
     TrainerPosition,
     checkpoint_name,
     load_adapter_weights,
+    load_initial_adapter,
     load_trainer_state,
     read_checkpoint_config,
     restore_rng,
@@ -63,6 +64,9 @@ class TrainingRequest:
     output_dir: Path
     config: TrainingConfig = field(default_factory=TrainingConfig)
     validation_file: Path | None = None
+    # An adapter directory (peft layout) whose weights the LoRA starts from instead of its fresh init: the fine-tuned
+    # model a job continues from. It must have the config's LoRA shape; its files are only read.
+    initial_adapter: Path | None = None
 
 
 @dataclass
@@ -224,6 +228,10 @@ def setup(request: TrainingRequest, sink: Sink, should_stop: Callable[[], bool],
     examples_per_pass = cfg.batch_size if cfg.micro_batch_tokens is not None else cfg.micro_batch_size
     tokens_per_micro = min(cfg.max_tokens_per_micro_batch, examples_per_pass * longest)
     built: BuiltModel = build_model(request.base_model_dir, cfg, device=device, tokens_per_micro_batch=tokens_per_micro)
+    if request.initial_adapter is not None and resume_from is None:  # a resumed run's checkpoint holds its own weights
+        copied = load_initial_adapter(built.model, Path(request.initial_adapter))
+        sink.event("info", f"LoRA weights start from the adapter of the model the job continues from ({copied} tensors)",
+                   {"initial_adapter_tensors": copied})
     optimizer = build_optimizer(built.model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     position = TrainerPosition(step=0, epoch=0, batch_in_epoch=0, trained_tokens=0)
@@ -361,7 +369,8 @@ def write_checkpoint(run: TrainingState, metrics: StepMetrics) -> Path:
         return Path(run.request.output_dir) / "checkpoints" / checkpoint_name(run.position.step)
     path = save_checkpoint(run.model, run.optimizer, run.scheduler, run.position,
                            Path(run.request.output_dir) / "checkpoints" / checkpoint_name(run.position.step), config=cfg.resolved(),
-                           objective_state=run.objective.state_dict(), extra={"base_model": str(run.request.base_model_dir), "versions": versions(), "metrics": metrics.checkpoint_metrics()})
+                           objective_state=run.objective.state_dict(), extra={"base_model": str(run.request.base_model_dir),
+                                  "initial_adapter": str(run.request.initial_adapter) if run.request.initial_adapter else None, "versions": versions(), "metrics": metrics.checkpoint_metrics()})
     if path not in run.checkpoints:
         run.checkpoints.append(path)
     run.sink.checkpoint(run.position.step, path, metrics)

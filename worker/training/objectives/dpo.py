@@ -7,8 +7,10 @@ over its pairs. The loss and its variants are in `worker/training/preference.py`
 from the chunked output head, so no full-vocabulary logits are held.
 
 The reference (sigmoid, ipo) is the policy at initialisation: `prepare` computes every pair's log-probs once, in
-eval mode and without gradients, before step 1, with the adapter disabled (a new adapter starts as the identity,
-so that is the policy at initialisation at the cost of the frozen base alone). They are kept in every checkpoint
+eval mode and without gradients, before step 1. A job on a base runs it with the adapter disabled (a new adapter
+starts as the identity, so that is the policy at initialisation at the cost of the frozen base alone). A job that
+continues from a fine-tuned model (`TrainingRequest.initial_adapter`) runs it with the adapter on: its reference is
+that model, not the bare base (the mistake of LLaMA-Factory #913). They are kept in every checkpoint
 (`state_dict`), so a resumed job reuses them instead of computing them from a model that has moved.
 """
 
@@ -106,7 +108,9 @@ class DpoObjective:
         model = run.model
         was_training = model.training
         model.eval()
-        disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        # Disabling the adapter gives the policy at initialisation only for a fresh adapter (the identity).
+        from_adapter = run.request.initial_adapter is not None
+        disabled = model.disable_adapter() if hasattr(model, "disable_adapter") and not from_adapter else contextlib.nullcontext()
         with torch.no_grad(), disabled:
             for role, units in (("training", run.train_units), ("validation", run.valid_units)):
                 if not units:
@@ -121,7 +125,8 @@ class DpoObjective:
                         out[unit.index & 0xFFFFFFFF] = torch.stack([pairs.chosen[k], pairs.rejected[k]]).float().cpu()
                 self.reference[role] = out
         model.train(was_training)
-        run.sink.event("info", "Reference log-probs computed (the policy at initialisation, adapter disabled)",
+        which = "the model the job continues from, its adapter on" if from_adapter else "adapter disabled"
+        run.sink.event("info", f"Reference log-probs computed (the policy at initialisation, {which})",
                        {"reference_pairs": {role: len(t) for role, t in self.reference.items()}})
 
     def state_dict(self) -> dict[str, Any]:
