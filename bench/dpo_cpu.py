@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = import_demo_model(args.model)
     record = {
-        "bench": "dpo-cpu", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
+        "bench": "dpo-cpu", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpu": cpu_name(),
         "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": cpu_bf16_is_fast(), "compute_dtype": resolve_compute_dtype("auto", torch.device("cpu")),
         "model": "SmolLM2-135M-Instruct", "pairs": args.pairs, "batch_size": args.batch_size, "prompt_words": args.prompt_words,
