@@ -316,11 +316,11 @@ def test_a_dpo_job_from_the_form_shows_reward_curves(page, embedded_service):
             assert uploaded.status_code == 200 and uploaded.json()["status"] == "processed", uploaded.text
     sign_in(page, KEY_B)
     page.goto("/ui/#/new?method=dpo")  # a link may preselect the method
-    expect(page.get_by_label("Method")).to_have_value("dpo")
+    expect(page.locator("#job-method")).to_have_value("dpo")
     expect(page.locator("#dpo-options")).to_be_visible()
-    page.get_by_label("Method").select_option("supervised")
+    page.locator("#job-method").select_option("supervised")
     expect(page.locator("#dpo-options")).to_be_hidden()
-    page.get_by_label("Method").select_option("dpo")
+    page.locator("#job-method").select_option("dpo")
     expect(page.locator("#dpo-options")).to_be_visible()
     page.get_by_label("Base model").select_option(DEMO)
     page.get_by_label("Training file").select_option(label=page.locator("#job-training-file option", has_text="pairs.jsonl").first.inner_text())
