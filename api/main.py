@@ -20,7 +20,7 @@ from api.errors import RequestIdMiddleware, register_error_handlers, register_se
 from api.guard import RequestGuard
 from api.metrics import Metrics, MetricsMiddleware, serve_metrics
 from api.openapi import V1_ERRORS, drop_422
-from api.routes import chat, checkpoint_permissions, exports, files, health, job_pause, jobs, models, uploads
+from api.routes import chat, checkpoint_permissions, exports, files, health, job_pause, jobs, models, uploads, webhooks
 from api.ui import SecurityHeaders, mount_pages
 from core.db import make_engine, make_session_factory
 from core.job_events import send_on_commit
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityHeaders)  # CSP, nosniff, no referrer, no framing: on every answer, the guard's too
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: every answer is counted
     for router in (files.router, uploads.router, jobs.router, exports.router, job_pause.router, checkpoint_permissions.router,
-                   models.router, chat.router):
+                   models.router, chat.router, webhooks.router):
         app.include_router(router, prefix="/v1", responses=V1_ERRORS)
     app.include_router(health.router)
     mount_pages(app)  # the dashboard at /ui (it calls the /v1 routes with the signed-in key), Swagger UI at /docs

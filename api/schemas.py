@@ -14,7 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from contract.hyperparameters import Hyperparameters, method_object, wire_hyperparameters
 from contract.metrics import finite_floats
 from contract.options import METHODS
-from core.tables import Checkpoint, CheckpointPermission, Export, File, Job, JobEvent, Upload, now
+from core.tables import (
+    Checkpoint,
+    CheckpointPermission,
+    Export,
+    File,
+    Job,
+    JobEvent,
+    Upload,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    now,
+)
 
 T = TypeVar("T")
 
@@ -411,3 +423,92 @@ class CheckpointPermissionDeleted(BaseModel):
     id: str
     object: Literal["checkpoint.permission"] = "checkpoint.permission"
     deleted: bool
+
+
+# --- webhook endpoints (the SDK's client.webhooks; `enabled`, `disabled_reason` and the deliveries log are ours) -----
+
+WebhookEventType = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
+
+
+class WebhookEndpointCreate(_ClosedBody):
+    url: str = Field(max_length=2048, description="The http(s) URL that receives the deliveries (docs/operations.md: the URL policy).")
+    event_types: list[WebhookEventType] = Field(min_length=1, max_length=3, description="The event types delivered to it.")
+    name: str = Field("", max_length=256, description="A human-readable name.")
+
+
+class WebhookEndpointUpdate(_ClosedBody):
+    url: str | None = Field(None, max_length=2048)
+    event_types: list[WebhookEventType] | None = Field(None, min_length=1, max_length=3)
+    name: str | None = Field(None, max_length=256)
+    enabled: bool | None = Field(None, description="An extension: false disables the endpoint, true enables it again (and forgets its failures).")
+
+
+class WebhookRotateSecret(_ClosedBody):
+    keep_old_secret_active_for_24_hours: bool = False
+
+
+class WebhookEndpointObject(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    created_at: int
+    updated_at: int
+    name: str
+    url: str
+    event_types: list[str]
+    signing_secret_hint: str
+    enabled: bool = Field(description="An extension: false once disabled, by the project or after failing deliveries.")
+    disabled_reason: str | None = Field(description="An extension: why the endpoint is disabled (null while enabled).")
+
+    @classmethod
+    def from_row(cls, row: WebhookEndpoint) -> WebhookEndpointObject:
+        from core.webhooks import secret_hint
+
+        return cls(id=row.id, created_at=row.created_at, updated_at=row.updated_at, name=row.name, url=row.url,
+                   event_types=list(row.event_types), signing_secret_hint=secret_hint(row.secret), enabled=row.enabled,
+                   disabled_reason=row.disabled_reason)
+
+
+class WebhookEndpointWithSecret(WebhookEndpointObject):
+    signing_secret: str = Field(description="The whsec_... signing secret: returned only at creation and rotation.")
+
+    @classmethod
+    def from_row(cls, row: WebhookEndpoint) -> WebhookEndpointWithSecret:
+        return cls(**WebhookEndpointObject.from_row(row).model_dump(), signing_secret=row.secret)
+
+
+class WebhookEndpointDeleted(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint.deleted"] = "webhook_endpoint.deleted"
+    deleted: bool
+
+
+class WebhookAttemptObject(BaseModel):
+    attempted_at: float
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: WebhookAttempt) -> WebhookAttemptObject:
+        return cls(attempted_at=row.attempted_at, duration_ms=row.duration_ms, status_code=row.status_code, error=row.error)
+
+
+class WebhookDeliveryObject(BaseModel):
+    id: str = Field(description="The delivery's webhook-id header, the same on each of its attempts.")
+    object: Literal["webhook_endpoint.delivery"] = "webhook_endpoint.delivery"
+    created_at: int
+    event_id: str
+    event_type: str
+    job_id: str
+    status: Literal["pending", "delivered", "failed"]
+    next_attempt_at: float | None
+    attempts: list[WebhookAttemptObject]
+
+    @classmethod
+    def from_row(cls, row: WebhookDelivery, attempts: list[WebhookAttempt]) -> WebhookDeliveryObject:
+        import json
+
+        return cls(id=row.id, created_at=row.created_at, event_id=row.event_id, event_type=row.event_type,
+                   job_id=json.loads(row.body)["data"]["id"], status=row.status,  # type: ignore[arg-type]
+                   next_attempt_at=row.next_attempt_at if row.status == "pending" else None,
+                   attempts=[WebhookAttemptObject.from_row(attempt) for attempt in attempts])

@@ -43,3 +43,16 @@ def upload_part_id() -> str:
 
 def checkpoint_permission_id() -> str:
     return f"cp_{_token()}"
+
+
+def webhook_endpoint_id() -> str:
+    return f"we_{_token()}"
+
+
+def webhook_event_id() -> str:
+    return f"evt_{_token()}"
+
+
+def webhook_message_id() -> str:
+    """A delivery's `webhook-id` (Standard Webhooks' msg_ prefix): the same on every attempt of it."""
+    return f"msg_{_token()}"

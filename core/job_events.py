@@ -4,7 +4,8 @@
         └─ commit ──> after_commit hook (`send_on_commit`) sends qlora.job_ended(outbox id) to the control queue
                         └─> worker/tasks.py `job_ended` ──> `handle_job_ended` here:
                               1. repeatable actions: the fair dispatch of the project's next job (core/dispatch.py)
-                              2. one transaction: the row marked handled (once-only actions go here, beside the mark)
+                              2. one transaction: the row marked handled, with the once-only actions beside the mark:
+                                 the webhook deliveries of the end (core/webhooks.py), whose tasks are sent after it
     the sweeper: a row still unhandled `job_ended_resend_after_s` after its last send is sent again (`due_for_resend`)
 
 A message may be lost (broker restart, a send refused, a worker killed mid-task) or delivered twice: the sweeper's
@@ -22,6 +23,7 @@ from typing import Any
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from core import webhooks
 from core.db import session_scope
 from core.dispatch import DispatchError, dispatch
 from core.jobs import ENDED_IN_SESSION
@@ -68,8 +70,14 @@ def handle_job_ended(session_factory: sessionmaker[Session], celery_app: Any, se
                         row.id, row.project, outbox_id, exc_info=True)
             return False
     with session_scope(session_factory) as session:
-        return session.execute(update(JobOutbox).where(JobOutbox.id == outbox_id, JobOutbox.handled_at.is_(None))
-                               .values(handled_at=time.time()).execution_options(synchronize_session=False)).rowcount == 1
+        handled = session.execute(update(JobOutbox).where(JobOutbox.id == outbox_id, JobOutbox.handled_at.is_(None))
+                                  .values(handled_at=time.time()).execution_options(synchronize_session=False)).rowcount == 1
+        # Once-only: the webhook deliveries of this end are written beside the mark (core/webhooks.py).
+        deliveries = webhooks.write_deliveries(session, settings, outbox_id) if handled else []
+    first = settings.webhook_retry_schedule_s[0]
+    if deliveries and first <= settings.webhook_countdown_max_s:  # a later first attempt: the sweeper sends it when due
+        webhooks.send_deliveries(celery_app, settings, deliveries, countdown=first)
+    return handled
 
 
 def due_for_resend(session: Session, settings: Settings, at: float | None = None) -> list[str]:

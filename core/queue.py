@@ -21,6 +21,8 @@ EXPORT_TASK = "qlora.export"
 # "A job ended" (core/job_events.py): what follows a job's end. On the control queue: it must not wait behind hours of
 # training.
 JOB_ENDED_TASK = "qlora.job_ended"
+# One attempt of a webhook delivery (core/webhooks.py): on the control queue too, seconds of work at most.
+WEBHOOK_TASK = "qlora.deliver_webhook"
 
 
 def control_queue(settings: Settings) -> str:
@@ -67,7 +69,8 @@ def make_celery(settings: Settings) -> Celery:
         # The sweeper (lost workers, expired queued tasks) runs on Celery beat: `celery worker -B` in the
         # embedded mode, one beat process in a deployment.
         # A sweep not started within one interval is dropped (the next one is on its way), so sweeps never pile up.
-        task_routes={SWEEP_TASK: {"queue": control_queue(settings)}, JOB_ENDED_TASK: {"queue": control_queue(settings)}},
+        task_routes={SWEEP_TASK: {"queue": control_queue(settings)}, JOB_ENDED_TASK: {"queue": control_queue(settings)},
+                     WEBHOOK_TASK: {"queue": control_queue(settings)}},
         beat_schedule={
             "sweep-lost-jobs": {"task": SWEEP_TASK, "schedule": settings.sweep_interval_s, "options": {"expires": settings.sweep_interval_s}}
         },
@@ -112,3 +115,9 @@ def send_job_ended_task(app: Celery, settings: Settings, outbox_id: str) -> None
     """Send "job ended" (an outbox row's id) to the control queue. No expiry: a late message is still worth handling,
     and a handled row makes a second one do nothing."""
     app.send_task(JOB_ENDED_TASK, args=[outbox_id], queue=control_queue(settings))
+
+
+def send_webhook_task(app: Celery, settings: Settings, delivery_id: str, countdown: float = 0) -> None:
+    """Send one attempt of a webhook delivery to the control queue, `countdown` seconds ahead. No expiry: the
+    attempt's claim makes a late or second copy do nothing when the delivery is not due."""
+    app.send_task(WEBHOOK_TASK, args=[delivery_id], queue=control_queue(settings), countdown=countdown or None)

@@ -24,6 +24,7 @@ from core.queue import control_queue
 from core.settings import Settings
 
 DEMO_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_WEBHOOK_NETWORKS = "127.0.0.0/8,::1/128"
 
 
 def example(url: str, key: str, model: str) -> str:
@@ -66,6 +67,16 @@ def declare_queues(settings: Settings, *names: str) -> None:
         app.close()
 
 
+def child_env(environ: dict[str, str], settings: Settings, inference_port: int) -> dict[str, str]:
+    """The environment of the three processes: `environ` with the embedded mode's defaults where it sets none."""
+    env = {**environ, "QLORA_HOME": str(settings.home)}
+    env.setdefault("QLORA_INFERENCE_URL", f"http://127.0.0.1:{inference_port}")
+    # One machine: an app beside the service may receive its webhooks on loopback (a deployment admits no internal
+    # address unless told; setting the variable, even empty, chooses otherwise).
+    env.setdefault("QLORA_WEBHOOK_ALLOWED_NETWORKS", EMBEDDED_WEBHOOK_NETWORKS)
+    return env
+
+
 def port_in_use(host: str, port: int) -> bool:
     """Whether `port` on `host` is taken: the launcher checks before starting anything, because a child that cannot
     bind stops the whole service with only uvicorn's line about it in the log."""
@@ -106,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Preparing the demo model in {settings.models_dir / DEMO_MODEL} ...", flush=True)
         import_demo_model(settings.models_dir / DEMO_MODEL)
 
-    env = {**os.environ, "QLORA_HOME": str(settings.home)}
-    env.setdefault("QLORA_INFERENCE_URL", f"http://127.0.0.1:{inference_port}")
+    env = child_env(dict(os.environ), settings, inference_port)
     declare_queues(settings, settings.task_queue, control_queue(settings))
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", f"{settings.task_queue},{control_queue(settings)}",

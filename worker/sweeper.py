@@ -14,6 +14,8 @@
 - Uploads of the Uploads API pending past their hour become `expired`; the parts of every upload that is no longer
   pending (expired, cancelled, completed) are deleted (`core.uploads.sweep_uploads`).
 - The local backend's `*.partial` files that a killed writer left (untouched for 15 minutes) are deleted.
+- A webhook delivery due whose attempt waits for the sweeper (a retry hours away) or whose message was lost is sent
+  (core/webhooks.py `due_for_send`).
 - A job's end whose follow-up was not done (its qlora.job_ended message lost, or the broker refused the next job's
   dispatch) is sent again (core/job_events.py). Jobs this pass fails are announced by its commit, like any other end.
 
@@ -36,11 +38,12 @@ from core.dispatch import dispatch_quietly, projects_with_room
 from core.exports import expired_queued_exports, fail_lost_exports, mark_export_enqueued
 from core.job_events import due_for_resend, mark_resent
 from core.jobs import expired_queued_jobs, mark_enqueued, queued_jobs_sent_before, sweep_lost_jobs
-from core.queue import queued_training_jobs, send_export_task, send_job_ended_task, send_training_task
+from core.queue import queued_training_jobs, send_export_task, send_job_ended_task, send_training_task, send_webhook_task
 from core.settings import Settings
 from core.storage import ObjectStorage, delete_quietly, remove_stale_partials
 from core.tables import File, SweeperAction, now
 from core.uploads import sweep_uploads
+from core.webhooks import due_for_send, mark_sent
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +116,20 @@ def resend_job_ended(settings: Settings, session_factory: sessionmaker[Session],
                      mark_resent, "qlora.job_ended again (the job's end was not handled yet)")
 
 
+def send_due_webhooks(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
+                      at: float | None = None) -> list[str]:
+    """Send the task of every webhook delivery due by Unix time `at` that no message carries (core/webhooks.py);
+    returns the delivery ids."""
+    with session_scope(session_factory) as session:
+        due = due_for_send(session, settings, at)
+    return send_each(session_factory, due, lambda delivery_id: send_webhook_task(celery_app, settings, delivery_id),
+                     mark_sent, "the webhook delivery task")
+
+
 def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app: Any,
           storage: ObjectStorage | None = None, clock: Callable[[], float] = time.time) -> dict[str, list[str]]:
     """One pass. Returns {"requeued": [...], "failed": [...], "sent": [...]} (job ids), "failed_exports" and
-    "sent_exports" (export ids), plus "expired_files" (file ids), "cleaned_uploads" (upload ids) and "stale_partials"
+    "sent_exports" (export ids), "sent_webhooks" (webhook delivery ids), plus "expired_files" (file ids), "cleaned_uploads" (upload ids) and "stale_partials"
     (paths) when `storage` is given. Every age (heartbeats, messages, expiries) is measured at one reading of `clock` (Unix time): a test passes a
     clock that is ahead instead of sleeping until a timeout has passed."""
     at = clock()
@@ -157,10 +170,11 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
         for job_id in dispatched:
             log.info("sent the training task of job %s", job_id)
     resent_ended = resend_job_ended(settings, session_factory, celery_app, at)
+    sent_webhooks = send_due_webhooks(settings, session_factory, celery_app, at)
     with session_scope(session_factory) as session:
         failed_exports = fail_lost_exports(session, heartbeat_timeout_s=settings.heartbeat_timeout_s, at=at)
     result = {"requeued": requeued, "failed": failed, "sent": sent, "failed_exports": failed_exports,
-              "sent_exports": resend_expired_exports(settings, session_factory, celery_app, at)}
+              "sent_exports": resend_expired_exports(settings, session_factory, celery_app, at), "sent_webhooks": sent_webhooks}
     if storage is not None:
         result["expired_files"] = expire_files(session_factory, storage, at)
         result["cleaned_uploads"] = sweep_uploads(session_factory, storage, at)
@@ -171,7 +185,8 @@ def sweep(settings: Settings, session_factory: sessionmaker[Session], celery_app
             result["stale_partials"] = []
     count_actions(session_factory, {"sweeps": 1, "requeued": len(requeued), "failed": len(failed), "resent": len(set(sent) - set(requeued)),
                                     "failed_exports": len(failed_exports), "resent_exports": len(result["sent_exports"]),
-                                    "expired_files": len(result.get("expired_files", [])), "resent_job_ended": len(resent_ended)})
+                                    "expired_files": len(result.get("expired_files", [])), "resent_job_ended": len(resent_ended),
+                                    "resent_webhooks": len(sent_webhooks)})
     return result
 
 

@@ -1,5 +1,5 @@
 """The Celery tasks: thin wrappers, by name, over plain functions (worker.runner, worker.export, worker.sweeper,
-core.job_events).
+core.job_events, core.webhooks).
 
 The settings, the database engine and the object storage are built once per process, on first use: in the
 prefork pool that is inside the child that runs the task, so no connection is shared across a fork.
@@ -16,10 +16,10 @@ from functools import lru_cache
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import job_events
+from core import job_events, webhooks
 from core.db import make_engine, make_session_factory
 from core.dispatch import dispatch_quietly
-from core.queue import EXPORT_TASK, JOB_ENDED_TASK, SWEEP_TASK, TRAIN_TASK
+from core.queue import EXPORT_TASK, JOB_ENDED_TASK, SWEEP_TASK, TRAIN_TASK, WEBHOOK_TASK
 from core.settings import Settings, get_settings
 from core.storage import ObjectStorage, make_storage
 from worker import export, runner, sweeper
@@ -57,6 +57,11 @@ def export_model(self, export_id: str) -> str:  # noqa: ANN001
 @app.task(name=JOB_ENDED_TASK)
 def job_ended(outbox_id: str) -> bool:
     return job_events.handle_job_ended(session_factory(), app, settings(), outbox_id)
+
+
+@app.task(name=WEBHOOK_TASK)
+def deliver_webhook(delivery_id: str) -> None:
+    webhooks.deliver(session_factory(), app, settings(), delivery_id)
 
 
 @app.task(name=SWEEP_TASK)

@@ -111,7 +111,7 @@ def api_schema(client):
 
 def real_objects(client, tiny_model_dir, work: Path) -> dict[str, Any]:
     """A file, a succeeded job with its adapter and a checkpoint (real adapters for the inference server), a metrics
-    row, an export, an upload and a checkpoint permission: the path parameters of requests that find something, and the models chats name."""
+    row, an export, an upload, a checkpoint permission and a webhook endpoint: the path parameters of requests that find something, and the models chats name."""
     file_id = upload_ok(client)["id"]
     job = create_job_ok(client, file_id, suffix="st", metadata={"team": "search"})
     storage = client.app.state.storage
@@ -135,8 +135,10 @@ def real_objects(client, tiny_model_dir, work: Path) -> dict[str, Any]:
                                                              "mime_type": "text/jsonl"})
     permission = client.post(f"/v1/fine_tuning/checkpoints/{checkpoint_model}/permissions", headers=KEY_A,
                              json={"project_ids": ["proj-b"]})
-    assert upload.status_code == 200 and permission.status_code == 200, (upload.text, permission.text)
-    return {"file_id": file_id, "job_id": job["id"], "checkpoint_id": checkpoint_id, "export_id": export_id, "model_id": MODEL,
+    webhook = client.post("/v1/webhook_endpoints", headers=KEY_A, json={"url": "http://93.184.216.34/hook",
+                                                                        "event_types": ["fine_tuning.job.succeeded"]})
+    assert upload.status_code == 200 and permission.status_code == 200 and webhook.status_code == 200, (upload.text, permission.text, webhook.text)
+    return {"webhook_endpoint_id": webhook.json()["id"], "file_id": file_id, "job_id": job["id"], "checkpoint_id": checkpoint_id, "export_id": export_id, "model_id": MODEL,
             "upload_id": upload.json()["id"], "fine_tuned_model_checkpoint": checkpoint_model,
             "permission_id": permission.json()["data"][0]["id"], "models": [MODEL, model, checkpoint_model]}
 

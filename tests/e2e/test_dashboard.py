@@ -350,3 +350,49 @@ def test_a_dpo_job_from_the_form_shows_reward_curves(page, embedded_service):
     expect(page.locator("#stat-reward-accuracy")).to_contain_text("%")
     assert len(page.locator("#stat-reward-margin .stat-value").inner_text().split(" / ")) == 2
     expect(page.locator("#stat-accuracy")).to_have_count(0)
+
+
+def test_webhooks_page(page, embedded_service):
+    """Create an endpoint (its secret shown once) for a receiver on 127.0.0.1, which the embedded mode's URL policy
+    admits; a job cancelled over the API shows as a delivered event in the endpoint's delivery log; delete it."""
+    import httpx
+
+    from tests.webhook_receiver import Receiver
+
+    receiver = Receiver().up()
+    try:
+        sign_in(page, KEY_A)
+        page.get_by_role("link", name="Webhooks").click()
+        page.get_by_label("Endpoint URL").fill("http://169.254.169.254/latest/meta-data/")
+        page.get_by_role("button", name="Create endpoint").click()
+        expect(page.locator("#webhook-form [role=alert]")).to_contain_text("link-local")  # the URL policy's 400, param url
+        page.get_by_label("Endpoint URL").fill(receiver.url)
+        page.get_by_label("Name (optional)").fill("dashboard-hook")
+        page.get_by_label("fine_tuning.job.succeeded").uncheck()
+        page.get_by_role("button", name="Create endpoint").click()
+        secret = page.locator("#webhook-secret")
+        expect(secret).to_contain_text("whsec_")
+        signing_secret = secret.inner_text()
+        expect(page.locator("#webhooks-table tbody tr", has_text="dashboard-hook")).to_contain_text("failed, cancelled")
+
+        with httpx.Client(base_url=embedded_service.base_url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30) as api:
+            training_file = api.post("/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", chat_lines(12))}).json()["id"]
+            job = api.post("/fine_tuning/jobs", json={"model": DEMO, "training_file": training_file, "hyperparameters": {"max_steps": 1}}).json()
+            assert api.post(f"/fine_tuning/jobs/{job['id']}/cancel").status_code == 200
+        page.get_by_role("link", name="dashboard-hook").click()
+        row = page.locator("#deliveries-table tbody tr")
+        expect(row).to_contain_text("delivered", timeout=60_000)  # the page refreshes itself
+        expect(row).to_contain_text(job["id"])
+        expect(row).to_contain_text("HTTP 200")
+        [request] = receiver.ok()
+        from openai import OpenAI
+
+        event = OpenAI(base_url=embedded_service.base_url, api_key=KEY_A).webhooks.unwrap(request.body, request.headers, secret=signing_secret)
+        assert (event.type, event.data.id) == ("fine_tuning.job.cancelled", job["id"])
+
+        page.get_by_role("link", name="All webhook endpoints").click()
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Delete dashboard-hook").click()
+        expect(page.locator("#webhooks-table tbody tr", has_text="dashboard-hook")).to_have_count(0)
+    finally:
+        receiver.down()

@@ -7,6 +7,7 @@ so each test pays several seconds before the first task runs.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -48,6 +49,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "QLORA_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
         "QLORA_HEARTBEAT_TIMEOUT_S": str(settings.heartbeat_timeout_s),
         "QLORA_SWEEP_INTERVAL_S": str(settings.sweep_interval_s),
+        "QLORA_WEBHOOK_ALLOWED_NETWORKS": settings.webhook_allowed_networks,
+        "QLORA_WEBHOOK_RETRY_SCHEDULE_S": json.dumps(settings.webhook_retry_schedule_s),
+        "QLORA_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
         "PYTHONUNBUFFERED": "1",
     })
     return env

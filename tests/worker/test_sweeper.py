@@ -38,7 +38,8 @@ def test_lost_job_without_checkpoint_fails_worker_lost(make_settings, session_fa
     alive = create_job(session_factory, storage, status="running", worker_id="live-worker", heartbeat_at=time.time(), attempt=1)
     celery = RecordingCelery()
 
-    assert sweep(settings, session_factory, celery) == {"requeued": [], "failed": [lost], "sent": [], "failed_exports": [], "sent_exports": []}
+    assert sweep(settings, session_factory, celery) == {"requeued": [], "failed": [lost], "sent": [], "failed_exports": [], "sent_exports": [],
+                                                     "sent_webhooks": []}
     assert celery.sent == []
     job = get_job(session_factory, lost)
     assert job.status == "failed" and job.finished_at is not None

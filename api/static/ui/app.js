@@ -10,6 +10,7 @@ import {jobsPage} from "./pages/jobs.js";
 import {newJobPage} from "./pages/new-job.js";
 import {signInPage} from "./pages/signin.js";
 import {uploadPage} from "./pages/upload.js";
+import {webhookPage, webhooksPage} from "./pages/webhooks.js";
 
 function signOut() {
   forgetKey();
@@ -32,4 +33,6 @@ startRouter([
   [/^#\/upload$/, uploadPage],
   [/^#\/new$/, newJobPage],
   [/^#\/chat$/, chatPage],
+  [/^#\/webhooks\/([^/?]+)$/, webhookPage],
+  [/^#\/webhooks$/, webhooksPage],
 ]);
