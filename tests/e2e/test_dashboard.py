@@ -311,7 +311,7 @@ def test_a_dpo_job_from_the_form_shows_reward_curves(page, embedded_service):
                         for i in range(n))
 
     with httpx.Client(base_url=embedded_service.base_url, headers={"Authorization": f"Bearer {KEY_B}"}, timeout=30) as api:
-        for name, content in (("pairs.jsonl", pairs(12, "q")), ("valid-pairs.jsonl", pairs(2, "v"))):
+        for name, content in (("train-pairs.jsonl", pairs(12, "q")), ("valid-pairs.jsonl", pairs(2, "v"))):
             uploaded = api.post("/files", data={"purpose": "fine-tune"}, files={"file": (name, content)})
             assert uploaded.status_code == 200 and uploaded.json()["status"] == "processed", uploaded.text
     sign_in(page, KEY_B)
@@ -323,7 +323,7 @@ def test_a_dpo_job_from_the_form_shows_reward_curves(page, embedded_service):
     page.locator("#job-method").select_option("dpo")
     expect(page.locator("#dpo-options")).to_be_visible()
     page.get_by_label("Base model").select_option(DEMO)
-    page.get_by_label("Training file").select_option(label=page.locator("#job-training-file option", has_text="pairs.jsonl").first.inner_text())
+    page.get_by_label("Training file").select_option(label=page.locator("#job-training-file option", has_text="train-pairs.jsonl").first.inner_text())
     page.get_by_label("Validation file").select_option(label=page.locator("#job-validation-file option", has_text="valid-pairs.jsonl").first.inner_text())
     page.get_by_label("batch_size", exact=True).fill("2")
     page.get_by_label("beta", exact=True).fill("3")
