@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
+    if args.pairs < 10:
+        parser.error("--pairs must be at least 10 (the engine's minimum training file)")
     if args.pairs < args.batch_size * (args.warm + args.steps):
         parser.error("--pairs must cover (warm + steps) batches, so that no pair is timed twice")
 
