@@ -342,7 +342,7 @@ def test_a_dpo_job_from_the_form_shows_reward_curves(page, embedded_service):
     page.get_by_role("button", name="Create job").click()
     expect(page).to_have_url(re.compile(r"#/jobs/ftjob-"))
 
-    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=300_000)
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=600_000)  # the reference pass and an evaluation a step
     expect(page.locator("[data-chart=reward-accuracy]")).to_have_attribute("data-points", "2")
     expect(page.locator("[data-chart=reward-margin]")).to_have_attribute("data-points", "2")
     expect(page.locator("[data-chart=accuracy]")).to_be_hidden()
