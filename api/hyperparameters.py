@@ -44,8 +44,27 @@ def job_options(body: JobCreate, seed: int, model_config: Mapping[str, Any] | No
     options = dict(given or {})
     try:
         cfg, _ = resolve(decide_quantization(options, model_config), seed=seed, method=method)
+        check_length_fits(cfg, model_config)
     except ConfigError as err:
         if err.param == "model":  # the base itself cannot be trained on
             raise bad_request(err.message, param="model", code="invalid_value") from None
         raise bad_request(err.message, param=f"{where}.{err.param}" if err.param else where, code=err.code) from None
     return options, cfg
+
+
+def check_length_fits(cfg: TrainingConfig, model_config: Mapping[str, Any] | None) -> None:
+    """A job with memory_budget_gb whose length cannot fit it even with every layer offloaded and the MLPs tiled is
+    refused here (ContextTooLong: param max_seq_length or micro_batch_tokens, with the longest that fits); without a
+    budget the worker checks against its card's free memory before loading the model. A base whose shape the estimate
+    cannot read is not refused."""
+    if model_config is None or cfg.memory_budget_gb is None:
+        return
+    from contract.device_choices import GIB, check_fits
+    from worker.training.tunables import LOSS_CHUNK_TOKENS
+
+    try:
+        check_fits(model_config, cfg, budget_bytes=int(cfg.memory_budget_gb * GIB), loss_chunk_tokens=LOSS_CHUNK_TOKENS)
+    except ConfigError:
+        raise
+    except (ValueError, ArithmeticError, TypeError):  # an architecture the estimate does not model
+        return

@@ -16,14 +16,23 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.openapi import path_patterns
-from core.queue import queued_training_jobs
+from core.queue import training_queue_depth
 from core.settings import Settings
 from core.tables import Job, JobMetric, SweeperAction
+
+
+def running_jobs_newest_step() -> Select[Any]:
+    """Every running job with its newest job_metrics row (id, worker, total steps, step, values), in one statement:
+    the newest step is a max() per job that the (job_id, step) unique index answers from its last entry."""
+    newest_step = select(func.max(JobMetric.step)).where(JobMetric.job_id == Job.id).correlate(Job).scalar_subquery()
+    return (select(Job.id, Job.worker_id, Job.total_steps, JobMetric.step, JobMetric.values)
+            .join(JobMetric, (JobMetric.job_id == Job.id) & (JobMetric.step == newest_step))
+            .where(Job.status == "running"))
 
 
 class ServiceCollector(Collector):
@@ -55,29 +64,26 @@ class ServiceCollector(Collector):
         yield from self._running_jobs()
         yield from self._sweeper()
         try:
-            waiting = queued_training_jobs(self.celery_app, self.settings)
+            waiting = training_queue_depth(self.celery_app, self.settings)
         except Exception:  # the broker is down: no sample rather than a failed scrape
             waiting = None
         if waiting is not None:
-            yield GaugeMetricFamily("qlora_queue_depth", "Training messages waiting in the broker's queue", value=len(waiting))
+            yield GaugeMetricFamily("qlora_queue_depth", "Messages waiting in the broker's training queue", value=waiting)
 
     def _running_jobs(self):  # noqa: ANN202
         """One sample per running job that has trained a step (so the label values stay as few as the GPUs), from
-        its newest job_metrics row and the job's total_steps."""
+        its newest job_metrics row and the job's total_steps. One query for all running jobs, whatever their number:
+        each job's newest step is found through the (job_id, step) unique index, never by reading its history."""
         families = [GaugeMetricFamily(name, help, labels=["job_id", "worker"]) for name, help, _ in self.JOB_GAUGES]
         with self.session_factory() as session:
-            running = session.execute(select(Job.id, Job.worker_id, Job.total_steps).where(Job.status == "running")).all()
-            for job_id, worker_id, total_steps in running:
-                newest = session.execute(select(JobMetric.step, JobMetric.values).where(JobMetric.job_id == job_id)
-                                         .order_by(JobMetric.step.desc()).limit(1)).one_or_none()
-                if newest is None:
-                    continue
-                data = {**newest.values, "step": newest.step, "total_steps": total_steps}
-                worker = ":".join((worker_id or "").split(":")[:2])  # host:pid; the run's own tag would add nothing
-                for family, (_, _, key) in zip(families, self.JOB_GAUGES, strict=True):
-                    value = data.get(key)
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        family.add_metric([job_id, worker], value)
+            rows = session.execute(running_jobs_newest_step()).all()
+        for job_id, worker_id, total_steps, step, values in rows:
+            data = {**values, "step": step, "total_steps": total_steps}
+            worker = ":".join((worker_id or "").split(":")[:2])  # host:pid; the run's own tag would add nothing
+            for family, (_, _, key) in zip(families, self.JOB_GAUGES, strict=True):
+                value = data.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    family.add_metric([job_id, worker], value)
         yield from families
 
     def _sweeper(self):  # noqa: ANN202

@@ -12,6 +12,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from api.errors import bad_request
+from core.db import owned_by
 
 T = TypeVar("T")
 
@@ -26,6 +27,20 @@ def cursor_seq(
     return seq
 
 
+def page_query(query: Select[tuple[T]], seq_column: InstrumentedAttribute[int], *, after_seq: int | None, limit: int,
+               newest_first: bool, owner: tuple[InstrumentedAttribute[Any], Any] | None = None) -> Select[tuple[T]]:
+    """`query` limited to one page (and one more row, to tell whether more follow), ordered by seq; `owner` (column,
+    value) keeps one owner's rows, read along the (column, seq) index (core.db.owned_by says why it is not `=`)."""
+    order: list[Any] = []
+    if owner is not None:
+        query = query.where(*owned_by(*owner))
+        order.append(owner[0])
+    if after_seq is not None:
+        query = query.where(seq_column < after_seq if newest_first else seq_column > after_seq)
+    order.append(seq_column)
+    return query.order_by(*(column.desc() if newest_first else column.asc() for column in order)).limit(limit + 1)
+
+
 def fetch_page(
     session: Session,
     query: Select[tuple[T]],
@@ -34,17 +49,19 @@ def fetch_page(
     after_seq: int | None,
     limit: int,
     newest_first: bool,
+    owner: tuple[InstrumentedAttribute[Any], Any] | None = None,
 ) -> tuple[list[T], bool]:
-    """One page of `query` ordered by seq, and whether more follow."""
-    if after_seq is not None:
-        query = query.where(seq_column < after_seq if newest_first else seq_column > after_seq)
-    query = query.order_by(seq_column.desc() if newest_first else seq_column.asc()).limit(limit + 1)
-    rows = list(session.scalars(query))
+    """One page of `query` (see page_query), and whether more follow."""
+    rows = list(session.scalars(page_query(query, seq_column, after_seq=after_seq, limit=limit, newest_first=newest_first,
+                                           owner=owner)))
     return rows[:limit], len(rows) > limit
 
 
 def fetch_page_after(session: Session, model: Any, where: list[Any], *, after: str | None, limit: int,
-                     newest_first: bool) -> tuple[list[Any], bool]:
-    """One page of `model`'s rows matching `where`, after the object with id `after` (a 400 when there is none)."""
-    after_seq = cursor_seq(session, model.id, model.seq, after, *where) if after else None
-    return fetch_page(session, select(model).where(*where), model.seq, after_seq=after_seq, limit=limit, newest_first=newest_first)
+                     newest_first: bool, owner: tuple[InstrumentedAttribute[Any], Any] | None = None) -> tuple[list[Any], bool]:
+    """One page of `model`'s rows matching `where` (and of `owner`, see page_query), after the object with id `after`
+    (a 400 when there is none)."""
+    pinned = [owner[0] == owner[1]] if owner is not None else []
+    after_seq = cursor_seq(session, model.id, model.seq, after, *where, *pinned) if after else None
+    return fetch_page(session, select(model).where(*where), model.seq, after_seq=after_seq, limit=limit, newest_first=newest_first,
+                      owner=owner)

@@ -10,11 +10,14 @@ events and metrics, the result upload and the final commit are the service's own
 (`worker.runner.train`) is replaced by a stand-in that sleeps `--step-seconds` per step and reports each step
 through the sink. Everything talks to 127.0.0.1, stops by itself after `--run-seconds`, and drops its database.
 
-Measured, in order: job creation through the API (`--create` requests, throughput and latency); the rest of the
+Measured, in order: job creation through the API (`--create` requests sent at a steady `--create-rate`, throughput
+and latency); the rest of the
 backlog inserted directly, as queued unsent rows; one sweeper pass (which dispatches every project's first job);
 the query plans of the hot queries (any sequential scan on jobs, job_events or job_metrics is flagged); then,
 while the workers run, claim latency (a worker freed or started -> its next claim) and the p50/p99 of the jobs
-list, an events page of a job with `--big-events` events and GET /metrics; one more sweeper pass under load; the
+list, an events page of a job with `--big-events` events (its newest and one deep in, by `after=`) and GET /metrics,
+the fairness probe (a new project's first job, a third of the way in, behind `--heavy` queued jobs of another) and
+PostgreSQL's write load (its statistics' counters before and after); one more sweeper pass under load; the
 database size per 1,000 jobs; and the integrity of the run (every job ended at most once, every step stored once).
 The record goes to bench/results/control-plane-<date>.json with the machine, versions and load average.
 """
@@ -54,7 +57,7 @@ TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
 # --- the simulated GPU worker (runs in the worker process) -----------------------------------------------------
 
 
-def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: Path) -> None:
+def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: Path, connections: int) -> None:
     """A Celery worker (threads pool, `threads` at once) whose engine sleeps: everything else is the service's."""
     import worker.runner as runner
     import worker.tasks as tasks
@@ -101,8 +104,10 @@ def run_worker_process(threads: int, step_seconds: float, steps: int, log_path: 
         return outcome
 
     runner.train, runner.claim_job, runner.run_job = fake_train, claim_job, run_job
-    # One pool for all the threads, as large as the connections their processes would hold apart.
-    factory = make_session_factory(make_engine(tasks.settings().database_url, pool_size=threads + 5, max_overflow=threads))
+    # One pool for all the threads. Deployed, each GPU worker process holds its own connections (its task, its
+    # heartbeat thread); here the pool is capped (--worker-connections) so that the run stays within a shared server's
+    # max_connections, and a thread may wait for a connection that a process of its own would have had.
+    factory = make_session_factory(make_engine(tasks.settings().database_url, pool_size=min(threads + 5, connections), max_overflow=0))
     tasks.session_factory = lambda: factory
     record(kind="ready")
     tasks.app.worker_main(["worker", "--pool=threads", f"--concurrency={threads}", "-Q", tasks.settings().task_queue,
@@ -133,6 +138,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "note": os.environ.get("QLORA_BENCH_MACHINE_NOTE", ""),
             "platform": platform.platform()}
 
 
@@ -207,16 +213,46 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: floa
             proc.wait()
 
 
+def write_counters(engine: Any) -> dict[str, Any]:
+    """PostgreSQL's cumulative counters of this database (transactions, rows written) and of the big tables (rows
+    inserted, updated), at this moment: two snapshots give the write load in between. Each backend reports its counts
+    when idle, at most once a second, so a snapshot lags by about a second."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))
+        db = conn.execute(text("SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted, blks_hit + blks_read "
+                               "FROM pg_stat_database WHERE datname = current_database()")).one()
+        tables = {name: {"inserted": ins, "updated": upd, "hot_updated": hot} for name, ins, upd, hot in conn.execute(text(
+            "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = ANY(:names)"),
+            {"names": ["jobs", "job_events", "job_metrics", "job_outbox"]})}
+    return {"t": time.time(), "commits": db[0], "rollbacks": db[1], "rows_inserted": db[2], "rows_updated": db[3],
+            "rows_deleted": db[4], "blocks_touched": db[5], "tables": tables}
+
+
+def write_load(before: dict[str, Any], after: dict[str, Any], steps: int, jobs_done: int) -> dict[str, Any]:
+    """Per second between two write_counters snapshots, and per job run (`steps` steps each)."""
+    seconds = max(1e-9, after["t"] - before["t"])
+    per_s = {k: round((after[k] - before[k]) / seconds, 1) for k in ("commits", "rollbacks", "rows_inserted", "rows_updated", "rows_deleted")}
+    tables = {name: {k: round((after["tables"][name][k] - before["tables"].get(name, {}).get(k, 0)) / seconds, 1)
+                     for k in ("inserted", "updated", "hot_updated")} for name in after["tables"]}
+    per_job = {k: round((after[k] - before[k]) / jobs_done, 1) for k in ("commits", "rows_inserted", "rows_updated")} if jobs_done else {}
+    return {"seconds": round(seconds, 1), "per_second": per_s, "tables_per_second": tables, "per_job_run": per_job,
+            "steps_per_job": steps}
+
+
 # --- the query plans ------------------------------------------------------------------------------------------------
 
 def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[str, dict[str, Any]]]:
     """The statements the service runs most, as it runs them (SQL with its parameters), by name."""
     from sqlalchemy import func, select, update
 
-    from core.dispatch import projects_with_room_query
+    from api.metrics import running_jobs_newest_step
+    from api.pagination import page_query
+    from core.dispatch import next_unsent_jobs, projects_with_room_query
     from core.leases import lapsed
     from core.settings import Settings
-    from core.tables import Job, JobEvent, JobMetric
+    from core.tables import Job, JobEvent
 
     queries = {
         "claim": update(Job).where(Job.id == job_id, Job.status.in_(["queued"])).values(status="running", worker_id=worker_id),
@@ -224,18 +260,18 @@ def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[st
         "dispatch_counts": select(Job.status, func.count()).where(
             Job.project == project, Job.status.in_(["running", "queued"]),
             (Job.status == "running") | Job.enqueued_at.is_not(None)).group_by(Job.status),
-        "dispatch_unsent": select(Job.id).where(Job.project == project, Job.status == "queued", Job.enqueued_at.is_(None))
-        .order_by(Job.seq).limit(1),
+        "dispatch_unsent": next_unsent_jobs(project, 1),
         "create_active_counts": select(Job.status, func.count()).where(
             Job.project == project, Job.status.in_(["queued", "running", "paused"])).group_by(Job.status),
-        "list_jobs_by_project": select(Job).where(Job.project == project).order_by(Job.seq.desc()).limit(21),
-        "events_page": select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc()).limit(21),
+        "list_jobs_by_project": page_query(select(Job), Job.seq, after_seq=None, limit=20, newest_first=True,
+                                           owner=(Job.project, project)),
+        "events_page": page_query(select(JobEvent), JobEvent.seq, after_seq=None, limit=20, newest_first=True,
+                                  owner=(JobEvent.job_id, job_id)),
         "sweeper_lost": select(Job.id, Job.attempt, Job.worker_id, Job.pause_requested_at).where(lapsed(Job, heartbeat_timeout_s=120)),
-        "sweeper_expired": select(Job.id).where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < 1.0),
+        "sweeper_sent_before": select(Job.id).where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < time.time()),
         "sweeper_projects_with_room": projects_with_room_query(Settings(database_url="sqlite://")),
         "metrics_jobs_by_status": select(Job.status, func.count()).group_by(Job.status),
-        "metrics_newest_step": select(JobMetric.step, JobMetric.values).where(JobMetric.job_id == job_id)
-        .order_by(JobMetric.step.desc()).limit(1),
+        "metrics_running_jobs": running_jobs_newest_step(),
     }
     return queries
 
@@ -356,7 +392,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     database_url = create_database()
     queue = f"bench-cp-{secrets.token_hex(4)}"
     projects = [f"p{i:04d}" for i in range(args.projects)]
-    keys = {project: f"sk-bench-{project}-{secrets.token_hex(8)}" for project in projects}
+    small = "small"  # the fairness probe: a project with no jobs until its first one, mid-run
+    keys = {project: f"sk-bench-{project}-{secrets.token_hex(8)}" for project in [*projects, small]}
     env_settings = {
         "HOME": str(tmp / "home"), "DATABASE_URL": database_url, "BROKER_URL": REDIS_URL, "TASK_QUEUE": queue,
         "STORAGE": "local", "STORAGE_DIR": str(tmp / "objects"), "MODELS_DIR": str(tmp / "models"),
@@ -379,7 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     deadline = time.monotonic() + args.max_seconds
     try:
         record["versions"] = versions(engine)
-        files = seed(session_factory, storage, projects, tmp)
+        files = seed(session_factory, storage, [*projects, small], tmp)
         port = free_port()
         api_log = (tmp / "api.log").open("w")
         api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
@@ -388,23 +425,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = f"http://127.0.0.1:{port}"
         wait_for_http(base + "/healthz", 90)
 
-        # 1. creation through the API
-        def create(i: int) -> tuple[float, int, str]:
-            project = projects[i % len(projects)]
+        # 1. creation through the API, at a steady --create-rate (requests leave on schedule, whatever the answers' pace)
+        def create(i: int, project: str | None = None) -> tuple[float, int, str, float]:
+            project = project or projects[i % len(projects)]
             body = {"model": "tiny", "training_file": files[project], "hyperparameters": {"n_epochs": 1}}
+            if args.create_rate:
+                time.sleep(max(0.0, create_started + i / args.create_rate - time.perf_counter()))
             started = time.perf_counter()
             answer = client.post(f"{base}/v1/fine_tuning/jobs", json=body, headers={"Authorization": f"Bearer {keys[project]}"})
-            return time.perf_counter() - started, answer.status_code, answer.json().get("id", answer.text[:200])
+            lag = started - (create_started + i / args.create_rate) if args.create_rate else 0.0
+            return time.perf_counter() - started, answer.status_code, answer.json().get("id", answer.text[:200]), lag
 
-        with httpx.Client(timeout=60) as client, ThreadPoolExecutor(args.create_concurrency) as pool:
-            started = time.perf_counter()
+        with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=args.create_concurrency)) as client, \
+                ThreadPoolExecutor(args.create_concurrency) as pool:
+            create_started = time.perf_counter()
             created = list(pool.map(create, range(args.create)))
-            wall = time.perf_counter() - started
+            wall = time.perf_counter() - create_started
         bad = [c for c in created if c[1] != 200]
         if bad:
             raise RuntimeError(f"{len(bad)} creations failed, first: {bad[0]}")
-        record["create"] = {"requests": args.create, "concurrency": args.create_concurrency, "per_second": round(args.create / wall, 1),
-                            **percentiles([c[0] for c in created])}
+        record["create"] = {"requests": args.create, "rate_asked": args.create_rate, "max_in_flight": args.create_concurrency,
+                            "per_second": round(args.create / wall, 1), **percentiles([c[0] for c in created]),
+                            "send_lag": percentiles([c[3] for c in created])}
 
         # 2. the backlog, a job with many events, one sweeper pass that dispatches it
         backlog = max(0, args.jobs - args.create)
@@ -420,7 +462,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         worker_log = tmp / "worker.jsonl"
         worker_out = (tmp / "worker.log").open("w")
         worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker-process", "--workers", str(args.workers),
-                                   "--step-seconds", str(args.step_seconds), "--steps", str(args.steps), "--worker-log", str(worker_log)],
+                                   "--step-seconds", str(args.step_seconds), "--steps", str(args.steps), "--worker-log", str(worker_log),
+                                   "--worker-connections", str(args.worker_connections)],
                                   env=env, cwd=REPO, stdout=worker_out, stderr=subprocess.STDOUT)
         # The run starts once the worker process has imported the runner (torch included: many seconds on a busy machine).
         while not (worker_log.exists() and worker_log.read_text().strip()):
@@ -428,15 +471,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError("the worker process did not start:\n" + (tmp / "worker.log").read_text()[-3000:])
             time.sleep(0.2)
         run_started = time.time()
-        reads: dict[str, list[float]] = {"list_jobs": [], "events_page": [], "metrics": []}
+        counters_before = write_counters(engine)
+        reads: dict[str, list[float]] = {"list_jobs": [], "events_page": [], "events_page_deep": [], "metrics": []}
         run_until = time.monotonic() + args.run_seconds
+        probe_at = time.monotonic() + args.run_seconds / 3
+        probe: dict[str, Any] = {}
+        big_owner = {"Authorization": f"Bearer {keys[projects[(args.create - 1) % len(projects)]]}"}
         with httpx.Client(timeout=60) as client:
             while time.monotonic() < min(run_until, deadline) and worker.poll() is None:
+                if not probe and time.monotonic() >= probe_at:  # the small project's first job, every worker busy
+                    probe["created_at"] = time.time()
+                    _, status, probe["job"], _ = create(0, small)
+                    if status != 200:
+                        raise RuntimeError(f"the fairness probe's creation failed: {status} {probe['job']}")
                 project = random.choice(projects)
                 for name, url, headers in (
                     ("list_jobs", f"{base}/v1/fine_tuning/jobs?limit=20", {"Authorization": f"Bearer {keys[project]}"}),
-                    ("events_page", f"{base}/v1/fine_tuning/jobs/{big_job}/events?limit=20",
-                     {"Authorization": f"Bearer {keys[projects[(args.create - 1) % len(projects)]]}"}),
+                    ("events_page", f"{base}/v1/fine_tuning/jobs/{big_job}/events?limit=20", big_owner),
+                    ("events_page_deep", f"{base}/v1/fine_tuning/jobs/{big_job}/events?limit=20&after=ftevent-many{random.randint(21, args.big_events)}",
+                     big_owner),
                     ("metrics", f"http://127.0.0.1:{env_settings['METRICS_PORT']}/metrics", {}),
                 ):
                     started = time.perf_counter()
@@ -445,6 +498,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if answer.status_code != 200:
                         raise RuntimeError(f"GET {url}: {answer.status_code} {answer.text[:200]}")
                 time.sleep(args.read_pause_s)
+        counters_after = write_counters(engine)
         record["sweep_under_load"] = timed_sweep(settings, session_factory, celery_app, storage)
         record["reads_under_load"] = {name: percentiles(values) for name, values in reads.items()}
         stop_process(worker, signal.SIGKILL)  # a GPU fleet does not stop politely; nothing below needs it alive
@@ -463,6 +517,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             elif row["kind"] == "free":
                 free_since[row["thread"]] = row["t"]
         claimed = [r["job"] for r in rows if r["kind"] == "claimed"]
+        claimed_at = {r["job"]: r["t"] for r in rows if r["kind"] == "claimed"}
+        # A job's wall time in the worker, its claim to the thread's return: the steps' sleep plus the runner's own work.
+        job_wall = [r["t"] - claimed_at[r["job"]] for r in rows if r["kind"] == "free" and r["job"] in claimed_at]
         with session_factory() as session:
             by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             succeeded = session.scalar(select(func.count()).select_from(Job).where(Job.status == "succeeded"))
@@ -479,8 +536,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         record["run"] = {
             "workers": args.workers, "seconds": round(run_seconds, 1), "claims": len(claimed), "jobs_succeeded": succeeded,
             "jobs_per_second": round(succeeded / run_seconds, 2), "claim_latency": percentiles(claim_latency),
+            "job_wall": percentiles(job_wall),
             "status_counts": by_status,
         }
+        done_in_window = sum(1 for r in rows if r["kind"] == "free" and r["t"] <= counters_after["t"])
+        record["write_load"] = write_load(counters_before, counters_after, args.steps, done_in_window)
+        if probe:
+            claimed_at = next((r["t"] for r in rows if r["kind"] == "claimed" and r["job"] == probe["job"]), None)
+            freed_after = [r["t"] for r in rows if r["kind"] == "free" and r["t"] >= probe["created_at"]]
+            record["fairness"] = {
+                "heavy_project_queued": args.heavy, "job_seconds": args.steps * args.step_seconds,
+                "created_to_claimed_s": round(claimed_at - probe["created_at"], 3) if claimed_at else None,
+                # from the first worker to free up after the creation to the probe's claim: the goal is under one job's duration
+                "first_free_to_claimed_s": round(claimed_at - freed_after[0], 3) if claimed_at and freed_after else None,
+                "claims_between": sum(1 for r in rows if r["kind"] == "claimed" and claimed_at and probe["created_at"] <= r["t"] < claimed_at),
+            }
         record["integrity"] = {
             "claimed_twice": len(claimed) - len(set(claimed)),
             "succeeded_with_wrong_step_count": steps_stored[0],
@@ -513,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--projects", type=int, default=100)
     parser.add_argument("--jobs", type=int, default=2000, help="queued jobs in all (the API creates --create of them)")
     parser.add_argument("--create", type=int, default=300, help="jobs created through the API (timed)")
-    parser.add_argument("--create-concurrency", type=int, default=8)
+    parser.add_argument("--create-rate", type=float, default=50.0, help="creations per second, sent on schedule (0: back to back)")
+    parser.add_argument("--create-concurrency", type=int, default=32, help="most creations in flight at once")
     parser.add_argument("--heavy", type=int, default=0, help="extra queued jobs of the first project (fairness backlog)")
     parser.add_argument("--big-events", type=int, default=100_000, help="events of the job whose events page is timed")
     parser.add_argument("--api-workers", type=int, default=1,
@@ -525,11 +596,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-pause-s", type=float, default=0.2)
     parser.add_argument("--max-seconds", type=float, default=900.0, help="hard bound of the whole run")
     parser.add_argument("--out", type=Path, default=None, help="the JSON record (default bench/results/control-plane-DATE-Nw.json)")
+    parser.add_argument("--worker-connections", type=int, default=40,
+                        help="database connections the simulated workers share (keep under the server's max_connections)")
     parser.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-log", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker_process:
-        run_worker_process(args.workers, args.step_seconds, args.steps, args.worker_log)
+        run_worker_process(args.workers, args.step_seconds, args.steps, args.worker_log, args.worker_connections)
         return 0
     record = run(args)
     out = args.out or REPO / "bench" / "results" / f"control-plane-{time.strftime('%Y%m%d-%H%M')}-{args.workers}w.json"
@@ -537,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(record, indent=2) + "\n")
     flagged = {name: plan["seq_scans_on_big_tables"] for name, plan in record["plans"].items() if plan["seq_scans_on_big_tables"]}
     print(json.dumps({"out": str(out), "create": record["create"], "claim_latency": record["run"]["claim_latency"],
+                      "fairness": record.get("fairness"), "write_load": record["write_load"]["per_second"],
                       "reads": record["reads_under_load"], "sweeps": [record["sweep_dispatch"], record["sweep_under_load"]],
                       "seq_scans": flagged, "integrity": record["integrity"], "load": record["machine"]["load_average"]}, indent=1))
     return 0

@@ -316,7 +316,7 @@ def run_engine(base, model_config, cfg, groups: list[list], warm: int, steps: in
     fused_on = choices.fused_kernels
     result["allocated_before_steps_gib"] = resident  # base + adapters: what the estimate's static terms predict
     estimate = estimate_memory(model_config, cfg, tokens_per_micro_batch=tokens_per_micro, layer_modes=plan,
-                               loss_chunk_tokens=LOSS_CHUNK_TOKENS)
+                               loss_chunk_tokens=LOSS_CHUNK_TOKENS, sequence_tiling=choices.sequence_tiling)
     static = estimate.base_weights + estimate.lora_params
     result.update(plan={m: plan.count(m) for m in LAYER_MODES},
                   estimate_gib=round(estimate.torch_allocated_peak / GIB, 2), estimate_static_gib=round(static / GIB, 2),

@@ -20,7 +20,13 @@ from contract.device_choices import PLANNED_GPU, decide_auto
 if TYPE_CHECKING:  # the module must import without pydantic's cost, and never torch
     from contract.options import TrainingConfig
 
-LAYER_MODES = ("off", "selective", "on")  # checkpointing of one decoder layer, from most memory to least
+# Checkpointing of one decoder layer, from most device memory to least ('offload': as 'on', its input in host memory).
+LAYER_MODES = ("off", "selective", "on", "offload")
+
+# With sequence tiling, each decoder layer's MLP runs this many tokens at a time (worker/training/long_context.py):
+# an engine setting, kept here (the engine reads it from here) because the estimate and the plan need it too, as they
+# do on the API's side. Large enough that a tile's matmuls keep a GPU busy.
+SEQUENCE_TILE_TOKENS = 8192
 
 GIB = 1024**3
 
@@ -85,6 +91,10 @@ class MemoryEstimate:
     layers_off: int = 0
     layers_selective: int = 0
     layers_on: int = 0
+    layers_offload: int = 0
+    # Host (pinned CPU) memory the offloaded layers' inputs take at the end of the forward pass; not in `total`.
+    host_activations: int = 0
+    sequence_tiling: bool = False  # the MLPs run in sequence tiles (their full-length tensors never exist)
     # A forward without gradients (evaluation; a dpo job's reference pass before step 1) of `no_grad_tokens`: one
     # layer's tensors at a time, then one chunk of the head. It takes the place of a training pass (gradients are
     # freed after each step; it saves nothing for backward), so the peak takes the larger of the two. 0 when it
@@ -283,6 +293,7 @@ def _layer_saved_bytes_per_token(
     targets: tuple[str, ...],
     attn_per_token: int,
     attn_saves_output: bool,
+    tiled_mlp: bool = False,
 ) -> int:
     """Bytes saved for backward per token by one decoder layer (the s^2 and per-layer constant terms apart).
 
@@ -313,6 +324,9 @@ def _layer_saved_bytes_per_token(
                             or kept anyway (o_proj: the attention output); the dropout mask is replayed, not kept
     and the compute-dtype casts of the LoRA weights are not kept (the per-layer constant of estimate_memory).
     DoRA layers keep peft's own LoRA path. For Llama-3-8B as above: 94,568 bytes.
+
+    With `tiled_mlp` (sequence tiling, worker/training/long_context.TiledMLP) the MLP keeps only its input, c * h:
+    SwiGLU's terms and gate/up/down's LoRA (and DoRA, 8-bit) terms are gone. For Llama-3-8B, lean: 45,248 bytes.
     """
     c = _compute_bytes(cfg.compute_dtype)
     h, i, r = s.hidden, s.intermediate, cfg.lora_r
@@ -326,10 +340,17 @@ def _layer_saved_bytes_per_token(
     stream = _stream_bytes(cfg, targets, c)
     total = 2 * ((stream if lean else 4) * h + 4)  # the two RMSNorms: their input (fp32 upcast unless lean), rsqrt
     total += attn_per_token
-    total += (gate + up if lean else 2 * gate + up) * i  # SwiGLU: silu's input (and output unless lean), up's output
+    if tiled_mlp:
+        total += c * h  # TiledMLP keeps its input; the MLP's own tensors exist one tile at a time, in backward
+    else:
+        total += (gate + up if lean else 2 * gate + up) * i  # SwiGLU: silu's input (and output unless lean), up's output
     saved_sources = {"attn_out"} if attn_saves_output else set()
+    if tiled_mlp:
+        saved_sources |= {"mlp_norm", "mlp_act"}  # nothing of the MLP's modules is kept
     fresh_copy_per_module = cfg.quantization == "none" and c != 4 and not lean_lora  # peft casts x to fp32, autocast back
     for name in targets:
+        if tiled_mlp and _INPUT_OF[name] in ("mlp_norm", "mlp_act"):
+            continue
         in_m, out_m = shapes[name]
         total += c * r  # lora_A output, saved by lora_B
         if lean_lora:
@@ -365,6 +386,7 @@ def estimate_memory(
     tokens_per_micro_batch: int | None = None,
     gradient_checkpointing: bool | None = None,
     layer_modes: Sequence[str] | None = None,
+    sequence_tiling: bool | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak GPU memory of training ``model_config`` with ``cfg``.
 
@@ -379,7 +401,10 @@ def estimate_memory(
     selective, and 'auto' -> True (the least memory; the engine decides 'auto' with
     ``device_choices.plan_checkpointing``, which passes layer_modes).
     layer_modes: the checkpointing of each decoder layer ('off', 'selective' or 'on', see
-    ``device_choices.plan_checkpointing``); overrides gradient_checkpointing.
+    ``device_choices.plan_memory``); overrides gradient_checkpointing. An 'offload' layer is an 'on' layer whose
+    kept input is in host memory (``host_activations``, not in ``total``).
+    sequence_tiling: whether the MLPs run in tiles of ``SEQUENCE_TILE_TOKENS``; None takes it from ``cfg``
+    (True only when set so: 'auto' is the plan's to decide).
     """
     cfg = _as_planned(cfg)
     s = read_shape(model_config)
@@ -392,14 +417,15 @@ def estimate_memory(
         raise ValueError("tokens_per_micro_batch must be positive")
     if layer_modes is None:
         if gradient_checkpointing is None:
-            mode = {"off": "off", "selective": "selective"}.get(cfg.gradient_checkpointing, "on")
+            mode = {"off": "off", "selective": "selective", "offload": "offload"}.get(cfg.gradient_checkpointing, "on")
         else:
             mode = "on" if gradient_checkpointing else "off"
         layer_modes = [mode] * s.layers
     if len(layer_modes) != s.layers or set(layer_modes) - set(LAYER_MODES):
         raise ValueError(f"layer_modes must give one of {LAYER_MODES} for each of the {s.layers} layers")
-    n_off, n_selective, n_on = (sum(1 for m in layer_modes if m == mode) for mode in LAYER_MODES)
+    n_off, n_selective, n_on, n_offload = (sum(1 for m in layer_modes if m == mode) for mode in LAYER_MODES)
     gradient_checkpointing = n_off < s.layers
+    tiled = cfg.sequence_tiling is True if sequence_tiling is None else sequence_tiling
     shapes = linear_shapes(model_config)
     targets = _target_names(cfg.target_modules)
 
@@ -429,7 +455,7 @@ def estimate_memory(
     row_len = tokens if cfg.packing else min(tokens, cfg.max_seq_length)
     rows = math.ceil(tokens / row_len)
     attn_per_token, attn_s2_per_row, mask_per_row, attn_saves_output = _attention_saves(s, cfg, c, row_len)
-    per_token = _layer_saved_bytes_per_token(s, cfg, shapes, targets, attn_per_token, attn_saves_output)
+    per_token = _layer_saved_bytes_per_token(s, cfg, shapes, targets, attn_per_token, attn_saves_output, tiled)
     # Per layer, not per token: the attention's s^2 tensors, and the compute-dtype copies of the fp32 LoRA
     # weights that autocast makes and the LoRA matmuls save (none without autocast, i.e. fp32 compute).
     # (lean_activations.LoraBranch casts the weights again in backward instead of keeping the casts.)
@@ -443,6 +469,17 @@ def estimate_memory(
     selective = tokens * selective_saved_bytes_per_token(model_config, cfg) + (rows * attn_s2_per_row if cfg.attn_implementation == "eager" else 0)
     activations = (n_on + n_selective) * tokens * s.hidden * stream + n_selective * selective + n_off * one_layer
     recompute = one_layer if gradient_checkpointing else 0
+    # An offloaded layer keeps its input in host memory; in backward the device holds the input of the layer being
+    # recomputed (inside one_layer's norm input) and the prefetched input of the layer below.
+    host_activations = n_offload * tokens * s.hidden * stream
+    if n_offload:
+        recompute += tokens * s.hidden * stream
+    if tiled:
+        # Backward of one MLP tile: that tile's full MLP tensors (what an untiled layer keeps per token, less the
+        # input TiledMLP keeps), on top of the layer's own.
+        untiled = _layer_saved_bytes_per_token(s, cfg, shapes, targets, attn_per_token, attn_saves_output, False)
+        tile_peak = min(SEQUENCE_TILE_TOKENS, tokens) * (untiled - per_token + c * s.hidden)
+        recompute = recompute + tile_peak if gradient_checkpointing else tile_peak
     activations += tokens * ((stream if cfg.lean_activations else 4) * s.hidden + 4)  # final RMSNorm, as in each layer
     activations += tokens * 2 * s.head_dim * c  # RoPE cos and sin, shared by all layers
     activations += rows * mask_per_row
@@ -507,6 +544,9 @@ def estimate_memory(
         layers_off=n_off,
         layers_selective=n_selective,
         layers_on=n_on,
+        layers_offload=n_offload,
+        host_activations=host_activations,
+        sequence_tiling=tiled,
         no_grad_pass=no_grad_pass,
         no_grad_tokens=no_grad_tokens,
     )

@@ -29,11 +29,16 @@ QuantType = Literal["nf4", "fp4"]
 ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
 OptimizerName = Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"]
 SchedulerName = Literal["cosine", "linear", "constant"]
-GradientCheckpointing = Literal["auto", "on", "selective", "off"]
+GradientCheckpointing = Literal["auto", "on", "selective", "off", "offload"]
 AttnImplementation = Literal["auto", "varlen", "sdpa", "eager", "flex_attention", "flash_attention_2"]
 FusedKernels = Literal["auto", "on", "off"]
 
 ALL_LINEAR = "all-linear"
+
+# The longest max_seq_length a job may ask for: what the memory estimate admits for an 8B base on an 80 GB card with
+# offloaded checkpoints and sequence tiling (bench/context_lengths.py prints the table); the memory budget decides
+# what a given job gets (contract.device_choices.check_fits).
+MAX_SEQ_LENGTH = 1048576
 
 # Why quantization='eetq' is refused, and what to use instead (docs/training.md, "Quantization routes").
 EETQ_REFUSED = (
@@ -61,7 +66,7 @@ class TrainingConfig(BaseModel):
     rpo_alpha: float | None = Field(None, ge=0, le=10, description="dpo: weight of an extra NLL term on the preferred answer (length-normalised, RPO); keeps answers well-formed.")
 
     # --- data -------------------------------------------------------------------------------------
-    max_seq_length: int = Field(2048, ge=16, le=131072, description="Tokens per example; longer examples are truncated (and counted).")
+    max_seq_length: int = Field(2048, ge=16, le=MAX_SEQ_LENGTH, description="Tokens per example; longer examples are truncated (and counted). A job whose length the memory estimate cannot fit into its memory budget is refused with the longest length that fits (docs/training.md, Long context).")
     train_on_inputs: bool = Field(False, description="Also train on prompt/system/user tokens, not only assistant tokens.")
     packing: bool = Field(True, description="Padding-free packing: the examples of a micro-batch share one row, with per-example position ids and no attention across them. False: padded batches.")
     shuffle: bool = Field(True, description="Shuffle the training examples each epoch (seeded).")
@@ -82,7 +87,8 @@ class TrainingConfig(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = Field(ALL_LINEAR, description="Module names to adapt, or 'all-linear' (every linear layer but the output head).")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    gradient_checkpointing: GradientCheckpointing = Field("auto", description="Activation checkpointing per decoder layer. on: recompute each layer in the backward pass (least memory). off: keep everything. auto: on a GPU as many layers off as fit into memory_budget_gb, the rest on; off on the CPU. selective (experimental, never chosen by auto): keep only the large matmul and attention outputs.")
+    gradient_checkpointing: GradientCheckpointing = Field("auto", description="Activation checkpointing per decoder layer. on: recompute each layer in the backward pass (least memory). off: keep everything. auto: on a GPU as many layers off as fit into memory_budget_gb, the rest on, and when even that does not fit, layers offloaded (and sequence_tiling if 'auto') until it does; off on the CPU. offload: as on, with each layer's kept input in host memory (long context). selective (experimental, never chosen by auto): keep only the large matmul and attention outputs.")
+    sequence_tiling: bool | Literal["auto"] = Field("auto", description="Run each decoder layer's MLP (and its LoRA branches) a tile of tokens at a time, recomputed in backward, so that no [tokens x intermediate] tensor is whole (long context). auto: on only when gradient_checkpointing='auto' needs it to fit the memory budget.")
     memory_budget_gb: float | None = Field(None, gt=0, le=10000, description="GiB of GPU memory gradient_checkpointing=auto plans for. None: 85% of the GPU memory free when the job starts.")
 
     # --- optimizer and schedule -------------------------------------------------------------------

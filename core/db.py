@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import ColumnElement, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,3 +48,14 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def owned_by(column: Any, value: Any) -> list[ColumnElement[bool]]:
+    """`column = value`, written as `column >= value AND column <= value`, for a page of one owner's rows (a project's
+    jobs, a job's events) ordered by (column, seq) along an index on (column, seq).
+
+    The same rows; but with `=` PostgreSQL takes the column as a constant, drops it from the ORDER BY, and may then
+    walk the primary key (seq) backwards, filtering, in the belief that the owner's rows are spread evenly through
+    the table: for an old owner that reads every newer row of the table (thousands, or millions of events). With the
+    range the (column, seq) index is the only one that gives the order, and the page reads its own rows."""
+    return [column >= value, column <= value]

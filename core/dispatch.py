@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Select, func, select, union_all
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import session_scope
+from core.db import owned_by, session_scope
 from core.exports import ACTIVE, ExportStatus, mark_export_enqueued
 from core.jobs import JobStatus, mark_enqueued
 from core.queue import send_export_task, send_training_task
@@ -35,6 +35,13 @@ class DispatchError(RuntimeError):
     """The broker refused a send: the job stays queued and unsent, for the next dispatch."""
 
 
+def next_unsent_jobs(project: str, limit: int) -> Select[tuple[str]]:
+    """The ids of `project`'s oldest queued jobs whose task was never sent, read in order from the unsent-jobs index
+    (project, seq), not by walking the primary key through another project's backlog (core.db.owned_by)."""
+    return (select(Job.id).where(*owned_by(Job.project, project), Job.status == JobStatus.QUEUED.value, Job.enqueued_at.is_(None))
+            .order_by(Job.project, Job.seq).limit(limit))
+
+
 def dispatch(session: Session, celery_app: Any, settings: Settings, project: str) -> list[str]:
     """Send the tasks of `project`'s oldest unsent merged exports, then of its oldest unsent queued jobs, as many as
     its share allows, and commit; returns their ids. Raises DispatchError (after committing what was sent) if the
@@ -45,8 +52,7 @@ def dispatch(session: Session, celery_app: Any, settings: Settings, project: str
         exports = session.scalars(select(Export.id).join(Job, Job.id == Export.job_id).where(
             Job.project == project, Export.status == ExportStatus.QUEUED.value, Export.enqueued_at.is_(None))
             .order_by(Export.seq).limit(room)).all()
-        jobs = session.scalars(select(Job.id).where(Job.project == project, Job.status == JobStatus.QUEUED.value,
-                                                    Job.enqueued_at.is_(None)).order_by(Job.seq).limit(room - len(exports))).all()
+        jobs = session.scalars(next_unsent_jobs(project, room - len(exports))).all()
         unsent = [(export_id, send_export_task, mark_export_enqueued) for export_id in exports]
         unsent += [(job_id, send_training_task, mark_enqueued) for job_id in jobs]
         for item, send, mark in unsent:

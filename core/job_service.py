@@ -120,8 +120,9 @@ def create_job(session: Session, celery_app: Any, settings: Settings, project: s
     add_event(session, job.id, "info", f"Created fine-tuning job: {job.id}")
     if estimate is not None:  # as a person reads it in the job's events (the job object carries the numbers)
         checkpointing = "on" if estimate.gradient_checkpointing else "off"
+        host = f", {estimate.host_activations / GIB:.2f} GiB of host memory for offloaded layers" if estimate.host_activations else ""
         add_event(session, job.id, "info",
-                  f"Estimated peak GPU memory: {estimate.total / GIB:.2f} GiB (gradient checkpointing {checkpointing})",
+                  f"Estimated peak GPU memory: {estimate.total / GIB:.2f} GiB (gradient checkpointing {checkpointing}{host})",
                   data=estimate.to_dict())
     session.commit()
     _enqueue(session, celery_app, settings, project, job.id)

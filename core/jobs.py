@@ -112,10 +112,11 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> bool:
     return transition(session, job_id, JobStatus.RUNNING, **taken(worker_id), started_at=now(), attempt=Job.attempt + 1)
 
 
-def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
-    """Record that the worker is alive. False when the job is no longer this worker's running job
-    (cancelled, or taken as lost and requeued): the worker must stop and write nothing more (core/leases.py)."""
-    return renew(session, Job, job_id, worker_id)
+def heartbeat(session: Session, job_id: str, worker_id: str, **values: Any) -> bool:
+    """Record that the worker is alive, setting `values` on the job row in the same UPDATE. False when the job is no
+    longer this worker's running job (cancelled, or taken as lost and requeued): the worker must stop and write
+    nothing more (core/leases.py)."""
+    return renew(session, Job, job_id, worker_id, **values)
 
 
 def record_resolved_options(session: Session, job_id: str, worker_id: str, resolved: dict[str, Any]) -> bool:

@@ -26,11 +26,12 @@ def taken(worker_id: str, at: float | None = None) -> dict[str, Any]:
     return {"worker_id": worker_id, "heartbeat_at": time.time() if at is None else at}
 
 
-def renew(session: Session, table: Leased, row_id: str, worker_id: str) -> bool:
-    """Record that the worker holding the row is alive. False when the row is no longer its running row."""
+def renew(session: Session, table: Leased, row_id: str, worker_id: str, **values: Any) -> bool:
+    """Record that the worker holding the row is alive, and set `values` on it in the same UPDATE (one row version, not
+    two). False when the row is no longer its running row."""
     result = session.execute(
         update(table).where(table.id == row_id, table.status == RUNNING, table.worker_id == worker_id)
-        .values(heartbeat_at=time.time()).execution_options(synchronize_session=False)
+        .values(heartbeat_at=time.time(), **values).execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
 

@@ -78,13 +78,28 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def _training_lists(settings: Settings) -> list[str]:
+    """The Redis lists of the training queue: kombu keeps one per priority step."""
+    return [settings.task_queue] + [f"{settings.task_queue}\x06\x16{step}" for step in (3, 6, 9)]
+
+
+def training_queue_depth(app: Celery, settings: Settings) -> int | None:
+    """How many messages wait on the training queue (training and export tasks), or None where the broker cannot be
+    read (only Redis is). LLEN of each list: constant work however long the queue, unlike reading the messages."""
+    if not _is_redis(settings.broker_url):
+        return None
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        return sum(int(client.llen(name)) for name in _training_lists(settings))
+
+
 def queued_training_jobs(app: Celery, settings: Settings) -> set[str] | None:
     """The job ids whose training message waits in the broker's queue, or None where the broker cannot be read
     (only Redis is). kombu keeps a Redis queue as a list per priority step, of JSON envelopes whose body is the
     base64 of Celery's [args, kwargs, embed]."""
     if not _is_redis(settings.broker_url):
         return None
-    lists = [settings.task_queue] + [f"{settings.task_queue}\x06\x16{step}" for step in (3, 6, 9)]
+    lists = _training_lists(settings)
     found: set[str] = set()
     with app.connection_for_read() as conn:
         client = conn.default_channel.client

@@ -131,6 +131,9 @@ class Job(Base):
         Index("ix_jobs_project_status", "project", "status"),
         Index("ix_jobs_unsent", "project", "seq", postgresql_where=text("status = 'queued' AND enqueued_at IS NULL"),
               sqlite_where=text("status = 'queued' AND enqueued_at IS NULL")),
+        # The queued jobs whose message waits in the broker, by send time: the sweeper's expired and lost messages.
+        Index("ix_jobs_sent", "enqueued_at", postgresql_where=text("status = 'queued' AND enqueued_at IS NOT NULL"),
+              sqlite_where=text("status = 'queued' AND enqueued_at IS NOT NULL")),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from celery import bootsteps
 from celery.signals import setup_logging
 
 from core.logs import configure_logging
@@ -22,6 +23,38 @@ settings.home.mkdir(parents=True, exist_ok=True)
 
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
+
+# How often the worker's event loop looks for a free pool slot and replaces exited children, at the longest.
+POOL_TICK_S = 0.1
+
+
+class PromptPool(bootsteps.StartStopStep):
+    """Start the next job within POOL_TICK_S of a worker freeing up, not seconds later.
+
+    With a fresh child per job (core/queue.py), the prefork pool replaces the exited child on its 5 s maintenance
+    timer whenever the exit is seen before the child can be reaped (the usual case), and the next message, already
+    taken from the queue, waits for it. With the threads pool, a finished task frees its slot without waking the event
+    loop, which looks for the next message only when it next wakes (up to 1 s). A repeating timer of POOL_TICK_S wakes
+    the loop (which then takes the next message if a slot is free) and maintains the pool: a waitpid per child, no
+    broker or database call."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any):
+        self.timer: Any = None
+        super().__init__(parent, **kwargs)
+
+    def start(self, consumer: Any) -> None:
+        if consumer.hub is not None:
+            self.timer = consumer.hub.call_repeatedly(POOL_TICK_S, consumer.pool.maintain_pool)
+
+    def stop(self, consumer: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+app.steps["consumer"].add(PromptPool)
 
 
 @setup_logging.connect

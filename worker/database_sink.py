@@ -110,11 +110,9 @@ class DatabaseSink:
                 row.values = values
                 row.created_at = now()
             add_event(session, self.job_id, "info", message, type="metrics", data=data)
-            if estimated_finish is not None:
-                session.execute(update(Job).where(Job.id == self.job_id).values(estimated_finish=estimated_finish)
-                                .execution_options(synchronize_session=False))
 
-        self._write(write)
+        # The estimate rides on the transaction's heartbeat UPDATE: one new version of the job row per step, not two.
+        self._write(write, job_values={"estimated_finish": estimated_finish} if estimated_finish is not None else None)
 
     def checkpoint(self, step: int, path: Path, metrics: StepMetrics) -> None:
         if self.lost:
@@ -163,14 +161,17 @@ class DatabaseSink:
 
     # --- helpers -----------------------------------------------------------------------------------------
 
-    def _write(self, write: Callable[[Session], None], *, uploaded: str | None = None) -> bool:
-        """Run `write` in one transaction, only while the job is still this worker's running job; a transaction
-        that meets a database outage is retried whole (worker/retry.py)."""
+    def _write(self, write: Callable[[Session], None], *, uploaded: str | None = None,
+               job_values: dict[str, Any] | None = None) -> bool:
+        """Run `write` in one transaction, only while the job is still this worker's running job (`job_values` are set
+        on the job row by the heartbeat UPDATE that checks it); a transaction that meets a database outage is retried
+        whole (worker/retry.py)."""
         if self.lost:
             self._discard(uploaded)
             return False
         try:
-            written = retry_transient(lambda: self._transaction(write), self.retry_window_s, f"job {self.job_id}: database write")
+            written = retry_transient(lambda: self._transaction(write, job_values or {}), self.retry_window_s,
+                                      f"job {self.job_id}: database write")
         except BaseException:
             self._discard(uploaded)
             raise
@@ -179,10 +180,10 @@ class DatabaseSink:
             self._lose()
         return written
 
-    def _transaction(self, write: Callable[[Session], None]) -> bool:
+    def _transaction(self, write: Callable[[Session], None], job_values: dict[str, Any]) -> bool:
         with session_scope(self.session_factory) as session:
             # First statement of the transaction: the conditional UPDATE that takes the row lock.
-            if not heartbeat(session, self.job_id, self.worker_id):
+            if not heartbeat(session, self.job_id, self.worker_id, **job_values):
                 session.rollback()
                 return False
             write(session)

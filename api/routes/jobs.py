@@ -107,7 +107,7 @@ def list_jobs(
     status: Annotated[JobStatus | None, Query(description="Extension: only the jobs with this status.")] = None,
 ) -> Page[FineTuningJob]:
     """Newest first. `metadata[KEY]=VALUE` query parameters keep only the jobs whose metadata has those pairs."""
-    where: list[Any] = [Job.project == project]
+    where: list[Any] = []  # the project is the page's owner (fetch_page)
     if status is not None:
         where.append(Job.status == status.value)
     for name, value in request.query_params.multi_items():
@@ -117,7 +117,8 @@ def list_jobs(
                 raise bad_request(f"Metadata filter keys cannot contain '\"' or '\\' (got {key[:64]!r}).", param=name, code="invalid_value")
             where.append(Job.metadata_[key].as_string() == value)
     after_seq = cursor_seq(session, Job.id, Job.seq, after, Job.project == project) if after else None
-    rows, has_more = fetch_page(session, select(Job).where(*where), Job.seq, after_seq=after_seq, limit=limit, newest_first=True)
+    rows, has_more = fetch_page(session, select(Job).where(*where), Job.seq, after_seq=after_seq, limit=limit, newest_first=True,
+                                owner=(Job.project, project))
     return Page[FineTuningJob](data=[FineTuningJob.from_row(r) for r in rows], has_more=has_more)
 
 
@@ -149,8 +150,7 @@ def list_events(
 ) -> Page[FineTuningJobEvent]:
     """Newest first."""
     job = get_job_row(session, project, job_id)
-    where = [JobEvent.job_id == job.id]
-    rows, has_more = fetch_page_after(session, JobEvent, where, after=after, limit=limit, newest_first=True)
+    rows, has_more = fetch_page_after(session, JobEvent, [], after=after, limit=limit, newest_first=True, owner=(JobEvent.job_id, job.id))
     return Page[FineTuningJobEvent](data=[FineTuningJobEvent.from_row(r) for r in rows], has_more=has_more)
 
 
@@ -165,8 +165,8 @@ def list_checkpoints(
 ) -> CursorPage[FineTuningJobCheckpoint]:
     """Newest first."""
     job = get_job_row(session, project, job_id)
-    where = [Checkpoint.job_id == job.id]
-    rows, has_more = fetch_page_after(session, Checkpoint, where, after=after, limit=limit, newest_first=True)
+    rows, has_more = fetch_page_after(session, Checkpoint, [], after=after, limit=limit, newest_first=True,
+                                      owner=(Checkpoint.job_id, job.id))
     data = [FineTuningJobCheckpoint.from_row(r) for r in rows]
     return CursorPage[FineTuningJobCheckpoint](
         data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None

@@ -198,3 +198,55 @@ def test_callers_cannot_add_label_values(client):
     assert methods <= METHODS | {"other"} and "other" in methods, methods
     assert routes <= templates and "/ui/{path}" in routes, routes
     assert len(series) < 30, series
+
+
+def test_a_scrape_reads_all_running_jobs_in_one_query(client):
+    """GET /metrics costs the same few SQL statements with 20 running jobs as with one (no query per running job), and
+    each job's sample is its newest step."""
+    import time
+
+    from sqlalchemy import event, insert, select
+
+    from core.db import session_scope
+    from core.tables import Job, JobMetric
+    from tests.api.helpers import create_job_ok, upload_ok
+
+    state = client.app.state
+    template = create_job_ok(client, upload_ok(client)["id"])["id"]
+    with session_scope(state.session_factory) as session:
+        row = dict(session.execute(select(Job.__table__).where(Job.id == template)).mappings().one())
+        del row["seq"]
+
+    def run_jobs(first: int, count: int) -> None:
+        ids = [f"ftjob-scrape{i:03d}" for i in range(first, first + count)]
+        with session_scope(state.session_factory) as session:
+            session.execute(insert(Job.__table__), [{**row, "id": job_id, "status": "running", "worker_id": f"gpu-{job_id[-3:]}:7:task",
+                                                     "total_steps": 50, "heartbeat_at": time.time()} for job_id in ids])
+            session.execute(insert(JobMetric.__table__), [
+                {"job_id": job_id, "step": step, "created_at": 0.0, "values": {"step_seconds": 0.5, "tokens_per_second": 10.0 * step}}
+                for job_id in ids for step in (1, 2, 3)])
+
+    engine = state.session_factory.kw["bind"]
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        statements.append(statement)
+
+    def scrape_counted() -> tuple[str, int]:
+        statements.clear()
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            text = scrape(client)
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        return text, len(statements)
+
+    run_jobs(0, 1)
+    _, with_one = scrape_counted()
+    run_jobs(1, 19)
+    text, with_twenty = scrape_counted()
+    assert with_twenty == with_one <= 3, statements
+    samples = [line for line in text.splitlines() if line.startswith("qlora_job_step{")]
+    assert len(samples) == 20 and all(line.endswith(" 3.0") for line in samples), samples
+    assert 'qlora_job_tokens_per_second{job_id="ftjob-scrape007",worker="gpu-007:7"} 30.0' in text
+    assert 'qlora_jobs{status="running"} 20.0' in text

@@ -160,6 +160,8 @@ HYPERPARAMETER_ERRORS = [
     ({"quant_type": "int3"}, "quant_type", "invalid_hyperparameter"),
     ({"batch_size": 8, "micro_batch_size": 3}, "micro_batch_size", "invalid_hyperparameter"),
     ({"seed": 3}, "seed", "invalid_hyperparameter"),
+    # a length the memory budget cannot hold even with offloaded checkpoints and tiling (contract.device_choices.check_fits)
+    ({"max_seq_length": 1048576, "batch_size": 1, "micro_batch_size": 1, "memory_budget_gb": 0.5}, "max_seq_length", "context_too_long"),
 ]
 
 
@@ -185,6 +187,16 @@ def test_hyperparameter_errors_name_the_key(client, training_file, redis_url, se
     # Nothing was created or sent.
     assert client.get("/v1/fine_tuning/jobs", headers=KEY_A).json()["data"] == []
     assert queued_tasks(redis_url, settings.task_queue) == []
+
+
+def test_a_length_that_cannot_fit_names_the_length_that_would(client, training_file):
+    given = {"max_seq_length": 1048576, "batch_size": 1, "micro_batch_size": 1, "memory_budget_gb": 0.5}
+    refused = create_job(client, training_file, hyperparameters=given)
+    assert_error(refused, 400, code="context_too_long", param="hyperparameters.max_seq_length")
+    longest = int(refused.json()["error"]["message"].rsplit("the longest that fits is ", 1)[1].replace(",", ""))
+    assert 16 <= longest < 1048576
+    job = create_job_ok(client, training_file, hyperparameters={**given, "max_seq_length": longest})
+    assert job["hyperparameters"]["max_seq_length"] == longest
 
 
 def test_model_and_file_checks(client, training_file):

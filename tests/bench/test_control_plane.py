@@ -26,6 +26,9 @@ def test_hot_queries_read_few_rows_with_a_long_history_and_a_backlog(postgres_ur
                "created_at, attempt, enqueued_at) ")
         conn.execute(text(job + "SELECT 'ftjob-old-' || g, 'p_old', 'tiny', 'f', '{}', '{}', 'succeeded', '[]', 0, 1, NULL "
                                 "FROM generate_series(1, 3000) g"))
+        # The oldest job's 2,000 events come before every other event (a job that ran long ago, with a long log).
+        conn.execute(text("INSERT INTO job_events (id, job_id, created_at, level, message, type) "
+                          "SELECT 'ftevent-old-' || g, 'ftjob-old-1', 0, 'info', 'Step', 'message' FROM generate_series(1, 2000) g"))
         # Then p0's 5,000 unsent queued jobs among the 49 others' 20 finished, 2 queued and sent and 1 unsent each.
         conn.execute(text(job + """
             SELECT 'ftjob-' || p || '-' || g, 'p' || p, 'tiny', 'f', '{}', '{}',
@@ -42,17 +45,22 @@ def test_hot_queries_read_few_rows_with_a_long_history_and_a_backlog(postgres_ur
         job_id = conn.execute(text("SELECT id FROM jobs WHERE project = 'p1' ORDER BY seq DESC LIMIT 1")).scalar_one()
     plans = {project: control_plane.explain(engine, control_plane.hot_queries(project, job_id, "nobody"))
              for project in ("p0", "p1", "p_old")}
+    old_events = control_plane.explain(engine, control_plane.hot_queries("p_old", "ftjob-old-1", "nobody"))["events_page"]
     engine.dispose()
-    # p1's list page reads its 23 jobs (a bitmap scan, then a sort of 23). Not bounded here yet: p_old's list page and
-    # p0's next unsent job, for which PostgreSQL walks the primary key backwards past the newer rows (docs/operations.md
-    # "Scale", what is left).
+    # Ordered by seq alone, p_old's list page and p0's next unsent job walked the primary key backwards past every newer
+    # row (6,148 and 3,001 rows read), and the old job's events page past every newer event (18,252): a page is read
+    # along its owner's (owner, seq) index (core.db.owned_by). p1's page reads its 23 jobs (a bitmap scan, a sort of 23).
     bounds = {("p_old", "create_active_counts"): 0, ("p_old", "dispatch_counts"): 0, ("p0", "list_jobs_by_project"): 21,
+              ("p_old", "list_jobs_by_project"): 21, ("p0", "dispatch_unsent"): 1,
               ("p1", "list_jobs_by_project"): 23, ("p1", "create_active_counts"): 3, ("p1", "dispatch_counts"): 3,
               ("p1", "dispatch_unsent"): 1}
     read = {key: plans[key[0]][key[1]]["rows_read"] for key in bounds}
     assert read == bounds, {key: (read[key], plans[key[0]][key[1]]["scans"]) for key in bounds if read[key] != bounds[key]}
-    for name in ("claim", "heartbeat", "events_page", "metrics_newest_step"):  # by id: never a scan of the table
+    for name in ("claim", "heartbeat", "events_page", "metrics_running_jobs"):  # by id: never a scan of the table
         assert plans["p1"][name]["rows_read"] <= 3, (name, plans["p1"][name])
+    assert old_events["rows_read"] == 21, old_events
+    # The sweeper's queued jobs sent before a time: the 98 sent ones (p1-p49's 2 each), not the 14,000 other rows.
+    assert plans["p1"]["sweeper_sent_before"]["rows_read"] == 98, plans["p1"]["sweeper_sent_before"]
 
 
 @pytest.mark.bench
@@ -61,7 +69,7 @@ def test_harness_runs_jobs_to_the_end_at_a_tiny_scale(tmp_path):
 
     out = tmp_path / "cp.json"
     assert control_plane.main(["--workers", "2", "--projects", "3", "--jobs", "12", "--create", "4", "--big-events", "200",
-                               "--steps", "2", "--step-seconds", "0.05", "--heartbeat-s", "0.5", "--run-seconds", "8",
+                               "--steps", "2", "--step-seconds", "0.05", "--heartbeat-s", "0.5", "--run-seconds", "20",
                                "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["machine"]["cores"] and record["versions"]["postgresql"] and len(record["machine"]["load_average"]) == 3

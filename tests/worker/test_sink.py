@@ -86,3 +86,28 @@ def test_sink_writes_nothing_once_the_job_is_not_its_own(session_factory, storag
     other_lost = []
     DatabaseSink(other, "w1", session_factory, storage, on_lost=lambda: other_lost.append(True)).event("info", "x")
     assert other_lost == [True] and events(session_factory, other) == []
+
+
+def test_a_step_updates_the_job_row_once(session_factory, storage):
+    """A step's write renews the lease and stores the estimated finish in one UPDATE of the job row (one new row version
+    per step: the jobs table is the hottest row set of the service), beside its metrics row and event."""
+    from sqlalchemy import event
+
+    job_id = running_job(session_factory, storage)
+    sink = DatabaseSink(job_id, "w1", session_factory, storage, on_lost=lambda: None)
+    sink.start(total_steps=10)
+    sink.metrics(1, StepMetrics(step=1, train_loss=2.5, tokens=40))  # the estimate's origin
+    time.sleep(0.01)
+    engine = session_factory.kw["bind"]
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        statements.append(" ".join(statement.split()).upper())
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        sink.metrics(2, StepMetrics(step=2, train_loss=2.0, tokens=40))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert sum(s.startswith("UPDATE JOBS") for s in statements) == 1, statements
+    assert get_job(session_factory, job_id).estimated_finish is not None

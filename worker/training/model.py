@@ -21,9 +21,9 @@ import torch
 
 from contract.base_model import PREQUANTIZED_METHODS, base_quantization, read_config_json
 from contract.device_choices import AutoChoices, DeviceFacts, decide_auto
-from contract.memory import LAYER_MODES
+from contract.memory import LAYER_MODES, SEQUENCE_TILE_TOKENS
 from contract.options import ALL_LINEAR, ConfigError, TrainingConfig
-from worker.training import attention, lean_activations
+from worker.training import attention, lean_activations, long_context
 from worker.training.tunables import FREE_MEMORY_BUDGET_SHARE, LOSS_CHUNK_TOKENS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -176,7 +176,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def apply_checkpoint_plan(model: torch.nn.Module, plan: tuple[str, ...], lora_r: int) -> None:
     """Set each decoder layer's checkpointing. transformers checkpoints per decoder layer through the layer's
     ``gradient_checkpointing`` flag and ``_gradient_checkpointing_func``; we set them layer by layer.
-    Non-reentrant checkpointing lets gradients reach the adapters without making the inputs require grad."""
+    Non-reentrant checkpointing lets gradients reach the adapters without making the inputs require grad; an
+    'offload' layer's function is long_context.OffloadedCheckpoint, which takes the adapters as inputs for that."""
     from functools import partial
 
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
@@ -194,6 +195,8 @@ def apply_checkpoint_plan(model: torch.nn.Module, plan: tuple[str, ...], lora_r:
         layer.gradient_checkpointing = mode != "off"
         if mode == "selective":
             layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False, context_fn=selective)
+        elif mode == "offload":  # its input kept in host memory (worker/training/long_context.py)
+            long_context.apply_offload(layer)
 
 
 def read_model_config(base_model_dir: str | Path) -> Any:
@@ -243,7 +246,7 @@ def disable_cpu_inference_repacking(model: torch.nn.Module) -> int:
 class BuiltModel:
     model: Any  # peft.PeftModel
     device: torch.device
-    checkpoint_plan: tuple[str, ...]  # per decoder layer: 'off', 'selective' or 'on'
+    checkpoint_plan: tuple[str, ...]  # per decoder layer: 'off', 'selective', 'on' or 'offload'
     trainable_parameters: int
     total_parameters: int
     choices: AutoChoices  # what every 'auto' option became (the plan included)
@@ -255,7 +258,8 @@ class BuiltModel:
 
     def plan_summary(self) -> str:
         counts = {mode: self.checkpoint_plan.count(mode) for mode in LAYER_MODES}
-        return ", ".join(f"{n} {mode}" for mode, n in counts.items() if n)
+        tiling = ", MLP in sequence tiles" if self.choices.sequence_tiling else ""
+        return ", ".join(f"{n} {mode}" for mode, n in counts.items() if n) + tiling
 
 
 def build_model(base_model_dir: str | Path, cfg: TrainingConfig, *, device: torch.device | None = None,
@@ -359,6 +363,7 @@ def add_adapters(model: Any, cfg: TrainingConfig, device: torch.device, plan: tu
     )
     peft_model = get_peft_model(model, lora)
     lean_activations.apply(peft_model, choices.lean_activations, choices.fused_kernels)
+    long_context.apply_tiling(peft_model, SEQUENCE_TILE_TOKENS if choices.sequence_tiling else None)  # wraps the lean MLP
     trainable, total = peft_model.get_nb_trainable_parameters()
     not_lean = tuple(lean_activations.not_lean(peft_model)) if choices.lean_activations else ()
     return BuiltModel(peft_model, device, tuple(plan), trainable, total, choices, not_lean)
