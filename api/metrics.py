@@ -2,7 +2,7 @@
 the API's port: they name jobs, workers and every project's counts, so only the monitoring network may reach
 them; docs/operations.md, "Security model"). Request counts and latency by route template and status of this process, and, read at scrape time,
 what the workers and the sweeper wrote to the database: jobs by status, each running job's progress (step, step
-time, tokens/s, peak memory), the sweeper's actions; and the training queue's depth in the broker. The workers
+time, tokens/s, peak memory, and a dpo job's reward accuracy and margin), the sweeper's actions; and the training queue's depth in the broker. The workers
 export nothing themselves: a Celery child lives for one job, the database outlives it.
 """
 
@@ -45,6 +45,11 @@ class ServiceCollector(Collector):
         ("qlora_job_step_seconds", "Wall-clock seconds of the running job's latest step", "step_seconds"),
         ("qlora_job_tokens_per_second", "Tokens per second of the running job's latest step", "tokens_per_second"),
         ("qlora_job_peak_memory_bytes", "Peak accelerator memory of the running job's run so far (CPU: 0)", "peak_memory_bytes"),
+        # A dpo job's preference numbers (a supervised job has none, so it has no sample): TRL's rewards/accuracies
+        # and rewards/margins of the latest step.
+        ("qlora_job_reward_accuracy", "dpo: share of the latest step's pairs whose preferred answer had the higher reward",
+         "train_rewards_accuracies"),
+        ("qlora_job_reward_margin", "dpo: mean preferred minus non-preferred reward of the latest step's pairs", "train_rewards_margins"),
     )
 
     def __init__(self, session_factory: Any, celery_app: Any, settings: Settings):

@@ -169,22 +169,31 @@ def job_request(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
                 spec[api_key] = spec[engine_key]
     request: dict[str, Any] = {k: spec[k] for k in ("model", "training_file", "validation_file", "suffix", "seed", "metadata") if spec.get(k) is not None}
     hyper = dict(spec.get("hyperparameters") or {})
+    # An engine job file names its method among the hyperparameters (TrainingConfig.method); the API takes it as
+    # method.type. --method wins over the file.
+    method = args.method or str(hyper.pop("method", None) or DEFAULT_METHOD)
     flags = {"model": args.model, "training_file": args.training_file, "validation_file": args.validation_file, "suffix": args.suffix,
              "seed": args.seed}
     request.update({k: v for k, v in flags.items() if v is not None})
     named = {"n_epochs": args.n_epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "max_steps": args.max_steps,
-             "lora_r": args.lora_r}
+             "lora_r": args.lora_r, "beta": args.beta, "loss_type": args.loss_type, "simpo_gamma": args.simpo_gamma,
+             "rpo_alpha": args.rpo_alpha}
     hyper.update({k: v for k, v in named.items() if v is not None})
     hyper.update(key_values(args.hyperparameter, "--hyperparameter", typed=True))
     metadata = {**(request.get("metadata") or {}), **key_values(args.metadata, "--metadata", typed=False)}
     if metadata:
         request["metadata"] = {str(k): str(v) for k, v in metadata.items()}
-    if hyper or args.method != DEFAULT_METHOD:
-        request["method"] = {"type": args.method, args.method: {"hyperparameters": hyper}}
+    if hyper or method != DEFAULT_METHOD:
+        request["method"] = {"type": method, method: {"hyperparameters": hyper}}
     for required in ("model", "training_file"):
         if required not in request:
             raise UsageError(f"a job needs --{required.replace('_', '-')} (or `{required}:` in the job file)")
     return request, here
+
+
+def beta_value(text: str) -> float | str:
+    """--beta: a number, or OpenAI's "auto"; the range is the service's to check (a 400 naming the key)."""
+    return text if text == "auto" else float(text)
 
 
 def resolve_file(ctx: Context, value: str, here: Path | None, from_file: bool) -> str:
@@ -294,6 +303,11 @@ def cmd_jobs_metrics(ctx: Context) -> int:
     rows = page.get("data", []) if isinstance(page, dict) else []
     if ctx.json:
         ctx.emit_json(rows)
+    elif any("train_rewards_accuracies" in r for r in rows):  # a dpo job: its reward accuracy and margin, no token accuracy
+        ctx.print(output.table([(r.get("step"), _num(r.get("train_loss")), _num(r.get("valid_loss")), _num(r.get("train_rewards_accuracies"), 3),
+                                 _num(r.get("train_rewards_margins")), _num(r.get("valid_rewards_accuracies"), 3), _sci(r.get("learning_rate")),
+                                 _num(r.get("tokens_per_second"), 0)) for r in rows],
+                               ("STEP", "TRAIN_LOSS", "VALID_LOSS", "REWARD_ACC", "MARGIN", "VALID_REWARD_ACC", "LR", "TOK/S")))
     else:
         ctx.print(output.table([(r.get("step"), _num(r.get("train_loss")), _num(r.get("valid_loss")), _num(r.get("train_mean_token_accuracy")),
                                  _sci(r.get("learning_rate")), _num(r.get("tokens_per_second"), 0)) for r in rows],
@@ -460,12 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--validation-file", help="a file id, or a local JSONL file to upload first")
     p.add_argument("--suffix", help="part of the fine-tuned model's name")
     p.add_argument("--seed", type=int)
-    p.add_argument("--method", default=DEFAULT_METHOD, help=f"the training method, OpenAI's method.type (default {DEFAULT_METHOD})")
+    p.add_argument("--method", help=f"the training method, OpenAI's method.type: {DEFAULT_METHOD} (the default) or dpo")
     p.add_argument("--n-epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--lora-r", type=int)
+    p.add_argument("--beta", type=beta_value, help="dpo: OpenAI's beta, 0 < beta <= 2, or auto (the service checks it)")
+    p.add_argument("--loss-type", choices=("sigmoid", "ipo", "simpo", "orpo"), help="dpo: the preference loss (default sigmoid)")
+    p.add_argument("--simpo-gamma", type=float, help="dpo with --loss-type simpo: the target reward margin")
+    p.add_argument("--rpo-alpha", type=float, help="dpo: weight of an NLL term on the preferred answers")
     p.add_argument("-p", "--hyperparameter", action="append", metavar="KEY=VALUE", help="any training option (docs/training.md); repeatable")
     p.add_argument("--metadata", action="append", metavar="KEY=VALUE", help="a metadata pair; repeatable")
     p = leaf(jobs, "list", cmd_jobs_list, "list jobs, newest first")

@@ -103,6 +103,18 @@ class MemoryEstimate:
     sharded: bool = False
     communication: int = 0
     gathered_layers: int = 0
+    # A forward without gradients (evaluation; a dpo job's reference pass before step 1) of `no_grad_tokens`: one
+    # layer's tensors at a time, then one chunk of the head. It takes the place of a training pass (gradients are
+    # freed after each step; it saves nothing for backward), so the peak takes the larger of the two. 0 when it
+    # holds no more tokens than a training pass, which then bounds it.
+    no_grad_pass: int = 0
+    no_grad_tokens: int = 0
+
+    @property
+    def training_pass(self) -> int:
+        """What a training pass adds to the weights and optimizer state at its peak (a rank's gathered layers while
+        its activations live; the gradients' all-reduce buffer after they are freed)."""
+        return self.gradients + max(self.activations + max(self.logits, self.recompute) + self.gathered_layers, self.communication)
 
     @property
     def total(self) -> int:
@@ -110,9 +122,8 @@ class MemoryEstimate:
         return (
             self.base_weights
             + self.lora_params
-            + self.gradients
             + self.optimizer_state
-            + max(self.activations + max(self.logits, self.recompute) + self.gathered_layers, self.communication)
+            + max(self.training_pass, self.no_grad_pass + self.gathered_layers)
             + self.overhead
         )
 
@@ -125,9 +136,10 @@ class MemoryEstimate:
         """All fields and both totals, in bytes and (as ``<name>_gib``) in GiB rounded to 3 places."""
         values: dict[str, Any] = asdict(self)
         values["total"] = self.total
+        values["training_pass"] = self.training_pass
         values["torch_allocated_peak"] = self.torch_allocated_peak
         for name, value in list(values.items()):
-            if isinstance(value, int) and not isinstance(value, bool) and name not in ("tokens_per_micro_batch", "world_size"):
+            if isinstance(value, int) and not isinstance(value, bool) and name not in ("tokens_per_micro_batch", "world_size", "no_grad_tokens"):
                 values[f"{name}_gib"] = round(value / GIB, 3)
         return values
 
@@ -395,7 +407,8 @@ def estimate_memory(
     an engine setting the estimate models, so its callers pass it).
 
     tokens_per_micro_batch: tokens in one forward/backward pass; default ``micro_batch_size * max_seq_length``
-    (every example at full length, the worst case; twice that for method dpo, whose units are pairs). With packing the micro-batch is one row of that many tokens;
+    (every example at full length, the worst case; twice that for method dpo, whose units are pairs). A pass
+    without gradients (evaluation, dpo's reference pass) holds ``eval_batch_size`` units when that is set. With packing the micro-batch is one row of that many tokens;
     without, rows of at most ``max_seq_length``.
     gradient_checkpointing: None takes it from ``cfg``: 'on' -> True, 'off' -> False, 'selective' -> every layer
     selective, and 'auto' -> True (the least memory; the engine decides 'auto' with
@@ -410,10 +423,9 @@ def estimate_memory(
     s = read_shape(model_config)
     c = _compute_bytes(cfg.compute_dtype)
     tokens = tokens_per_micro_batch if tokens_per_micro_batch is not None else cfg.micro_batch_size * cfg.max_seq_length
-    if tokens_per_micro_batch is None and cfg.method == "dpo":
-        # A dpo micro-batch holds micro_batch_size pairs: both answers go through one forward. The reference pass
-        # runs before step 1 without gradients (no saved activations), so it stays below the training peak.
-        tokens *= 2
+    pair = 2 if cfg.method == "dpo" else 1  # a dpo unit is a pair: both answers go through one forward
+    if tokens_per_micro_batch is None:
+        tokens *= pair
     if tokens < 1:
         raise ValueError("tokens_per_micro_batch must be positive")
     if layer_modes is None:
@@ -527,6 +539,25 @@ def estimate_memory(
         transient = max(transient, max(4 * shapes[n][0] ** 2 + (8 + c) * shapes[n][0] * shapes[n][1] for n in targets))
     overhead = FIXED_OVERHEAD_BYTES + transient
 
+    # --- a pass without gradients ------------------------------------------------------------------------
+    # Evaluation, and a dpo job's reference pass (its log-probs computed once before step 1, grouped as evaluation
+    # groups): eval_batch_size units of max_seq_length, else the training pass's grouping. At every point of its
+    # forward a training pass of as many tokens holds all that a pass without gradients holds, so only a larger
+    # eval_batch_size adds a term: the larger of the layers' phase (the residual stream in and out of a layer, and
+    # what one layer holds at a time, bounded by what its forward saves for backward) and the head's (the final
+    # hidden states and one chunk of logits, no gradient rows).
+    no_grad_tokens = tokens if cfg.eval_batch_size is None else cfg.eval_batch_size * cfg.max_seq_length * pair
+    no_grad_pass = 0
+    if no_grad_tokens > tokens:
+        ng_row_len = no_grad_tokens if cfg.packing and cfg.method != "dpo" else min(no_grad_tokens, cfg.max_seq_length)
+        ng_attn_per_token, ng_s2_per_row, ng_mask_per_row, ng_saves_output = _attention_saves(s, cfg, c, ng_row_len)
+        ng_rows = math.ceil(no_grad_tokens / ng_row_len)
+        ng_layer = no_grad_tokens * _layer_saved_bytes_per_token(s, cfg, shapes, targets, ng_attn_per_token, ng_saves_output)
+        shared = no_grad_tokens * 2 * s.head_dim * c + ng_rows * ng_mask_per_row  # RoPE tables and masks, kept throughout
+        layers_phase = ng_layer + ng_rows * ng_s2_per_row + 2 * no_grad_tokens * s.hidden * 4
+        head_phase = no_grad_tokens * s.hidden * (4 + c) + fused_loss_chunk_bytes(min(loss_chunk_tokens, no_grad_tokens), s.vocab)
+        no_grad_pass = shared + max(layers_phase, head_phase)
+
     return MemoryEstimate(
         base_weights=base_weights,
         lora_params=lora_params,
@@ -550,6 +581,8 @@ def estimate_memory(
         sharded=sharded,
         communication=communication,
         gathered_layers=gathered_layers,
+        no_grad_pass=no_grad_pass,
+        no_grad_tokens=no_grad_tokens,
     )
 
 

@@ -125,18 +125,23 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
 
     state = client.app.state
     file_id = upload_ok(client)["id"]
-    running, lost = create_job_ok(client, file_id)["id"], create_job_ok(client, file_id)["id"]
+    running, lost, preference = (create_job_ok(client, file_id)["id"] for _ in range(3))
     with session_scope(state.session_factory) as session:
         assert claim_job(session, running, "gpu-a:4242:task-1") and claim_job(session, lost, "gpu-b:77:task-2")
+        assert claim_job(session, preference, "gpu-c:9:task-3")
         session.execute(update(Job).where(Job.id == lost).values(heartbeat_at=time.time() - 3600))  # its worker died
     sink = DatabaseSink(running, "gpu-a:4242:task-1", state.session_factory, state.storage, on_lost=lambda: None)
     sink.start(total_steps=10)
     for step, seconds in ((1, 0.5), (2, 0.25)):
         sink.metrics(step, StepMetrics(step=step, train_loss=2.0 / step, tokens=100, tokens_per_second=100 / seconds,
                                        step_seconds=seconds, peak_memory_bytes=3 << 30))
+    # A dpo job's step: its reward accuracy and margin get gauges of their own (the row's method does not matter).
+    dpo_sink = DatabaseSink(preference, "gpu-c:9:task-3", state.session_factory, state.storage, on_lost=lambda: None)
+    dpo_sink.start(total_steps=4)
+    dpo_sink.metrics(1, StepMetrics(step=1, train_loss=0.69, train_rewards_accuracies=0.75, train_rewards_margins=0.125))
 
     with session_scope(state.session_factory) as session:  # the numbers come from job_metrics and the job row, not events
-        session.execute(delete(JobEvent).where(JobEvent.job_id == running))
+        session.execute(delete(JobEvent).where(JobEvent.job_id.in_([running, preference])))
     text = scrape(client)
     labels = f'job_id="{running}",worker="gpu-a:4242"'
     assert f"qlora_job_step{{{labels}}} 2.0" in text
@@ -145,6 +150,9 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
     assert f"qlora_job_tokens_per_second{{{labels}}} 400.0" in text
     assert f"qlora_job_peak_memory_bytes{{{labels}}} 3.221225472e+09" in text  # 3 GiB
     assert f'job_id="{lost}"' not in text, "no step written yet: no samples"
+    dpo_labels = f'job_id="{preference}",worker="gpu-c:9"'
+    assert f"qlora_job_reward_accuracy{{{dpo_labels}}} 0.75" in text and f"qlora_job_reward_margin{{{dpo_labels}}} 0.125" in text
+    assert f"qlora_job_reward_accuracy{{{labels}}}" not in text, "a supervised step has no reward: no sample"
     assert 'qlora_sweeper_actions_total{action="failed"} 0.0' in text and "qlora_sweeper_last_sweep_timestamp_seconds" not in text
 
     assert sweep(settings, state.session_factory, state.celery)["failed"] == [lost]
@@ -154,7 +162,7 @@ def test_metrics_show_each_running_jobs_progress_and_the_sweepers_actions(client
     assert 'qlora_sweeper_actions_total{action="requeued"} 0.0' in text and 'qlora_sweeper_actions_total{action="resent"} 0.0' in text
     [last] = [line for line in text.splitlines() if line.startswith("qlora_sweeper_last_sweep_timestamp_seconds ")]
     assert abs(float(last.split()[1]) - time.time()) < 60
-    assert 'qlora_jobs{status="failed"} 1.0' in text and 'qlora_jobs{status="running"} 1.0' in text
+    assert 'qlora_jobs{status="failed"} 1.0' in text and 'qlora_jobs{status="running"} 2.0' in text
 
 
 def test_metrics_are_served_on_their_own_port_only(client, settings, tmp_path, database_url, redis_url, queue_name, models_dir):

@@ -80,6 +80,23 @@ def test_the_method_flag_names_where_the_hyperparameters_go():
     assert "method" not in job_request(plain)[0]  # the service's default method, with default hyperparameters
 
 
+def test_dpo_flags_and_an_engine_job_file_that_names_its_method(tmp_path: Path):
+    args = build_parser().parse_args(["jobs", "create", "-m", "m", "-t", "t", "--method", "dpo", "--beta", "0.2", "--loss-type", "ipo",
+                                      "--rpo-alpha", "1"])
+    assert job_request(args)[0]["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "loss_type": "ipo", "rpo_alpha": 1.0}}}
+    auto = build_parser().parse_args(["jobs", "create", "-m", "m", "-t", "t", "--method", "dpo", "--beta", "auto"])
+    assert job_request(auto)[0]["method"]["dpo"]["hyperparameters"] == {"beta": "auto"}
+    with pytest.raises(SystemExit):  # argparse: not a number
+        build_parser().parse_args(["jobs", "create", "--beta", "high"])
+    # The engine CLI's job file names the method among its hyperparameters; the API takes it as method.type.
+    job_file = tmp_path / "dpo.yaml"
+    job_file.write_text("model: m\ntrain_file: pairs.jsonl\nhyperparameters: {method: dpo, beta: 0.1, max_steps: 4}\n")
+    from_file = job_request(build_parser().parse_args(["jobs", "create", "-f", str(job_file)]))[0]
+    assert from_file["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "max_steps": 4}}}
+    overridden = job_request(build_parser().parse_args(["jobs", "create", "-f", str(job_file), "--method", "supervised"]))[0]
+    assert overridden["method"]["type"] == "supervised"
+
+
 def test_on_a_terminal_progress_is_a_bar_with_events_above_it():
     out = Terminal()
     args = build_parser().parse_args(["jobs", "watch", "ftjob-x"])

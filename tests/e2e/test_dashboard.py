@@ -297,6 +297,61 @@ def test_jobs_list_pages(page, embedded_service):
 
 
 
+def test_a_dpo_job_from_the_form_shows_reward_curves(page, embedded_service):
+    """Method dpo in the create form: its options appear only for dpo, a beta out of range is the API's envelope
+    on that field, and the job's page shows reward accuracy and margin curves in place of token accuracy."""
+    import json
+
+    import httpx
+
+    def pairs(n: int, tag: str) -> bytes:
+        return b"".join(json.dumps({"input": {"messages": [{"role": "user", "content": f"{tag} {i}?"}]},
+                                    "preferred_output": [{"role": "assistant", "content": f"Sure: {i}."}],
+                                    "non_preferred_output": [{"role": "assistant", "content": f"{i}"}]}).encode() + b"\n"
+                        for i in range(n))
+
+    with httpx.Client(base_url=embedded_service.base_url, headers={"Authorization": f"Bearer {KEY_B}"}, timeout=30) as api:
+        for name, content in (("train-pairs.jsonl", pairs(12, "q")), ("valid-pairs.jsonl", pairs(2, "v"))):
+            uploaded = api.post("/files", data={"purpose": "fine-tune"}, files={"file": (name, content)})
+            assert uploaded.status_code == 200 and uploaded.json()["status"] == "processed", uploaded.text
+    sign_in(page, KEY_B)
+    page.goto("/ui/#/new?method=dpo")  # a link may preselect the method
+    expect(page.locator("#job-method")).to_have_value("dpo")
+    expect(page.locator("#dpo-options")).to_be_visible()
+    page.locator("#job-method").select_option("supervised")
+    expect(page.locator("#dpo-options")).to_be_hidden()
+    page.locator("#job-method").select_option("dpo")
+    expect(page.locator("#dpo-options")).to_be_visible()
+    page.get_by_label("Base model").select_option(DEMO)
+    page.get_by_label("Training file").select_option(label=page.locator("#job-training-file option", has_text="train-pairs.jsonl").first.inner_text())
+    page.get_by_label("Validation file").select_option(label=page.locator("#job-validation-file option", has_text="valid-pairs.jsonl").first.inner_text())
+    page.get_by_label("batch_size", exact=True).fill("2")
+    page.get_by_label("beta", exact=True).fill("3")
+    page.locator("#engine-options summary").click()
+    for name, value in {**SHORT_JOB, "max_steps": "2", "max_seq_length": "96", "eval_every": "1"}.items():
+        field = page.get_by_label(name, exact=True)
+        if field.evaluate("el => el.tagName") == "SELECT":
+            field.select_option(value)
+        else:
+            field.fill(value)
+    page.get_by_role("button", name="Create job").click()
+    expect(page.locator("#create-errors [role=alert]")).to_contain_text("method.dpo.hyperparameters.beta")
+    expect(page.get_by_label("beta", exact=True)).to_have_attribute("aria-invalid", "true")
+    page.get_by_label("beta", exact=True).fill("0.2")
+    page.get_by_label("rpo_alpha", exact=True).fill("1")
+    page.get_by_role("button", name="Create job").click()
+    expect(page).to_have_url(re.compile(r"#/jobs/ftjob-"))
+
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=600_000)  # the reference pass and an evaluation a step
+    expect(page.locator("[data-chart=reward-accuracy]")).to_have_attribute("data-points", "2")
+    expect(page.locator("[data-chart=reward-margin]")).to_have_attribute("data-points", "2")
+    expect(page.locator("[data-chart=accuracy]")).to_be_hidden()
+    assert page.locator("[data-chart=reward-accuracy]").get_attribute("aria-label").startswith("Reward accuracy: 2 points")
+    expect(page.locator("#stat-reward-accuracy")).to_contain_text("%")
+    assert len(page.locator("#stat-reward-margin .stat-value").inner_text().split(" / ")) == 2
+    expect(page.locator("#stat-accuracy")).to_have_count(0)
+
+
 def test_webhooks_page(page, embedded_service):
     """Create an endpoint (its secret shown once) for a receiver on 127.0.0.1, which the embedded mode's URL policy
     admits; a job cancelled over the API shows as a delivered event in the endpoint's delivery log; delete it."""

@@ -102,3 +102,49 @@ def test_the_memory_estimate_of_a_dpo_job_counts_both_answers_of_each_pair():
     dpo = TrainingConfig(method="dpo", micro_batch_size=2, max_seq_length=512)
     assert estimate_memory(TINY_CONFIG, dpo).total == estimate_memory(TINY_CONFIG, supervised, tokens_per_micro_batch=2 * 2 * 512).total
     assert estimate_memory(TINY_CONFIG, dpo).total > estimate_memory(TINY_CONFIG, supervised).total
+
+
+def test_the_memory_estimate_counts_a_reference_pass_larger_than_a_training_pass():
+    """The reference pass (and evaluation) runs eval_batch_size pairs without gradients: when that holds more tokens
+    than a training pass, the estimate's peak is that pass's; otherwise the training pass bounds it."""
+    from contract.memory import estimate_memory
+    from tests.api.helpers import TINY_LLAMA_CONFIG as TINY_CONFIG
+    from worker.training.tunables import LOSS_CHUNK_TOKENS
+
+    def estimate(**options):
+        return estimate_memory(TINY_CONFIG, TrainingConfig(method="dpo", micro_batch_size=1, max_seq_length=512, **options),
+                               loss_chunk_tokens=LOSS_CHUNK_TOKENS)
+
+    plain, same, large = estimate(), estimate(eval_batch_size=1), estimate(eval_batch_size=64)
+    assert plain.no_grad_pass == same.no_grad_pass == 0 and plain.total == same.total
+    assert large.no_grad_tokens == 64 * 2 * 512 and large.no_grad_pass > large.training_pass
+    assert large.total == large.base_weights + large.lora_params + large.optimizer_state + large.no_grad_pass + large.overhead
+    assert large.training_pass == plain.training_pass  # the training pass itself is unchanged
+    # Evaluation of a supervised job with a large eval_batch_size is counted the same way.
+    supervised = estimate_memory(TINY_CONFIG, TrainingConfig(micro_batch_size=1, max_seq_length=512, eval_batch_size=64),
+                                 loss_chunk_tokens=LOSS_CHUNK_TOKENS)
+    assert supervised.no_grad_tokens == 64 * 512 and supervised.total > estimate_memory(
+        TINY_CONFIG, TrainingConfig(micro_batch_size=1, max_seq_length=512), loss_chunk_tokens=LOSS_CHUNK_TOKENS).total
+
+
+def test_the_reference_pass_groups_pairs_as_training_does_with_micro_batch_tokens(tiny_model_dir, tmp_path, monkeypatch):
+    """With micro_batch_tokens a reference pass holds no more tokens than a training pass (it used to take
+    micro_batch_size pairs whatever their length), so the memory estimate's training pass bounds it."""
+    from worker.training.objectives import dpo
+
+    passes: list[tuple[bool, int]] = []
+    real = dpo.sequence_log_probs
+
+    def counting(model, batch, *args, **kwargs):
+        passes.append((torch.is_grad_enabled(), int(batch["attention_mask"].sum())))
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(dpo, "sequence_log_probs", counting)
+    train_file = write_pairs(tmp_path / "t.jsonl", 10)
+    cfg = TrainingConfig(method="dpo", max_steps=1, batch_size=4, micro_batch_tokens=128, max_seq_length=128, learning_rate=1e-3)
+    sink = RecordingSink()
+    train(TrainingRequest(tiny_model_dir, train_file, tmp_path / "out", cfg), sink)
+    reference = [n for grad, n in passes if not grad]
+    assert sum(1 for grad, _ in passes if grad) >= 1 and len(reference) >= 3
+    assert max(reference) <= 128, reference
+    assert sink.steps[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)  # the stored reference is the policy at init

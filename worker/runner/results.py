@@ -25,18 +25,27 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 CSV_SOURCES = {"train_accuracy": "train_mean_token_accuracy"}
+# A dpo job's file adds the reward numbers of each step and of its evaluations (contract/metrics.py, TRL's names
+# with '_' for '/'), after OpenAI's columns so that a reader of those finds them where it expects.
+REWARD_NAMES = ("rewards_accuracies", "rewards_margins", "rewards_chosen", "rewards_rejected", "logps_chosen", "logps_rejected")
+DPO_CSV_COLUMNS = CSV_COLUMNS + tuple(f"train_{n}" for n in REWARD_NAMES) + tuple(f"valid_{n}" for n in REWARD_NAMES)
 
 
-def metrics_csv(session_factory: sessionmaker[Session], job_id: str, path: Path) -> Path:
+def csv_columns(method: str) -> tuple[str, ...]:
+    return DPO_CSV_COLUMNS if method == "dpo" else CSV_COLUMNS
+
+
+def metrics_csv(session_factory: sessionmaker[Session], job_id: str, path: Path, method: str = "supervised") -> Path:
     """OpenAI's result file: one row a step, empty cells where a metric is absent."""
     with session_scope(session_factory) as session:
         rows = session.execute(select(JobMetric.step, JobMetric.values).where(JobMetric.job_id == job_id).order_by(JobMetric.step)).all()
+    columns = csv_columns(method)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         for step, values in rows:
             cells: list[Any] = [step]
-            for column in CSV_COLUMNS[1:]:
+            for column in columns[1:]:
                 value = values.get(CSV_SOURCES.get(column, column))
                 cells.append("" if value is None else value)
             writer.writerow(cells)
@@ -48,7 +57,9 @@ def store_results(spec: ClaimedJob, worker_id: str, session_factory: sessionmake
     """Upload the adapter and the metrics CSV, then in one transaction (only if the job is still ours) add their
     File rows and move the job to succeeded. If the job was cancelled meanwhile, delete the objects. Each upload
     and the transaction are retried through an outage (worker/retry.py). Returns whether the results were committed."""
-    csv_path = retry_transient(lambda: metrics_csv(session_factory, spec.id, workdir / "metrics.csv"), retry_window_s, f"job {spec.id}: metrics")
+    method = str(spec.training_config.get("method", "supervised"))
+    csv_path = retry_transient(lambda: metrics_csv(session_factory, spec.id, workdir / "metrics.csv", method), retry_window_s,
+                               f"job {spec.id}: metrics")
     uploads: list[tuple[str, str, Path]] = [
         (ids.file_id(), f"{spec.id}-metrics.csv", csv_path),
         (ids.file_id(), f"{spec.id}-adapter.tar.gz", pack_directory(adapter_dir, workdir / "adapter.tar.gz")),

@@ -26,7 +26,7 @@ import torch
 
 from contract.data_format import DataFault, DataValidationError, load_examples
 from contract.options import TrainingConfig
-from worker.training.data import TokenStats
+from worker.training.data import TokenStats, micro_batches
 from worker.training.objectives.base import Batch, FileRole, LossOutput
 from worker.training.preference import (
     PairStats,
@@ -116,13 +116,12 @@ class DpoObjective:
                 if not units:
                     continue
                 out = torch.empty(len(units), 2, dtype=torch.float32)
-                size = self.cfg.eval_batch_size or self.cfg.micro_batch_size
-                for start in range(0, len(units), size):
-                    chunk = list(units[start:start + size])
-                    batch = collate_pairs(chunk, run.tokenizer.pad_token_id)
+                # Grouped as evaluation groups (eval_batch_size, else as in training, micro_batch_tokens included), so
+                # the pass holds no more tokens than the memory estimate's no-grad pass counts.
+                for batch in micro_batches(units, self.cfg, self.cfg.eval_batch_size, lambda row: self.collate(row, run.tokenizer.pad_token_id)):
+                    rows = batch.pop(PAIR_INDEX) & 0xFFFFFFFF
                     pairs = split_pairs(*sequence_log_probs(model, batch, run.device, run.amp_dtype))
-                    for k, unit in enumerate(chunk):
-                        out[unit.index & 0xFFFFFFFF] = torch.stack([pairs.chosen[k], pairs.rejected[k]]).float().cpu()
+                    out[rows] = torch.stack([pairs.chosen, pairs.rejected], dim=1).float().cpu()
                 self.reference[role] = out
         model.train(was_training)
         which = "the model the job continues from, its adapter on" if from_adapter else "adapter disabled"

@@ -31,7 +31,7 @@ function renderSummary(summary, job) {
 
 // The step, latest losses and accuracies, speed and memory from `metrics` (every step so far, ascending) and the
 // job's own total_steps and memory_estimate.
-function renderStats(stats, job, metrics) {
+function renderStats(stats, job, metrics, dpo) {
   const last = (key) => { for (let i = metrics.length - 1; i >= 0; i -= 1) if (metrics[i][key] != null) return metrics[i][key]; return null; };
   const speeds = metrics.map((m) => m.tokens_per_second).filter((v) => v != null);
   const meanSpeed = speeds.length ? speeds.reduce((a, b) => a + b, 0) / speeds.length : null;
@@ -42,16 +42,22 @@ function renderStats(stats, job, metrics) {
   const estimate = job.memory_estimate;
   const stat = (id, label, value, note) => h("div", {class: "stat", id}, h("span", {class: "stat-label"}, label),
     h("span", {class: "stat-value"}, value), note ? h("span", {class: "stat-note"}, note) : null);
-  stats.replaceChildren(
+  stats.replaceChildren(...[
     stat("stat-step", "Step", total ? `${step} of ${total}` : String(step), last("epoch") != null ? `epoch ${fmtNum(last("epoch"), 3)}` : null),
     stat("stat-loss", "Loss (train / validation)", `${fmtNum(last("train_loss"))} / ${fmtNum(last("valid_loss"))}`),
-    stat("stat-accuracy", "Token accuracy (train / validation)",
-      `${fmtPercent(last("train_mean_token_accuracy"))} / ${fmtPercent(last("valid_mean_token_accuracy"))}`),
+    dpo
+      ? [stat("stat-reward-accuracy", "Reward accuracy (train / validation)",
+          `${fmtPercent(last("train_rewards_accuracies"))} / ${fmtPercent(last("valid_rewards_accuracies"))}`,
+          "Share of pairs whose preferred answer has the higher reward; it can reach 100% while answers barely move."),
+         stat("stat-reward-margin", "Reward margin (train / validation)",
+          `${fmtNum(last("train_rewards_margins"))} / ${fmtNum(last("valid_rewards_margins"))}`)]
+      : stat("stat-accuracy", "Token accuracy (train / validation)",
+        `${fmtPercent(last("train_mean_token_accuracy"))} / ${fmtPercent(last("valid_mean_token_accuracy"))}`),
     stat("stat-speed", "Tokens/s (latest)", fmtNum(last("tokens_per_second"), 5), meanSpeed != null ? `mean ${fmtNum(meanSpeed, 5)}` : null),
     stat("stat-memory", "Memory: estimate / measured peak",
       `${estimate ? fmtBytes(estimate.total) : "—"} / ${fmtBytes(peak)}`,
       "The estimate is GPU memory at the peak; the measurement is the GPU's peak on CUDA, else the process's peak resident memory."),
-  );
+  ].flat());
 }
 
 function renderCheckpoints(checkpoints, base, list) {
@@ -124,11 +130,15 @@ export async function jobPage(current, jobId) {
   const lossBox = chartBox("loss", "Loss");
   const accBox = chartBox("accuracy", "Token accuracy");
   const lrBox = chartBox("learning-rate", "Learning rate");
+  // A dpo job's curves in place of the token accuracy (which it does not have); shown once the job says its method.
+  const rewardAccBox = chartBox("reward-accuracy", "Reward accuracy");
+  const marginBox = chartBox("reward-margin", "Reward margin");
+  rewardAccBox.hidden = marginBox.hidden = true;
   const checkpoints = h("div", {id: "checkpoints"});
   const results = h("div", {id: "result-files"});
   const events = h("div", {id: "events"});
   const hyper = h("div", {id: "hyperparameters"});
-  const curves = section("h-curves", "Curves", lossBox, accBox, lrBox);
+  const curves = section("h-curves", "Curves", lossBox, accBox, rewardAccBox, marginBox, lrBox);
   curves.classList.add("charts");
   main.append(header, actionErrors, errors,
     section("h-summary", "Summary", summary, stats),
@@ -144,6 +154,10 @@ export async function jobPage(current, jobId) {
     series: [{label: "train accuracy", color: COLORS.train}, {label: "validation accuracy", color: COLORS.valid}]});
   const drawLr = lineChart(current, lrBox, {title: "Learning rate", yLabel: "learning rate",
     series: [{label: "learning rate", color: COLORS.lr}]});
+  const drawRewardAcc = lineChart(current, rewardAccBox, {title: "Reward accuracy", yLabel: "reward accuracy",
+    series: [{label: "train reward accuracy", color: COLORS.train}, {label: "validation reward accuracy", color: COLORS.valid}]});
+  const drawMargin = lineChart(current, marginBox, {title: "Reward margin", yLabel: "margin",
+    series: [{label: "train reward margin", color: COLORS.train}, {label: "validation reward margin", color: COLORS.valid}]});
 
   const metrics = []; // every step so far, ascending; new ones are fetched with `after` = the last step
   const fileInfo = new Map();
@@ -163,11 +177,18 @@ export async function jobPage(current, jobId) {
     }
   }
 
-  function drawCurves() {
+  function drawCurves(dpo) {
     const steps = metrics.map((m) => m.step);
     const col = (key) => metrics.map((m) => (m[key] == null ? null : m[key]));
     drawLoss([steps, col("train_loss"), col("valid_loss")]);
-    drawAcc([steps, col("train_mean_token_accuracy"), col("valid_mean_token_accuracy")]);
+    accBox.hidden = dpo;
+    rewardAccBox.hidden = marginBox.hidden = !dpo;
+    if (dpo) {
+      drawRewardAcc([steps, col("train_rewards_accuracies"), col("valid_rewards_accuracies")]);
+      drawMargin([steps, col("train_rewards_margins"), col("valid_rewards_margins")]);
+    } else {
+      drawAcc([steps, col("train_mean_token_accuracy"), col("valid_mean_token_accuracy")]);
+    }
     drawLr([steps, col("learning_rate")]);
   }
 
@@ -239,8 +260,9 @@ export async function jobPage(current, jobId) {
       shownStatus = job.status;
     }
     renderSummary(summary, job);
-    renderStats(stats, job, metrics);
-    drawCurves();
+    const dpo = Boolean(job.method && job.method.type === "dpo");
+    renderStats(stats, job, metrics, dpo);
+    drawCurves(dpo);
     renderCheckpoints(checkpoints, base, checkpointList);
     renderEvents(events, eventPage.data);
     if (!hyperShown) { renderHyper(hyper, job); hyperShown = true; }

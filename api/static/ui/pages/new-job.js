@@ -76,6 +76,9 @@ function parseHyper(prop, text) {
 }
 
 const OPENAI_KEYS = ["n_epochs", "batch_size", "learning_rate_multiplier"];
+// Method dpo's options (OpenAI's beta, then the engine's loss variants): shown, and sent, only when dpo is picked;
+// a supervised job that names one is refused.
+const DPO_KEYS = ["beta", "loss_type", "simpo_gamma", "rpo_alpha"];
 
 export async function newJobPage(current) {
   setTitle("New job");
@@ -99,11 +102,17 @@ export async function newJobPage(current) {
   const suffix = h("input", {id: "job-suffix", name: "suffix", type: "text", maxlength: 64, autocomplete: "off", "aria-describedby": "job-suffix-desc"});
   const seed = h("input", {id: "job-seed", name: "seed", type: "text", inputmode: "numeric", autocomplete: "off", "aria-describedby": "job-seed-desc"});
   const methodSelect = h("select", {id: "job-method", name: "type", required: true, "aria-describedby": "job-method-desc"},
-    methods.enum.map((m) => h("option", {value: m}, m)));
+    methods.enum.map((m) => h("option", {value: m, selected: m === params.get("method")}, m)));
 
   const props = hyper.properties || {};
   const openaiFields = OPENAI_KEYS.filter((k) => props[k]).map((k) => hyperInput(k, props[k]));
-  const engineNames = Object.keys(props).filter((k) => !OPENAI_KEYS.includes(k));
+  const dpoFields = h("fieldset", {id: "dpo-options"}, h("legend", {}, "Preference tuning (dpo)"),
+    h("p", {class: "help"}, "The training file holds preference pairs (input, preferred_output, non_preferred_output)."),
+    DPO_KEYS.filter((k) => props[k]).map((k) => hyperInput(k, props[k])));
+  const showMethodOptions = () => { dpoFields.hidden = methodSelect.value !== "dpo"; };
+  methodSelect.addEventListener("change", showMethodOptions);
+  showMethodOptions();
+  const engineNames = Object.keys(props).filter((k) => !OPENAI_KEYS.includes(k) && !DPO_KEYS.includes(k));
   const button = h("button", {type: "submit", id: "create-job"}, "Create job");
   const form = h("form", {class: "card", id: "new-job-form"},
     h("h1", {}, "New fine-tuning job"),
@@ -115,6 +124,7 @@ export async function newJobPage(current) {
     field("job-seed", "Seed", seed, "Optional; the job draws one when empty."),
     field("job-method", "Method", methodSelect, methods.description),
     h("fieldset", {}, h("legend", {}, "Hyperparameters"), openaiFields),
+    dpoFields,
     h("details", {id: "engine-options"}, h("summary", {}, `Engine options (${engineNames.length})`),
       h("p", {class: "help"}, "From the service's OpenAPI document; leave a field empty for its default."),
       engineNames.map((k) => hyperInput(k, props[k]))),
@@ -127,6 +137,7 @@ export async function newJobPage(current) {
     act(button, errors, async () => {
       const hyperparameters = {};
       for (const el of form.querySelectorAll("[data-hyper]")) {
+        if (el.closest("[hidden]")) continue; // another method's options
         const text = el.value.trim();
         if (text !== "") hyperparameters[el.dataset.hyper] = parseHyper(props[el.dataset.hyper], text);
       }
