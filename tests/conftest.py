@@ -22,29 +22,11 @@ if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os
         tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}-{os.environ['ATEN_CPU_CAPABILITY']}")
 
 
-# Each pytest-xdist worker computes on its share of the cores (the processes its tests start inherit it). Left to
-# itself, torch in every worker starts a thread per core: `make test`'s two workers on two cores then oversubscribe
-# them, and the tiny models' many small ops spend most of their time waiting for a sibling thread that the scheduler
-# has put aside (a tiny training run took three times the CPU time and four times as long).
-_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _XDIST_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS))
-
-
-def pytest_configure(config):
-    # xdist orders files by their number of tests unless told not to, which would undo the order set below.
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
-
-
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first, then the files with the most tests: `make test`'s two workers take whole files
-    (xdist's loadfile), and the longest should start at once, not be left for the end."""
+    """Files with slow tests first: `make test`'s two workers take whole files (xdist's loadfile), and the longest
+    should start at once, not be left for the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    tests_in_file: dict = {}
-    for item in items:
-        tests_in_file[item.path] = tests_in_file.get(item.path, 0) + 1
-    items.sort(key=lambda item: (item.path not in slow_files, -tests_in_file[item.path]))
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(scope="session")
