@@ -47,6 +47,8 @@ JOB_FIELDS = {
     "estimated_finish",
     "total_steps",  # extension: set once a worker loaded the model
     "memory_estimate",  # extension: the estimate made at creation
+    "base_model",  # extension: the base the adapter trains on (the source's base for a job from an ft: model)
+    "parent_model",  # extension: the ft: or checkpoint model a job continues from, else null
     "integrations",
     "metadata",
     "user_provided_suffix",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import httpx
 
@@ -31,12 +32,19 @@ def test_one_metrics_port_counts_the_requests_of_every_api_process(tmp_path, sql
         with httpx.Client() as client:
             for _ in range(40):  # new connections: either process may answer each (the kernel picks)
                 assert client.get(f"http://127.0.0.1:{api_port}/healthz", headers={"Connection": "close"}).status_code == 200
-        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        # A request is counted once its answer has gone out, so the last may reach the files a moment after it.
+        expected = 'qlora_api_requests_total{method="GET",route="/healthz",status="200"} 40.0'
+        deadline = time.monotonic() + 10
+        while True:
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            if expected in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         for proc in (api, server):
             proc.terminate()
             proc.wait(timeout=20)
         log.close()
     assert list(multiproc.glob("counter_*.db")), (tmp_path / "processes.log").read_text()[-3000:]  # counted in files, not in memory
-    assert 'qlora_api_requests_total{method="GET",route="/healthz",status="200"} 40.0' in text, text
+    assert expected in text, text
     assert "qlora_jobs" in text or "qlora_sweeper_actions_total" in text  # read from the database by the server

@@ -297,6 +297,8 @@ def test_jobs_list_pages(page, embedded_service):
 
 
 
+# make test-bench: a dpo job trained in the browser test takes over a minute of make test's 15.
+@pytest.mark.bench
 def test_a_dpo_job_from_the_form_shows_reward_curves(page, embedded_service):
     """Method dpo in the create form: its options appear only for dpo, a beta out of range is the API's envelope
     on that field, and the job's page shows reward accuracy and margin curves in place of token accuracy."""

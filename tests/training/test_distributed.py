@@ -195,6 +195,8 @@ def test_invalid_options_exit_2_before_any_collective(monkeypatch, tmp_path, tin
     assert not torch.distributed.is_initialized()
 
 
+# make test-bench: two torchrun launches take half a minute of make test's 15 (same entrypoint as the 2-process tests).
+@pytest.mark.bench
 def test_two_nodes_on_localhost_train_one_job_with_the_losses_of_one_process(runs, tmp_path):
     """Two torchrun launches of one process each ("nodes"), joined by c10d rendezvous on 127.0.0.1: the entrypoint of
     several machines, with the single process's losses."""

@@ -119,6 +119,8 @@ def test_a_killed_rank_ends_the_launch_and_the_job_resumes_from_its_checkpoint(t
     print(f"run ended {ended_in:.1f} s after rank 1 was killed")
 
 
+# make test-bench: the engine-level stop across ranks is in tests/training/test_distributed.py (make test's time).
+@pytest.mark.bench
 def test_a_cancel_stops_both_ranks_at_one_step(tmp_path, postgres_url, pg_factory, storage, models_dir):
     from core.jobs import cancel_job
 

@@ -275,7 +275,7 @@ def test_lost_worker_is_resumed_from_its_checkpoint(make_settings, session_facto
     assert step4.step == 4
 
     celery = RecordingCelery()
-    assert sweep(settings, session_factory, celery) == {"requeued": [job_id], "failed": [], "sent": [job_id], "failed_exports": [], "sent_exports": []}
+    assert sweep(settings, session_factory, celery) == {"requeued": [job_id], "failed": [], "sent": [job_id], "failed_exports": [], "sent_exports": [], "sent_webhooks": []}
     assert celery.sent == [("qlora.train", [job_id], settings.task_queue, settings.task_expires_s)]
     job = get_job(session_factory, job_id)
     assert (job.status, job.resume_checkpoint, job.worker_id) == ("queued", step4.id, None) and job.enqueued_at is not None
