@@ -38,9 +38,10 @@ run: venv
 train-example: venv demo-model
 	$(PY) -m worker.training.cli examples/smollm2-facts.yaml --base-model $(DEMO_MODEL) --output $(QLORA_HOME)/runs/example
 
-# --durations: the slowest tests stay visible in every run (CI's log included). Two workers, each taking whole
-# files: most slow tests wait on processes, sleeps and heartbeats rather than the CPU.
-PYTEST_WORKERS ?= 2
+# --durations: the slowest tests stay visible in every run (CI's log included). Three workers on two cores, each
+# taking whole files: most slow tests wait on processes, sleeps and heartbeats rather than the CPU, and a third
+# worker fills that time.
+PYTEST_WORKERS ?= 3
 test: venv
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra --durations=25 -m "not bench" -n $(PYTEST_WORKERS) --dist loadfile

@@ -4,10 +4,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 
+@pytest.mark.bench  # the bench's CPU smoke run belongs with `make test-bench`, not make test's 15 minutes
 def test_cpu_bench_times_the_plain_path_and_the_engine_on_the_same_tokens(demo_model_dir, tmp_path):
     import cpu
 

@@ -27,6 +27,9 @@ class ValidLosses(NullSink):
             self.valid[step] = values.valid_loss
 
 
+# make test-bench: two SmolLM2 runs take a minute and a half of make test's 15; NF4 against plain LoRA on tiny models
+# stays in make test (tests/training/).
+@pytest.mark.bench
 def test_nf4_tracks_plain_lora(demo_model_dir, tmp_path):
     """The QLoRA paper's claim at small scale: NF4 + DQ reaches the eval loss of 16-bit LoRA within a few percent."""
     final = {}
