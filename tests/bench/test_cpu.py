@@ -1,4 +1,4 @@
-"""The CPU bench runs in the suite at a tiny size, so that the script cannot rot between recorded runs."""
+"""The CPU bench at a tiny size, so that the script cannot rot between recorded runs (`make test-bench`)."""
 
 import json
 import sys
