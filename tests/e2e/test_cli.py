@@ -26,7 +26,10 @@ def qlora(service, *args: str, key: str = KEY_A, env: dict[str, str] | None = No
     """`python -m cli ARGS` with the service's URL and key in QLORA_BASE_URL / QLORA_API_KEY (or `env` instead)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "OPENAI_"))}
     clean.update(env if env is not None else {"QLORA_BASE_URL": service.base_url, "QLORA_API_KEY": key})
-    return subprocess.run([sys.executable, "-m", "cli", *args], env=clean, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run([sys.executable, "-m", "cli", *args], env=clean, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # a job that never ends: the service's logs say why
+        pytest.fail(f"`qlora {' '.join(args)}` ran past {timeout} s; it printed {exc.stdout!r}\n{service.dump_logs()}")
 
 
 def json_of(result: subprocess.CompletedProcess):
@@ -103,7 +106,10 @@ def test_watch_rides_out_a_service_that_stops_answering(embedded_service, traini
             assert line, f"the watcher ended without noticing the outage: {''.join(noticed)}"
             noticed.append(line)
         proxy.restore()
-        out, err = watcher.communicate(timeout=180)
+        try:
+            out, err = watcher.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the watcher did not end in 180 s\n{service.dump_logs()}")
         err = "".join(noticed) + err
     finally:
         watcher.kill()

@@ -41,7 +41,7 @@ class Service:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def dump_logs(self) -> str:
-        return "\n".join(f"===== {p.name}\n{p.read_text()[-6000:]}" for p in self.logs if p.exists())
+        return "\n".join(f"===== {p.name}\n{p.read_text()[-20000:]}" for p in self.logs if p.exists())
 
     def stop(self) -> None:
         """SIGTERM to each process group, then SIGKILL to what is left after 20 s: a launcher's children (the worker,
