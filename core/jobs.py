@@ -196,64 +196,48 @@ def resume_job(session: Session, job_id: str) -> bool:
 
 def sweep_lost_jobs(session: Session, *, heartbeat_timeout_s: float, max_attempts: int,
                     at: float | None = None) -> list[tuple[str, str]]:
-    """Find running jobs whose heartbeat stopped (by Unix time `at`, the clock's by default). Requeue those with a
-    checkpoint to resume from and attempts left (the caller sends their task again), pause those asked to pause
-    that have a checkpoint, fail the others. Returns [(job_id, "requeued" | "paused" | "failed")]."""
+    """Find running jobs whose heartbeat stopped (by Unix time `at`, the clock's by default) and recover each
+    (`recover_lost_run`): the caller sends the task of those requeued again. Returns [(job_id, outcome)]."""
     # `still_stale` is checked again inside each UPDATE: a late heartbeat wins.
     still_stale = lapsed(Job, heartbeat_timeout_s=heartbeat_timeout_s, at=at)
-    stale = session.execute(select(Job.id, Job.attempt, Job.worker_id, Job.pause_requested_at).where(still_stale)).all()
+    stale = session.execute(select(Job.id, Job.worker_id).where(still_stale)).all()
     outcome: list[tuple[str, str]] = []
-    for job_id, attempt, worker_id, pause_requested_at in stale:
-        last = session.execute(
-            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
-        ).scalar_one_or_none()
-        if last is not None and pause_requested_at is not None:  # asked to pause: it pauses on its newest checkpoint
-            if transition(session, job_id, JobStatus.PAUSED, only_from={JobStatus.RUNNING}, when=still_stale, worker_id=None,
-                          heartbeat_at=None, pause_requested_at=None, resume_checkpoint=last.id):
-                forget_steps_after(session, job_id, last.step)
-                add_event(session, job_id, "info", f"Job paused (its worker stopped responding) at the checkpoint of step {last.step}")
-                outcome.append((job_id, "paused"))
-        elif last is not None and attempt < max_attempts:
-            if transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.RUNNING}, when=still_stale,
-                          worker_id=None, heartbeat_at=None, resume_checkpoint=last.id):
-                # Metrics past the checkpoint will be produced again by the resumed run.
-                forget_steps_after(session, job_id, last.step)
-                add_event(session, job_id, "warn", f"Worker {worker_id} stopped responding; resuming from the checkpoint at step {last.step}")
-                outcome.append((job_id, "requeued"))
-        else:
-            reason = "no checkpoint to resume from" if last is None else f"{attempt} attempts made"
-            message = f"The worker running this job stopped responding ({reason})."
-            if transition(session, job_id, JobStatus.FAILED, only_from={JobStatus.RUNNING}, when=still_stale,
-                          error={"code": "worker_lost", "param": None, "message": message}):
-                add_event(session, job_id, "error", message)
-                outcome.append((job_id, "failed"))
+    for job_id, worker_id in stale:
+        # The requeued job keeps its old enqueued_at: the sweeper sends it at once and marks it sent again.
+        recovered = recover_lost_run(session, job_id, max_attempts=max_attempts, guard={"when": still_stale},
+                                     cause=f"worker {worker_id} stopped responding", error_code="worker_lost")
+        if recovered:
+            outcome.append((job_id, recovered))
     return outcome
 
 
-def recover_crashed_run(session: Session, job_id: str, worker_id: str, *, max_attempts: int, reason: str) -> str:
-    """The runner's half of a lost worker, for a run on several GPUs whose launch crashed (a rank died) while the runner
-    lives: what the sweeper would do once the heartbeat went stale, done now. Requeued (unsent: dispatch sends it) from
-    the newest checkpoint with attempts left, paused there if asked to pause, else failed. Returns "requeued",
-    "paused", "failed", or "" if the job is no longer this worker's."""
+def recover_lost_run(session: Session, job_id: str, *, max_attempts: int, guard: dict[str, Any], cause: str,
+                     error_code: str, **requeue_fields: Any) -> str:
+    """A running job whose run ended without its runner's word (its worker stopped responding, or a rank of its
+    launch crashed): paused at its newest checkpoint if asked to pause, requeued to resume from there with attempts
+    left, else failed with `error_code`. `guard` is `transition`'s condition that the run is still the lost one
+    (`owner=` or `when=`); `cause` says what happened, in the events and the error. Returns "paused", "requeued",
+    "failed", or "" if the guard no longer held (a late heartbeat, another worker's job)."""
     attempt, pause_requested_at = session.execute(select(Job.attempt, Job.pause_requested_at).where(Job.id == job_id)).one()
     last = session.execute(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)).scalar_one_or_none()
     if last is not None and pause_requested_at is not None:
-        if transition(session, job_id, JobStatus.PAUSED, only_from={JobStatus.RUNNING}, owner=worker_id, worker_id=None,
+        if transition(session, job_id, JobStatus.PAUSED, only_from={JobStatus.RUNNING}, **guard, worker_id=None,
                       heartbeat_at=None, pause_requested_at=None, resume_checkpoint=last.id):
             forget_steps_after(session, job_id, last.step)
-            add_event(session, job_id, "info", f"Job paused (a training process crashed: {reason}) at the checkpoint of step {last.step}")
+            add_event(session, job_id, "info", f"Job paused ({cause}) at the checkpoint of step {last.step}")
             return "paused"
     elif last is not None and attempt < max_attempts:
-        if transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.RUNNING}, owner=worker_id, worker_id=None,
-                      heartbeat_at=None, enqueued_at=None, resume_checkpoint=last.id):
+        if transition(session, job_id, JobStatus.QUEUED, only_from={JobStatus.RUNNING}, **guard, worker_id=None,
+                      heartbeat_at=None, resume_checkpoint=last.id, **requeue_fields):
+            # Metrics past the checkpoint will be produced again by the resumed run.
             forget_steps_after(session, job_id, last.step)
-            add_event(session, job_id, "warn", f"A training process crashed ({reason}); resuming from the checkpoint at step {last.step}")
+            add_event(session, job_id, "warn", f"{cause[0].upper()}{cause[1:]}; resuming from the checkpoint at step {last.step}")
             return "requeued"
     else:
         why = "no checkpoint to resume from" if last is None else f"{attempt} attempts made"
-        message = f"Training failed: a training process crashed ({reason}; {why})."
-        if transition(session, job_id, JobStatus.FAILED, only_from={JobStatus.RUNNING}, owner=worker_id,
-                      error={"code": "training_error", "param": None, "message": message}):
+        message = f"The job's run ended: {cause} ({why})."
+        if transition(session, job_id, JobStatus.FAILED, only_from={JobStatus.RUNNING}, **guard,
+                      error={"code": error_code, "param": None, "message": message}):
             add_event(session, job_id, "error", message)
             return "failed"
     return ""

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import update
 
 from core.db import session_scope
-from core.jobs import claim_job, recover_crashed_run
+from core.jobs import claim_job, recover_lost_run
 from core.tables import Checkpoint, Job, now
 from tests.worker.helpers import create_job, events, get_job, stored_config
 from tests.worker.test_runner import RecordingCelery
@@ -52,14 +52,16 @@ def test_a_crashed_launch_is_recovered_as_a_lost_worker_at_once(session_factory,
         if checkpoint:
             session.add(Checkpoint(id="ckpt-y", job_id=job_id, step=2, metrics={}, storage_key="k", fine_tuned_model_checkpoint="m", created_at=now()))
     with session_scope(session_factory) as session:
-        assert not recover_crashed_run(session, job_id, "someone-else", max_attempts=3, reason="rank 1 died")  # not ours: nothing
+        assert not recover_lost_run(session, job_id, max_attempts=3, guard={"owner": "someone-else"}, cause="rank 1 died",
+                                    error_code="training_error")  # not ours: nothing
     with session_scope(session_factory) as session:
-        assert recover_crashed_run(session, job_id, "me", max_attempts=3, reason="rank 1 died") == ("requeued" if status == "queued" else "failed")
+        assert recover_lost_run(session, job_id, max_attempts=3, guard={"owner": "me"}, cause="rank 1 died", error_code="training_error",
+                                enqueued_at=None) == ("requeued" if status == "queued" else "failed")
     job = get_job(session_factory, job_id)
     assert job.status == status and job.worker_id is None if status == "queued" else job.error["code"] == "training_error"
     if status == "queued":
         assert job.enqueued_at is None and job.resume_checkpoint == "ckpt-y"  # unsent: dispatch sends it
-    assert "rank 1 died" in events(session_factory, job_id)[-1].message
+    assert "rank 1 died" in events(session_factory, job_id)[-1].message.lower()
 
 
 def _outcome(*messages: dict, returncode: int = 1, stop: bool = False):

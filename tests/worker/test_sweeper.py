@@ -44,7 +44,7 @@ def test_lost_job_without_checkpoint_fails_worker_lost(make_settings, session_fa
     job = get_job(session_factory, lost)
     assert job.status == "failed" and job.finished_at is not None
     assert job.error == {"code": "worker_lost", "param": None,
-                         "message": "The worker running this job stopped responding (no checkpoint to resume from)."}
+                         "message": "The job's run ended: worker dead-worker stopped responding (no checkpoint to resume from)."}
     assert events(session_factory, lost)[-1].level == "error"
     assert get_job(session_factory, alive).status == "running"  # a live heartbeat is left alone
 

@@ -30,7 +30,7 @@ from contract.data_format import DataValidationError
 from contract.options import ConfigError, TrainingConfig
 from core import logs
 from core.db import session_scope
-from core.jobs import add_event, claim_job, fail_job, pause_running_job, record_resolved_options, recover_crashed_run
+from core.jobs import add_event, claim_job, fail_job, pause_running_job, record_resolved_options, recover_lost_run
 from core.settings import Settings
 from core.storage import ObjectStorage
 from core.tables import Checkpoint, Job
@@ -89,7 +89,9 @@ def _run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sess
         # A rank died while this runner lives: what the sweeper does for a dead worker, done now.
         log.warning("job %s: its launch crashed at step %d (%s)", job_id, exc.steps, exc)
         with session_scope(session_factory) as session:
-            recovered = recover_crashed_run(session, job_id, worker_id, max_attempts=settings.max_attempts, reason=str(exc))
+            recovered = recover_lost_run(session, job_id, max_attempts=settings.max_attempts, guard={"owner": worker_id},
+                                         cause=f"a training process crashed ({exc})", error_code="training_error",
+                                         enqueued_at=None)  # unsent: dispatch sends it
         if recovered == "requeued" and dispatch_next is not None:
             dispatch_next(project)
         outcome = FAILED if recovered == "failed" else PAUSED if recovered == "paused" else STOPPED
