@@ -36,6 +36,21 @@ def _is_redis(broker_url: str) -> bool:
     return broker_url.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://"))
 
 
+def _is_sqlite(broker_url: str) -> bool:
+    return broker_url.startswith("sqla+sqlite")
+
+
+def _transport_options(broker_url: str) -> dict:
+    if _is_redis(broker_url):
+        return {"visibility_timeout": 6 * 3600}
+    if _is_sqlite(broker_url):
+        # kombu's SQLAlchemy transport hands these to create_engine. The embedded broker's file is written by the API,
+        # the worker and beat at once: SQLite's default 5 s wait for its lock ran out on a loaded machine and the
+        # worker's consumer restarted; 30 s rides that out.
+        return {"connect_args": {"timeout": 30}}
+    return {}
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("qlora", broker=settings.broker_url)
     app.conf.update(
@@ -63,7 +78,7 @@ def make_celery(settings: Settings) -> Celery:
         # died before acking (seconds). Longer than any plausible start-up so no message is handed out twice.
         # (Redis only: kombu's SQLAlchemy transport hands its transport options to create_engine, which
         # rejects this one.)
-        broker_transport_options={"visibility_timeout": 6 * 3600} if _is_redis(settings.broker_url) else {},
+        broker_transport_options=_transport_options(settings.broker_url),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         # The sweeper (lost workers, expired queued tasks) runs on Celery beat: `celery worker -B` in the
@@ -104,22 +119,33 @@ def training_queue(settings: Settings, n_gpus: int = 1) -> str:
 
 def queued_training_jobs(app: Celery, settings: Settings) -> set[str] | None:
     """The job ids whose training message waits in the broker's queue, or None where the broker cannot be read
-    (only Redis is). kombu keeps a Redis queue as a list per priority step, of JSON envelopes whose body is the
-    base64 of Celery's [args, kwargs, embed]."""
-    if not _is_redis(settings.broker_url):
+    (Redis and the embedded SQLite broker can). kombu keeps a Redis queue as a list per priority step, and a SQLite
+    queue as rows (a taken message stays, marked invisible), of JSON envelopes whose body is the base64 of Celery's
+    [args, kwargs, embed]."""
+    if _is_redis(settings.broker_url):
+        with app.connection_for_read() as conn:
+            client = conn.default_channel.client
+            raws = [raw for name in _training_lists(settings) for raw in client.lrange(name, 0, -1)]
+    elif _is_sqlite(settings.broker_url):
+        queues = [training_queue(settings, n) for n in range(1, settings.max_gpus_per_job + 1)]
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            messages, queue_rows = channel.message_cls, channel.queue_cls
+            try:
+                raws = [payload for (payload,) in channel.session.query(messages.payload).join(queue_rows, messages.queue_id == queue_rows.id)
+                        .filter(queue_rows.name.in_(queues), messages.visible.is_(True))]
+            finally:
+                channel.session.rollback()  # end the read: the file's lock is shared with every other process
+    else:
         return None
-    lists = _training_lists(settings)
     found: set[str] = set()
-    with app.connection_for_read() as conn:
-        client = conn.default_channel.client
-        for name in lists:
-            for raw in client.lrange(name, 0, -1):
-                try:
-                    message = json.loads(raw)
-                    if message.get("headers", {}).get("task") == TRAIN_TASK:
-                        found.add(str(json.loads(base64.b64decode(message["body"]))[0][0]))
-                except (ValueError, KeyError, IndexError, TypeError):
-                    continue  # not a message of ours
+    for raw in raws:
+        try:
+            message = json.loads(raw)
+            if message.get("headers", {}).get("task") == TRAIN_TASK:
+                found.add(str(json.loads(base64.b64decode(message["body"]))[0][0]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue  # not a message of ours
     return found
 
 

@@ -60,8 +60,9 @@ def expire_files(session_factory: sessionmaker[Session], storage: ObjectStorage,
 
 
 def lost_messages(settings: Settings, celery_app: Any, waiting: list[str]) -> list[str]:
-    """The jobs of `waiting` (queued, sent a while ago) whose message the broker no longer holds. A message a
-    worker has just taken may be counted too: the copy sent again finds the job claimed and does nothing."""
+    """The jobs of `waiting` (queued, sent a while ago) whose message no longer waits in the broker's queue. A message
+    a worker has taken but not yet started (just taken, or held by the embedded broker's busy worker for its next job)
+    is counted too: the copy sent again finds the job claimed and does nothing."""
     if not waiting:
         return []
     try:
@@ -73,7 +74,8 @@ def lost_messages(settings: Settings, celery_app: Any, waiting: list[str]) -> li
         return []
     lost = [job_id for job_id in waiting if job_id not in in_queue]
     for job_id in lost:
-        log.warning("the message of queued job %s is gone from the broker: sending it again", job_id)
+        log.warning("the message of queued job %s no longer waits in the broker's queue (lost, or taken by a worker that has "
+                    "not started it): sending it again", job_id)
     return lost
 
 

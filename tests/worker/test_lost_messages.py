@@ -1,8 +1,9 @@
-"""Redis restarts without persistence while jobs wait: the sweeper sends their messages again, and a real worker
-runs each job exactly once."""
+"""Messages lost while jobs wait: Redis restarts without persistence (the sweeper sends them again, and a real worker
+runs each job exactly once), or the embedded broker's message is taken and never started."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import time
@@ -14,7 +15,7 @@ from sqlalchemy import update
 
 from core.db import make_engine, make_session_factory, session_scope
 from core.jobs import mark_enqueued
-from core.queue import make_celery, send_training_task
+from core.queue import TRAIN_TASK, make_celery, queued_training_jobs, send_training_task
 from core.storage import LocalStorage
 from core.tables import Job
 from tests.conftest import free_port, wait_for_port
@@ -77,3 +78,28 @@ def test_jobs_queued_across_a_redis_restart_run_exactly_once(postgres_url, model
         server.wait(10)
         with session_scope(factory) as session:  # nothing of ours left running for another test's sweeper
             session.execute(update(Job).where(Job.id.in_(jobs), Job.status != "succeeded").values(status="cancelled"))
+
+
+def test_a_message_lost_from_the_embedded_broker_is_sent_again(make_settings, session_factory, storage, tmp_path):
+    """The embedded mode's SQLite broker: a job whose message a consumer took and never started (taken without an ack
+    by a process that then went away) is sent again by the sweep; a message still waiting is left alone."""
+    settings = make_settings(broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}", lost_message_after_s=1.0,
+                             task_queue=f"qlora-test-{secrets.token_hex(4)}")
+    celery_app = make_celery(settings)
+    job_id = create_job(session_factory, storage)
+    send_training_task(celery_app, settings, job_id)
+    with session_scope(session_factory) as session:
+        mark_enqueued(session, job_id)
+
+    def later() -> float:  # the sweeper's clock, past QLORA_LOST_MESSAGE_AFTER_S since the send
+        return time.time() + 1.5
+
+    assert queued_training_jobs(celery_app, settings) == {job_id}
+    assert sweep(settings, session_factory, celery_app, clock=later)["sent"] == []  # it waits: nothing to resend
+
+    with celery_app.connection_for_write() as conn, conn.SimpleQueue(settings.task_queue, no_ack=True) as queue:
+        taken = queue.get(timeout=10)
+    assert taken.headers["task"] == TRAIN_TASK and taken.payload[0] == [job_id]
+    assert queued_training_jobs(celery_app, settings) == set()
+    assert sweep(settings, session_factory, celery_app, clock=later)["sent"] == [job_id]
+    assert queued_training_jobs(celery_app, settings) == {job_id}
