@@ -22,6 +22,14 @@ if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os
         tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}-{os.environ['ATEN_CPU_CAPABILITY']}")
 
 
+# Each pytest-xdist worker computes on its share of the cores, and the processes its tests start inherit it. Left to
+# itself torch starts a thread per core in every process: `make test`'s workers then oversubscribe the cores, and
+# the tiny models' small ops spend their time spinning on a sibling thread that the scheduler has put aside.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS))
+
+
 def pytest_collection_modifyitems(config, items):
     """Files with slow tests first: `make test`'s two workers take whole files (xdist's loadfile), and the longest
     should start at once, not be left for the end."""
