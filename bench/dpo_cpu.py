@@ -13,7 +13,8 @@ Each side runs in a subprocess of its own, so that its peak resident memory (the
                 0.05, all linear layers), 8-bit AdamW, sigmoid loss with beta 0.1, the engine's compute dtype.
   engine        `trainer.train` with method dpo and the engine's defaults (NF4 + double quantization, the chunked
                 head's per-sequence log-probs, the reference computed once before step 1 with the adapter disabled),
-                `shuffle: false`.
+                `shuffle: false`. On the CPU its default keeps every layer's activations (gradient checkpointing off).
+  engine-ckpt   the same with `gradient_checkpointing: on`, as TRL's default: the like-for-like row for memory.
   --all adds    trl with `gradient_checkpointing=False` and `precompute_ref_log_probs=True` (the reference once,
                 before training, as the engine does).
 Counted: seconds per optimizer step after `--warm` warm-up steps (the steps' own wall time as each side reports it;
@@ -101,7 +102,7 @@ def summarise(steps: list[tuple[int, float]], warm: int) -> dict:
 
 # --- the sides, each in its own process -----------------------------------------------------------------------
 
-def run_engine(args: argparse.Namespace, rss_imports: int) -> dict:
+def run_engine(args: argparse.Namespace, rss_imports: int, checkpointing: str = "auto") -> dict:
     from contract.options import TrainingConfig
     from worker.training.trainer import TrainingRequest, train
 
@@ -129,14 +130,15 @@ def run_engine(args: argparse.Namespace, rss_imports: int) -> dict:
 
     cfg = TrainingConfig(method="dpo", beta=args.beta, batch_size=args.batch_size, micro_batch_size=args.batch_size,
                          max_seq_length=args.max_seq_length, max_steps=args.warm + args.steps, shuffle=False,
-                         learning_rate=args.learning_rate, checkpoint_every=10_000)
+                         learning_rate=args.learning_rate, checkpoint_every=10_000, gradient_checkpointing=checkpointing)
     sink = Sink()
     started = time.perf_counter()
     train(TrainingRequest(Path(args.model), Path(args.data), Path(args.workdir) / "engine", cfg), sink)
     loaded_at, loaded = next((t, m) for t, m, _ in sink.events if m.startswith("Model loaded"))
     reference_at = next((t for t, m, _ in sink.events if m.startswith("Reference log-probs computed")), None)
     reference = reference_at - loaded_at if reference_at is not None else None
-    return {"variant": "engine (method dpo, defaults)", **summarise(sink.steps, args.warm), "losses": [round(x, 4) for x in sink.losses],
+    variant = "engine (method dpo, defaults)" if checkpointing == "auto" else f"engine (method dpo, gradient_checkpointing {checkpointing})"
+    return {"variant": variant, **summarise(sink.steps, args.warm), "losses": [round(x, 4) for x in sink.losses],
             "reference_pass_seconds": round(reference, 2) if reference else None, "model_loaded": loaded,
             "rss_after_imports": rss_imports, "rss_after_load": sink.rss_loaded, "wall_seconds": round(time.perf_counter() - started, 1)}
 
@@ -215,7 +217,10 @@ def child(args: argparse.Namespace) -> int:
         import trl  # noqa: F401
 
     rss_imports = rss_bytes()
-    result = run_engine(args, rss_imports) if args.child == "engine" else run_trl(args, rss_imports, fast=args.child == "trl-fast")
+    if args.child.startswith("engine"):
+        result = run_engine(args, rss_imports, checkpointing="on" if args.child == "engine-ckpt" else "auto")
+    else:
+        result = run_trl(args, rss_imports, fast=args.child == "trl-fast")
     result["peak_rss"] = rss_bytes("VmHWM")
     print(json.dumps(result), flush=True)
     return 0
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="also TRL without gradient checkpointing and with the reference precomputed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the record here as JSON")
-    parser.add_argument("--child", choices=("engine", "trl", "trl-fast"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("engine", "engine-ckpt", "trl", "trl-fast"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -263,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "versions": versions(), "results": [],
     }
     print(f"{record['cpu']} ({record['cpu_capability']}): compute_dtype {record['compute_dtype']}, load {os.getloadavg()}", flush=True)
-    sides = ["trl", "engine"] + (["trl-fast"] if args.all else [])
+    # TRL checkpoints every layer by default and the engine on the CPU by default does not: the engine with
+    # checkpointing on is the like-for-like row for memory.
+    sides = ["trl", "engine", "engine-ckpt"] + (["trl-fast"] if args.all else [])
     with tempfile.TemporaryDirectory() as tmp:
         data = write_pairs(Path(tmp) / "pairs.jsonl", args.pairs, args.prompt_words, args.answer_words, args.seed)
         common = ["--model", str(model_dir), "--data", str(data), "--workdir", tmp, "--batch-size", str(args.batch_size),
@@ -288,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  / (trl_default["peak_rss"] - trl_default["rss_after_imports"]), 2)
     print(f"engine vs trl: {record['engine_speedup_vs_trl']}x the speed, {record['engine_peak_rss_vs_trl']}x the peak RSS "
           f"({record['engine_training_rss_vs_trl']}x above the imports)", flush=True)
+    same = record["results"][2]  # both checkpointing every layer
+    record["engine_checkpointed_speedup_vs_trl"] = round(trl_default["seconds_per_step"] / same["seconds_per_step"], 2)
+    record["engine_checkpointed_peak_rss_vs_trl"] = round(same["peak_rss"] / trl_default["peak_rss"], 2)
+    print(f"both checkpointing every layer: {record['engine_checkpointed_speedup_vs_trl']}x the speed, "
+          f"{record['engine_checkpointed_peak_rss_vs_trl']}x the peak RSS", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
