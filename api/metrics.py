@@ -16,14 +16,21 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Select, func, select
+from sqlalchemy import CompoundSelect, Select, func, select, text, union_all
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.openapi import path_patterns
 from core.queue import training_queue_depth
 from core.settings import Settings
-from core.tables import Job, JobMetric, SweeperAction
+from core.tables import ACTIVE_JOBS, Job, JobEndCount, JobMetric, SweeperAction
+
+
+def jobs_by_status() -> CompoundSelect[Any]:
+    """Jobs by status in one statement: those not yet ended counted through the partial index ix_jobs_active_status,
+    the ended ones from job_end_counts (counted as they end). A scrape reads the backlog, never the history."""
+    return union_all(select(Job.status, func.count()).where(text(ACTIVE_JOBS)).group_by(Job.status),
+                     select(JobEndCount.status, JobEndCount.count))
 
 
 def running_jobs_newest_step() -> Select[Any]:
@@ -58,7 +65,7 @@ class ServiceCollector(Collector):
     def collect(self):  # noqa: ANN201
         jobs = GaugeMetricFamily("qlora_jobs", "Jobs by status, all projects", labels=["status"])
         with self.session_factory() as session:
-            for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+            for status, count in session.execute(jobs_by_status()):
                 jobs.add_metric([status], count)
         yield jobs
         yield from self._running_jobs()

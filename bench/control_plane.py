@@ -247,7 +247,7 @@ def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[st
     """The statements the service runs most, as it runs them (SQL with its parameters), by name."""
     from sqlalchemy import func, select, update
 
-    from api.metrics import running_jobs_newest_step
+    from api.metrics import jobs_by_status, running_jobs_newest_step
     from api.pagination import page_query
     from core.dispatch import next_unsent_jobs, projects_with_room_query
     from core.leases import lapsed
@@ -270,7 +270,7 @@ def hot_queries(project: str, job_id: str, worker_id: str) -> dict[str, tuple[st
         "sweeper_lost": select(Job.id, Job.attempt, Job.worker_id, Job.pause_requested_at).where(lapsed(Job, heartbeat_timeout_s=120)),
         "sweeper_sent_before": select(Job.id).where(Job.status == "queued", Job.enqueued_at.is_not(None), Job.enqueued_at < time.time()),
         "sweeper_projects_with_room": projects_with_room_query(Settings(database_url="sqlite://")),
-        "metrics_jobs_by_status": select(Job.status, func.count()).group_by(Job.status),
+        "metrics_jobs_by_status": jobs_by_status(),
         "metrics_running_jobs": running_jobs_newest_step(),
     }
     return queries

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from core import ids
 from core.leases import lapsed, renew, taken
-from core.tables import Checkpoint, Job, JobEvent, JobMetric, JobOutbox, now
+from core.tables import Checkpoint, Job, JobEndCount, JobEvent, JobMetric, JobOutbox, now
 
 
 class JobStatus(StrEnum):
@@ -84,10 +84,12 @@ def transition(session: Session, job_id: str, to: JobStatus, *, only_from: set[J
 
 
 def record_job_ended(session: Session, job_id: str, status: JobStatus) -> str:
-    """The outbox row of a job's end, in the caller's transaction: it exists if and only if the move commits.
-    Its id is remembered on the session so that the commit can announce it (core/job_events.py)."""
+    """The outbox row of a job's end, in the caller's transaction: it exists if and only if the move commits, and so
+    does the end's count in job_end_counts (/metrics). Its id is remembered on the session so that the commit can
+    announce it (core/job_events.py)."""
     row_id = ids.job_ended_id()
     session.add(JobOutbox(id=row_id, job_id=job_id, status=status.value, created_at=time.time()))
+    session.execute(update(JobEndCount).where(JobEndCount.status == status.value).values(count=JobEndCount.count + 1))
     session.info.setdefault(ENDED_IN_SESSION, []).append(row_id)
     return row_id
 

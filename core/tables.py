@@ -12,6 +12,9 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# The statuses of a job not yet ended (core.jobs.JobStatus; the terminal ones are counted in job_end_counts).
+ACTIVE_JOBS = "status IN ('queued', 'running', 'paused')"
+
 
 def now() -> int:
     return int(time.time())
@@ -147,6 +150,8 @@ class Job(Base):
         # The queued jobs whose message waits in the broker, by send time: the sweeper's expired and lost messages.
         Index("ix_jobs_sent", "enqueued_at", postgresql_where=text("status = 'queued' AND enqueued_at IS NOT NULL"),
               sqlite_where=text("status = 'queued' AND enqueued_at IS NOT NULL")),
+        # The jobs not yet ended, by status: /metrics counts them without reading the finished history.
+        Index("ix_jobs_active_status", "status", postgresql_where=text(ACTIVE_JOBS), sqlite_where=text(ACTIVE_JOBS)),
     )
 
 
@@ -306,6 +311,16 @@ class Export(Base):
     reserved_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (Index("ix_exports_job_seq", "job_id", "seq"),)
+
+
+class JobEndCount(Base):
+    """Jobs ended with each terminal status since the database was made, one row per status (the migration makes
+    them, counting the jobs already ended): written in the transaction that ends a job (core.jobs.record_job_ended),
+    read by /metrics instead of counting the whole history of the jobs table at every scrape."""
+
+    __tablename__ = "job_end_counts"
+    status: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class SweeperAction(Base):
