@@ -3,11 +3,12 @@
     python -m launch.embedded [--host 127.0.0.1] [--port 8000] [--no-demo-model]
 
 Runs the prestart (migrations on SQLite, the API key, the inference secret, the demo model under
-$QLORA_HOME/models), then three processes: one Celery worker with the sweeper on beat (`-B`), the inference server
+$QLORA_HOME/models), then four processes: the training Celery worker, a control worker with the sweeper on beat
+(`-B`; the control queue: job ends, webhook deliveries), the inference server
 that answers chat completions (inference/server.py, on the next port up, loopback only) and the API (uvicorn).
 The API and the inference server read the same $QLORA_HOME, so both find the secret the prestart made there
 ($QLORA_HOME/inference_secret): nothing to set. The broker is Celery's SQLAlchemy transport on a SQLite file unless
-QLORA_BROKER_URL says otherwise: a real broker that needs no server, not an in-process shortcut. Ctrl-C stops both.
+QLORA_BROKER_URL says otherwise: a real broker that needs no server, not an in-process shortcut. Ctrl-C stops them all.
 """
 
 from __future__ import annotations
@@ -118,14 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         import_demo_model(settings.models_dir / DEMO_MODEL)
 
     env = child_env(dict(os.environ), settings, inference_port)
-    # The one worker serves every GPU count it owns (QLORA_WORKER_GPUS): one-GPU jobs and jobs on up to all its GPUs.
+    # The training worker serves every GPU count it owns (QLORA_WORKER_GPUS): one-GPU jobs and jobs on up to all its
+    # GPUs, each in a fresh child process (core/queue.py).
     training_queues = [training_queue(settings, n) for n in range(1, settings.worker_gpus + 1)]
     declare_queues(settings, *training_queues, control_queue(settings))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-B", "-Q", ",".join([*training_queues, control_queue(settings)]),
-         "--concurrency", "1", "--loglevel", "INFO", "-s", str(settings.home / "celerybeat-schedule")],
-        env=env,
-    )
+    celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO"]
+    worker = subprocess.Popen([*celery, "-Q", ",".join(training_queues), "--concurrency", "1", "-n", "training@%h"], env=env)
+    # The control worker, as docker-compose.yml's `beat` beside the GPU worker: beat (the sweeper) and the
+    # seconds-long control tasks (a job's end, webhook deliveries) in its own process (the solo pool). The training
+    # worker then makes and ends a child once per job, not at every sweep: prefork without an event loop (the SQLite
+    # broker) can hand the next task to a child that is exiting, and then takes no task again.
+    control = subprocess.Popen([*celery, "-B", "-Q", control_queue(settings), "-P", "solo", "-n", "control@%h",
+                                "-s", str(settings.home / "celerybeat-schedule")], env=env)
     inference = subprocess.Popen(
         [sys.executable, "-m", "inference.server", "--host", "127.0.0.1", "--port", str(inference_port)],
         env=env,
@@ -143,25 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     def stop(signum=None, frame=None):  # noqa: ANN001
         nonlocal stopping
         stopping = stopping or signum is not None
-        for proc in (api, inference, worker):
+        for proc in (api, inference, worker, control):
             if proc.poll() is None:
                 proc.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        while api.poll() is None and worker.poll() is None and inference.poll() is None:
+        while all(proc.poll() is None for proc in (api, inference, worker, control)):
             time.sleep(0.5)
     finally:
         stop()
-        for proc in (api, inference, worker):
+        for proc in (api, inference, worker, control):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
     if stopping:  # Ctrl-C or SIGTERM: a clean stop, whatever the children's exit codes
         return 0
-    return api.returncode or worker.returncode or inference.returncode or 1  # one of them died on its own
+    return api.returncode or worker.returncode or control.returncode or inference.returncode or 1  # one of them died on its own
 
 
 if __name__ == "__main__":
