@@ -93,11 +93,14 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def _training_queues(settings: Settings) -> list[str]:
+    """The training queues: one per GPU count a job may ask for."""
+    return [training_queue(settings, n) for n in range(1, settings.max_gpus_per_job + 1)]
+
+
 def _training_lists(settings: Settings) -> list[str]:
-    """The Redis lists of the training queues (one per GPU count a job may ask for): kombu keeps one list per
-    priority step of each."""
-    queues = [training_queue(settings, n) for n in range(1, settings.max_gpus_per_job + 1)]
-    return [name for queue in queues for name in [queue] + [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]]
+    """The Redis lists of the training queues: kombu keeps one list per priority step of each."""
+    return [name for queue in _training_queues(settings) for name in [queue] + [f"{queue}\x06\x16{step}" for step in (3, 6, 9)]]
 
 
 def training_queue_depth(app: Celery, settings: Settings) -> int | None:
@@ -127,13 +130,12 @@ def queued_training_jobs(app: Celery, settings: Settings) -> set[str] | None:
             client = conn.default_channel.client
             raws = [raw for name in _training_lists(settings) for raw in client.lrange(name, 0, -1)]
     elif _is_sqlite(settings.broker_url):
-        queues = [training_queue(settings, n) for n in range(1, settings.max_gpus_per_job + 1)]
         with app.connection_for_read() as conn:
             channel = conn.default_channel
             messages, queue_rows = channel.message_cls, channel.queue_cls
             try:
                 raws = [payload for (payload,) in channel.session.query(messages.payload).join(queue_rows, messages.queue_id == queue_rows.id)
-                        .filter(queue_rows.name.in_(queues), messages.visible.is_(True))]
+                        .filter(queue_rows.name.in_(_training_queues(settings)), messages.visible.is_(True))]
             finally:
                 channel.session.rollback()  # end the read: the file's lock is shared with every other process
     else:

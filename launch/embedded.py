@@ -143,23 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     model = DEMO_MODEL if not args.no_demo_model else "<a model directory under $QLORA_HOME/models>"
     print(example(url, key, model), flush=True)
 
+    children = (api, inference, worker, control)
     stopping = False
 
     def stop(signum=None, frame=None):  # noqa: ANN001
         nonlocal stopping
         stopping = stopping or signum is not None
-        for proc in (api, inference, worker, control):
+        for proc in children:
             if proc.poll() is None:
                 proc.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        while all(proc.poll() is None for proc in (api, inference, worker, control)):
+        while all(proc.poll() is None for proc in children):
             time.sleep(0.5)
     finally:
         stop()
-        for proc in (api, inference, worker, control):
+        for proc in children:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -31,7 +31,7 @@ if _XDIST_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first: `make test`'s two workers take whole files (xdist's loadfile), and the longest
+    """Files with slow tests first: `make test`'s workers take whole files (xdist's loadfile), and the longest
     should start at once, not be left for the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
