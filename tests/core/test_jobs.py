@@ -31,7 +31,7 @@ from core.jobs import (
     sweep_lost_jobs,
     transition,
 )
-from core.tables import Checkpoint, Job, JobEvent, JobMetric, JobOutbox, Project
+from core.tables import ACTIVE_JOBS, Checkpoint, Job, JobEndCount, JobEvent, JobMetric, JobOutbox, Project
 
 TIMEOUT_S = 120.0
 MAX_ATTEMPTS = 3
@@ -138,6 +138,8 @@ def metric_steps(factory: sessionmaker[Session], job_id: str) -> list[int]:
 def test_every_status_has_a_row_in_the_table():
     assert set(TRANSITIONS) == set(JobStatus)
     assert all(not TRANSITIONS[s] for s in TERMINAL), "a terminal state has no way out"
+    # The partial index and /metrics' count of the jobs not yet ended name exactly the other statuses.
+    assert ACTIVE_JOBS == "status IN ({})".format(", ".join(f"'{s.value}'" for s in JobStatus if s not in TERMINAL))
 
 
 @pytest.mark.parametrize("source, target", list(product(JobStatus, JobStatus)), ids=lambda s: s.value)
@@ -158,6 +160,10 @@ def test_transition_follows_the_table(session_factory, source, target):
     with session_factory() as session:
         ended = session.execute(select(JobOutbox.status).where(JobOutbox.job_id == job_id)).scalars().all()
     assert ended == ([target.value] if allowed and target in TERMINAL else [])
+    # ... and counted once, for /metrics, in the same transaction.
+    with session_factory() as session:
+        counts = dict(session.execute(select(JobEndCount.status, JobEndCount.count)).all())
+    assert counts == {s.value: int(allowed and target == s) for s in TERMINAL}
 
 
 def test_transition_only_from_narrows_the_sources(session_factory):
